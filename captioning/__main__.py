@@ -1,0 +1,73 @@
+"""Command line: `python -m captioning caption IMG ...` and `python -m captioning demo`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from captioning import layout
+from captioning.errors import UserError, run_cli
+from captioning.params import load_params, section
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser(
+        "caption", help="caption new images with the trained model",
+        description="Caption images with the trained model; prints 'path<TAB>caption' per image. "
+                    "Unreadable images get a one-line error on stderr and exit status 2; the others are still captioned.")
+    caption.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
+    caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR, help="trained model bundle (default: %(default)s)")
+    caption.add_argument("--beam", type=int, default=None, help="beam width; 1 = greedy (default: decode.* in params.yaml)")
+    caption.add_argument("--out", type=Path, default=None,
+                         help="write the image with its caption under it to this PNG (with several images: FILE-<n>.png)")
+    demo = commands.add_parser("demo", help="generate the offline demo dataset from params.yaml's demo section",
+                               description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
+    demo.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
+
+
+def _decode_settings(beam: int | None) -> dict:
+    options = section(load_params(), "decode", ("method", "beam_size", "length_penalty", "max_length")) \
+        if Path("params.yaml").exists() else {"method": "beam", "beam_size": 3, "length_penalty": 0.7, "max_length": 20}
+    settings = {"method": options["method"], "beam_size": int(options["beam_size"]),
+                "length_penalty": float(options["length_penalty"]), "max_length": int(options["max_length"])}
+    if beam is not None:
+        if beam < 1:
+            raise UserError(f"--beam must be at least 1, got {beam}")
+        settings.update(method="greedy" if beam == 1 else "beam", beam_size=beam)
+    return settings
+
+
+def caption_command(args) -> int:
+    from captioning.serve import caption_files
+
+    if not (args.model_dir / "model.keras").exists():
+        raise UserError(f"no trained model in {args.model_dir}: run `dvc repro` first (or pass --model-dir).")
+    results, errors = caption_files(args.images, args.model_dir, _decode_settings(args.beam), args.out)
+    for path, caption in results:
+        print(f"{path}\t{caption}")
+    for path, reason in errors:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def demo_command(args) -> int:
+    from captioning.demo import generate_demo
+
+    options = section(load_params(args.params), "demo", ("out_dir", "n_images", "image_size", "seed"))
+    summary = generate_demo(Path(options["out_dir"]), n_images=int(options["n_images"]),
+                            image_size=int(options["image_size"]), seed=int(options["seed"]))
+    print(f"demo dataset in {options['out_dir']}: {summary}")
+    return 0
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    status = {"caption": caption_command, "demo": demo_command}[args.command](args)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,58 @@
+"""Two honest baselines, scored exactly like the model, so a user can tell a captioner that looks at
+the image from one that prints the same sentence for every photo.
+
+- frequent: the most frequent training caption, for every image.
+- nearest: the caption of the training image whose feature vector is closest (cosine); among that
+  image's captions, the consensus one (highest CIDEr against its other captions).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+from pycocoevalcap.cider.cider import Cider
+
+
+def most_frequent_caption(train_captions: pd.Series) -> str:
+    counts = Counter(train_captions)
+    return min(counts, key=lambda caption: (-counts[caption], caption))
+
+
+def consensus_captions(captions: pd.DataFrame) -> dict[str, str]:
+    """For each image, the caption most similar to its other captions (CIDEr against the rest)."""
+    res, gts, owner = {}, {}, {}
+    for image, group in captions.groupby("image", sort=True):
+        texts = list(group["caption"])
+        if len(texts) == 1:
+            res[f"{image}#0"], gts[f"{image}#0"], owner[f"{image}#0"] = [texts[0]], [texts[0]], image
+            continue
+        for i, text in enumerate(texts):
+            key = f"{image}#{i}"
+            res[key], gts[key], owner[key] = [text], texts[:i] + texts[i + 1:], image
+    _, scores = Cider().compute_score(gts, res)
+    best: dict[str, tuple[float, str]] = {}
+    for key, score in zip(res, scores):  # Cider keeps the order of the dict it was given
+        image = owner[key]
+        if image not in best or score > best[image][0]:
+            best[image] = (float(score), res[key][0])
+    return {image: text for image, (_, text) in best.items()}
+
+
+def nearest_neighbours(query: np.ndarray, pool: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Index in `pool` of each query row's cosine-nearest row, scanning the pool in chunks."""
+
+    def unit(rows):
+        rows = np.asarray(rows, dtype=np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    query = unit(query)
+    best_score = np.full(len(query), -np.inf, np.float32)
+    best_index = np.zeros(len(query), np.int64)
+    for start in range(0, len(pool), chunk):
+        similarity = query @ unit(pool[start:start + chunk]).T
+        index = similarity.argmax(axis=1)
+        score = similarity[np.arange(len(query)), index]
+        better = score > best_score
+        best_score[better], best_index[better] = score[better], index[better] + start
+    return best_index

@@ -1,0 +1,112 @@
+"""Greedy and beam-search decoding, compiled with tf.function and batched over many images.
+
+Rules shared by both: <pad>, <start> and <unk> are never emitted (their logits are masked), <end>
+is not allowed as the first word (no empty captions), decoding stops at <end> or `max_length`
+words, and an unfinished caption is returned as it stands. With beam width 1 beam search takes
+exactly the greedy choices (top-k breaks ties towards the lower id, like argmax).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from captioning.model import inference_models
+from captioning.tf_setup import keras, tf
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+
+NEG_INF = -1e9
+
+
+class Captioner:
+    """A trained decoder plus its vocabulary, turning feature vectors into captions."""
+
+    def __init__(self, model: keras.Model, vocab: Vocabulary):
+        self.vocab = vocab
+        self.encoder, self.step = inference_models(model)
+        banned = np.zeros(len(vocab), np.float32)
+        banned[[PAD_ID, START_ID, UNK_ID]] = NEG_INF
+        self.banned = tf.constant(banned)
+        no_end = np.zeros(len(vocab), np.float32)
+        no_end[END_ID] = NEG_INF
+        self.no_end = tf.constant(no_end)
+        self._greedy = tf.function(self._greedy_ids, reduce_retracing=True)
+        self._beam = tf.function(self._beam_ids, reduce_retracing=True)
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "Captioner":
+        import captioning.model  # noqa: F401  registers the custom loss and metric
+
+        model_dir = Path(model_dir)
+        model = keras.models.load_model(model_dir / "model.keras", compile=False)
+        return cls(model, Vocabulary.load(model_dir / "vocab.json"))
+
+    def _log_probs(self, tokens, states, first_step):
+        outputs = self.step([tokens[:, None], *states], training=False)
+        logits = outputs[0] + self.banned + tf.cast(first_step, tf.float32) * self.no_end
+        return tf.nn.log_softmax(logits), list(outputs[1:])
+
+    def _greedy_ids(self, features, max_length: int):
+        states = self.encoder(features, training=False)
+        batch = tf.shape(features)[0]
+        tokens = tf.fill([batch], START_ID)
+        done = tf.zeros([batch], tf.bool)
+        out = tf.TensorArray(tf.int32, size=max_length)
+        for t in tf.range(max_length):
+            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0))
+            tokens = tf.where(done, PAD_ID, tf.argmax(log_probs, axis=-1, output_type=tf.int32))
+            out = out.write(t, tokens)
+            done = done | tf.equal(tokens, END_ID)
+        return tf.transpose(out.stack())
+
+    def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float):
+        batch = tf.shape(features)[0]
+        vocab = len(self.vocab)
+        states = [tf.repeat(s, beam_size, axis=0) for s in self.encoder(features, training=False)]
+        # Only the first beam is live at the start, so the first expansion is not k copies of one word.
+        first = tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], axis=0)
+        scores = tf.tile(first[None, :], [batch, 1])  # (batch, beam) summed log-probs
+        tokens = tf.fill([batch * beam_size], START_ID)
+        done = tf.zeros([batch, beam_size], tf.bool)
+        lengths = tf.zeros([batch, beam_size], tf.float32)
+        history = tf.zeros([batch, beam_size, 0], tf.int32)
+        # A finished beam may only continue with <pad> at no cost, so it keeps its score.
+        pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
+        for t in tf.range(max_length):
+            tf.autograph.experimental.set_loop_options(
+                shape_invariants=[(history, tf.TensorShape([None, None, None]))])
+            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0))
+            log_probs = tf.reshape(log_probs, [batch, beam_size, vocab])
+            log_probs = tf.where(done[:, :, None], pad_only[None, None, :], log_probs)
+            candidates = tf.reshape(scores[:, :, None] + log_probs, [batch, beam_size * vocab])
+            scores, flat = tf.math.top_k(candidates, k=beam_size)
+            parent = flat // vocab
+            word = tf.cast(flat % vocab, tf.int32)
+            history = tf.concat([tf.gather(history, parent, batch_dims=1), word[:, :, None]], axis=2)
+            was_done = tf.gather(done, parent, batch_dims=1)
+            lengths = tf.gather(lengths, parent, batch_dims=1) + tf.cast(~was_done, tf.float32)
+            done = was_done | tf.equal(word, END_ID)
+            rows = tf.reshape(tf.range(batch)[:, None] * beam_size + parent, [-1])
+            states = [tf.gather(s, rows) for s in states]
+            tokens = tf.reshape(word, [-1])
+        # Pick by length-normalised score; finished captions beat unfinished ones when any exist.
+        normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
+        any_done = tf.reduce_any(done, axis=1, keepdims=True)
+        normalised = tf.where(any_done & ~done, NEG_INF * 10.0, normalised)
+        best = tf.argmax(normalised, axis=1, output_type=tf.int32)
+        return tf.gather(history, best, batch_dims=1)
+
+    def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
+                    max_length: int = 20, length_penalty: float = 0.7, batch_size: int = 256) -> list[np.ndarray]:
+        results = []
+        for start in range(0, len(features), batch_size):
+            chunk = tf.constant(np.asarray(features[start:start + batch_size], np.float32))
+            if method == "greedy":
+                ids = self._greedy(chunk, tf.constant(max_length))
+            else:
+                ids = self._beam(chunk, beam_size, tf.constant(max_length), tf.constant(length_penalty, tf.float32))
+            results.extend(ids.numpy())
+        return results
+
+    def captions(self, features: np.ndarray, **settings) -> list[str]:
+        return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]

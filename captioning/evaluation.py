@@ -1,0 +1,73 @@
+"""Caption the test images, score them and the baselines the same way, and build the predictions table."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from captioning.baselines import consensus_captions, most_frequent_caption, nearest_neighbours
+from captioning.errors import UserError
+from captioning.features import FeatureStore
+from captioning.scoring import score_captions
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    method: str
+    beam_size: int
+    length_penalty: float
+    max_length: int
+    batch_size: int
+
+    def as_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[str]]:
+    chosen = captions[captions["image"].isin(set(images))]
+    return {image: list(group["caption"]) for image, group in chosen.groupby("image", sort=True)}
+
+
+def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_images: list[str],
+             test_images: list[str], settings: DecodeSettings) -> tuple[dict, pd.DataFrame]:
+    from captioning.decode import Captioner
+
+    store = FeatureStore(features_dir)
+    test_images = sorted(name for name in test_images if name in store.row_of)
+    if not test_images:
+        raise UserError("the test split has no images with features, so there is nothing to evaluate. "
+                        "With data.split_dir set, the official test list must name images you have; "
+                        "or set data.split_dir: null for a seeded split.")
+    references = references_of(captions, test_images)
+    captioner = Captioner.load(model_dir)
+    started = time.perf_counter()
+    generated = captioner.captions(store.get(test_images), **settings.as_kwargs())
+    decode_seconds = time.perf_counter() - started
+    candidates = dict(zip(test_images, generated))
+    metrics, per_image = score_captions(candidates, references)
+
+    train_images = sorted(name for name in train_images if name in store.row_of)
+    train_captions = captions[captions["image"].isin(set(train_images))]
+    frequent = most_frequent_caption(train_captions["caption"])
+    frequent_scores, _ = score_captions({k: frequent for k in test_images}, references)
+    consensus = consensus_captions(train_captions)
+    neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])
+    nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour)}
+    nearest_scores, _ = score_captions(nearest, references)
+
+    metrics.update(
+        test_images=len(test_images),
+        distinct_captions=len(set(generated)),
+        decode_method=settings.method,
+        decode_images_per_second=round(len(test_images) / decode_seconds, 1),
+        baseline_frequent=frequent_scores,
+        baseline_nearest=nearest_scores,
+    )
+    predictions = per_image.assign(
+        generated=[candidates[k] for k in per_image["image"]],
+        references=[references[k] for k in per_image["image"]],
+        baseline_nearest=[nearest[k] for k in per_image["image"]],
+    )[["image", "generated", "references", "bleu4", "cider", "meteor", "rouge_l", "baseline_nearest"]]
+    return metrics, predictions

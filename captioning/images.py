@@ -1,0 +1,62 @@
+"""Loading one image robustly with Pillow, for extraction and for the caption command alike.
+
+Pillow rather than `tf.io.decode_image` because user photos come in every shape: EXIF-rotated
+phone pictures, CMYK and 16-bit files, PNG bytes named `.jpg`, truncated downloads. Each is either
+turned into a correct RGB array or refused with a reason; a failure never stops the pipeline.
+Using the same function at training and serving time removes one source of train/serve skew.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own limit (~89 megapixels): anything larger is refused as a possible decompression bomb.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+class ImageError(Exception):
+    """The file is not a usable image; the message says why."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits by the actual range of the type, not by clipping.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Return `path` as a (size, size, 3) uint8 RGB array, upright per EXIF, or raise ImageError."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(f"{width}x{height} pixels exceeds the decompression-bomb limit")
+                # JPEG draft mode decodes straight at a reduced scale: several times faster.
+                image.draft("RGB", (size, size))
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"refused as a possible decompression bomb ({err})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"cannot decode image ({err})") from None

@@ -1,0 +1,122 @@
+"""The decoder: image features -> initial states of 5 stacked LSTMs -> next-word logits.
+
+Design choices (the README repeats them):
+- The image sets the initial (h, c) state of every LSTM layer through one tanh projection
+  (tanh because LSTM hidden states live in (-1, 1)). Conditioning every layer keeps the image
+  signal from fading through 5 layers.
+- Residual connections between LSTM layers 2-5 (x + LSTM(x)) give gradients a short path; a plain
+  5-deep stack with L1 barely trains in a few epochs. LSTMs keep their standard tanh/sigmoid
+  activations, which are also what the fast cuDNN kernel requires on a GPU.
+- L1 on the input and recurrent kernels of every LSTM layer, with a small coefficient, so it prunes
+  useless connections without drowning the caption loss.
+- Exactly one Dropout, on the top LSTM's output just before the vocabulary projection: the
+  projection is the largest weight matrix and the place where the net overfits the training
+  captions; dropping there regularises every path into it (Zaremba et al. 2014: dropout on
+  non-recurrent connections) without injecting noise into the recurrent state or the image
+  conditioning, which would compound across the 5 layers and all time steps.
+- Linear output (logits) with a masked sparse categorical cross-entropy computed from logits:
+  numerically stabler than softmax followed by log, and padding positions do not count.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from captioning.tf_setup import keras
+from captioning.vocab import PAD_ID
+
+NUM_LSTM_LAYERS = 5
+ops = keras.ops
+
+
+@keras.saving.register_keras_serializable(package="captioning")
+def masked_loss(y_true, logits):
+    """Mean cross-entropy over real tokens only (padding id 0 is ignored)."""
+    mask = ops.cast(ops.not_equal(y_true, PAD_ID), "float32")
+    loss = keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+    return ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="captioning")
+class MaskedAccuracy(keras.metrics.Metric):
+    """Next-token accuracy over real tokens, accumulated exactly (correct / total over the epoch)."""
+
+    def __init__(self, name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+    def update_state(self, y_true, logits, sample_weight=None):
+        mask = ops.cast(ops.not_equal(y_true, PAD_ID), "float32")
+        hits = ops.cast(ops.equal(ops.cast(ops.argmax(logits, axis=-1), y_true.dtype), y_true), "float32")
+        self.correct.assign_add(ops.sum(hits * mask))
+        self.total.assign_add(ops.sum(mask))
+
+    def result(self):
+        return self.correct / ops.maximum(self.total, 1.0)
+
+
+def build_decoder(vocab_size: int, units: int, l1: float, dropout: float,
+                  feature_mean: np.ndarray, feature_variance: np.ndarray) -> keras.Model:
+    """The training model: (image features, input tokens) -> logits for every next token."""
+    features = keras.Input((feature_mean.shape[-1],), name="features")
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    # Standardise with training-set statistics: random-weight ResNet features have wild scales.
+    normalised = keras.layers.Normalization(mean=feature_mean, variance=feature_variance, name="feature_norm")(features)
+    states = _initial_states(normalised, units)
+    x = keras.layers.Embedding(vocab_size, units, name="embed")(tokens)
+    for layer in range(NUM_LSTM_LAYERS):
+        lstm = keras.layers.LSTM(
+            units, return_sequences=True, return_state=True, name=f"lstm_{layer + 1}",
+            kernel_regularizer=keras.regularizers.L1(l1), recurrent_regularizer=keras.regularizers.L1(l1),
+        )
+        y, _, _ = lstm(x, initial_state=states[2 * layer:2 * layer + 2])
+        x = y if layer == 0 else keras.layers.Add(name=f"residual_{layer + 1}")([x, y])
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)
+    return keras.Model({"features": features, "tokens": tokens}, logits, name="caption_decoder")
+
+
+def _initial_states(normalised, units: int, layers=None) -> list:
+    """(h, c) for every LSTM layer from the image, each through its own tanh projection.
+
+    With `layers` (a trained model) the existing projections are reused instead of new ones.
+    """
+    states = []
+    for layer in range(1, NUM_LSTM_LAYERS + 1):
+        for kind in ("h", "c"):
+            name = f"init_{kind}{layer}"
+            dense = layers.get_layer(name) if layers else keras.layers.Dense(units, activation="tanh", name=name)
+            states.append(dense(normalised))
+    return states
+
+
+def make_optimizer(name: str, learning_rate: float, clipnorm: float) -> keras.optimizers.Optimizer:
+    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
+    return optimizers[name](learning_rate=learning_rate, clipnorm=clipnorm)
+
+
+def compile_decoder(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    model.compile(optimizer=optimizer, loss=masked_loss, metrics=[MaskedAccuracy()])
+
+
+def inference_models(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Split the trained model into (features -> initial states) and one decoding step.
+
+    The step model reuses the trained layers, so there is one set of weights and no copy to drift.
+    """
+    units = model.get_layer("lstm_1").units
+    features = keras.Input(model.get_layer("feature_norm").input.shape[1:], name="features")
+    initial = _initial_states(model.get_layer("feature_norm")(features), units, layers=model)
+    encoder = keras.Model(features, initial, name="state_encoder")
+
+    token = keras.Input((1,), dtype="int32", name="token")
+    state_inputs = [keras.Input((units,), name=f"state_{i}") for i in range(2 * NUM_LSTM_LAYERS)]
+    x = model.get_layer("embed")(token)
+    new_states = []
+    for layer in range(NUM_LSTM_LAYERS):
+        y, h, c = model.get_layer(f"lstm_{layer + 1}")(x, initial_state=state_inputs[2 * layer:2 * layer + 2])
+        x = y if layer == 0 else model.get_layer(f"residual_{layer + 1}")([x, y])
+        new_states += [h, c]
+    logits = keras.layers.Reshape((-1,))(model.get_layer("logits")(x))
+    step = keras.Model([token, *state_inputs], [logits, *new_states], name="decode_step")
+    return encoder, step

@@ -1,0 +1,85 @@
+"""The PNG figures of the `plot` stage (matplotlib, no screen needed)."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from captioning.files import atomic_path  # noqa: E402
+
+
+def _show(ax, path: Path, text: str, width: int = 42) -> None:
+    try:
+        with Image.open(path) as image:
+            ax.imshow(ImageOps.exif_transpose(image).convert("RGB"))
+    except OSError:
+        ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
+    ax.set_axis_off()
+    ax.set_title("\n".join(textwrap.wrap(text, width)), fontsize=7, loc="left")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def image_grid(items: list[tuple[Path, str]], path: Path, columns: int = 3, title: str = "") -> None:
+    """Images with a caption block under each (used for samples, predictions, best/worst)."""
+    rows = max(1, -(-len(items) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (image, text) in zip(axes.flat, items):
+        _show(ax, image, text)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def learning_curves(history: pd.DataFrame, path: Path) -> None:
+    """Loss and masked token accuracy, train against val, per epoch."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = range(1, len(history) + 1)
+    for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "token accuracy")):
+        ax.plot(epochs, history[metric], marker="o", label="train")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def with_references(generated: str, references: list[str], scores: str = "") -> str:
+    refs = "\n".join(f"ref: {r}" for r in references[:3])
+    return f"model: {generated}{scores}\n{refs}"
+
+
+def read_live_history(live_dir: Path) -> pd.DataFrame:
+    """Per-epoch loss/accuracy for train and val from DVCLive's .tsv files."""
+    columns = {}
+    for split, prefix in (("train", ""), ("val", "val_")):
+        for metric in ("loss", "accuracy"):
+            table = pd.read_csv(Path(live_dir) / "plots" / "metrics" / split / f"{metric}.tsv", sep="\t")
+            columns[f"{prefix}{metric}"] = table[metric].to_numpy()
+    return pd.DataFrame(columns)
+
+
+def captioned_image(image: Path, caption: str, path: Path) -> None:
+    """One image with its caption written under it (the caption command's --out)."""
+    fig, ax = plt.subplots(figsize=(5, 5.6))
+    _show(ax, image, "")
+    ax.set_title("")
+    fig.text(0.5, 0.02, "\n".join(textwrap.wrap(caption, 48)), ha="center", va="bottom", fontsize=12)
+    fig.subplots_adjust(bottom=0.12)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

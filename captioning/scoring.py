@@ -1,0 +1,63 @@
+"""Caption metrics through pycocoevalcap, the COCO caption evaluation code: BLEU-1..4, METEOR,
+ROUGE-L and CIDEr. Nothing here re-implements a metric.
+
+Both candidates and references go through `clean_caption` (the same cleaning as training and
+decoding) instead of the PTB tokenizer, which needs Java. METEOR needs Java too: without it the
+score is None and one line says why. SPICE downloads models at run time and is not offered.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pandas as pd
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from captioning.text import clean_caption
+
+METRIC_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+
+
+def _meteor(gts: dict, res: dict) -> tuple[float | None, list | None, str | None]:
+    """METEOR via its Java scorer, or (None, None, reason) when Java cannot run it."""
+    if shutil.which("java") is None:
+        return None, None, "java not found (install openjdk-17-jre-headless)"
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        score, per_image = Meteor().compute_score(gts, res)
+        return float(score), [float(s) for s in per_image], None
+    except Exception as err:  # the Java process can fail in many ways; scoring must go on
+        return None, None, f"METEOR's Java scorer failed ({type(err).__name__}: {err})"
+
+
+def score_captions(candidates: dict[str, str], references: dict[str, list[str]],
+                   meteor: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Corpus scores under METRIC_KEYS and a per-image table (image, bleu4, meteor, rouge_l, cider)."""
+    keys = sorted(candidates)
+    if set(keys) != set(references):
+        raise ValueError("candidates and references must cover the same images")
+    if not keys:
+        raise ValueError("nothing to score")
+    res = {k: [clean_caption(candidates[k])] for k in keys}
+    gts = {k: [clean_caption(r) for r in references[k]] for k in keys}
+
+    bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, rouge_per_image = Rouge().compute_score(gts, res)
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    meteor_score, meteor_per_image, why = _meteor(gts, res) if meteor else (None, None, "not requested")
+    if meteor and why:
+        print(f"METEOR not computed: {why}", file=sys.stderr)
+
+    corpus = {f"bleu{n + 1}": float(bleu[n]) for n in range(4)}
+    corpus.update(meteor=meteor_score, rouge_l=float(rouge), cider=float(cider))
+    per_image = pd.DataFrame({
+        "image": keys,
+        "bleu4": [float(s) for s in bleu_per_image[3]],
+        "meteor": meteor_per_image if meteor_per_image else [None] * len(keys),
+        "rouge_l": [float(s) for s in rouge_per_image],
+        "cider": [float(s) for s in cider_per_image],
+    })
+    return corpus, per_image

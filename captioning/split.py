@@ -1,0 +1,48 @@
+"""Train/dev/test split by image, never by caption, so no test photo is ever seen in training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from captioning.errors import UserError
+
+OFFICIAL_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                  "test": "Flickr_8k.testImages.txt"}
+
+
+def official_split(split_dir: str | Path, images: list[str]) -> tuple[dict[str, list[str]], dict]:
+    """The Flickr8k split files, restricted to `images` (those with captions and a file)."""
+    split_dir = Path(split_dir)
+    available = set(images)
+    splits, report, seen = {}, {"mode": "official", "split_dir": str(split_dir)}, {}
+    for name, filename in OFFICIAL_FILES.items():
+        path = split_dir / filename
+        if not path.is_file():
+            raise UserError(f"data.split_dir is {split_dir}, but {path} is missing. Put the three "
+                            f"Flickr_8k.*Images.txt files there, or set data.split_dir: null for a seeded split.")
+        listed = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        for image in listed:
+            if image in seen and seen[image] != name:
+                raise UserError(f"{image} is listed in both {OFFICIAL_FILES[seen[image]]} and {filename}; "
+                                "an image may be in one split only.")
+            seen[image] = name
+        splits[name] = sorted(set(listed) & available)
+        report[name] = {"listed": len(listed), "available": len(splits[name])}
+    unlisted = sorted(available - seen.keys())
+    report["images_in_no_split"] = {"count": len(unlisted), "images": unlisted}
+    return splits, report
+
+
+def seeded_split(images: list[str], seed: int, train_fraction: float, dev_fraction: float) -> tuple[dict, dict]:
+    if not (0 < train_fraction < 1 and 0 <= dev_fraction < 1 and train_fraction + dev_fraction < 1):
+        raise UserError("split.train_fraction and split.dev_fraction must be in (0, 1) and sum to less "
+                        f"than 1 (the test split gets the rest); got {train_fraction} and {dev_fraction}.")
+    order = np.random.default_rng(seed).permutation(sorted(images))
+    n_train = int(round(len(order) * train_fraction))
+    n_dev = int(round(len(order) * dev_fraction))
+    splits = {"train": sorted(order[:n_train]), "dev": sorted(order[n_train:n_train + n_dev]),
+              "test": sorted(order[n_train + n_dev:])}
+    splits = {name: [str(image) for image in names] for name, names in splits.items()}
+    report = {"mode": "seeded", "seed": seed, **{name: {"available": len(v)} for name, v in splits.items()}}
+    return splits, report

@@ -1,0 +1,30 @@
+"""Stage evaluate: caption every test image, score it and two baselines with pycocoevalcap."""
+import pandas as pd
+
+from captioning import files, layout
+from captioning.errors import run_cli
+from captioning.params import choice, load_params, positive, section
+
+
+def main() -> None:
+    options = section(load_params(), "decode", ("method", "beam_size", "length_penalty", "max_length", "batch_size"))
+    from captioning.evaluation import DecodeSettings, evaluate  # TensorFlow only past the checks above
+
+    settings = DecodeSettings(
+        method=choice(options["method"], ("greedy", "beam"), "decode.method"),
+        beam_size=positive(options["beam_size"], "decode.beam_size"),
+        length_penalty=float(options["length_penalty"]),
+        max_length=positive(options["max_length"], "decode.max_length"),
+        batch_size=positive(options["batch_size"], "decode.batch_size"),
+    )
+    metrics, predictions = evaluate(layout.MODEL_DIR, layout.FEATURES_DIR, pd.read_parquet(layout.CAPTIONS_TABLE),
+                                    layout.read_split("train"), layout.read_split("test"), settings)
+    files.write_parquet(layout.PREDICTIONS, predictions)
+    files.write_json(layout.EVAL_METRICS, metrics)
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("bleu1", "bleu4", "cider") if metrics[k] is not None)
+    print(f"{metrics['test_images']} test images: {summary}; baselines cider: frequent "
+          f"{metrics['baseline_frequent']['cider']:.3f}, nearest {metrics['baseline_nearest']['cider']:.3f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,25 @@
+"""Stage parse_pickle: the user's captions file -> captions table (parquet) + data report (json)."""
+from captioning import files, layout
+from captioning.captions import load_captions
+from captioning.errors import run_cli
+from captioning.params import load_params, section
+
+
+def main() -> None:
+    data = section(load_params(), "data", ("captions", "images", "allow_pandas_pickle", "max_skipped_fraction"))
+    table, report = load_captions(
+        data["captions"], data["images"],
+        allow_pandas_pickle=bool(data["allow_pandas_pickle"]),
+        max_skipped_fraction=float(data["max_skipped_fraction"]),
+    )
+    files.write_parquet(layout.CAPTIONS_TABLE, table)
+    files.write_lines(layout.IMAGE_LIST, sorted(table["image"].unique()))
+    files.write_json(layout.PARSE_REPORT, report)
+    print(f"{report['lines_read']} lines read, {report['rows_kept']} captions kept for "
+          f"{report['images_found']} images; {report['skipped_count']} lines skipped, "
+          f"{report['missing_images']['captions_excluded']} captions of {report['missing_images']['count']} "
+          f"missing images excluded (details: {layout.PARSE_REPORT})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,40 @@
+"""Stage plot: dataset samples, learning curves, test predictions, and the best/worst test images."""
+from pathlib import Path
+
+import pandas as pd
+
+from captioning import layout
+from captioning.errors import run_cli
+from captioning.params import load_params, positive, section
+from captioning.plots import image_grid, learning_curves, read_live_history, with_references
+
+
+def main() -> None:
+    params = load_params()
+    images_dir = Path(section(params, "data", ("images",))["images"])
+    options = section(params, "plot", ("n_samples", "grid_size"))
+    n_samples, grid = positive(options["n_samples"], "plot.n_samples"), positive(options["grid_size"], "plot.grid_size")
+
+    captions = pd.read_parquet(layout.CAPTIONS_TABLE)
+    samples = [(images_dir / image, "\n".join(group["raw_caption"]))
+               for image, group in list(captions.groupby("image", sort=True))[:n_samples]]
+    image_grid(samples, layout.PLOTS_DIR / "samples.png", columns=min(n_samples, 2), title="Dataset samples")
+
+    learning_curves(read_live_history(layout.LIVE_DIR), layout.PLOTS_DIR / "learning_curves.png")
+
+    predictions = pd.read_parquet(layout.PREDICTIONS)
+    shown = [(images_dir / row.image, with_references(row.generated, list(row.references)))
+             for row in predictions.head(grid).itertuples()]
+    image_grid(shown, layout.PLOTS_DIR / "predictions.png", title="Test images: model vs references")
+
+    ranked = predictions.sort_values(["cider", "image"], ascending=[False, True])
+    extremes = pd.concat([ranked.head(6), ranked.tail(6)])
+    shown = [(images_dir / row.image,
+              with_references(row.generated, list(row.references), f"  (CIDEr {row.cider:.2f})"))
+             for row in extremes.itertuples()]
+    image_grid(shown, layout.PLOTS_DIR / "best_worst.png", columns=6, title="6 best (top) and 6 worst (bottom) test images by CIDEr")
+    print(f"plots written to {layout.PLOTS_DIR}/")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,29 @@
+"""Stage split: captioned images -> train/dev/test image lists (by image, never by caption)."""
+import pandas as pd
+
+from captioning import files, layout
+from captioning.errors import run_cli
+from captioning.params import load_params, section
+from captioning.split import official_split, seeded_split
+
+
+def main() -> None:
+    params = load_params()
+    split_dir = section(params, "data", ("split_dir",))["split_dir"]
+    options = section(params, "split", ("seed", "train_fraction", "dev_fraction"))
+    images = sorted(pd.read_parquet(layout.CAPTIONS_TABLE, columns=["image"])["image"].unique())
+    if split_dir:
+        splits, report = official_split(split_dir, images)
+    else:
+        splits, report = seeded_split(images, int(options["seed"]), float(options["train_fraction"]),
+                                      float(options["dev_fraction"]))
+    for name in layout.SPLITS:
+        files.write_lines(layout.split_file(name), splits[name])
+    files.write_json(layout.SPLIT_REPORT, report)
+    print(", ".join(f"{name} {len(splits[name])} images" for name in layout.SPLITS))
+    if not splits["test"]:
+        print("warning: the test split is empty; evaluate will stop with an explanation")
+
+
+if __name__ == "__main__":
+    run_cli(main)

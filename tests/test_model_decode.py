@@ -1,0 +1,82 @@
+"""The decoder's structure, its masked loss and metric, and the decoding rules (tiny sizes)."""
+import numpy as np
+import pytest
+
+from captioning.decode import Captioner
+from captioning.model import MaskedAccuracy, NUM_LSTM_LAYERS, build_decoder, compile_decoder, make_optimizer, masked_loss
+from captioning.tf_setup import keras, seed_everything
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+
+CAPTIONS = ["a red circle", "two blue squares", "three green triangles", "a red square"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    seed_everything(0)
+    vocab = Vocabulary.build(CAPTIONS, 1)
+    sequences, _ = vocab.encode_all(CAPTIONS * 8, 10)
+    features = np.random.default_rng(0).normal(size=(len(sequences), 32)).astype("float32")
+    features[:, 0] = np.tile(np.arange(4), 8)  # the caption is readable from the features
+    model = build_decoder(len(vocab), 16, 1e-6, 0.2, features.mean(0), features.var(0))
+    compile_decoder(model, make_optimizer("adam", 1e-2, 1.0))
+    model.fit({"features": features, "tokens": sequences[:, :-1]}, sequences[:, 1:], epochs=40, batch_size=8, verbose=0)
+    return Captioner(model, vocab), features[:4], model
+
+
+def test_architecture_five_lstms_l1_one_dropout(trained):
+    model = trained[2]
+    lstms = [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
+    assert len(lstms) == NUM_LSTM_LAYERS == 5
+    for lstm in lstms:
+        assert isinstance(lstm.kernel_regularizer, keras.regularizers.L1)
+        assert isinstance(lstm.recurrent_regularizer, keras.regularizers.L1)
+    assert sum(isinstance(layer, keras.layers.Dropout) for layer in model.layers) == 1
+    assert model.get_layer("logits").activation is keras.activations.linear  # logits, loss from_logits
+    assert len(model.losses) >= 2 * NUM_LSTM_LAYERS  # the L1 penalties reach the training loss
+
+
+def test_masked_loss_and_accuracy_ignore_padding():
+    targets = np.array([[5, 6, PAD_ID, PAD_ID]])
+    logits = np.full((1, 4, 8), -5.0, np.float32)
+    logits[0, 0, 5] = 5.0  # right
+    logits[0, 1, 7] = 5.0  # wrong
+    logits[0, 2:, 3] = 50.0  # padding positions: anything, must not count
+    per_token = keras.losses.sparse_categorical_crossentropy(targets[:, :2], logits[:, :2], from_logits=True)
+    assert float(masked_loss(targets, logits)) == pytest.approx(float(np.mean(per_token)), rel=1e-5)
+    metric = MaskedAccuracy()
+    metric.update_state(targets, logits)
+    assert float(metric.result()) == pytest.approx(0.5)
+
+
+def test_model_learns_and_decodes(trained):
+    captioner, features, _ = trained
+    assert captioner.captions(features, method="greedy", max_length=10) == CAPTIONS
+
+
+def test_beam_width_one_equals_greedy(trained):
+    captioner, features, _ = trained
+    noisy = features + np.random.default_rng(1).normal(scale=2.0, size=features.shape).astype("float32")
+    for batch in (features, noisy):
+        greedy = captioner.caption_ids(batch, method="greedy", max_length=10)
+        beam = captioner.caption_ids(batch, method="beam", beam_size=1, max_length=10, length_penalty=0.7)
+        assert [list(g) for g in greedy] == [list(b) for b in beam]
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_never_emits_specials_nor_empty(trained, method):
+    captioner, features, _ = trained
+    noisy = np.random.default_rng(2).normal(scale=5.0, size=(16, features.shape[1])).astype("float32")
+    for ids in captioner.caption_ids(noisy, method=method, beam_size=3, max_length=4):
+        words = list(ids)
+        assert len(words) == 4
+        assert not {PAD_ID, START_ID, UNK_ID} & set(words[: words.index(END_ID)] if END_ID in words else words)
+        assert words[0] != END_ID  # never an empty caption
+    assert all(captioner.captions(noisy, method=method, beam_size=3, max_length=1))
+
+
+def test_unfinished_caption_is_returned_at_max_length(trained):
+    captioner, features, _ = trained
+    for method in ("greedy", "beam"):
+        captions = captioner.captions(features, method=method, beam_size=3, max_length=2)
+        assert all(1 <= len(c.split()) <= 2 for c in captions)
+        assert captions[1] == "two blue"  # cut at 2 words, the partial caption is kept
