@@ -5,17 +5,36 @@ start-up. Op determinism makes CPU runs with the same seed give the same numbers
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide C++ start-up INFO/WARNING noise
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide C++ INFO/WARNING noise
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import absl.logging  # noqa: E402
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 while TensorFlow loads: its start-up lines (oneDNN, CPU features)
+    are written by C++ before any log level applies. TF_CPP_MIN_LOG_LEVEL=0 keeps them."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") < "2":
+        yield
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _quiet_stderr():
+    import absl.logging
+    import tensorflow as tf  # noqa: F401
+    import keras  # noqa: F401
 
 absl.logging.set_verbosity(absl.logging.ERROR)
-
-import tensorflow as tf  # noqa: E402,F401
-import keras  # noqa: E402,F401
 
 tf.get_logger().setLevel("ERROR")
 tf.config.experimental.enable_op_determinism()

@@ -119,10 +119,15 @@ def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int) ->
     return _batches(data, matrix, tf.data.Dataset.range(len(data)), batch_size)
 
 
+# The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
+TRAINING_CODE = [Path(__file__).with_name(name) for name in ("train.py", "model.py", "vocab.py", "text.py")]
+
+
 def fingerprint(config: TrainConfig, inputs: list[Path]) -> str:
-    """What a checkpoint must match to be resumed: every param but `epochs`, and every input file."""
+    """What a checkpoint must match to be resumed: every param but `epochs`, every input file, and
+    the training code."""
     digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None}, sort_keys=True).encode())
-    for path in inputs:
+    for path in [*inputs, *TRAINING_CODE]:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -213,7 +218,7 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
         training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"], config.epochs),
         validation_data=validation_batches(dev_set, store.matrix, config.batch_size),
         epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
-        callbacks=[EpochEnd(live, checkpoint_dir, state)], verbose=2,
+        callbacks=[EpochEnd(live, checkpoint_dir, state)], verbose=2, shuffle=False,
     )
     live.end()
     print(f"total training time: {state['train_seconds']:.1f} s over {state['epoch']} epochs", flush=True)

@@ -1,0 +1,161 @@
+"""Load a captions pickle without letting it run code.
+
+Why: `pickle.load` imports and calls whatever global the file names (`os.system`,
+`subprocess.Popen`, `builtins.exec`, any class with a custom `__reduce__`), so opening a downloaded
+captions.pkl could run anything. `loads` uses a `pickle.Unpickler` whose `find_class` resolves a
+global only if its exact `module.name` is on a list below; every other name raises `UserError`
+naming it. The check happens before anything is imported, so a refused module is not even imported.
+
+* Plain data (always allowed): str, bytes, int, float, bool, None, list, tuple and dict need no
+  globals at all. Sets, frozensets and bytearrays need their builtin type, and protocols 0-2 write
+  bytes as `_codecs.encode(text, "latin1")` (or `bytes()` when empty). Those two are wrapped, so they
+  can only turn text into bytes.
+* A pandas DataFrame (only with `allow_pandas=True`, i.e. `data.allow_pandas_pickle: true`): the
+  exact classes and functions that the installed pandas 3.1 / numpy 2.4 / pyarrow 26 write when they
+  pickle a DataFrame with str, int or object columns and the default RangeIndex, over protocols 0-5.
+  They were found by recording every `find_class` request, and tests/test_safe_pickle.py records them
+  again, so a pandas upgrade that needs a new name fails a test instead of failing in the pipeline.
+  A few older spellings of the same objects (numpy 1.x `numpy.core...`, pandas < 3 `pandas.core...`)
+  map to the very same objects, so pickles from older versions load too.
+
+Known limit: pickle's BUILD opcode can set attributes on an allowed class (for example
+`pandas.DataFrame`). It can only set them to data or to other allowed objects, so no code from the
+file runs, but a hostile pandas pickle could still leave pandas in a broken state in this process.
+That is why pandas pickles need an explicit opt-in and are meant for files you trust.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import importlib
+import io
+import pickle
+
+from captioning.errors import UserError
+
+
+def _text_to_bytes(text, encoding):
+    """Stand-in for `_codecs.encode`: protocols 0-2 store bytes as latin-1 text. Nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed to turn text into latin-1 bytes")
+    return text.encode("latin-1")
+
+
+def _checked(kind):
+    """Stand-in for `bytes`/`bytearray` that refuses `kind(n)`: a huge n would eat all memory."""
+
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(f"{kind.__name__}(<int>) is not allowed in a pickle")
+        return kind(*args)
+
+    return build
+
+
+# (module, name) as Python 3 spells it -> the object the unpickler may use for it.
+_PLAIN = {
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytearray"): _checked(bytearray),
+    ("builtins", "bytes"): _checked(bytes),
+    ("_codecs", "encode"): _text_to_bytes,
+}
+
+# (module, name) -> "importable.module:attribute", resolved only when the pickle asks for it.
+_PANDAS = {
+    ("builtins", "slice"): "builtins:slice",
+    ("builtins", "object"): "builtins:object",             # protocols 0-1: copyreg._reconstructor(cls, object, None)
+    ("copyreg", "_reconstructor"): "copyreg:_reconstructor",
+    ("numpy", "dtype"): "numpy:dtype",
+    ("numpy", "ndarray"): "numpy:ndarray",
+    ("numpy._core.multiarray", "_reconstruct"): "numpy._core.multiarray:_reconstruct",
+    ("numpy._core.numeric", "_frombuffer"): "numpy._core.numeric:_frombuffer",  # protocol 5 int arrays
+    ("pandas", "DataFrame"): "pandas:DataFrame",
+    ("pandas", "Index"): "pandas:Index",
+    ("pandas", "RangeIndex"): "pandas:RangeIndex",
+    ("pandas", "StringDtype"): "pandas:StringDtype",
+    ("pandas", "NA"): "pandas:NA",                          # python-backed string columns
+    ("pandas.arrays", "ArrowStringArray"): "pandas.arrays:ArrowStringArray",
+    ("pandas.arrays", "StringArray"): "pandas.arrays:StringArray",
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"): "pandas._libs.arrays:__pyx_unpickle_NDArrayBacked",
+    ("pandas._libs.internals", "_unpickle_block"): "pandas._libs.internals:_unpickle_block",
+    ("pandas.core.indexes.base", "_new_Index"): "pandas.core.indexes.base:_new_Index",
+    ("pandas.core.internals.managers", "BlockManager"): "pandas.core.internals.managers:BlockManager",
+    ("pyarrow.lib", "_restore_array"): "pyarrow.lib:_restore_array",
+    ("pyarrow.lib", "py_buffer"): "pyarrow.lib:py_buffer",
+    ("pyarrow.lib", "type_for_alias"): "pyarrow.lib:type_for_alias",
+    # Older spellings of the same objects (numpy 1.x, pandas < 3); they resolve to the names above.
+    ("numpy.core.multiarray", "_reconstruct"): "numpy._core.multiarray:_reconstruct",
+    ("numpy.core.numeric", "_frombuffer"): "numpy._core.numeric:_frombuffer",
+    ("pandas.core.frame", "DataFrame"): "pandas:DataFrame",
+    ("pandas.core.indexes.base", "Index"): "pandas:Index",
+    ("pandas.core.indexes.range", "RangeIndex"): "pandas:RangeIndex",
+}
+
+_PANDAS_MODULES = ("pandas", "numpy", "pyarrow")
+
+
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """Map a protocol 0-2 (Python 2) spelling such as `__builtin__.set` to its Python 3 name."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _resolve(target):
+    if not isinstance(target, str):
+        return target
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _is_pandas_name(key: tuple[str, str]) -> bool:
+    return key in _PANDAS or key[0].split(".")[0] in _PANDAS_MODULES
+
+
+def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pandas: bool) -> UserError:
+    shown = f"`{'.'.join(key)}`"
+    if asked != key:
+        shown += f" (written as `{'.'.join(asked)}`)"
+    message = (f"{source}: refused to load {shown} from the pickle. Pickles can run code when "
+               "they are loaded, so only plain data (str, bytes, numbers, list, tuple, dict, set) is accepted")
+    if _is_pandas_name(key) and not allow_pandas:
+        message += (f". `{key[0]}.{key[1]}` belongs to a pandas DataFrame pickle: if you trust this file, "
+                    "set `data.allow_pandas_pickle: true` in params.yaml; otherwise convert it to a "
+                    "Flickr8k token text file (`name.jpg#0<TAB>caption` lines)")
+    elif allow_pandas:
+        message += (", plus the few classes a plain DataFrame with str/int/object columns needs. "
+                    "Convert the captions to a Flickr8k token text file (`name.jpg#0<TAB>caption` lines)")
+    else:
+        message += (". Re-save the captions as plain data (for example a dict image -> list of captions) "
+                    "or as a Flickr8k token text file (`name.jpg#0<TAB>caption` lines)")
+    return UserError(message + ".")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that hands out only allow-listed globals and refuses every other one."""
+
+    def __init__(self, file, *, allow_pandas: bool = False, source: str = "pickle"):
+        super().__init__(file)
+        self._allowed = {**_PLAIN, **(_PANDAS if allow_pandas else {})}
+        self._allow_pandas = allow_pandas
+        self._source = source
+
+    def find_class(self, module, name):
+        key = python3_name(module, name)
+        if key not in self._allowed:
+            raise _refusal(self._source, (module, name), key, self._allow_pandas)
+        return _resolve(self._allowed[key])
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") -> object:
+    """Unpickle `data` with `RestrictedUnpickler`; any failure becomes a `UserError` naming `source`."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source).load()
+    except UserError:
+        raise
+    except Exception as err:  # a damaged file can fail in many ways; none of them is a bug here
+        raise UserError(f"{source}: not a readable pickle ({type(err).__name__}: {err}). "
+                        "Re-create it, or use a Flickr8k token text file instead.") from err

@@ -1,0 +1,202 @@
+"""The restricted unpickler: plain data loads, DataFrames only on opt-in, code never runs."""
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from captioning import safe_pickle
+from captioning.errors import UserError
+
+PROTOCOLS = range(0, pickle.HIGHEST_PROTOCOL + 1)
+
+
+# ------------------------------------------------------------------------------------------ plain data
+
+PLAIN_VALUES = [
+    "x.jpg#0\tA dog .\nx.jpg#1\tA cat .\n",
+    b"x.jpg#0\tA dog .\n",
+    b"",
+    ["x.jpg#0\tA dog .", b"x.jpg#1\tA cat ."],
+    ("x.jpg#0\tA dog .",),
+    [("x.jpg", "A dog ."), ["y.jpg", b"A cat ."]],
+    {"x.jpg": ["A dog .", "A cat ."], "y.jpg#0": "A bird ."},
+    {"nested": [{"a": (1, 2.5, True, None)}, {1, 2}, frozenset({"z"}), bytearray(b"ab")]},
+]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=lambda v: type(v).__name__)
+def test_plain_data_round_trips_in_every_protocol(value, protocol):
+    assert safe_pickle.loads(pickle.dumps(value, protocol=protocol)) == value
+
+
+# ------------------------------------------------------------------------------------------- attacks
+
+class Payload:
+    """An object whose unpickling calls `func(*args)`: the classic pickle attack."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+class PlainObject:
+    """A custom class without __reduce__: unpickling it needs its class, which is refused."""
+
+
+def attacks(marker):
+    """(id, payload object, the global(s) the refusal may name). Each would create `marker`."""
+    path = str(marker)
+    return [
+        ("os.system", Payload(os.system, f"touch {path}"), f"{os.system.__module__}.system"),
+        ("subprocess.Popen", Payload(subprocess.Popen, ["touch", path]), "subprocess.Popen"),
+        ("subprocess.call", Payload(subprocess.call, ["touch", path]), "subprocess.call"),
+        ("exec", Payload(builtins.exec, f"open({path!r}, 'w').close()"), "builtins.exec"),
+        ("eval", Payload(builtins.eval, f"open({path!r}, 'w').close()"), "builtins.eval"),
+        ("__import__", Payload(builtins.__import__, "os"), "builtins.__import__"),
+        ("getattr", Payload(builtins.getattr, "text", "upper"), "builtins.getattr"),
+        ("open", Payload(open, path, "w"), f"{open.__module__}.open"),
+        # protocols 0-1 ask for copyreg._reconstructor first, which only the pandas opt-in allows
+        ("custom class", PlainObject(), ("PlainObject", "copyreg._reconstructor")),
+    ]
+
+
+ATTACK_IDS = [entry[0] for entry in attacks("x")]
+WRAPPERS = {
+    "bare": lambda payload: payload,
+    "in list": lambda payload: ["x.jpg#0\tA dog .", payload],
+    "in dict": lambda payload: {"x.jpg": ["A dog .", {"deeper": (payload,)}]},
+}
+
+
+def test_the_payloads_really_would_run_under_plain_pickle(tmp_path):
+    """Control: without the restricted unpickler these payloads do create the file."""
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()")))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("allow_pandas", [False, True])
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("attack", ATTACK_IDS)
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_code_in_a_pickle_never_runs(tmp_path, attack, wrapper, protocol, allow_pandas):
+    marker = tmp_path / "pwned"
+    _, payload, name = next(entry for entry in attacks(marker) if entry[0] == attack)
+    data = pickle.dumps(WRAPPERS[wrapper](payload), protocol=protocol)
+    with pytest.raises(UserError) as caught:
+        safe_pickle.loads(data, allow_pandas=allow_pandas, source="evil.pkl")
+    message = str(caught.value)
+    assert not marker.exists()
+    assert any(n in message for n in ((name,) if isinstance(name, str) else name)), message
+    assert "evil.pkl" in message and "can run code" in message
+
+
+@pytest.mark.parametrize("data, name", [
+    (b"cos\nsystem\n(S'echo hi'\ntR.", "os.system"),
+    (b"cposix\nsystem\n(S'echo hi'\ntR.", "posix.system"),
+    (b"c__builtin__\neval\n(S'1+1'\ntR.", "builtins.eval"),
+    (b"ccommands\ncall\n(S'ls'\ntR.", "subprocess.call"),
+    (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x02hi\x85R.", "os.system"),
+])
+def test_hand_written_payloads_are_refused_by_name(data, name):
+    with pytest.raises(UserError, match=name.replace(".", r"\.")):
+        safe_pickle.loads(data)
+
+
+def test_a_refused_module_is_not_even_imported():
+    sys.modules.pop("this", None)  # `import this` prints the Zen of Python: a visible side effect
+    with pytest.raises(UserError, match=r"this\.s"):
+        safe_pickle.loads(b"cthis\ns\n.")
+    assert "this" not in sys.modules
+
+
+@pytest.mark.parametrize("data", [
+    b"c_codecs\nencode\n(Vabc\nVrot13\ntR.",          # _codecs.encode with another codec
+    b"c_codecs\nencode\n(I1\nVlatin1\ntR.",           # ... or on something that is not text
+    b"c__builtin__\nbytes\n(I100000000000\ntR.",      # bytes(n): a memory bomb
+    b"c__builtin__\nbytearray\n(I100000000000\ntR.",
+])
+def test_allowed_helpers_only_build_plain_bytes(data):
+    with pytest.raises(UserError, match="not a readable pickle"):
+        safe_pickle.loads(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"not a pickle at all", b"\x80\x05garbage", b"(lp0\nP1\na."])
+def test_damaged_or_foreign_bytes_are_a_user_error(data):
+    with pytest.raises(UserError, match="not a readable pickle"):
+        safe_pickle.loads(data, source="bad.pkl")
+
+
+# ----------------------------------------------------------------------------------------- DataFrames
+
+FRAMES = {
+    "str": pd.DataFrame({"image": ["a.jpg", "b.jpg"], "caption": ["A dog .", "A cat ."]}),
+    "int": pd.DataFrame({"image": ["a.jpg", "b.jpg"], "caption_number": [0, 1], "caption": ["x", "y"]}),
+    "object": pd.DataFrame({"image": ["a.jpg"], "caption": ["x"]}).astype(object),
+    "python str": pd.DataFrame({"image": ["a.jpg"], "caption": ["x"]}).astype("string[python]"),
+    "empty": pd.DataFrame({"image": [], "caption": []}),
+}
+
+
+class RecordingUnpickler(pickle.Unpickler):
+    def __init__(self, file, seen):
+        super().__init__(file)
+        self.seen = seen
+
+    def find_class(self, module, name):
+        self.seen.add(safe_pickle.python3_name(module, name))
+        return super().find_class(module, name)
+
+
+def test_the_pandas_allow_list_covers_what_installed_pandas_writes():
+    """Re-record the globals a DataFrame pickle asks for; a pandas upgrade that adds one fails here."""
+    seen: set = set()
+    for frame in FRAMES.values():
+        for protocol in PROTOCOLS:
+            RecordingUnpickler(io.BytesIO(pickle.dumps(frame, protocol=protocol)), seen).load()
+    allowed = set(safe_pickle._PLAIN) | set(safe_pickle._PANDAS)
+    assert seen <= allowed, sorted(seen - allowed)
+
+
+def test_older_spellings_resolve_to_the_same_objects():
+    resolve = safe_pickle._resolve
+    pandas_names = safe_pickle._PANDAS
+    assert resolve(pandas_names[("numpy.core.multiarray", "_reconstruct")]) is np._core.multiarray._reconstruct
+    assert resolve(pandas_names[("pandas.core.frame", "DataFrame")]) is pd.DataFrame
+    assert resolve(pandas_names[("pandas.core.indexes.range", "RangeIndex")]) is pd.RangeIndex
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("name", FRAMES)
+def test_a_dataframe_loads_only_with_the_opt_in(name, protocol):
+    frame = FRAMES[name]
+    data = pickle.dumps(frame, protocol=protocol)
+    with pytest.raises(UserError) as caught:
+        safe_pickle.loads(data, source="frame.pkl")
+    assert "data.allow_pandas_pickle: true" in str(caught.value)
+    assert "token text file" in str(caught.value)
+    loaded = safe_pickle.loads(data, allow_pandas=True)
+    pd.testing.assert_frame_equal(loaded, frame)
+
+
+@pytest.mark.parametrize("data, name", [
+    (b"cpandas\nread_pickle\n(Vx.pkl\ntR.", "pandas.read_pickle"),
+    (b"cnumpy\nload\n(Vx.npy\ntR.", "numpy.load"),
+    (b"cpandas.io.pickle\nread_pickle\n(Vx.pkl\ntR.", "pandas.io.pickle.read_pickle"),
+])
+def test_the_opt_in_allows_only_the_dataframe_classes(data, name):
+    with pytest.raises(UserError) as caught:
+        safe_pickle.loads(data, allow_pandas=True)
+    assert name in str(caught.value)
+    assert "allow_pandas_pickle: true" not in str(caught.value)  # already on: no advice to turn it on
