@@ -30,8 +30,13 @@ class Captioner:
         no_end = np.zeros(len(vocab), np.float32)
         no_end[END_ID] = NEG_INF
         self.no_end = tf.constant(no_end)
-        self._greedy = tf.function(self._greedy_ids, reduce_retracing=True)
-        self._beam = tf.function(self._beam_ids, reduce_retracing=True)
+        # Fixed signatures with an unknown batch size: one trace serves every batch, and no loop
+        # variable changes its static shape between iterations.
+        features = tf.TensorSpec([None, self.encoder.input_shape[-1]], tf.float32)
+        scalar = tf.TensorSpec([], tf.int32)
+        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar])
+        self._beam = tf.function(self._beam_ids, input_signature=[features, scalar, scalar,
+                                                                  tf.TensorSpec([], tf.float32)])
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Captioner":
@@ -104,7 +109,8 @@ class Captioner:
             if method == "greedy":
                 ids = self._greedy(chunk, tf.constant(max_length))
             else:
-                ids = self._beam(chunk, beam_size, tf.constant(max_length), tf.constant(length_penalty, tf.float32))
+                ids = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
+                                 tf.constant(length_penalty, tf.float32))
             results.extend(ids.numpy())
         return results
 

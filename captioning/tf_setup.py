@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide C++ INFO/WARNING noise
+# Hide C++ log lines: TensorFlow logs harmless notices at ERROR level too ("oneDNN supports DT_INT32
+# only on platforms with AVX-512"). Python exceptions still surface; TF_CPP_MIN_LOG_LEVEL=0 shows all.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 

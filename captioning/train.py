@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
+from captioning.errors import UserError
 from captioning.features import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
 
-CHECKPOINT_MODEL = "model.keras"
-CHECKPOINT_STATE = "state.json"
+CHECKPOINT_STATE = "state.json"  # written last: names the model file of the last finished epoch
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,17 @@ def _batches(data: CaptionSet, matrix: np.ndarray, order: tf.data.Dataset, batch
 
 
 def training_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, seed: int,
-                     first_epoch: int, epochs: int) -> tf.data.Dataset:
-    """Epochs first_epoch..epochs-1, each shuffled by a permutation drawn from (seed, epoch)."""
+                     first_epoch: int) -> tf.data.Dataset:
+    """Epochs from first_epoch on, each shuffled by a permutation drawn from (seed, epoch).
+
+    The stream is open-ended (fit's steps_per_epoch and epochs decide where it stops), which also
+    keeps Keras from warning that the data ran out after the last epoch.
+    """
 
     def permutation(epoch):
         return np.random.default_rng([seed, int(epoch)]).permutation(len(data)).astype(np.int64)
 
-    order = tf.data.Dataset.range(first_epoch, epochs).flat_map(
+    order = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(
         lambda epoch: tf.data.Dataset.from_tensor_slices(tf.numpy_function(permutation, [epoch], tf.int64))
     )
     return _batches(data, matrix, order, batch_size)
@@ -152,9 +156,17 @@ class EpochEnd(keras.callbacks.Callback):
         self.state["train_seconds"] += seconds
         self.state["epoch"] = epoch + 1
         log_epoch(self.live, record)
-        with files.atomic_path(self.checkpoint_dir / CHECKPOINT_MODEL, suffix=".keras") as tmp:
+        # The model of this epoch gets its own file and the state is switched to it only afterwards,
+        # so a kill at any point leaves a state that matches its model.
+        model_file = f"epoch-{epoch + 1:04d}.keras"
+        with files.atomic_path(self.checkpoint_dir / model_file, suffix=".keras") as tmp:
             self.model.save(tmp)
+        previous = self.state.get("model_file")
+        self.state["model_file"] = model_file
+        self.state["rng_state"] = rng_state(self.model)
         files.write_json(self.checkpoint_dir / CHECKPOINT_STATE, self.state)
+        if previous and previous != model_file:
+            (self.checkpoint_dir / previous).unlink(missing_ok=True)
         print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {record.get('val_loss', float('nan')):.4f}, "
               f"{seconds:.1f} s", flush=True)
 
@@ -167,22 +179,48 @@ def log_epoch(live, record: dict) -> None:
     live.next_step()
 
 
+def _seed_variables(model: keras.Model) -> list:
+    return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+
+
+def rng_state(model: keras.Model) -> list:
+    """The dropout RNG states. Keras does not save them in .keras files, so a resumed run would
+    draw different dropout masks than an uninterrupted one; the checkpoint state keeps them."""
+    return [v.numpy().tolist() for v in _seed_variables(model)]
+
+
+def restore_rng_state(model: keras.Model, values: list) -> None:
+    variables = _seed_variables(model)
+    if len(variables) != len(values):
+        raise RuntimeError("checkpoint RNG state does not match the model's layers")
+    for variable, value in zip(variables, values):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
 def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int) -> dict | None:
+    """The checkpoint state to resume from, or None when there is none that fits this run."""
     state_path = checkpoint_dir / CHECKPOINT_STATE
-    if not state_path.exists() or not (checkpoint_dir / CHECKPOINT_MODEL).exists():
+    if not state_path.exists():
         return None
     state = files.read_json(state_path)
     if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
         return None
+    if not (checkpoint_dir / state.get("model_file", "")).is_file():
+        return None
     return state
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """Forget checkpoints that do not fit this run, so they cannot be resumed by mistake later."""
+    for path in checkpoint_dir.glob("*"):
+        if path.is_file():
+            path.unlink()
 
 
 def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
           features_dir: Path, model_dir: Path, checkpoint_dir: Path, live_dir: Path,
           input_files: list[Path]) -> dict:
     """Train (or resume) and save the model bundle; return the metrics for metrics/train.json."""
-    from dvclive import Live
-
     seed_everything(config.seed)
     store = FeatureStore(features_dir)
     train_captions = captions[captions["image"].isin(set(train_images))]
@@ -190,7 +228,6 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     train_set, truncated = caption_set(captions, train_images, store, vocab, config.max_length)
     dev_set, dev_truncated = caption_set(captions, dev_images, store, vocab, config.max_length)
     if len(train_set) == 0 or len(dev_set) == 0:
-        from captioning.errors import UserError
         raise UserError(f"training needs captions for both splits with features: train has {len(train_set)}, "
                         f"dev has {len(dev_set)}. Check the split files / fractions and the features report.")
     print(f"vocabulary {len(vocab)} words (min count {config.min_count}); {len(train_set)} train and "
@@ -201,21 +238,23 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     print_fingerprint = fingerprint(config, input_files)
     state = resume_state(checkpoint_dir, print_fingerprint, config.epochs)
     if state:
-        model = keras.models.load_model(checkpoint_dir / CHECKPOINT_MODEL)
+        model = keras.models.load_model(checkpoint_dir / state["model_file"])
+        restore_rng_state(model, state["rng_state"])
         print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
     else:
+        clear_checkpoints(checkpoint_dir)
         state = {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": []}
         mean, variance = feature_moments(store.matrix, train_set.feature_rows)
         model = build_decoder(len(vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
     model.summary()
 
-    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, monitor_system=False)
+    live = open_live(live_dir)
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
     steps = math.ceil(len(train_set) / config.batch_size)
     model.fit(
-        training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"], config.epochs),
+        training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"]),
         validation_data=validation_batches(dev_set, store.matrix, config.batch_size),
         epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
         callbacks=[EpochEnd(live, checkpoint_dir, state)], verbose=2, shuffle=False,
@@ -234,6 +273,18 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
         "parameters": int(model.count_params()),
         "features_weights": store.spec.weights,
     }
+
+
+def open_live(live_dir: Path):
+    """DVCLive logger that leaves dvc.yaml alone (our dvc.yaml declares its files itself)."""
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    try:
+        return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, monitor_system=False)
+    except SCMError as err:  # DVCLive asks git for HEAD before checking that a commit exists
+        raise UserError(f"DVCLive cannot read the git repository ({err}). Make a first commit "
+                        "(git add -A && git commit -m start) and run again.") from None
 
 
 def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, config: TrainConfig, model_dir: Path) -> None:

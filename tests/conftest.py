@@ -27,7 +27,6 @@ def tool_env() -> dict:
     """The environment with this interpreter's bin folder first, so `dvc` and `python` are the venv's."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 

@@ -51,6 +51,8 @@ def test_masked_loss_and_accuracy_ignore_padding():
 def test_model_learns_and_decodes(trained):
     captioner, features, _ = trained
     assert captioner.captions(features, method="greedy", max_length=10) == CAPTIONS
+    for size in (1, 3):  # any batch size, one image included, through the same compiled function
+        assert captioner.captions(features[:size], method="beam", beam_size=3, max_length=10) == CAPTIONS[:size]
 
 
 def test_beam_width_one_equals_greedy(trained):

@@ -1,0 +1,143 @@
+"""End-to-end: the real `dvc repro` on a tiny copy of the project (64 px images, 16-unit LSTMs)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from captioning.demo import draw_scene, plan_scenes
+from captioning.scoring import METRIC_KEYS
+from conftest import make_project, run, set_params, tool_env
+
+STAGES = ("parse_pickle", "split", "extract_resnet_features", "train_lstm", "evaluate", "plot")
+TIMING_KEYS = ("train_seconds", "decode_images_per_second")
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def metrics_without_timing(project: Path) -> dict:
+    values = {}
+    for name in ("train", "eval"):
+        data = json.loads((project / "metrics" / f"{name}.json").read_text())
+        values[name] = {k: v for k, v in data.items() if k not in TIMING_KEYS}
+    return values
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest, symlinks=True)
+    return dest
+
+
+def test_outputs_of_a_full_run(demo_run):
+    train = json.loads((demo_run / "metrics/train.json").read_text())
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy", "train_seconds", "epochs"):
+        assert train[key] is not None, key
+    assert train["epochs"] == 2 and train["features_weights"] == "random"
+    evaluation = json.loads((demo_run / "metrics/eval.json").read_text())
+    assert set(METRIC_KEYS) <= evaluation.keys()
+    assert set(METRIC_KEYS) <= evaluation["baseline_frequent"].keys() <= evaluation["baseline_nearest"].keys() | {"x"}
+    predictions = pd.read_parquet(demo_run / "data/predictions.parquet")
+    assert len(predictions) == evaluation["test_images"] > 0
+    assert {"image", "generated", "references", "bleu4", "cider"} <= set(predictions.columns)
+    assert all(len(refs) == 5 for refs in predictions["references"])
+    for name in ("samples", "learning_curves", "predictions", "best_worst"):
+        with Image.open(demo_run / "plots" / f"{name}.png") as image:
+            assert image.size[0] > 300
+    history = pd.read_csv(demo_run / "dvclive/plots/metrics/val/loss.tsv", sep="\t")
+    assert len(history) == 2
+
+
+def test_second_repro_skips_every_stage(demo_run):
+    result = run(["dvc", "repro"], demo_run)
+    assert stages_run(result.stdout) == []
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+
+
+def test_changing_epochs_reruns_only_training_and_after(demo_run, tmp_path):
+    project = copy_project(demo_run, tmp_path / "p")
+    set_params(project, {"train": {"epochs": 3}})
+    result = run(["dvc", "repro"], project)
+    assert stages_run(result.stdout) == ["train_lstm", "evaluate", "plot"]
+    assert "resuming from the checkpoint after epoch 2" in result.stdout  # same params but epochs
+    assert json.loads((project / "metrics/train.json").read_text())["epochs"] == 3
+    diff = run(["dvc", "metrics", "diff", "--json"], project)
+    assert "metrics/train.json" in json.loads(diff.stdout)
+
+
+def test_caption_command_gives_evaluates_caption(demo_run):
+    predictions = pd.read_parquet(demo_run / "data/predictions.parquet").head(3)
+    images = [str(demo_run / "data/demo/images" / name) for name in predictions["image"]]
+    result = run([sys.executable, "-m", "captioning", "caption", *images], demo_run)
+    printed = dict(line.split("\t") for line in result.stdout.splitlines())
+    assert printed == dict(zip(images, predictions["generated"]))
+
+
+def test_caption_command_on_new_and_bad_images(demo_run, tmp_path):
+    scene = plan_scenes(5, seed=999)[4]
+    new_image = tmp_path / "new scene.jpg"
+    draw_scene(scene, 4, 64, seed=999).save(new_image, quality=92)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    out = tmp_path / "captioned.png"
+    result = run([sys.executable, "-m", "captioning", "caption", str(new_image), str(tmp_path / "missing.jpg"),
+                  str(tmp_path / "notes.jpg"), "--beam", "3", "--out", str(out)], demo_run, check=False)
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{new_image}\t") and len(lines[0].split("\t")[1]) > 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "missing.jpg" in errors[0] and "notes.jpg" in errors[1]
+    assert "Traceback" not in result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+
+
+def test_kill_during_training_then_repro_resumes_to_the_same_metrics(demo_run, tmp_path):
+    epochs = 6
+    straight = copy_project(demo_run, tmp_path / "straight")
+    set_params(straight, {"train": {"epochs": epochs}})
+    shutil.rmtree(straight / "checkpoints")
+    run(["dvc", "repro"], straight)
+
+    killed = copy_project(demo_run, tmp_path / "killed")
+    set_params(killed, {"train": {"epochs": epochs}})
+    shutil.rmtree(killed / "checkpoints")
+    process = subprocess.Popen(["dvc", "repro"], cwd=killed, env=tool_env(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = killed / "checkpoints/state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = json.loads(state_file.read_text())["epoch"]
+    assert 2 <= done < epochs
+
+    result = run(["dvc", "repro"], killed)
+    assert f"resuming from the checkpoint after epoch {done}" in result.stdout
+    assert metrics_without_timing(killed) == metrics_without_timing(straight)
+    assert pd.read_parquet(killed / "data/predictions.parquet").equals(
+        pd.read_parquet(straight / "data/predictions.parquet"))
+
+
+def test_two_clean_runs_are_identical(demo_run, tmp_path):
+    again = make_project(tmp_path / "again")
+    run(["dvc", "repro"], again)
+    assert metrics_without_timing(again) == metrics_without_timing(demo_run)
+    assert pd.read_parquet(again / "data/predictions.parquet").equals(
+        pd.read_parquet(demo_run / "data/predictions.parquet"))
+    for name in ("features/features.npy", "captions.parquet"):
+        assert (again / "data" / name).read_bytes() == (demo_run / "data" / name).read_bytes()
