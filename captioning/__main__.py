@@ -1,4 +1,5 @@
-"""Command line: `python -m captioning caption IMG ...` and `python -m captioning demo`."""
+"""Command line: `python -m captioning caption IMG ...`, `python -m captioning demo`
+and `python -m captioning plots-template`."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,11 @@ import sys
 from pathlib import Path
 
 from captioning import layout
-from captioning.errors import UserError, run_cli
-from captioning.params import load_params, section
+from captioning.errors import UserError, one_line, run_cli
+from captioning.params import PARAMS_FILE, load_params, read_params, section
+
+BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
+DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.3, "max_length": 20}  # as params.yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,14 +29,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate the offline demo dataset from params.yaml's demo section",
                                description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
     demo.add_argument("--params", type=Path, default=Path("params.yaml"))
+    template = commands.add_parser(
+        "plots-template", help="write the offline HTML template for `dvc plots show`",
+        description="Write an HTML template for `dvc plots show` with Vega, Vega-Lite and Vega-Embed inline, "
+                    "so the charts draw without a network. Point DVC at it with "
+                    "`dvc config --local plots.html_template plots/offline.html` (scripts/setup.sh does both).")
+    template.add_argument("--out", type=Path, default=None,
+                          help="where to write it (default: .dvc/plots/offline.html)")
     return parser
 
 
 def _decode_settings(beam: int | None) -> dict:
-    options = section(load_params(), "decode", ("method", "beam_size", "length_penalty", "max_length")) \
-        if Path("params.yaml").exists() else {"method": "beam", "beam_size": 3, "length_penalty": 0.7, "max_length": 20}
-    settings = {"method": options["method"], "beam_size": int(options["beam_size"]),
-                "length_penalty": float(options["length_penalty"]), "max_length": int(options["max_length"])}
+    """decode.* from params.yaml (checked like the evaluate stage's), or the defaults outside a project."""
+    settings = dict(DEFAULT_DECODE)
+    if PARAMS_FILE.exists():
+        settings = read_params(*(f"decode.{key}" for key in DEFAULT_DECODE))["decode"]
     if beam is not None:
         if beam < 1:
             raise UserError(f"--beam must be at least 1, got {beam}")
@@ -41,15 +52,20 @@ def _decode_settings(beam: int | None) -> dict:
 
 
 def caption_command(args) -> int:
-    from captioning.serve import caption_files
-
     if not (args.model_dir / "model.keras").exists():
         raise UserError(f"no trained model in {args.model_dir}: run `dvc repro` first (or pass --model-dir).")
-    results, errors = caption_files(args.images, args.model_dir, _decode_settings(args.beam), args.out)
+    missing = [name for name in BUNDLE_FILES if not (args.model_dir / name).exists()]
+    if missing:
+        raise UserError(f"the model in {args.model_dir} is incomplete (no {', '.join(missing)}): "
+                        "rerun `dvc repro` (or pass --model-dir).")
+    settings = _decode_settings(args.beam)
+    from captioning.serve import caption_files  # TensorFlow only past the checks above
+
+    results, errors = caption_files(args.images, args.model_dir, settings, args.out)
     for path, caption in results:
         print(f"{path}\t{caption}")
     for path, reason in errors:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(f"error: {path}: {one_line(reason)}", file=sys.stderr)
     return 2 if errors else 0
 
 
@@ -63,9 +79,19 @@ def demo_command(args) -> int:
     return 0
 
 
+def plots_template_command(args) -> int:
+    from captioning.offline_plots import TEMPLATE_PATH, write_template
+
+    out = args.out or TEMPLATE_PATH
+    changed = write_template(out)
+    print(f"{'wrote' if changed else 'up to date:'} {out}")
+    return 0
+
+
 def main() -> None:
     args = _parser().parse_args()
-    status = {"caption": caption_command, "demo": demo_command}[args.command](args)
+    commands = {"caption": caption_command, "demo": demo_command, "plots-template": plots_template_command}
+    status = commands[args.command](args)
     sys.exit(status)
 
 

@@ -14,11 +14,16 @@ class UserError(Exception):
     """A problem in the user's input or setup; the message names it and says what to do."""
 
 
+def one_line(message: object) -> str:
+    """The message with its line breaks folded, so each problem is exactly one line of output."""
+    return " ".join(str(message).split())
+
+
 def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,6 +16,11 @@ from PIL import Image, ImageOps
 # Pillow's own limit (~89 megapixels): anything larger is refused as a possible decompression bomb.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+# Pillow raises above 2 x its limit but only warns between 1x and 2x; `load_image` refuses that band
+# itself (the size check below), so the warning is noise. Silenced once here rather than per call with
+# warnings.catch_warnings(), which is not thread-safe, and load_image runs in tf.data's parallel threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class ImageError(Exception):
     """The file is not a usable image; the message says why."""
@@ -39,24 +44,32 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     """Return `path` as a (size, size, 3) uint8 RGB array, upright per EXIF, or raise ImageError."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise ImageError(f"{width}x{height} pixels exceeds the decompression-bomb limit")
-                # JPEG draft mode decodes straight at a reduced scale: several times faster.
-                image.draft("RGB", (size, size))
-                image = ImageOps.exif_transpose(image)
-                image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(image, dtype=np.uint8)
+        if path.is_dir():
+            raise ImageError("is a folder, not an image file")
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"refused as a possible decompression bomb: {width}x{height} pixels is over "
+                                 f"the limit of {MAX_PIXELS}")
+            # JPEG draft mode decodes straight at a reduced scale: several times faster.
+            image.draft("RGB", (size, size))
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"refused as a possible decompression bomb ({err})") from None
+    except PermissionError:
+        raise ImageError("permission denied: cannot read the file") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refused as a possible decompression bomb: {err}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image file Pillow can read") from None
+        raise ImageError("not an image file Pillow can read (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"cannot decode image ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a malformed file may trip any decoder error; one bad
+        # photo must not stop an extraction of thousands (in tf.data it would abort the whole run).
+        raise ImageError(f"cannot decode image ({type(err).__name__}: {err})") from None

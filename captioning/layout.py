@@ -1,6 +1,8 @@
 """Where the pipeline's outputs live; dvc.yaml names the same paths."""
 from pathlib import Path
 
+from captioning.errors import UserError
+
 CAPTIONS_TABLE = Path("data/captions.parquet")
 PARSE_REPORT = Path("data/reports/parse_report.json")
 IMAGE_LIST = Path("data/images.txt")  # captioned images that have a file: what extraction reads
@@ -23,3 +25,19 @@ def split_file(name: str) -> Path:
 
 def read_split(name: str) -> list[str]:
     return [line for line in split_file(name).read_text(encoding="utf-8").splitlines() if line]
+
+
+# The stage that writes each output a later stage reads: named when a stage is run before its inputs exist.
+WRITTEN_BY = {CAPTIONS_TABLE: "parse_pickle", IMAGE_LIST: "parse_pickle", SPLIT_DIR: "split",
+              FEATURES_DIR: "extract_resnet_features", MODEL_DIR: "train_lstm", LIVE_DIR: "train_lstm",
+              PREDICTIONS: "evaluate"}
+
+
+def require(*paths: Path) -> None:
+    """Stop with one clear line, not a traceback, when an earlier stage's output is missing."""
+    for path in map(Path, paths):
+        if not path.exists():
+            stage = next((name for out, name in WRITTEN_BY.items() if path == out or out in path.parents), None)
+            origin = f"the {stage} stage writes it" if stage else "an earlier stage writes it"
+            raise UserError(f"{path} not found: {origin}. Run `dvc repro` in the project folder, which runs "
+                            "the stages in order.")

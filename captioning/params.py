@@ -1,24 +1,159 @@
-"""Reading `params.yaml` with clear errors instead of KeyErrors deep inside a stage."""
+"""Reading and checking `params.yaml`: every knob's rule is declared once, in SCHEMA.
+
+A stage asks for the params it lists in dvc.yaml (`read_params("data.images", "features")`) and gets
+them checked and converted, or stops at start-up with one line naming the key, the bad value and
+what to write instead - not a KeyError, or a Keras traceback minutes into a run. No TensorFlow here:
+the checks run before it is imported.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from captioning.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+PRECISIONS = ("float32", "mixed_bfloat16")
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+DECODE_METHODS = ("greedy", "beam")
+MAX_SEED = 2**32 - 1  # NumPy's limit, which keras.utils.set_random_seed inherits
+MIN_IMAGE_SIZE = 32   # the smallest input ResNet-50 accepts
+WEIGHTS_HINT = (
+    "For ImageNet weights without internet, download 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' "
+    "on a machine that has it (keras.applications.ResNet50(weights='imagenet', include_top=False) caches "
+    "it in ~/.keras/models/), copy it here and set features.weights: path/to/that.h5 (a local weights "
+    "file); or set features.weights: random to run offline with a seeded random backbone."
+)
+
+Rule = Callable[[Any, str], Any]  # (value, "section.key") -> checked value, or UserError
+
+
+def _bad(key: str, value: Any, wanted: str) -> UserError:
+    return UserError(f"params.yaml: {key} is {value!r}; {wanted}.")
+
+
+def whole(minimum: int = 0, maximum: int | None = None) -> Rule:
+    """A whole number in [minimum, maximum]; 3.0 is accepted as 3, True is not a number."""
+    span = f"a whole number >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+
+    def check(value: Any, key: str) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+                or (maximum is not None and value > maximum):
+            raise _bad(key, value, f"use {span}")
+        return value
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+           open_high: bool = False) -> Rule:
+    """A real number between low and high (inclusive unless open_*). Strings like '1e-3' are accepted:
+    PyYAML reads an exponent without a dot (1e-3) as a string."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if open_low else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if open_high else '<='} {high:g}")
+    span = "a number" + (" " + " and ".join(parts) if parts else "")
+
+    def check(value: Any, key: str) -> float:
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            number_ = float(value)
+        except ValueError:
+            raise _bad(key, value, f"use {span}") from None
+        too_low = low is not None and (number_ <= low if open_low else number_ < low)
+        too_high = high is not None and (number_ >= high if open_high else number_ > high)
+        if not math.isfinite(number_) or too_low or too_high:
+            raise _bad(key, value, f"use {span}")
+        return number_
+    return check
+
+
+def one_of(*allowed: str) -> Rule:
+    def check(value: Any, key: str) -> str:
+        return choice(value, allowed, key)
+    return check
+
+
+def flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):  # a quoted "false" would be truthy: refuse it rather than guess
+        raise _bad(key, value, "use true or false (without quotes)")
+    return value
+
+
+def text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(key, value, "use a path (a non-empty string)")
+    return value
+
+
+def optional_text(value: Any, key: str) -> str | None:
+    return None if value is None else text(value, key)
+
+
+def backbone_weights(value: Any, key: str = "features.weights") -> str:
+    """'imagenet', 'random', or the path of an existing weights file."""
+    if value in ("imagenet", "random"):
+        return value
+    if not isinstance(value, str) or not Path(value).is_file():
+        raise UserError(f"params.yaml: {key} is {value!r}: not 'imagenet', 'random' or an existing weights "
+                        f"file. {WEIGHTS_HINT}")
+    return value
+
+
+SEED = whole(0, MAX_SEED)
+POSITIVE = whole(1)
+SCHEMA: dict[str, dict[str, Rule]] = {
+    "data": {"captions": text, "images": text, "split_dir": optional_text, "allow_pandas_pickle": flag,
+             "max_skipped_fraction": number(0, 1)},
+    "demo": {"out_dir": text, "n_images": POSITIVE, "image_size": whole(MIN_IMAGE_SIZE), "seed": SEED},
+    "split": {"seed": SEED, "train_fraction": number(0, 1, open_low=True, open_high=True),
+              "dev_fraction": number(0, 1, open_high=True)},
+    "features": {"weights": backbone_weights, "seed": SEED, "image_size": whole(MIN_IMAGE_SIZE),
+                 "precision": one_of(*PRECISIONS), "batch_size": POSITIVE},
+    "train": {"seed": SEED, "epochs": POSITIVE, "batch_size": POSITIVE, "units": POSITIVE, "l1": number(0),
+              "dropout": number(0, 1, open_high=True), "optimizer": one_of(*OPTIMIZERS),
+              "learning_rate": number(0, open_low=True), "clipnorm": number(0, open_low=True),
+              "min_count": POSITIVE, "max_length": POSITIVE},
+    "decode": {"method": one_of(*DECODE_METHODS), "beam_size": POSITIVE, "length_penalty": number(0),
+               "max_length": POSITIVE, "batch_size": POSITIVE},
+    "plot": {"n_samples": POSITIVE, "grid_size": POSITIVE},
+}
+
+
+def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[str, Any]]:
+    """Load `path` and check the named params: whole sections ("train") or single keys
+    ("data.images"), the names a stage lists under `params:` in dvc.yaml.
+
+    Returns {section: {key: checked value}} holding exactly the requested keys (other keys of the file
+    are neither checked nor returned, so a stage never fails over a knob it does not read).
+    """
+    params = load_params(path)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        section_name, _, key = name.partition(".")
+        rules = SCHEMA[section_name]
+        keys = (key,) if key else tuple(rules)
+        values = section(params, section_name, keys)
+        out.setdefault(section_name, {}).update(
+            {k: rules[k](values[k], f"{section_name}.{k}") for k in keys})
+    return out
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} not found: run from the project folder (the one with dvc.yaml).")
+    if not path.is_file():
+        raise UserError(f"{path} not found: run from the project folder (the one with dvc.yaml and params.yaml).")
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {err}") from None
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(params, dict):
         raise UserError(f"{path} must be a mapping of sections (data, split, features, train, ...).")
     return params
@@ -32,7 +167,8 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
     missing = [key for key in required if key not in values]
     if missing:
         names = ", ".join(f"{name}.{key}" for key in missing)
-        raise UserError(f"params.yaml is missing {names}; copy it from the project's params.yaml.")
+        raise UserError(f"params.yaml is missing {names}; add it (the project's params.yaml has every key "
+                        "with a comment).")
     return values
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up on a fresh Debian machine with Python 3.11:
 #   a local virtual environment from the pinned requirements, Java for METEOR where it can be
-#   installed, and the offline demo dataset. `--dev` adds the test tools.
+#   installed, the offline demo dataset, and the offline page template for `dvc plots show`.
+#   `--dev` adds the test tools (and Chromium, which the offline-plots test renders pages in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requirements=requirements.txt
-[ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
+dev=0
+if [ "${1:-}" = "--dev" ]; then requirements=requirements-dev.txt; dev=1; fi
 
 python=${PYTHON:-}
 if [ -z "$python" ]; then
@@ -26,15 +28,26 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 
-# METEOR runs on Java. Install it where we can (root on Debian); otherwise evaluate records meteor: null.
+# Debian packages, installed where we can (root with apt-get); one `apt-get update` for all of them.
+apt_updated=0
+apt_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq || return 1; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+# METEOR runs on Java; without it evaluate records meteor: null.
 if ! command -v java >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null) \
-      || echo "warning: could not install Java; METEOR will be reported as null" >&2
-  else
-    echo "warning: Java not found; install openjdk-17-jre-headless for METEOR (it will be null until then)" >&2
-  fi
+  apt_install openjdk-17-jre-headless \
+    || echo "warning: Java not found and not installable here; install openjdk-17-jre-headless for METEOR (it will be null until then)" >&2
+fi
+# tests/test_plots_offline.py renders `dvc plots show` pages in headless Chromium (it fails without it when CI=true).
+if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
+  apt_install chromium || echo "warning: could not install chromium; the offline-plots test cannot run" >&2
 fi
 
 .venv/bin/python -m captioning demo
+# `dvc plots show` offline: a page template with Vega, Vega-Lite and Vega-Embed inline (from the pinned
+# vl-convert-python), registered in .dvc/config.local, which git ignores like the generated template itself.
+.venv/bin/python -m captioning plots-template
+.venv/bin/dvc config --local plots.html_template plots/offline.html
 echo "set-up done: activate with '. .venv/bin/activate'"

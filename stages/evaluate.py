@@ -3,20 +3,16 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.errors import run_cli
-from captioning.params import choice, load_params, positive, section
+from captioning.params import read_params
 
 
 def main() -> None:
-    options = section(load_params(), "decode", ("method", "beam_size", "length_penalty", "max_length", "batch_size"))
+    options = read_params("decode")["decode"]
+    layout.require(layout.MODEL_DIR / "model.keras", layout.FEATURES_DIR / "index.parquet", layout.CAPTIONS_TABLE,
+                   layout.split_file("train"), layout.split_file("test"))
     from captioning.evaluation import DecodeSettings, evaluate  # TensorFlow only past the checks above
 
-    settings = DecodeSettings(
-        method=choice(options["method"], ("greedy", "beam"), "decode.method"),
-        beam_size=positive(options["beam_size"], "decode.beam_size"),
-        length_penalty=float(options["length_penalty"]),
-        max_length=positive(options["max_length"], "decode.max_length"),
-        batch_size=positive(options["batch_size"], "decode.batch_size"),
-    )
+    settings = DecodeSettings(**options)
     metrics, predictions = evaluate(layout.MODEL_DIR, layout.FEATURES_DIR, pd.read_parquet(layout.CAPTIONS_TABLE),
                                     layout.read_split("train"), layout.read_split("test"), settings)
     files.write_parquet(layout.PREDICTIONS, predictions)

@@ -1,20 +1,18 @@
 """Stage extract_resnet_features: every captioned image -> one ResNet-50 feature row."""
 from captioning import layout
 from captioning.errors import run_cli
-from captioning.params import load_params, positive, section
+from captioning.params import read_params
 
 
 def main() -> None:
-    params = load_params()
-    images_dir = section(params, "data", ("images",))["images"]
-    options = section(params, "features", ("weights", "seed", "image_size", "precision", "batch_size"))
+    params = read_params("data.images", "features")
+    options = params["features"]
+    layout.require(layout.IMAGE_LIST)
     from captioning.features import extract_features, make_spec  # TensorFlow only past the checks above
 
-    spec = make_spec(options["weights"], options["seed"], positive(options["image_size"], "features.image_size"),
-                     options["precision"])
+    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"])
     images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
-    report = extract_features(images, images_dir, layout.FEATURES_DIR, spec,
-                              positive(options["batch_size"], "features.batch_size"))
+    report = extract_features(images, params["data"]["images"], layout.FEATURES_DIR, spec, options["batch_size"])
     print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s, "
           f"weights: {spec.weights}); {report['failed_count']} failed (listed in "
           f"{layout.FEATURES_DIR / 'report.json'})")

@@ -2,16 +2,13 @@
 from captioning import files, layout
 from captioning.captions import load_captions
 from captioning.errors import run_cli
-from captioning.params import load_params, section
+from captioning.params import read_params
 
 
 def main() -> None:
-    data = section(load_params(), "data", ("captions", "images", "allow_pandas_pickle", "max_skipped_fraction"))
-    table, report = load_captions(
-        data["captions"], data["images"],
-        allow_pandas_pickle=bool(data["allow_pandas_pickle"]),
-        max_skipped_fraction=float(data["max_skipped_fraction"]),
-    )
+    data = read_params("data.captions", "data.images", "data.allow_pandas_pickle", "data.max_skipped_fraction")["data"]
+    table, report = load_captions(data["captions"], data["images"], allow_pandas_pickle=data["allow_pandas_pickle"],
+                                  max_skipped_fraction=data["max_skipped_fraction"])
     files.write_parquet(layout.CAPTIONS_TABLE, table)
     files.write_lines(layout.IMAGE_LIST, sorted(table["image"].unique()))
     files.write_json(layout.PARSE_REPORT, report)

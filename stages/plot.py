@@ -5,15 +5,14 @@ import pandas as pd
 
 from captioning import layout
 from captioning.errors import run_cli
-from captioning.params import load_params, positive, section
+from captioning.params import read_params
 from captioning.plots import image_grid, learning_curves, read_live_history, with_references
 
 
 def main() -> None:
-    params = load_params()
-    images_dir = Path(section(params, "data", ("images",))["images"])
-    options = section(params, "plot", ("n_samples", "grid_size"))
-    n_samples, grid = positive(options["n_samples"], "plot.n_samples"), positive(options["grid_size"], "plot.grid_size")
+    params = read_params("data.images", "plot")
+    images_dir, n_samples, grid = Path(params["data"]["images"]), params["plot"]["n_samples"], params["plot"]["grid_size"]
+    layout.require(layout.CAPTIONS_TABLE, layout.PREDICTIONS, layout.LIVE_DIR)
 
     captions = pd.read_parquet(layout.CAPTIONS_TABLE)
     samples = [(images_dir / image, "\n".join(group["raw_caption"]))

@@ -3,20 +3,19 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.errors import run_cli
-from captioning.params import load_params, section
+from captioning.params import read_params
 from captioning.split import official_split, seeded_split
 
 
 def main() -> None:
-    params = load_params()
-    split_dir = section(params, "data", ("split_dir",))["split_dir"]
-    options = section(params, "split", ("seed", "train_fraction", "dev_fraction"))
+    params = read_params("data.split_dir", "split")
+    split_dir, options = params["data"]["split_dir"], params["split"]
+    layout.require(layout.CAPTIONS_TABLE)
     images = sorted(pd.read_parquet(layout.CAPTIONS_TABLE, columns=["image"])["image"].unique())
     if split_dir:
         splits, report = official_split(split_dir, images)
     else:
-        splits, report = seeded_split(images, int(options["seed"]), float(options["train_fraction"]),
-                                      float(options["dev_fraction"]))
+        splits, report = seeded_split(images, options["seed"], options["train_fraction"], options["dev_fraction"])
     for name in layout.SPLITS:
         files.write_lines(layout.split_file(name), splits[name])
     files.write_json(layout.SPLIT_REPORT, report)

@@ -3,22 +3,17 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.errors import run_cli
-from captioning.params import choice, load_params, positive, section
-
-KEYS = ("seed", "epochs", "batch_size", "units", "l1", "dropout", "optimizer", "learning_rate", "clipnorm",
-        "min_count", "max_length")
+from captioning.params import read_params
 
 
 def main() -> None:
-    options = section(load_params(), "train", KEYS)
-    choice(options["optimizer"], ("adam", "rmsprop", "sgd"), "train.optimizer")
-    for key in ("epochs", "batch_size", "units", "learning_rate", "min_count", "max_length"):
-        positive(options[key], f"train.{key}", type(options[key]))
-    from captioning.train import TrainConfig, train  # TensorFlow only past the checks above
-
-    config = TrainConfig(**{key: options[key] for key in KEYS})
+    options = read_params("train")["train"]
     inputs = [layout.CAPTIONS_TABLE, *(layout.split_file(n) for n in ("train", "dev")),
               layout.FEATURES_DIR / "features.npy", layout.FEATURES_DIR / "index.parquet"]
+    layout.require(*inputs)
+    from captioning.train import TrainConfig, train  # TensorFlow only past the checks above
+
+    config = TrainConfig(**options)
     metrics = train(config, pd.read_parquet(layout.CAPTIONS_TABLE), layout.read_split("train"),
                     layout.read_split("dev"), layout.FEATURES_DIR, layout.MODEL_DIR, layout.CHECKPOINT_DIR,
                     layout.LIVE_DIR, inputs)

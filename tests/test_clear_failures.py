@@ -1,0 +1,165 @@
+"""Expected problems end with exit status 2 and one `error: ...` line naming the problem and the fix,
+never a traceback: run as the user runs them, `python -m stages.<name>` and `python -m captioning caption`.
+
+Most cases run a stage in a bare folder holding only a params.yaml: the checks come before TensorFlow
+is imported, so each takes about a second. The caption cases reuse the session's tiny `dvc repro`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import PROJECT, tool_env
+
+
+def run_cli(args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = tool_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
+    env["KERAS_HOME"] = str(tmp_path / "keras_home")  # no cached ImageNet weights: offline for real
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess, *words: str, only_line: bool = True) -> str:
+    """Exit 2, no traceback, exactly one `error:` line containing every word; return that line."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    if only_line:  # nothing else on stderr: no warnings, no progress bars, no TensorFlow start-up noise
+        assert result.stderr.strip() == errors[0], result.stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+def write_params(folder: Path, edit=None) -> None:
+    """The project's params.yaml, changed by `edit(params)`."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    if edit:
+        edit(params)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def setter(section: str, key: str, value):
+    return lambda params: params[section].__setitem__(key, value)
+
+
+# ------------------------------------------------------------------------------------ params problems
+
+def test_params_file_missing(tmp_path):
+    result = run_cli(["stages.train_lstm"], tmp_path, tmp_path)
+    assert_clear_failure(result, "params.yaml not found", "run from the project folder")
+
+
+def test_params_key_missing(tmp_path):
+    write_params(tmp_path, lambda params: params["train"].pop("epochs"))
+    result = run_cli(["stages.train_lstm"], tmp_path, tmp_path)
+    assert_clear_failure(result, "missing train.epochs", "add it")
+
+
+def test_params_section_missing(tmp_path):
+    write_params(tmp_path, lambda params: params.pop("decode"))
+    result = run_cli(["stages.evaluate"], tmp_path, tmp_path)
+    assert_clear_failure(result, "no `decode:` section")
+
+
+@pytest.mark.parametrize("stage, section, key, value, words", [
+    ("train_lstm", "train", "optimizer", "foo", ["train.optimizer is 'foo'", "use one of: adam, rmsprop, sgd"]),
+    ("train_lstm", "train", "epochs", -3, ["train.epochs is -3", "use a whole number >= 1"]),
+    ("train_lstm", "train", "dropout", 1.5, ["train.dropout is 1.5", "< 1"]),
+    ("train_lstm", "train", "learning_rate", "fast", ["train.learning_rate is 'fast'", "a number > 0"]),
+    ("extract_resnet_features", "features", "precision", "fp8",
+     ["features.precision is 'fp8'", "use one of: float32, mixed_bfloat16"]),
+    ("extract_resnet_features", "features", "weights", "nonsense",
+     ["features.weights is 'nonsense'", "not 'imagenet', 'random' or an existing weights file",
+      "features.weights: path/to/that.h5", "features.weights: random"]),
+    ("extract_resnet_features", "features", "image_size", 16, ["features.image_size is 16", ">= 32"]),
+    ("evaluate", "decode", "method", "sample", ["decode.method is 'sample'", "greedy, beam"]),
+    ("split", "split", "train_fraction", 1.2, ["split.train_fraction is 1.2", "< 1"]),
+    ("parse_pickle", "data", "allow_pandas_pickle", "false", ["data.allow_pandas_pickle is 'false'",
+                                                              "true or false (without quotes)"]),
+    ("plot", "plot", "grid_size", 0, ["plot.grid_size is 0", ">= 1"]),
+])
+def test_bad_value(tmp_path, stage, section, key, value, words):
+    write_params(tmp_path, setter(section, key, value))
+    result = run_cli([f"stages.{stage}"], tmp_path, tmp_path)
+    assert_clear_failure(result, *words)
+
+
+# ------------------------------------------------------------------------------------- data problems
+
+def test_captions_file_missing(tmp_path):
+    (tmp_path / "images").mkdir()
+    write_params(tmp_path, lambda p: p["data"].update(captions="nowhere/captions.txt", images="images"))
+    result = run_cli(["stages.parse_pickle"], tmp_path, tmp_path)
+    assert_clear_failure(result, "captions file not found: nowhere/captions.txt", "Set data.captions")
+
+
+def test_images_folder_missing(tmp_path):
+    (tmp_path / "captions.txt").write_text("a.jpg#0\tA dog runs .\n")
+    write_params(tmp_path, lambda p: p["data"].update(captions="captions.txt", images="no_such_folder"))
+    result = run_cli(["stages.parse_pickle"], tmp_path, tmp_path)
+    assert_clear_failure(result, "images folder not found: no_such_folder", "Set data.images")
+
+
+def test_stage_run_before_its_inputs_exist(tmp_path):
+    write_params(tmp_path)
+    result = run_cli(["stages.split"], tmp_path, tmp_path)
+    assert_clear_failure(result, "data/captions.parquet not found", "parse_pickle", "dvc repro")
+
+
+def test_imagenet_weights_offline_explains_local_file(tmp_path):
+    """The download fails here (no internet): the message must say how to use a local weights file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "a.jpg")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images.txt").write_text("a.jpg\n")
+    write_params(tmp_path, lambda p: (p["data"].update(images="images"),
+                                      p["features"].update(weights="imagenet", image_size=32)))
+    result = run_cli(["stages.extract_resnet_features"], tmp_path, tmp_path)
+    line = assert_clear_failure(result, "ImageNet", "features.weights: path/to/that.h5", "local weights file",
+                                "features.weights: random", only_line=False)
+    assert len(line) < 1000
+    assert not (tmp_path / "data" / "features" / "features.npy").exists()
+
+
+# ----------------------------------------------------------------------------------- caption command
+
+def test_caption_before_any_model(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    result = run_cli(["captioning", "caption", "a.jpg"], tmp_path, tmp_path)
+    assert_clear_failure(result, "no trained model in data/model", "dvc repro", "--model-dir")
+
+
+@pytest.mark.slow
+def test_caption_bad_files_are_reported_and_the_others_captioned(demo_run, tmp_path):
+    good = sorted((demo_run / "data" / "demo" / "images").glob("*.jpg"))[:2]
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo\n")
+    missing = tmp_path / "missing.jpg"
+    args = ["captioning", "caption", str(good[0]), str(missing), str(text), str(good[1])]
+    result = run_cli(args, demo_run, tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {missing}: file not found",
+                      f"error: {text}: not an image file Pillow can read (unknown or corrupt format)"]
+    captioned = dict(line.split("\t") for line in result.stdout.splitlines() if "\t" in line)
+    assert list(captioned) == [str(good[0]), str(good[1])]
+    assert all(caption.strip() for caption in captioned.values())
+
+
+def test_caption_with_an_incomplete_model(tmp_path):
+    (tmp_path / "data" / "model").mkdir(parents=True)
+    (tmp_path / "data" / "model" / "model.keras").write_bytes(b"")
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    result = run_cli(["captioning", "caption", "a.jpg"], tmp_path, tmp_path)
+    assert_clear_failure(result, "incomplete", "vocab.json", "backbone.json")

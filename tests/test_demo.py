@@ -1,0 +1,126 @@
+"""The demo dataset generator: deterministic, well-formed, Flickr8k-shaped. No TensorFlow here."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioning.demo import COLOURS, COUNTS, SHAPES, captions_for, generate_demo, plan_scenes
+from captioning.errors import UserError
+from captioning.text import tokenize
+
+N, SIZE, SEED = 30, 64, 7
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _lines(root: Path) -> list[str]:
+    return pickle.loads((root / "captions.pkl").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo(out, n_images=N, image_size=SIZE, seed=SEED)
+    return out
+
+
+def test_two_runs_are_byte_identical(demo_dir, tmp_path):
+    generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)
+    assert _files(tmp_path) == _files(demo_dir)
+
+
+def test_another_seed_gives_other_images(demo_dir, tmp_path):
+    generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED + 1)
+    assert _files(tmp_path)["images/demo_00001.jpg"] != _files(demo_dir)["images/demo_00001.jpg"]
+
+
+def test_token_lines_parse_flickr8k_style(demo_dir):
+    lines = _lines(demo_dir)
+    assert isinstance(lines, list) and all(isinstance(line, str) for line in lines)
+    assert len(lines) == 5 * N
+    by_image = defaultdict(list)
+    for line in lines:
+        key, caption = line.split("\t")
+        name, k = key.rsplit("#", 1)
+        assert name.startswith("demo_") and name.endswith(".jpg")
+        by_image[name].append((int(k), caption))
+        assert caption.endswith(" .") and caption == caption.strip() and "  " not in caption
+    assert len(by_image) == N
+    for name, caps in by_image.items():
+        assert [k for k, _ in caps] == [0, 1, 2, 3, 4]
+        assert len({" ".join(tokenize(c)) for _, c in caps}) == 5, name
+
+
+def test_images_are_rgb_jpegs_of_the_right_size(demo_dir):
+    names = {line.split("#")[0] for line in _lines(demo_dir)}
+    on_disk = {p.name for p in (demo_dir / "images").iterdir()}
+    assert on_disk == names
+    for name in names:
+        with Image.open(demo_dir / "images" / name) as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (SIZE, SIZE)
+            assert not image.info.get("exif")
+
+
+def test_summary_counts_and_vocabulary(tmp_path):
+    summary = generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)
+    assert summary["n_images"] == N and summary["n_captions"] == 5 * N
+    assert not summary["skipped"]
+    assert set(summary["vocabulary"]) >= set(COLOURS) | {"circle", "square", "triangle", "two", "three"}
+    assert sum(summary["attributes"]["count"].values()) == N
+
+
+def test_rerun_with_same_args_skips_and_other_args_regenerate(tmp_path):
+    first = generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)
+    before = _files(tmp_path)
+    again = generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)
+    assert again["skipped"] and again["captions_sha256"] == first["captions_sha256"]
+    assert _files(tmp_path) == before
+    smaller = generate_demo(tmp_path, n_images=N - 10, image_size=SIZE, seed=SEED)
+    assert not smaller["skipped"]
+    assert len(list((tmp_path / "images").iterdir())) == N - 10  # stale images removed
+
+
+def test_a_missing_image_forces_regeneration(tmp_path):
+    generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)
+    (tmp_path / "images" / "demo_00003.jpg").unlink()
+    assert not generate_demo(tmp_path, n_images=N, image_size=SIZE, seed=SEED)["skipped"]
+    assert (tmp_path / "images" / "demo_00003.jpg").exists()
+
+
+def test_attributes_are_balanced_and_stable_across_n():
+    scenes = plan_scenes(720, SEED)
+    for attr, values in (("count", COUNTS), ("colour", COLOURS), ("shape", SHAPES)):
+        tally = Counter(getattr(s, attr) for s in scenes)
+        assert set(tally) == set(values) and len(set(tally.values())) == 1, attr
+    assert plan_scenes(100, SEED) == scenes[:100]
+
+
+def test_captions_name_the_attributes_and_never_position():
+    for scene in plan_scenes(72, SEED):
+        captions = captions_for(scene)
+        assert len(set(captions)) == 5
+        for caption in captions:
+            words = set(caption.split())
+            assert scene.colour in words
+            assert not words & {"left", "right", "top", "bottom", "middle", "center", "corner"}
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    with pytest.raises(UserError):
+        generate_demo(tmp_path, n_images=0, image_size=SIZE, seed=SEED)
+    with pytest.raises(UserError):
+        generate_demo(tmp_path, n_images=5, image_size=8, seed=SEED)
+
+
+def test_generator_does_not_import_tensorflow():
+    code = "import sys, captioning.demo; sys.exit('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

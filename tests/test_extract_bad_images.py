@@ -1,0 +1,118 @@
+"""Extraction over a folder mixing good and bad images: bad ones are reported, never crash the run or
+shift rows; and an image's feature does not depend on which images share its batch.
+
+image_size 32 (the smallest ResNet-50 accepts) keeps the random-weight backbone fast on 2 cores."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from captioning import features, files
+from captioning.errors import UserError
+from captioning.features import build_backbone, compute_features, extract_features, make_spec
+
+SIZE = 32
+SPEC = make_spec("random", 0, SIZE, "float32")
+# compute_features gives a lone image a twin, because oneDNN picks other kernels for a batch of one;
+# batches of 2+ agree bit for bit. So an image's feature is exactly the same in any batch: that is what
+# lets the caption command reproduce evaluate's captions. A leak between images would differ by O(0.1).
+
+
+def write_good(folder, name: str, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / name, quality=90)
+
+
+def write_bad(folder) -> dict[str, str]:
+    """name -> a word the report's reason must contain."""
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a photo\n")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "whole.jpg")
+    (folder / "cut.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:150])
+    (folder / "whole.jpg").unlink()
+    return {"empty.jpg": "empty", "notes.jpg": "not an image", "cut.jpg": "cannot decode", "gone.jpg": "not found"}
+
+
+GOOD = ["a.jpg", "b.jpg", "c.jpg"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone(SPEC)
+
+
+def features_of(backbone, paths, batch_size: int) -> tuple[np.ndarray, dict]:
+    out = np.zeros((len(paths), 2048), np.float32)
+    errors = compute_features(backbone, [str(p) for p in paths], SIZE, batch_size, out, progress=False)
+    return out, errors
+
+
+@pytest.fixture(scope="module")
+def good_images(tmp_path_factory, backbone) -> tuple:
+    """The good images' folder and their features, each image computed in a batch of its own."""
+    folder = tmp_path_factory.mktemp("good")
+    for seed, name in enumerate(GOOD):
+        write_good(folder, name, seed)
+    alone, errors = features_of(backbone, [folder / name for name in GOOD], batch_size=1)
+    assert not errors
+    return folder, alone
+
+
+def test_mixed_folder(tmp_path, good_images):
+    folder, alone = good_images
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    for name in GOOD:
+        shutil.copy(folder / name, images_dir / name)
+    bad = write_bad(images_dir)
+    # Bad images first, last and in between; batches of 3 mix good and bad, and the last one is short.
+    requested = ["empty.jpg", "a.jpg", "notes.jpg", "b.jpg", "cut.jpg", "gone.jpg", "c.jpg"]
+
+    report = extract_features(requested, images_dir, tmp_path / "out", SPEC, batch_size=3)
+
+    matrix = np.load(tmp_path / "out" / "features.npy")
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert matrix.shape == (3, 2048) and matrix.dtype == np.float32
+    assert list(index["image"]) == GOOD and list(index["row"]) == [0, 1, 2]
+    assert report == files.read_json(tmp_path / "out" / "report.json") | {"seconds": report["seconds"],
+                                                                            "images_per_second": report["images_per_second"]}
+    assert (report["images_requested"], report["images_extracted"], report["failed_count"]) == (7, 3, 4)
+    listed = [entry["image"] for entry in report["failed"]]
+    assert sorted(listed) == sorted(bad) and len(set(listed)) == len(listed)
+    for entry in report["failed"]:
+        assert bad[entry["image"]] in entry["reason"], entry
+    # Each good row is that image's feature, as computed alone by a backbone built from the same spec.
+    np.testing.assert_array_equal(matrix, alone)
+    assert not np.allclose(matrix[0], matrix[1])  # rows really differ: not all zeros or a constant
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_all_bad_is_a_user_error(tmp_path, backbone, monkeypatch):
+    monkeypatch.setattr(features, "build_backbone", lambda spec: backbone)  # same spec; saves a rebuild
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    bad = write_bad(images_dir)
+    with pytest.raises(UserError, match=r"none of the 4 images .* could be decoded; first error: \S+: "):
+        extract_features(sorted(bad), images_dir, tmp_path / "out", SPEC, batch_size=2)
+    assert not (tmp_path / "out" / "features.npy").exists()
+
+
+def test_missing_images_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="images folder not found"):
+        extract_features(["a.jpg"], tmp_path / "nowhere", tmp_path / "out", SPEC, batch_size=2)
+
+
+def test_feature_independent_of_batch_and_order(good_images, backbone):
+    """The same image gives the same feature alone, in a full batch in reverse order, and beside a bad
+    image in its batch (whose zero placeholder must not leak into its neighbours)."""
+    folder, alone = good_images
+    paths = [folder / name for name in GOOD]
+    together, _ = features_of(backbone, paths[::-1], batch_size=3)
+    with_bad, errors = features_of(backbone, [paths[2], folder / "missing.jpg", paths[0]], batch_size=3)
+    assert list(errors) == [1]
+    np.testing.assert_array_equal(together[::-1], alone)
+    np.testing.assert_array_equal(with_bad[[0, 2]], alone[[2, 0]])

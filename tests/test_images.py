@@ -1,0 +1,202 @@
+"""`load_image` on every kind of file users ship: each gives the right upright RGB pixels or a precise
+ImageError. Every file is built here, tiny, with Pillow/NumPy (no TensorFlow, runs in about a second)."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioning import images
+from captioning.images import ImageError, load_image
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def mean_colour(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1, 3).astype(float).mean(0)
+
+
+def assert_colour(array: np.ndarray, expected, tolerance: float = 12) -> None:
+    assert np.abs(mean_colour(array) - np.array(expected, float)).max() <= tolerance, mean_colour(array)
+
+
+def assert_rgb(array: np.ndarray, size: int) -> None:
+    assert array.shape == (size, size, 3) and array.dtype == np.uint8
+
+
+def halves(height: int, width: int, left=RED, right=BLUE) -> np.ndarray:
+    """An image whose left half is `left` and right half is `right`."""
+    pixels = np.empty((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2:] = right
+    return pixels
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width x height, with an empty IDAT: a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def reason(path, size: int = 16) -> str:
+    with pytest.raises(ImageError) as caught:
+        load_image(path, size)
+    return str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------ refused
+
+def test_missing_file(tmp_path):
+    assert reason(tmp_path / "nowhere.jpg") == "file not found"
+
+
+def test_folder_instead_of_file(tmp_path):
+    (tmp_path / "photo.jpg").mkdir()
+    assert "folder" in reason(tmp_path / "photo.jpg")
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert reason(tmp_path / "empty.jpg") == "empty file (0 bytes)"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.98], ids=["half", "tail-cut"])
+def test_truncated_jpeg(tmp_path, keep):
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * keep)])
+    assert "truncated" in reason(tmp_path / "cut.jpg")
+
+
+def test_jpeg_header_only(tmp_path):
+    Image.new("RGB", (64, 64), RED).save(tmp_path / "full.jpg")
+    (tmp_path / "head.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    assert reason(tmp_path / "head.jpg").startswith("cannot decode image")
+
+
+def test_text_file_named_jpg(tmp_path):
+    (tmp_path / "notes.jpg").write_text("these are my holiday notes, not a photo\n")
+    assert reason(tmp_path / "notes.jpg").startswith("not an image file")
+
+
+def test_decompression_bomb_over_twice_the_limit_real_limit(tmp_path):
+    """Pillow's own hard error (> 2x MAX_IMAGE_PIXELS), from a 60-byte header: nothing is decoded."""
+    (tmp_path / "bomb.png").write_bytes(png_header(20_000, 20_000))  # 400 Mpx > 2 x 89.5 Mpx
+    assert "decompression bomb" in reason(tmp_path / "bomb.png")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets our module filter
+def test_decompression_bomb_between_limit_and_twice_real_limit(tmp_path):
+    """Pillow only warns between 1x and 2x its limit; load_image must refuse, not decode 100 Mpx."""
+    (tmp_path / "bomb.png").write_bytes(png_header(10_000, 10_000))  # 100 Mpx: over 89.5, under 179
+    text = reason(tmp_path / "bomb.png")
+    assert "decompression bomb" in text and "10000x10000" in text
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    """A real (small) image over a lowered MAX_PIXELS is refused; under it, loaded."""
+    Image.new("RGB", (40, 30), RED).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    assert "40x30" in reason(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1200)
+    assert_colour(load_image(tmp_path / "big.png", 8), RED, 0)
+
+
+# ------------------------------------------------------------------------------------------ accepted
+
+def test_plain_jpeg_resized_to_requested_square(tmp_path):
+    Image.fromarray(halves(48, 80)).save(tmp_path / "plain.jpg", quality=95)
+    array = load_image(tmp_path / "plain.jpg", 20)
+    assert_rgb(array, 20)
+    assert_colour(array[:, :8], RED)
+    assert_colour(array[:, 12:], BLUE)
+
+
+def test_png_bytes_named_jpg(tmp_path):
+    Image.fromarray(halves(32, 32)).save(tmp_path / "actually_png.jpg", format="PNG")
+    array = load_image(tmp_path / "actually_png.jpg", 16)
+    assert_rgb(array, 16)
+    assert (array[:, :7] == RED).all() and (array[:, 9:] == BLUE).all()
+
+
+def test_grayscale(tmp_path):
+    Image.fromarray(np.full((24, 24), 100, np.uint8), mode="L").save(tmp_path / "grey.jpg", quality=95)
+    array = load_image(tmp_path / "grey.jpg", 16)
+    assert_rgb(array, 16)
+    assert_colour(array, (100, 100, 100), 2)
+
+
+def test_cmyk_jpeg_colours(tmp_path):
+    # Magenta + yellow = red. Adobe CMYK JPEGs store inverted values: a classic source of wrong colours.
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    array = load_image(tmp_path / "cmyk.jpg", 16)
+    assert_rgb(array, 16)
+    assert_colour(array, RED, 20)
+    Image.new("CMYK", (32, 32), (255, 255, 0, 0)).save(tmp_path / "cmyk_blue.jpg", quality=95)
+    assert_colour(load_image(tmp_path / "cmyk_blue.jpg", 16), BLUE, 20)
+
+
+def test_rgba_transparent_area_is_white(tmp_path):
+    pixels = np.zeros((32, 32, 4), np.uint8)  # right half fully transparent (its RGB is black)
+    pixels[:, :16] = (*RED, 255)
+    Image.fromarray(pixels, mode="RGBA").save(tmp_path / "alpha.png")
+    array = load_image(tmp_path / "alpha.png", 32)
+    assert_rgb(array, 32)
+    assert (array[:, :15] == RED).all()
+    assert (array[:, 17:] == WHITE).all()
+
+
+def test_palette_png_with_transparency_is_white(tmp_path):
+    image = Image.new("P", (16, 16), 0)
+    image.putpalette([0, 0, 0, *RED])
+    image.paste(1, (0, 0, 8, 16))
+    image.save(tmp_path / "palette.png", transparency=0)
+    array = load_image(tmp_path / "palette.png", 16)
+    assert (array[:, :7] == RED).all() and (array[:, 9:] == WHITE).all()
+
+
+def test_16_bit_grayscale_uses_full_range(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    array = load_image(tmp_path / "deep.png", 64)
+    assert_rgb(array, 64)
+    row = array[0, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253                     # full 8-bit range
+    assert np.all(np.diff(row) >= 0)                           # still a ramp
+    assert (array[..., 0] == array[..., 1]).all()              # still grey
+    assert abs(int(array[0, 32, 0]) - 130) <= 4                # mid-grey, not clipped to white
+    # A dark 16-bit image stays dark: scaled by the type's range, not stretched by its own maximum.
+    Image.fromarray(np.full((8, 8), 65535 // 4, np.uint16)).save(tmp_path / "dark.png")
+    assert_colour(load_image(tmp_path / "dark.png", 8), (64, 64, 64), 2)
+
+
+@pytest.mark.parametrize("orientation, top, bottom", [(6, RED, BLUE), (8, BLUE, RED)])
+def test_exif_rotated_jpeg_comes_out_upright(tmp_path, orientation, top, bottom):
+    """Stored sideways (left half red) with an orientation tag: 6 turns it clockwise, 8 anticlockwise."""
+    image = Image.fromarray(halves(32, 64))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    array = load_image(tmp_path / "phone.jpg", 32)
+    assert_rgb(array, 32)
+    assert_colour(array[:14], top)
+    assert_colour(array[18:], bottom)
+
+
+def test_corrupt_exif_still_loads(tmp_path):
+    Image.new("RGB", (16, 16), BLUE).save(tmp_path / "odd.jpg", exif=b"Exif\x00\x00garbage", quality=95)
+    assert_colour(load_image(tmp_path / "odd.jpg", 8), BLUE)
+
+
+def test_same_file_gives_same_pixels(tmp_path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    assert np.array_equal(load_image(tmp_path / "a.jpg", 24), load_image(tmp_path / "a.jpg", 24))

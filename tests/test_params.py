@@ -1,0 +1,61 @@
+"""The shared params checks (captioning.params.SCHEMA), in-process: fast and without TensorFlow."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from captioning.errors import UserError
+from captioning.params import SCHEMA, read_params
+from conftest import PROJECT
+
+
+def write(tmp_path, params: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_project_params_pass_every_rule(monkeypatch):
+    monkeypatch.chdir(PROJECT)  # data paths and a weights file path are relative to the project
+    checked = read_params(*SCHEMA, path=PROJECT / "params.yaml")
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert set(checked) == set(SCHEMA)
+    for section, rules in SCHEMA.items():
+        assert set(rules) <= set(raw[section]), section  # every rule has its knob in params.yaml
+        assert checked[section] == {key: raw[section][key] for key in rules}
+
+
+def test_only_the_requested_keys_are_checked_and_returned(tmp_path):
+    path = write(tmp_path, {"data": {"images": "pics", "captions": 5}, "train": {"epochs": "many"}})
+    assert read_params("data.images", path=path) == {"data": {"images": "pics"}}
+
+
+@pytest.mark.parametrize("key, given, expected", [
+    ("learning_rate", "1e-3", 0.001),  # PyYAML reads 1e-3 (no dot) as a string
+    ("epochs", 4.0, 4),
+    ("l1", 0, 0.0),
+    ("dropout", 0, 0.0),
+])
+def test_values_are_converted(tmp_path, key, given, expected):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["train"][key] = given
+    value = read_params("train", path=write(tmp_path, params))["train"][key]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("key, given", [
+    ("epochs", True), ("epochs", 2.5), ("epochs", "3"), ("seed", -1), ("seed", 2**32), ("units", None),
+    ("learning_rate", 0), ("learning_rate", ".nan"), ("learning_rate", "inf"), ("dropout", 1.0), ("l1", -1e-6),
+    ("optimizer", "Adam"), ("clipnorm", [1.0]),
+])
+def test_bad_values_name_key_and_value(tmp_path, key, given):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["train"][key] = given
+    with pytest.raises(UserError, match=rf"^params\.yaml: train\.{key} is .*; use .*\.$"):
+        read_params("train", path=write(tmp_path, params))
+
+
+def test_invalid_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        read_params("train", path=tmp_path / "params.yaml")
