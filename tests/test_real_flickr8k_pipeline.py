@@ -1,0 +1,97 @@
+"""The real pipeline (`dvc repro`) on real Flickr8k files from $FLICKR8K_DIR: pickles of the real token
+file, the official split files, the 809 real photos, random weights and a tiny model.
+
+Facts checked (shared/flickr8k/SOURCES.md): 40460 lines, 8092 image names including the bogus
+`2258277193_586949ec62.jpg.1` (lines 6731-6735, no photo), 809 photos found, and every caption of a
+missing photo excluded and counted. Of the 809 photos, 763 are in the official train list, 37 in dev,
+none in test and 9 in no list, so `evaluate` must stop with an explanation; with a seeded split instead
+the whole pipeline runs on the real photos.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pandas as pd
+import pytest
+
+from conftest import make_project, run, set_params
+from test_pipeline import stages_run
+
+LINES, NAMES, PHOTOS = 40460, 8092, 809
+BOGUS = "2258277193_586949ec62.jpg.1"
+
+
+def by_image(lines):
+    grouped = {}
+    for line in lines:
+        key, caption = line.split("\t", 1)
+        grouped.setdefault(key.split("#")[0], []).append(caption)
+    return grouped
+
+
+SHAPES = {  # file name -> object pickled from the token file's lines
+    "text.pkl": lambda lines: "\n".join(lines) + "\n",
+    "bytes.pkl": lambda lines: ("\n".join(lines) + "\n").encode(),
+    "lines.pkl": lambda lines: lines,
+    "dict.pkl": by_image,
+}
+
+
+@pytest.fixture(scope="module")
+def real_project(flickr8k, tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("real") / "project", demo=False, params={
+        "data": {"captions": "data/real/lines.pkl", "images": str(flickr8k / "Images"),
+                 "split_dir": str(flickr8k)},
+    })
+    lines = (flickr8k / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
+    (project / "data/real").mkdir(parents=True)
+    for name, shape in SHAPES.items():
+        (project / "data/real" / name).write_bytes(pickle.dumps(shape(lines), protocol=4))
+    return project
+
+
+def parse_report(project) -> dict:
+    return json.loads((project / "data/reports/parse_report.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_parse_stage_on_every_pickle_shape(real_project, name):
+    set_params(real_project, {"data": {"captions": f"data/real/{name}"}})
+    run(["dvc", "repro", "parse_pickle"], real_project)
+    report = parse_report(real_project)
+    assert report["lines_read"] == LINES and report["image_names"] == NAMES
+    assert report["images_found"] == PHOTOS and report["rows_kept"] == PHOTOS * 5
+    assert report["skipped_count"] == 0
+    missing = report["missing_images"]
+    assert missing["captions_excluded"] == LINES - PHOTOS * 5 and missing["count"] == NAMES - PHOTOS
+    assert len(missing["images"][BOGUS]) == 5
+    if name in ("text.pkl", "bytes.pkl"):  # 1-based lines of the text
+        assert missing["images"][BOGUS] == [f"line {n}" for n in range(6731, 6736)]
+    elif name == "lines.pkl":  # 0-based positions in the list, as Python indexes it
+        assert missing["images"][BOGUS] == [f"item {n}" for n in range(6730, 6735)]
+    table = pd.read_parquet(real_project / "data/captions.parquet")
+    assert len(table) == PHOTOS * 5 and table["image"].nunique() == PHOTOS
+
+
+def test_full_pipeline_on_real_photos(real_project):
+    set_params(real_project, {"data": {"captions": "data/real/lines.pkl"}})
+    result = run(["dvc", "repro"], real_project, check=False)
+    # Official split: no test photo among the 809, so evaluate stops with a clear message.
+    assert result.returncode != 0
+    assert "the test split has no images" in result.stderr and "Traceback" not in result.stderr
+    split = json.loads((real_project / "data/reports/split_report.json").read_text())
+    assert (split["train"]["available"], split["dev"]["available"], split["test"]["available"]) == (763, 37, 0)
+    assert split["images_in_no_split"]["count"] == 9
+    features = json.loads((real_project / "data/features/report.json").read_text())
+    assert features["images_extracted"] == PHOTOS and features["failed_count"] == 0
+    train = json.loads((real_project / "metrics/train.json").read_text())
+    assert train["train_captions"] == 763 * 5 and train["dev_captions"] == 37 * 5
+
+    # A seeded split reuses the features and runs to the end on the real photos.
+    set_params(real_project, {"data": {"split_dir": None}})
+    result = run(["dvc", "repro"], real_project)
+    assert stages_run(result.stdout) == ["split", "train_lstm", "evaluate", "plot"]
+    evaluation = json.loads((real_project / "metrics/eval.json").read_text())
+    assert evaluation["test_images"] == 809 - round(809 * 0.8) - round(809 * 0.1)
+    assert evaluation["bleu1"] > 0 and evaluation["baseline_nearest"]["cider"] > 0

@@ -1,0 +1,65 @@
+"""Scoring goes through pycocoevalcap unchanged: the project's numbers equal a direct call's."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+
+from captioning.scoring import METRIC_KEYS, score_captions
+from captioning.text import clean_caption
+
+IMAGES = 1500  # of the 8091 real images: enough for CIDEr's document frequencies, quick for METEOR
+
+
+@pytest.fixture(scope="module")
+def real_references(flickr8k):
+    """Each image's caption #0 as the candidate, its other four as references (cleaned once)."""
+    grouped: dict[str, dict[int, str]] = {}
+    for line in (flickr8k / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
+        key, caption = line.split("\t", 1)
+        image, number = key.rsplit("#", 1)
+        grouped.setdefault(image, {})[int(number)] = caption
+    images = sorted(grouped)[:IMAGES]
+    candidates = {image: grouped[image][0] for image in images}
+    references = {image: [grouped[image][k] for k in sorted(grouped[image]) if k != 0] for image in images}
+    return candidates, references
+
+
+def test_same_numbers_as_pycocoevalcap_on_real_references(real_references):
+    candidates, references = real_references
+    corpus, per_image = score_captions(candidates, references, meteor=shutil.which("java") is not None)
+    res = {k: [clean_caption(v)] for k, v in candidates.items()}
+    gts = {k: [clean_caption(r) for r in v] for k, v in references.items()}
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
+    for n in range(4):
+        assert corpus[f"bleu{n + 1}"] == bleu[n]
+    assert corpus["rouge_l"] == rouge and corpus["cider"] == cider
+    assert list(per_image["image"]) == sorted(candidates)
+    assert list(per_image["bleu4"]) == list(bleu_each[3])
+    assert list(per_image["cider"]) == list(cider_each)
+    assert list(per_image["rouge_l"]) == list(rouge_each)
+    if shutil.which("java"):
+        meteor, meteor_each = Meteor().compute_score(gts, res)
+        assert corpus["meteor"] == pytest.approx(meteor, abs=1e-12)
+        assert list(per_image["meteor"]) == pytest.approx(meteor_each, abs=1e-12)
+    # Human captions against each other: a sanity range, far from a degenerate 0 or 1.
+    assert 0.1 < corpus["bleu4"] < 0.5 and 0.3 < corpus["cider"] < 1.5
+
+
+def test_meteor_is_null_with_a_reason_without_java(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    corpus, per_image = score_captions({"a": "a dog runs"}, {"a": ["a dog runs fast", "the dog runs"]})
+    assert corpus["meteor"] is None and per_image["meteor"].isna().all()
+    assert "METEOR not computed: java not found" in capsys.readouterr().err
+    assert set(METRIC_KEYS) == set(corpus)
+
+
+def test_scoring_uses_the_shared_cleaning():
+    corpus, _ = score_captions({"a": "A Dog, running!"}, {"a": ["a dog running"]}, meteor=False)
+    assert corpus["bleu1"] == pytest.approx(1.0)
