@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from captioning.model import inference_models
 from captioning.tf_setup import keras, tf
@@ -102,16 +103,19 @@ class Captioner:
         return tf.gather(history, best, batch_dims=1)
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
-                    max_length: int = 20, length_penalty: float = 0.7, batch_size: int = 256) -> list[np.ndarray]:
+                    max_length: int = 20, length_penalty: float = 0.7, batch_size: int = 256,
+                    progress: bool = False) -> list[np.ndarray]:
         results = []
-        for start in range(0, len(features), batch_size):
-            chunk = tf.constant(np.asarray(features[start:start + batch_size], np.float32))
-            if method == "greedy":
-                ids = self._greedy(chunk, tf.constant(max_length))
-            else:
-                ids = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
-                                 tf.constant(length_penalty, tf.float32))
-            results.extend(ids.numpy())
+        with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
+            for start in range(0, len(features), batch_size):
+                chunk = tf.constant(np.asarray(features[start:start + batch_size], np.float32))
+                if method == "greedy":
+                    ids = self._greedy(chunk, tf.constant(max_length))
+                else:
+                    ids = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
+                                     tf.constant(length_penalty, tf.float32))
+                results.extend(ids.numpy())
+                bar.update(len(chunk))
         return results
 
     def captions(self, features: np.ndarray, **settings) -> list[str]:

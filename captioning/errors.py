@@ -6,6 +6,7 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -28,3 +29,14 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def run_stage(main: Callable[[], object], doc: str | None) -> None:
+    """Entry point of a pipeline stage. A stage takes no arguments (params.yaml holds its settings),
+    so `--help` prints its docstring and exits without running; anything else runs it via run_cli."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # stages.x when run as python -m stages.x
+    argparse.ArgumentParser(
+        prog=f"python -m {spec.name}" if spec else None, description=doc,
+        epilog="It reads its settings from params.yaml and its inputs from the paths in captioning/layout.py. "
+               "`dvc repro` runs it when its code, data or params change (see dvc.yaml).").parse_args()
+    run_cli(main)

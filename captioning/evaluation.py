@@ -43,19 +43,20 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
     references = references_of(captions, test_images)
     captioner = Captioner.load(model_dir)
     started = time.perf_counter()
-    generated = captioner.captions(store.get(test_images), **settings.as_kwargs())
+    generated = captioner.captions(store.get(test_images), progress=True, **settings.as_kwargs())
     decode_seconds = time.perf_counter() - started
     candidates = dict(zip(test_images, generated))
-    metrics, per_image = score_captions(candidates, references)
+    metrics, per_image = score_captions(candidates, references, progress="scoring the model")
 
     train_images = sorted(name for name in train_images if name in store.row_of)
     train_captions = captions[captions["image"].isin(set(train_images))]
     frequent = most_frequent_caption(train_captions["caption"])
-    frequent_scores, _ = score_captions({k: frequent for k in test_images}, references)
+    frequent_scores, _ = score_captions({k: frequent for k in test_images}, references,
+                                        progress="scoring the frequent baseline")
     consensus = consensus_captions(train_captions)
     neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])
     nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour)}
-    nearest_scores, _ = score_captions(nearest, references)
+    nearest_scores, _ = score_captions(nearest, references, progress="scoring the nearest baseline")
 
     metrics.update(
         test_images=len(test_images),

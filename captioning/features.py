@@ -132,10 +132,12 @@ def compute_features(backbone: keras.Model, paths: list[str], image_size: int, b
 
 
 def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: BackboneSpec,
-                     batch_size: int) -> dict:
+                     batch_size: int, allow_all_failed: bool = False) -> dict:
     """Extract features for `images` (names inside `images_dir`) into `out_dir`; return the report.
 
     Images that fail to decode are left out of the index and listed in the report with the reason.
+    When none decodes, that is an error, unless `allow_all_failed` (a shard of a larger run, see
+    shards.py, may hold only bad images: the other shards have the good ones).
     """
     if not images:
         raise UserError("no images to extract features for: the captions table is empty.")
@@ -154,7 +156,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         raw.flush()
         seconds = time.perf_counter() - start
         good = [row for row in range(len(paths)) if row not in errors]
-        if not good:
+        if not good and not allow_all_failed:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
         if errors:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from captioning.tf_setup import keras
+from captioning.tf_setup import keras, tf
 from captioning.vocab import PAD_ID
 
 NUM_LSTM_LAYERS = 5
@@ -33,7 +33,16 @@ def masked_loss(y_true, logits):
     """Mean cross-entropy over real tokens only (padding id 0 is ignored)."""
     mask = ops.cast(ops.not_equal(y_true, PAD_ID), "float32")
     loss = keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
-    return ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0)
+    return _replica_share(ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0))
+
+
+def _replica_share(loss):
+    """Under a tf.distribute strategy with R replicas (train.strategy), divide by R: the replicas'
+    gradients are summed, so each must contribute 1/R of its loss for their mean. Keras does this for the
+    losses it reduces itself, but not for a loss that already returns a scalar, as this one does (it
+    then multiplies the logged loss back by R). With one replica nothing is computed: same numbers."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss if replicas == 1 else loss / replicas
 
 
 @keras.saving.register_keras_serializable(package="captioning")

@@ -14,6 +14,7 @@ import pandas as pd
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
+from tqdm import tqdm
 
 from captioning.text import clean_caption
 
@@ -34,8 +35,11 @@ def _meteor(gts: dict, res: dict) -> tuple[float | None, list | None, str | None
 
 
 def score_captions(candidates: dict[str, str], references: dict[str, list[str]],
-                   meteor: bool = True) -> tuple[dict, pd.DataFrame]:
-    """Corpus scores under METRIC_KEYS and a per-image table (image, bleu4, meteor, rouge_l, cider)."""
+                   meteor: bool = True, progress: str | None = None) -> tuple[dict, pd.DataFrame]:
+    """Corpus scores under METRIC_KEYS and a per-image table (image, bleu4, meteor, rouge_l, cider).
+
+    With `progress` (a label), a bar advances per metric: pycocoevalcap scores a whole corpus per call.
+    """
     keys = sorted(candidates)
     if set(keys) != set(references):
         raise ValueError("candidates and references must cover the same images")
@@ -44,10 +48,19 @@ def score_captions(candidates: dict[str, str], references: dict[str, list[str]],
     res = {k: [clean_caption(candidates[k])] for k in keys}
     gts = {k: [clean_caption(r) for r in references[k]] for k in keys}
 
-    bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, rouge_per_image = Rouge().compute_score(gts, res)
-    cider, cider_per_image = Cider().compute_score(gts, res)
-    meteor_score, meteor_per_image, why = _meteor(gts, res) if meteor else (None, None, "not requested")
+    scorers = {"BLEU": lambda: Bleu(4).compute_score(gts, res, verbose=0),
+               "ROUGE-L": lambda: Rouge().compute_score(gts, res),
+               "CIDEr": lambda: Cider().compute_score(gts, res)}
+    if meteor:
+        scorers["METEOR"] = lambda: _meteor(gts, res)
+    scores = {}
+    with tqdm(scorers, desc=progress, unit="metric", disable=progress is None) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            scores[name] = scorers[name]()
+    (bleu, bleu_per_image), (rouge, rouge_per_image), (cider, cider_per_image) = (
+        scores["BLEU"], scores["ROUGE-L"], scores["CIDEr"])
+    meteor_score, meteor_per_image, why = scores.get("METEOR", (None, None, "not requested"))
     if meteor and why:
         print(f"METEOR not computed: {why}", file=sys.stderr)
 

@@ -8,6 +8,9 @@ not grow with the dataset.
 Reproducible and kill-safe: the shuffle order of epoch e depends only on (seed, e); after every epoch
 the compiled model (weights + optimizer state) and the history are checkpointed atomically, and a
 rerun with the same inputs and params continues from the last finished epoch.
+
+Scaling out (train.strategy, see distribute.py): the model is built inside the strategy's scope and
+only the chief writes outputs; `default` runs exactly as without a strategy.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
+from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
 from captioning.features import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
@@ -44,6 +48,7 @@ class TrainConfig:
     clipnorm: float
     min_count: int
     max_length: int
+    strategy: str = "default"  # default | mirrored | multi_worker
 
 
 @dataclass
@@ -124,13 +129,15 @@ def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int) ->
 
 
 # The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
-TRAINING_CODE = [Path(__file__).with_name(name) for name in ("train.py", "model.py", "vocab.py", "text.py")]
+TRAINING_CODE = [Path(__file__).with_name(name)
+                 for name in ("train.py", "model.py", "vocab.py", "text.py", "distribute.py")]
 
 
-def fingerprint(config: TrainConfig, inputs: list[Path]) -> str:
-    """What a checkpoint must match to be resumed: every param but `epochs`, every input file, and
-    the training code."""
-    digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None}, sort_keys=True).encode())
+def fingerprint(config: TrainConfig, inputs: list[Path], replicas: int = 1) -> str:
+    """What a checkpoint must match to be resumed: every param but `epochs`, every input file, the
+    training code, and the number of replicas (it changes how a batch is split, hence the numbers)."""
+    digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None, "replicas": replicas},
+                                       sort_keys=True).encode())
     for path in [*inputs, *TRAINING_CODE]:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -219,8 +226,12 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
 
 def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
           features_dir: Path, model_dir: Path, checkpoint_dir: Path, live_dir: Path,
-          input_files: list[Path]) -> dict:
-    """Train (or resume) and save the model bundle; return the metrics for metrics/train.json."""
+          input_files: list[Path]) -> dict | None:
+    """Train (or resume) and save the model bundle; return the metrics for metrics/train.json.
+
+    Under train.strategy multi_worker, a worker that is not the chief writes nothing and returns None.
+    """
+    placement = make_placement(config.strategy)  # first: a multi-worker strategy must precede other TF work
     seed_everything(config.seed)
     store = FeatureStore(features_dir)
     train_captions = captions[captions["image"].isin(set(train_images))]
@@ -234,35 +245,46 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
           f"{len(dev_set)} dev captions; {truncated + dev_truncated} longer than {config.max_length} words "
           "were truncated", flush=True)
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    print_fingerprint = fingerprint(config, input_files)
+    if placement.distributed:
+        print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
+    if placement.is_chief:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    print_fingerprint = fingerprint(config, input_files, placement.strategy.num_replicas_in_sync)
     state = resume_state(checkpoint_dir, print_fingerprint, config.epochs)
-    if state:
-        model = keras.models.load_model(checkpoint_dir / state["model_file"])
-        restore_rng_state(model, state["rng_state"])
-        print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
-    else:
-        clear_checkpoints(checkpoint_dir)
-        state = {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": []}
-        mean, variance = feature_moments(store.matrix, train_set.feature_rows)
-        model = build_decoder(len(vocab), config.units, config.l1, config.dropout, mean, variance)
-        compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
+    check_agreement(placement, print_fingerprint, state["epoch"] if state else 0)
+    with placement.scope():
+        if state:
+            model = keras.models.load_model(checkpoint_dir / state["model_file"])
+            restore_rng_state(model, state["rng_state"])
+            print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
+        else:
+            if placement.is_chief:
+                clear_checkpoints(checkpoint_dir)
+            state = {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": []}
+            mean, variance = feature_moments(store.matrix, train_set.feature_rows)
+            model = build_decoder(len(vocab), config.units, config.l1, config.dropout, mean, variance)
+            compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
     model.summary()
 
-    live = open_live(live_dir)
+    live = open_live(live_dir) if placement.is_chief else NullLive()
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
     steps = math.ceil(len(train_set) / config.batch_size)
-    model.fit(
-        training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"]),
-        validation_data=validation_batches(dev_set, store.matrix, config.batch_size),
-        epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
-        callbacks=[EpochEnd(live, checkpoint_dir, state)], verbose=2, shuffle=False,
-    )
+    with output_dir(placement, checkpoint_dir) as checkpoint_out:  # batches are global: a strategy splits them
+        model.fit(
+            shard_by_data(training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"]),
+                          placement),
+            validation_data=shard_by_data(validation_batches(dev_set, store.matrix, config.batch_size), placement),
+            epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
+            callbacks=[EpochEnd(live, checkpoint_out, state)], verbose=2, shuffle=False,
+        )
     live.end()
     print(f"total training time: {state['train_seconds']:.1f} s over {state['epoch']} epochs", flush=True)
 
-    save_bundle(model, vocab, store, config, model_dir)
+    with output_dir(placement, model_dir) as model_out:
+        save_bundle(model, vocab, store, config, model_out)
+    if not placement.is_chief:
+        return None
     final = state["history"][-1] if state["history"] else {}
     return {
         "loss": final.get("loss"), "val_loss": final.get("val_loss"),

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from captioning import files, layout
-from captioning.errors import run_cli
+from captioning.errors import run_stage
 from captioning.params import read_params
 
 
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_stage(main, __doc__)

@@ -1,6 +1,6 @@
 """Stage extract_resnet_features: every captioned image -> one ResNet-50 feature row."""
 from captioning import layout
-from captioning.errors import run_cli
+from captioning.errors import run_stage
 from captioning.params import read_params
 
 
@@ -19,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_stage(main, __doc__)

@@ -1,7 +1,7 @@
 """Stage parse_pickle: the user's captions file -> captions table (parquet) + data report (json)."""
 from captioning import files, layout
 from captioning.captions import load_captions
-from captioning.errors import run_cli
+from captioning.errors import run_stage
 from captioning.params import read_params
 
 
@@ -19,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_stage(main, __doc__)

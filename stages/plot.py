@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 
 from captioning import layout
-from captioning.errors import run_cli
+from captioning.errors import run_stage
 from captioning.params import read_params
 from captioning.plots import image_grid, learning_curves, read_live_history, with_references
 
@@ -36,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_stage(main, __doc__)

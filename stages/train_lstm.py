@@ -2,7 +2,7 @@
 import pandas as pd
 
 from captioning import files, layout
-from captioning.errors import run_cli
+from captioning.errors import run_stage
 from captioning.params import read_params
 
 
@@ -17,8 +17,9 @@ def main() -> None:
     metrics = train(config, pd.read_parquet(layout.CAPTIONS_TABLE), layout.read_split("train"),
                     layout.read_split("dev"), layout.FEATURES_DIR, layout.MODEL_DIR, layout.CHECKPOINT_DIR,
                     layout.LIVE_DIR, inputs)
-    files.write_json(layout.TRAIN_METRICS, metrics)
+    if metrics is not None:  # None on a multi_worker worker that is not the chief: it writes nothing
+        files.write_json(layout.TRAIN_METRICS, metrics)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_stage(main, __doc__)

@@ -46,7 +46,7 @@ def test_values_are_converted(tmp_path, key, given, expected):
 @pytest.mark.parametrize("key, given", [
     ("epochs", True), ("epochs", 2.5), ("epochs", "3"), ("seed", -1), ("seed", 2**32), ("units", None),
     ("learning_rate", 0), ("learning_rate", ".nan"), ("learning_rate", "inf"), ("dropout", 1.0), ("l1", -1e-6),
-    ("optimizer", "Adam"), ("clipnorm", [1.0]),
+    ("optimizer", "Adam"), ("clipnorm", [1.0]), ("strategy", "horovod"),
 ])
 def test_bad_values_name_key_and_value(tmp_path, key, given):
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())

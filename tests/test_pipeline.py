@@ -46,7 +46,10 @@ def test_outputs_of_a_full_run(demo_run):
     assert train["epochs"] == 2 and train["features_weights"] == "random"
     evaluation = json.loads((demo_run / "metrics/eval.json").read_text())
     assert set(METRIC_KEYS) <= evaluation.keys()
-    assert set(METRIC_KEYS) <= evaluation["baseline_frequent"].keys() <= evaluation["baseline_nearest"].keys() | {"x"}
+    assert set(METRIC_KEYS) <= evaluation["baseline_frequent"].keys()
+    assert set(METRIC_KEYS) <= evaluation["baseline_nearest"].keys()
+    if os.environ.get("CI") or shutil.which("java"):  # CI installs Java, so METEOR must be computed there
+        assert isinstance(evaluation["meteor"], float) and 0 < evaluation["meteor"] < 1
     predictions = pd.read_parquet(demo_run / "data/predictions.parquet")
     assert len(predictions) == evaluation["test_images"] > 0
     assert {"image", "generated", "references", "bleu4", "cider"} <= set(predictions.columns)

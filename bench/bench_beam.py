@@ -1,0 +1,97 @@
+"""Beam search: our batched, compiled Captioner against a per-image Python loop (the tutorial way).
+
+Both decode the same features with the same trained decoder (trained briefly on the demo captions
+so that captions end the way real ones do) and the same rules from decode.py: width, length
+penalty and max length from params.yaml, <pad>/<start>/<unk> never emitted, no <end> first.
+The loop captions one image at a time and calls the Keras step model once per live beam per step,
+as tutorials do; it calls the model directly rather than through model.predict (which would only
+make it slower), and it stops as soon as every beam has ended. The loop is timed on the first
+`loop_images` of the images (it runs ~1 caption/s), in chunks whose rates are the repeats. Our side
+is traced once before timing. The captions of the two sides are compared as a correctness check.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.bench_train import OPTIONS, decoder_data, new_decoder, new_optimizer
+from bench.common import PARAMS, median
+from captioning.decode import Captioner
+from captioning.model import compile_decoder
+from captioning.tf_setup import tf
+from captioning.train import training_batches
+from captioning.vocab import END_ID, START_ID
+
+SETTINGS = {key: PARAMS["decode"][key] for key in ("beam_size", "max_length", "length_penalty", "batch_size")}
+
+
+def loop_beam(captioner: Captioner, step, features: np.ndarray, beam_size: int, max_length: int,
+              length_penalty: float, **_) -> list[int]:
+    """Word ids of the best caption of one image; beams are (score, words, states, finished).
+    `step` is the Keras step model (the tutorial way) or a compiled version of it."""
+    banned, no_end = captioner.banned.numpy(), captioner.no_end.numpy()
+    beams = [(0.0, [], captioner.encoder(features[None], training=False), False)]
+    for t in range(max_length):
+        candidates = []
+        for score, words, states, finished in beams:
+            if finished:
+                candidates.append((score, words, states, True))
+                continue
+            token = tf.constant([[words[-1] if words else START_ID]], tf.int32)
+            logits, *new_states = step([token, *states])
+            logits = logits.numpy()[0] + banned + (no_end if t == 0 else 0.0)
+            log_probs = logits - np.logaddexp.reduce(logits)
+            for word in np.argsort(-log_probs, kind="stable")[:beam_size]:
+                candidates.append((score + log_probs[word], words + [int(word)], new_states, word == END_ID))
+        beams = sorted(candidates, key=lambda beam: -beam[0])[:beam_size]
+        if all(beam[3] for beam in beams):
+            break
+    finished = [beam for beam in beams if beam[3]] or beams
+    return max(finished, key=lambda beam: beam[0] / max(len(beam[1]), 1) ** length_penalty)[1]
+
+
+def loop_rates(captioner: Captioner, step, features: np.ndarray, chunks: int) -> tuple[list, list]:
+    rates, ids = [], []
+    for chunk in np.array_split(np.arange(len(features)), chunks):
+        start = time.perf_counter()
+        ids += [loop_beam(captioner, step, features[i], **SETTINGS) for i in chunk]
+        rates.append(len(chunk) / (time.perf_counter() - start))
+    return rates, ids
+
+
+def run(workdir: Path, n_images: int, loop_images: int, train_epochs: int, repeats: int, loop_chunks: int) -> dict:
+    store, vocab, data = decoder_data(workdir, n_images)
+    model = new_decoder(vocab, store, data)
+    compile_decoder(model, new_optimizer())
+    batch_size = OPTIONS["batch_size"]
+    model.fit(training_batches(data, store.matrix, batch_size, OPTIONS["seed"], 0), epochs=train_epochs,
+              steps_per_epoch=-(-len(data) // batch_size), verbose=0)
+    captioner = Captioner(model, vocab)
+    features = np.asarray(store.matrix, np.float32)
+    captioner.caption_ids(features[:SETTINGS["batch_size"]], method="beam", **SETTINGS)  # trace once
+
+    batched_rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        batched = captioner.caption_ids(features, method="beam", **SETTINGS)
+        batched_rates.append(len(features) / (time.perf_counter() - start))
+    looped = features[:loop_images]
+    loop, loop_ids = loop_rates(captioner, lambda inputs: captioner.step(inputs, training=False), looped, loop_chunks)
+    # Not the tutorial way, for scale: the same loop with the step compiled once by tf.function.
+    compiled = tf.function(lambda inputs: captioner.step(inputs, training=False), reduce_retracing=True)
+    loop_beam(captioner, compiled, looped[0], **SETTINGS)  # trace
+    loop_compiled, _ = loop_rates(captioner, compiled, looped, loop_chunks)
+    same = np.mean([vocab.decode(a) == vocab.decode(b) for a, b in zip(batched, loop_ids)])
+    return {"beam_speedup": {
+        "value": median(batched_rates) / median(loop),
+        "captions_per_second": {"batched": median(batched_rates), "loop": median(loop)},
+        "raw": {"images_batched": len(features), "images_loop": len(looped),
+                "batched_per_repeat": batched_rates, "loop_per_chunk": loop,
+                "loop_with_compiled_step_per_chunk": loop_compiled,
+                "speedup_over_loop_with_compiled_step": median(batched_rates) / median(loop_compiled),
+                "identical_captions_fraction": float(same), "decoder_train_epochs": train_epochs,
+                "mean_caption_words": float(np.mean([len(vocab.decode(ids).split()) for ids in batched])),
+                **SETTINGS},
+    }}

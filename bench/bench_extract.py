@@ -1,0 +1,112 @@
+"""Feature extraction: the real path (JPEG files -> features written) against the network alone,
+and mixed bfloat16 against float32.
+
+Three measurements per repeat, in rotating order so drifting machine load hits each alike:
+  e2e   compute_features(): tf.data + Pillow decoding, the backbone, rows written to a .npy memmap
+  fp32  the same float32 backbone on the same images already decoded into uint8 tensors in memory
+  bf16  the mixed_bfloat16 backbone (same seed, so the same weights) on those tensors
+Same images, same batch size (features.batch_size), same image size. Every side wraps the
+backbone in a fresh tf.function with the same signature, as compute_features does; its first batch
+(the tracing, first use of the kernels) is left out of the rate, and the rest are counted at the
+moment their rows land. Rates are wall clock; the same ratios in CPU seconds of the process (all
+threads), which other jobs on shared cores hardly disturb, are reported as `cpu_time_value`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import PARAMS, demo_data, median
+from captioning.features import FEATURE_DIM, build_backbone, compute_features, make_spec
+from captioning.images import load_image
+from captioning.tf_setup import tf
+
+
+class TimedRows:
+    """The `out` array handed to compute_features: it notes when each batch of rows lands."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.marks = array, [(time.perf_counter(), time.process_time(), 0)]
+
+    def __setitem__(self, rows: slice, values):
+        self.array[rows] = values
+        self.marks.append((time.perf_counter(), time.process_time(), rows.stop))
+
+
+def rates(marks: list[tuple[float, float, int]]) -> dict:
+    """Images/s after the first batch (steady state), over the whole call (tracing included), and
+    steady images per CPU-second of the process (all threads; little disturbed by other jobs)."""
+    (t0, _, _), (t1, c1, n1), (t_end, c_end, n_end) = marks[0], marks[1], marks[-1]
+    return {"steady": (n_end - n1) / (t_end - t1), "with_tracing": n_end / (t_end - t0),
+            "steady_per_cpu_second": (n_end - n1) / (c_end - c1)}
+
+
+def forward(backbone, batches: list, out: np.ndarray) -> dict:
+    size = batches[0].shape[1]
+    traced = tf.function(lambda x: backbone(x, training=False),
+                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    rows = TimedRows(out)
+    row = 0
+    for batch in batches:
+        rows[row:row + len(batch)] = traced(batch).numpy()
+        row += len(batch)
+    return rates(rows.marks)
+
+
+def run(workdir: Path, n_images: int, repeats: int) -> dict:
+    options = PARAMS["features"]
+    size, batch_size = options["image_size"], options["batch_size"]
+    table, images_dir = demo_data(workdir / "demo", n_images)
+    paths = [str(images_dir / name) for name in sorted(table["image"].unique())]
+    pixels = np.stack([load_image(path, size) for path in paths])
+    batches = [tf.constant(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    backbones = {p: build_backbone(make_spec("random", options["seed"], size, p)) for p in ("float32", "mixed_bfloat16")}
+    outputs = {key: np.zeros((len(paths), FEATURE_DIM), np.float32) for key in ("e2e", "fp32", "bf16")}
+    memmap = np.lib.format.open_memmap(workdir / "features.npy", mode="w+", dtype=np.float32,
+                                       shape=(len(paths), FEATURE_DIM))
+
+    def e2e():
+        rows = TimedRows(memmap)
+        errors = compute_features(backbones["float32"], paths, size, batch_size, rows, progress=False)
+        assert not errors, errors
+        outputs["e2e"][:] = memmap
+        return rates(rows.marks)
+
+    sides = {"e2e": e2e,
+             "fp32": lambda: forward(backbones["float32"], batches, outputs["fp32"]),
+             "bf16": lambda: forward(backbones["mixed_bfloat16"], batches, outputs["bf16"])}
+    raw = {key: [] for key in sides}
+    names = list(sides)
+    for r in range(repeats):
+        for key in names[r % 3:] + names[:r % 3]:
+            raw[key].append(sides[key]())
+    steady = {key: [figures["steady"] for figures in raw[key]] for key in raw}
+    extract = [e / f for e, f in zip(steady["e2e"], steady["fp32"])]
+    bf16 = [b / f for b, f in zip(steady["bf16"], steady["fp32"])]
+    per_cpu = {key: [figures["steady_per_cpu_second"] for figures in raw[key]] for key in raw}
+    a, b = outputs["fp32"], outputs["bf16"]
+    cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    common = {"images": len(paths), "batch_size": batch_size, "image_size": size, "repeats": repeats,
+              "weights": "random"}
+    return {
+        "extract_ratio": {
+            "value": median(extract),
+            "cpu_time_value": median([e / f for e, f in zip(per_cpu["e2e"], per_cpu["fp32"])]),
+            "images_per_second": {"end_to_end": median(steady["e2e"]), "forward_only": median(steady["fp32"])},
+            "raw": {"ratio_per_repeat": extract, "end_to_end": raw["e2e"], "forward_only": raw["fp32"],
+                    "e2e_equals_forward_max_abs_diff": float(np.max(np.abs(outputs["e2e"] - a))), **common},
+        },
+        "bf16_speedup": {
+            "value": median(bf16),
+            "cpu_time_value": median([b / f for b, f in zip(per_cpu["bf16"], per_cpu["fp32"])]),
+            "images_per_second": {"mixed_bfloat16": median(steady["bf16"]), "float32": median(steady["fp32"])},
+            "raw": {"speedup_per_repeat": bf16, "mixed_bfloat16": raw["bf16"], "float32": raw["fp32"], **common},
+        },
+        "bf16_cosine": {
+            "value": float(np.mean(cosine)),
+            "raw": {"min": float(np.min(cosine)), "images": len(paths),
+                    "relative_l2_error": float(np.linalg.norm(a - b) / np.linalg.norm(a))},
+        },
+    }

@@ -1,0 +1,64 @@
+"""What the benchmarks share: the project's params, the demo data, a feature store, timing helpers.
+
+Sizes come from the caller (quick or full run); every hyper-parameter comes from params.yaml, so
+the benchmarks measure the configuration the pipeline actually runs, never one tuned for them.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from captioning import files  # noqa: E402
+from captioning.captions import load_captions  # noqa: E402
+from captioning.demo import CAPTIONS, generate_demo  # noqa: E402
+from captioning.params import load_params  # noqa: E402
+
+PARAMS = load_params(ROOT / "params.yaml")
+FEATURE_DIM = 2048  # ResNet-50's pooled feature size (captioning.features.FEATURE_DIM, without importing TF)
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+class Stopwatch:
+    """`with Stopwatch() as t: ...` then `t.seconds`."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def demo_data(out_dir: Path, n_images: int, image_size: int | None = None) -> tuple[pd.DataFrame, Path]:
+    """The offline demo dataset (JPEGs + captions), read back by the pipeline's own parser."""
+    demo = PARAMS["demo"]
+    generate_demo(out_dir, n_images=n_images, image_size=image_size or demo["image_size"], seed=demo["seed"])
+    table, _ = load_captions(out_dir / CAPTIONS, out_dir / "images")
+    return table, out_dir / "images"
+
+
+def random_feature_dir(folder: Path, images: list[str], seed: int = 0) -> Path:
+    """A features folder in the pipeline's layout holding seeded random rows.
+
+    Training and decoding speed do not depend on the feature values, so the decoder benchmarks
+    skip the slow ResNet pass; both sides of each comparison read the very same rows.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = np.abs(np.random.default_rng(seed).normal(size=(len(images), FEATURE_DIM))).astype(np.float32)
+    np.save(folder / "features.npy", rows)
+    files.write_parquet(folder / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(len(images))}))
+    files.write_json(folder / "backbone.json", {"weights": "random", "seed": seed, "image_size": 224,
+                                                "precision": "float32", "weights_sha256": None})
+    return folder

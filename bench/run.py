@@ -1,0 +1,108 @@
+"""Run every benchmark and write bench/results.json (a table of the figures is printed at the end).
+
+    .venv/bin/python bench/run.py            # full sizes, ~15-20 min on 2 shared cores
+    .venv/bin/python bench/run.py --quick    # small sizes, a few minutes
+
+Every figure is the median of several repeats (warm-ups and tracing left out) with the raw numbers
+beside it; ratios compare two sides measured in the same process, on the same inputs, one after the
+other. Values are wall clock; where it applies, `cpu_time_value` gives the same ratio in CPU seconds
+of the process, which other jobs on shared cores hardly disturb (on a shared machine wall-clock
+ratios swing by 2x between repeats; the CPU ratios stay within a few percent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT  # noqa: E402
+
+# Sizes per mode; the hyper-parameters themselves come from params.yaml.
+SIZES = {
+    "quick": {"extract": dict(n_images=64, repeats=2),
+              "train": dict(n_images=100, pairs=3),
+              "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2),
+              "pipeline": dict(n_images=40, repeats=1, noop_repeats=3)},
+    "full": {"extract": dict(n_images=192, repeats=4),
+             "train": dict(n_images=200, pairs=8),
+             "beam": dict(n_images=500, loop_images=100, train_epochs=3, repeats=5, loop_chunks=5),
+             "pipeline": dict(n_images=150, repeats=3, noop_repeats=5)},
+}
+GOALS = {  # key: (comparison, threshold)
+    "extract_ratio": (">=", 0.9), "bf16_speedup": (">=", 1.4), "bf16_cosine": (">=", 0.999),
+    "train_speedup": (">=", 7.0), "beam_speedup": (">=", 10.0), "rss_growth": ("<=", 1.25),
+    "noop_repro_s": ("<", 3.0), "split_imports_tensorflow": ("==", False),
+}
+
+
+def meets(value, comparison: str, threshold) -> bool:
+    return {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold,
+            "==": value == threshold}[comparison]
+
+
+def table(results: dict) -> str:
+    """value = wall clock; cpu = the same ratio in CPU seconds of the process, where measured."""
+    lines = [f"{'figure':<26}{'value':>9}{'cpu':>9}  {'goal':<10}status"]
+    for key, (comparison, threshold) in GOALS.items():
+        entry = results[key]
+        value = entry["value"]
+        shown = str(value).lower() if isinstance(value, bool) else f"{value:.3f}"
+        cpu = f"{entry['cpu_time_value']:.3f}" if "cpu_time_value" in entry else "-"
+        goal = f"{comparison} {str(threshold).lower() if isinstance(threshold, bool) else threshold}"
+        lines.append(f"{key:<26}{shown:>9}{cpu:>9}  {goal:<10}{'ok' if entry['meets_goal'] else 'SHORT OF GOAL'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    sizes = SIZES[mode]
+    workdir = ROOT / "bench" / "run.tmp"  # git-ignored (bench/*.tmp/)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+    # TensorFlow is imported only here, after argument parsing; the pipeline benchmark runs first so
+    # that its subprocesses do not compete with a TensorFlow thread pool that is already warm.
+    from bench import bench_pipeline
+    results: dict = {}
+    seconds: dict = {}
+    steps = [("pipeline", lambda: bench_pipeline.run_benchmark(workdir / "pipeline", **sizes["pipeline"]))]
+    from bench import bench_beam, bench_extract, bench_train
+    steps += [("extract", lambda: bench_extract.run(workdir / "extract", **sizes["extract"])),
+              ("train", lambda: bench_train.run(workdir / "train", **sizes["train"])),
+              ("beam", lambda: bench_beam.run(workdir / "beam", **sizes["beam"]))]
+    for name, step in steps:
+        start = time.perf_counter()
+        print(f"[bench] {name} ...", flush=True)
+        results.update(step())
+        seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[bench] {name} done in {seconds[name]} s", flush=True)
+
+    for key, (comparison, threshold) in GOALS.items():
+        results[key] = {"value": results[key]["value"], "goal": f"{comparison} {threshold}",
+                        "meets_goal": bool(meets(results[key]["value"], comparison, threshold)),
+                        **{k: v for k, v in results[key].items() if k != "value"}}
+    report = {
+        **{key: results[key] for key in GOALS},
+        "run": {"mode": mode, "sizes": sizes, "seconds": seconds, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+                "notes": "2 shared CPU cores; features.weights random; medians of repeats, raw figures under raw"},
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(table(report))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

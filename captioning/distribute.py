@@ -1,0 +1,168 @@
+"""Where training runs: one device (`default`), all local GPUs (`mirrored`), or several machines
+(`multi_worker`, configured by the standard TF_CONFIG environment variable).
+
+The model is built and compiled inside `strategy.scope()`, and Keras' `fit` splits every global batch
+(train.batch_size captions) between the replicas and all-reduces the gradients, so every replica
+applies the same update. Under `multi_worker` only the chief writes the run's outputs; the other
+workers run exactly the same steps (collective ops need every worker) and write to a temporary folder
+that is deleted afterwards: the standard Keras multi-worker pattern.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from captioning.errors import UserError
+from captioning.params import STRATEGIES
+from captioning.tf_setup import tf
+
+TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}\'')
+
+
+@dataclass(frozen=True)
+class Placement:
+    strategy: tf.distribute.Strategy
+    name: str  # default | mirrored | multi_worker
+    is_chief: bool  # writes checkpoints, the model, metrics and DVCLive curves
+    worker: str  # e.g. "worker 1 of 2", for log lines
+
+    @property
+    def distributed(self) -> bool:
+        return self.name != "default"
+
+    def scope(self):
+        """The strategy's scope, or no context at all for `default` (so its numerics are untouched)."""
+        return self.strategy.scope() if self.distributed else contextlib.nullcontext()
+
+
+def make_placement(name: str) -> Placement:
+    """Create the strategy. Call it before any other TensorFlow work: MultiWorkerMirroredStrategy
+    starts the gRPC server of this worker and must exist before TensorFlow builds its devices."""
+    if name == "default":
+        return Placement(tf.distribute.get_strategy(), name, True, "single process")
+    if name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+        return Placement(strategy, name, True, f"{strategy.num_replicas_in_sync} local replica(s)")
+    if name != "multi_worker":
+        raise UserError(f"params.yaml: train.strategy is {name!r}; use one of: {', '.join(STRATEGIES)}.")
+    task_type, task_id, cluster = _tf_config()
+    strategy = _reduce_nested_values(tf.distribute.MultiWorkerMirroredStrategy())
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
+    return Placement(strategy, name, chief, f"{task_type} {task_id} of {workers} workers"
+                     f"{' (chief)' if chief else ''}, {strategy.num_replicas_in_sync} replicas in all")
+
+
+def _reduce_nested_values(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
+    """Make MultiWorkerMirroredStrategy.reduce take what Keras 3's fit gives it with 2+ workers.
+
+    Two known incompatibilities (keras-team/keras#20329, tensorflow/tensorflow#72388), both worked
+    around here rather than by patching Keras:
+    - fit reduces one whole input batch ((inputs dict, targets)) to build the model, but this strategy
+      reduces single tensors only ("Attempt to convert a value ({'features': PerReplica...})"): reduce
+      leaf by leaf, as MirroredStrategy does;
+    - fit averages every logged metric with axis=0, but a metric is a scalar ("Invalid reduction
+      dimension 0 for input with 0 dimensions"): a scalar has no batch axis, so average across
+      replicas only (the metrics are already synchronised, so this changes no value).
+    Every worker makes the same calls in the same order, so the collectives still match.
+    """
+    reduce = strategy.reduce
+
+    def reduce_each(reduce_op, value, axis=None):
+        def one(leaf):
+            rank = strategy.experimental_local_results(leaf)[0].shape.rank
+            return reduce(reduce_op, leaf, axis=None if rank == 0 else axis)
+        return tf.nest.map_structure(one, value)
+
+    strategy.reduce = reduce_each
+    return strategy
+
+
+def _tf_config() -> tuple[str, int, dict]:
+    """Read TF_CONFIG, failing with one clear line instead of a hang or a gRPC traceback."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UserError("train.strategy: multi_worker needs the TF_CONFIG environment variable on every "
+                        f"worker, e.g. {TF_CONFIG_EXAMPLE} (index 1 on the second machine).")
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        task_type, task_id = task["type"], int(task["index"])
+        if task_type not in ("chief", "worker") or not isinstance(cluster.get(task_type), list) \
+                or not 0 <= task_id < len(cluster[task_type]):
+            raise ValueError(f"task {task_type} {task_id} is not in the cluster")
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"TF_CONFIG is not a valid cluster description ({err}); expected e.g. "
+                        f"{TF_CONFIG_EXAMPLE}.") from None
+    return task_type, task_id, cluster
+
+
+def shard_by_data(dataset: tf.data.Dataset, placement: Placement) -> tf.data.Dataset:
+    """Under multi_worker, let each worker keep its replicas' slices of every global batch.
+
+    Our datasets are index ranges fed through numpy_function, not files, so sharding by file cannot
+    apply; DATA sharding makes every worker compute the same global batch and keep its own part of it
+    (the batch is cut into per-replica pieces first), so the global batch stays train.batch_size.
+    """
+    if placement.name != "multi_worker":
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def check_agreement(placement: Placement, fingerprint: str, epoch: int) -> None:
+    """Under multi_worker, stop unless every worker trains the same thing from the same epoch.
+
+    Workers that disagree (other data or params, or one resuming a checkpoint the others lack) would
+    otherwise hang in the first collective or silently average unrelated gradients.
+    """
+    if placement.name != "multi_worker":
+        return
+    mine = tf.constant([[int(fingerprint[:15], 16), epoch]], tf.int64)  # 60 bits of the hash fit an int64
+
+    @tf.function
+    def everyones():
+        return placement.strategy.run(lambda: tf.identity(mine))
+
+    rows = placement.strategy.gather(everyones(), axis=0).numpy()  # one row per replica of every worker
+    if len(set(rows[:, 0])) > 1:
+        raise UserError("the workers do not train the same thing: their params, training code or input files "
+                        "differ. Give every machine the same commit and the same `dvc pull`ed data.")
+    if len(set(rows[:, 1])) > 1:
+        raise UserError(f"the workers would start from different epochs ({sorted(set(rows[:, 1].tolist()))}): the "
+                        "checkpoint folder must be shared by all workers (or deleted on all of them to start over).")
+
+
+@contextlib.contextmanager
+def output_dir(placement: Placement, path: Path) -> Iterator[Path]:
+    """`path` on the chief; on another worker a temporary folder, deleted on exit. Every worker must
+    still save (saving can read distributed variables), only the chief's files are kept."""
+    if placement.is_chief:
+        yield Path(path)
+        return
+    temporary = Path(tempfile.mkdtemp(prefix=f"worker-{Path(path).name}-"))
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+class NullLive:
+    """DVCLive's interface, doing nothing: the curves are logged by the chief only."""
+
+    def log_metric(self, *args, **kwargs):
+        pass
+
+    def next_step(self):
+        pass
+
+    def end(self):
+        pass

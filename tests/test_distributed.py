@@ -1,0 +1,192 @@
+"""train.strategy: two multi-worker processes on 127.0.0.1 end with the same weights and only the chief
+writes outputs; `mirrored` on a CPU (one replica) trains exactly like `default`.
+
+Synthetic features and captions keep it to a few seconds of training; most of the time is the two
+processes importing TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from captioning import files
+from conftest import PROJECT, tool_env
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
+TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,
+              "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10}
+
+# Runs the real train_lstm stage, and also saves the final weights of every worker (the non-chief one
+# writes nothing of its own) by wrapping save_bundle, which every worker calls.
+WORKER = """
+import sys
+import numpy as np
+import captioning.train as train
+save_bundle = train.save_bundle
+def save_and_record(model, *args, **kwargs):
+    np.savez(sys.argv[1], *model.get_weights())
+    save_bundle(model, *args, **kwargs)
+train.save_bundle = save_and_record
+from captioning.errors import run_cli
+from stages.train_lstm import main
+run_cli(main)
+"""
+
+
+def write_inputs(project: Path, strategy: str, n_images: int = 40) -> None:
+    """What train_lstm reads, synthetic: captions table, split, features folder, params.yaml."""
+    rng = np.random.default_rng(0)
+    images = [f"img{i:03d}.jpg" for i in range(n_images)]
+    captions = pd.DataFrame([(image, " ".join(rng.choice(WORDS, size=rng.integers(3, 8))))
+                             for image in images for _ in range(3)], columns=["image", "caption"])
+    features = project / "data/features"
+    features.mkdir(parents=True)
+    np.save(features / "features.npy", rng.normal(size=(n_images, 2048)).astype(np.float32))
+    files.write_parquet(features / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(n_images)}))
+    files.write_json(features / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
+                                                  "precision": "float32", "weights_sha256": None})
+    files.write_parquet(project / "data/captions.parquet", captions)
+    files.write_lines(project / "data/split/train.txt", images[: n_images * 3 // 4])
+    files.write_lines(project / "data/split/dev.txt", images[n_images * 3 // 4:])
+    (project / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "strategy": strategy}}))
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    projects = [tmp_path / f"machine{index}" for index in range(2)]  # one folder per "machine"
+    processes = []
+    for index, project in enumerate(projects):
+        write_inputs(project, "multi_worker")
+        env = {**tool_env(), "PYTHONPATH": str(PROJECT), "CUDA_VISIBLE_DEVICES": "",
+               "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        log = open(project / "log.txt", "w")
+        processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
+                                          cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 85
+    try:
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    logs = [(project / "log.txt").read_text() for project in projects]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-4000:]
+    assert "worker 0 of 2 workers (chief), 2 replicas in all" in logs[0]
+    assert "worker 1 of 2 workers, 2 replicas in all" in logs[1]
+
+    chief, other = ([np.load(project / "weights.npz")[f"arr_{i}"] for i in range(len(np.load(project / "weights.npz")))]
+                    for project in projects)
+    assert len(chief) == len(other) > 10
+    for mine, theirs in zip(chief, other):
+        np.testing.assert_array_equal(mine, theirs)
+
+    chief_dir, other_dir = projects
+    metrics = json.loads((chief_dir / "metrics/train.json").read_text())
+    assert metrics["epochs"] == 2 and np.isfinite(metrics["loss"])
+    for output in ("data/model/model.keras", "data/model/vocab.json", "checkpoints/state.json",
+                   "dvclive/plots/metrics/train/loss.tsv"):
+        assert (chief_dir / output).is_file(), output
+        assert not (other_dir / output).exists(), output
+    assert not (other_dir / "metrics").exists() and not (other_dir / "checkpoints").exists()
+
+    from captioning.model import keras  # registers the custom loss and metric the model file names
+    saved = keras.models.load_model(chief_dir / "data/model/model.keras").get_weights()
+    for mine, theirs in zip(chief, saved):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def run_in_process(project: Path, strategy: str) -> tuple[dict, list[np.ndarray]]:
+    """One epoch through captioning.train.train in this process; its metrics and final weights."""
+    from captioning.train import TrainConfig, keras, train
+
+    write_inputs(project, strategy)
+    data = project / "data"
+    metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy}),
+                    pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
+                    (data / "split/dev.txt").read_text().split(), data / "features", data / "model",
+                    project / "checkpoints", project / "dvclive", [data / "captions.parquet"])
+    return metrics, keras.models.load_model(data / "model/model.keras").get_weights()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    return run_in_process(tmp_path_factory.mktemp("default"), "default")
+
+
+def without_timing(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key != "train_seconds"}
+
+
+def test_mirrored_on_cpu_trains_exactly_like_default(default_run, tmp_path):
+    """With no GPU, MirroredStrategy has one replica (the CPU): the very same numbers as no strategy."""
+    metrics, weights = run_in_process(tmp_path, "mirrored")
+    assert metrics["epochs"] == 1
+    assert without_timing(metrics) == without_timing(default_run[0])
+    for mine, theirs in zip(weights, default_run[1]):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+# Two logical CPUs stand in for two GPUs. Must run before TensorFlow sets up its devices: a new process.
+TWO_REPLICAS = """
+from captioning.tf_setup import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+mirrored = tf.distribute.MirroredStrategy
+tf.distribute.MirroredStrategy = lambda: mirrored(["/cpu:0", "/cpu:1"])
+from captioning.errors import run_cli
+from stages.train_lstm import main
+run_cli(main)
+"""
+
+
+def test_mirrored_with_two_replicas_learns_like_one(default_run, tmp_path):
+    """Each global batch is split in two and the gradients are averaged, not summed: without dropout the
+    curves match one device's up to the per-replica averaging of the token loss."""
+    write_inputs(tmp_path, "mirrored")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"].update(epochs=1, dropout=0.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-c", TWO_REPLICAS], cwd=tmp_path, capture_output=True, text=True,
+                            env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=150)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "strategy mirrored: 2 local replica(s); global batch 16" in result.stdout
+    metrics, expected = json.loads((tmp_path / "metrics/train.json").read_text()), default_run[0]
+    for key in ("loss", "val_loss"):  # a loss counted twice (summed gradients) would be ~2x
+        assert metrics[key] == pytest.approx(expected[key], rel=0.01), key
+    assert metrics["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=0.02)
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
+    from captioning.distribute import make_placement
+    from captioning.errors import UserError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="needs the TF_CONFIG environment variable"):
+        make_placement("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}')
+    with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster description"):
+        make_placement("multi_worker")

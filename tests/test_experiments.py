@@ -1,0 +1,74 @@
+"""DVC experiments on the tiny project: the README's "Compare experiments" commands, as written.
+
+Two queued runs (1 and 3 epochs) rerun train_lstm, evaluate and plot in temporary folders; then
+`dvc exp show`, `dvc metrics diff` and `dvc plots diff` compare them. This needs the metrics and the
+DVCLive curves in git (`cache: false` outputs that .gitignore must not hide) and the PNG plots in
+DVC's cache: otherwise every experiment shows `!` for its metrics and nothing to plot.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run
+
+EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
+SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view
+
+
+def experiments_by_name(show: list[dict]) -> dict[str, dict]:
+    """`dvc exp show --json` -> {experiment name: its data (params, metrics, ...)}."""
+    found = {}
+    for baseline in show:
+        for experiment in baseline.get("experiments") or []:
+            found[experiment["name"]] = experiment["revs"][0]["data"]
+    return found
+
+
+@pytest.mark.slow
+def test_queued_experiments_are_compared(demo_run, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(demo_run, project, symlinks=True)  # the shared run stays untouched
+    # Experiments start from a commit: commit the finished `dvc repro` (dvc.lock, metrics, curves).
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+    tracked = run(["git", "ls-files", "metrics", "dvclive"], project).stdout.split()
+    assert {"metrics/train.json", "metrics/eval.json", "dvclive/plots/metrics/val/loss.tsv"} <= set(tracked)
+    try:
+        for name, epochs in EXPERIMENTS.items():
+            run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.epochs={epochs}", "-C", "data/demo"],
+                project)
+        run(["dvc", "exp", "run", "--run-all"], project, timeout=900)  # starts a worker, follows the logs, waits
+        status = run(["dvc", "queue", "status"], project).stdout
+        for name in EXPERIMENTS:
+            line = next(line for line in status.splitlines() if f" {name} " in f" {line} ")
+            assert "Success" in line, f"{name} did not succeed:\n{run(['dvc', 'queue', 'logs', name], project).stdout}"
+        logs = run(["dvc", "queue", "logs", "epochs-1"], project).stdout
+        assert "Stage 'extract_resnet_features' didn't change, skipping" in logs
+        assert " decoding: " in logs and "scoring the model: " in logs  # evaluate's progress bars
+
+        table = run(["dvc", "exp", "show", "--drop", ".*", "--keep", SHOW_COLUMNS, "--csv"], project).stdout
+        assert set(table.splitlines()[0].split(",")) == {"Experiment", "val_loss", "bleu4", "cider", "train.epochs"}
+        shown = experiments_by_name(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
+        assert set(EXPERIMENTS) <= set(shown)
+        for name, epochs in EXPERIMENTS.items():
+            metrics = shown[name]["metrics"]
+            assert shown[name]["params"]["params.yaml"]["data"]["train"]["epochs"] == epochs
+            assert metrics["metrics/train.json"]["data"]["epochs"] == epochs
+            assert isinstance(metrics["metrics/eval.json"]["data"]["bleu4"], float)
+
+        diff = json.loads(run(["dvc", "metrics", "diff", "epochs-1", "epochs-3", "--json"], project).stdout)
+        assert diff["metrics/train.json"]["epochs"] == {"old": 1, "new": 3, "diff": 2}
+        assert "bleu4" in diff["metrics/eval.json"]
+        run(["dvc", "metrics", "diff", "epochs-1", "epochs-3"], project)
+
+        plots = run(["dvc", "plots", "diff", "epochs-1", "epochs-3"], project)
+        assert "failed to load" not in plots.stdout + plots.stderr
+        page = (project / "dvc_plots" / "index.html").read_text()
+        assert "Loss (masked cross-entropy)" in page
+        images = {path.name for path in (project / "dvc_plots" / "static").glob("*.png")}
+        assert {"epochs-1_plots_learning_curves.png", "epochs-3_plots_learning_curves.png"} <= images
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], project, check=False, timeout=120)

@@ -1,0 +1,101 @@
+"""Every command answers `--help` at once (without running, without TensorFlow), and long steps show progress."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from captioning.__main__ import _parser
+from captioning.scoring import score_captions
+from conftest import PROJECT
+
+STAGE_MODULES = sorted(stage["cmd"].split()[-1] for stage in
+                       yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].values())
+SUBCOMMANDS = sorted(next(action for action in _parser()._actions
+                          if isinstance(action, argparse._SubParsersAction)).choices)
+
+
+@pytest.fixture(scope="module")
+def no_tensorflow(tmp_path_factory):
+    """An environment where importing TensorFlow fails: `--help` must not need it (it costs seconds)."""
+    fake = tmp_path_factory.mktemp("fake_modules")
+    (fake / "tensorflow").mkdir()
+    (fake / "tensorflow" / "__init__.py").write_text("raise ImportError('--help imported TensorFlow')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), str(PROJECT)])
+    return env
+
+
+def run_help(args: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    """Run in an empty folder: a command that ran instead of printing help would fail or write files."""
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert list(cwd.iterdir()) == [], f"{args} wrote files"
+    return result
+
+
+def test_every_stage_file_is_a_dvc_stage():
+    files = sorted(f"stages.{path.stem}" for path in (PROJECT / "stages").glob("*.py") if path.stem != "__init__")
+    assert STAGE_MODULES == files
+
+
+@pytest.mark.parametrize("module", STAGE_MODULES)
+def test_stage_help_describes_it_and_does_not_run(module, no_tensorflow, tmp_path):
+    result = run_help(["-m", module, "--help"], no_tensorflow, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module} [-h]")
+    docstring = __import__(module, fromlist=["main"]).__doc__
+    first_words = " ".join(docstring.split()[:4])
+    assert first_words in " ".join(result.stdout.split())
+    assert "params.yaml" in result.stdout and "dvc repro" in result.stdout
+
+
+def test_stage_rejects_arguments(no_tensorflow, tmp_path):
+    result = run_help(["-m", "stages.split", "--epochs", "3"], no_tensorflow, tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments: --epochs 3" in result.stderr
+
+
+def test_captioning_help_lists_its_commands(no_tensorflow, tmp_path):
+    result = run_help(["-m", "captioning", "--help"], no_tensorflow, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {"caption", "demo", "plots-template"} <= set(SUBCOMMANDS)
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help(command, no_tensorflow, tmp_path):
+    result = run_help(["-m", "captioning", command, "--help"], no_tensorflow, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m captioning {command}")
+    assert "options:" in result.stdout
+
+
+def test_scoring_shows_a_bar_per_metric_only_when_asked(capsys):
+    candidates, references = {"a": "a dog runs", "b": "a cat"}, {"a": ["a dog runs fast"], "b": ["the cat"]}
+    quiet, _ = score_captions(candidates, references, meteor=False)
+    assert capsys.readouterr().err == ""
+    shown, _ = score_captions(candidates, references, meteor=False, progress="scoring the model")
+    err = capsys.readouterr().err
+    assert "scoring the model: 100%" in err and "3/3" in err and "CIDEr" in err
+    assert shown == quiet
+
+
+def test_decoding_shows_a_bar_over_images_only_when_asked(capsys):
+    from captioning.decode import Captioner
+    from captioning.model import build_decoder
+    from captioning.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a red circle", "two blue squares"], 1)
+    features = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    captioner = Captioner(build_decoder(len(vocab), 4, 1e-6, 0.2, features.mean(0), features.var(0)), vocab)
+    quiet = captioner.captions(features, method="greedy", max_length=3, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = captioner.captions(features, method="greedy", max_length=3, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "greedy decoding: 100%" in err and "5/5" in err
+    assert shown == quiet
