@@ -12,7 +12,8 @@ from captioning.errors import UserError, one_line, run_cli
 from captioning.params import PARAMS_FILE, load_params, read_params, section
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
-DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_length": 20}  # as params.yaml
+DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "rerank": "consensus",
+                  "max_length": 20}  # as params.yaml
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ class DecodeSettings:
     method: str
     beam_size: int
     length_penalty: float
+    rerank: str
     max_length: int
     batch_size: int
 

@@ -19,6 +19,7 @@ PARAMS_FILE = Path("params.yaml")
 PRECISIONS = ("float32", "mixed_bfloat16")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DECODE_METHODS = ("greedy", "beam")
+RERANKS = ("none", "consensus")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # train.strategy, see captioning/distribute.py
 MAX_SEED = 2**32 - 1  # NumPy's limit, which keras.utils.set_random_seed inherits
 MIN_IMAGE_SIZE = 32   # the smallest input ResNet-50 accepts
@@ -123,7 +124,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "learning_rate": number(0, open_low=True), "clipnorm": number(0, open_low=True),
               "min_count": POSITIVE, "max_length": POSITIVE, "strategy": one_of(*STRATEGIES)},
     "decode": {"method": one_of(*DECODE_METHODS), "beam_size": POSITIVE, "length_penalty": number(0),
-               "max_length": POSITIVE, "batch_size": POSITIVE},
+               "rerank": one_of(*RERANKS), "max_length": POSITIVE, "batch_size": POSITIVE},
     "plot": {"n_samples": POSITIVE, "grid_size": POSITIVE},
 }
 

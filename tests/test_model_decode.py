@@ -82,3 +82,16 @@ def test_unfinished_caption_is_returned_at_max_length(trained):
         captions = captioner.captions(features, method=method, beam_size=3, max_length=2)
         assert all(1 <= len(c.split()) <= 2 for c in captions)
         assert captions[1] == "two blue"  # cut at 2 words, the partial caption is kept
+
+
+def test_consensus_rerank_picks_the_beam_the_others_agree_with():
+    from captioning.decode import NEG_INF, choose_beam
+
+    beams = np.array([[10, 11, 12, 13, END_ID],   # most probable, shares little with the others
+                      [5, 6, 7, END_ID, PAD_ID],  # the phrase the others contain
+                      [9, 5, 6, 7, END_ID],
+                      [5, 6, 7, 8, END_ID]])
+    scores = np.array([-1.0, -1.1, -1.2, NEG_INF * 10])  # the last beam never finished: out
+    assert list(choose_beam(beams, scores, "none")) == list(beams[0])
+    assert list(choose_beam(beams, scores, "consensus")) == list(beams[1])
+    assert list(choose_beam(beams[:1], scores[:1], "consensus")) == list(beams[0])  # width 1: greedy's pick
