@@ -62,7 +62,8 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     paths = [str(images_dir / name) for name in sorted(table["image"].unique())]
     pixels = np.stack([load_image(path, size) for path in paths])
     batches = [tf.constant(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
-    backbones = {p: build_backbone(make_spec("random", options["seed"], size, p)) for p in ("float32", "mixed_bfloat16")}
+    backbones = {precision: build_backbone(make_spec("random", options["seed"], size, precision))
+                 for precision in ("float32", "mixed_bfloat16")}
     outputs = {key: np.zeros((len(paths), FEATURE_DIM), np.float32) for key in ("e2e", "fp32", "bf16")}
     memmap = np.lib.format.open_memmap(workdir / "features.npy", mode="w+", dtype=np.float32,
                                        shape=(len(paths), FEATURE_DIM))

@@ -9,6 +9,7 @@ the no-op `dvc repro` is timed afterwards, alone.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 from bench.common import ROOT, median
 
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_project, run  # noqa: E402
+from conftest import make_project, run as run_command  # noqa: E402
 
 HEAVY_STAGES = ("extract_resnet_features", "train_lstm")
 PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
@@ -27,23 +28,25 @@ IMPORTS_TF = ("import runpy, sys; runpy.run_module(sys.argv.pop(1), run_name='__
 
 
 def peak_rss_mb(args: list[str], cwd: Path) -> float:
-    return int(run([sys.executable, "-c", PEAK_RSS, *args], cwd).stdout.split()[-1]) / 1024  # KiB on Linux
+    return int(run_command([sys.executable, "-c", PEAK_RSS, *args], cwd).stdout.split()[-1]) / 1024  # KiB on Linux
 
 
 def stage_rss(project: Path, repeats: int) -> dict[str, list[float]]:
-    run(["dvc", "repro", "split"], project)
+    run_command(["dvc", "repro", "split"], project)
     rss = {stage: [] for stage in HEAVY_STAGES}
     for r in range(repeats):
+        # A forced rerun of train_lstm would resume from its persistent checkpoint and train nothing.
+        shutil.rmtree(project / "checkpoints", ignore_errors=True)
         for stage in HEAVY_STAGES:
             rss[stage].append(peak_rss_mb(["dvc", "repro", "-s", *(["-f"] if r else []), stage], project))
     return rss
 
 
-def run_benchmark(workdir: Path, n_images: int, repeats: int, noop_repeats: int) -> dict:
+def run(workdir: Path, n_images: int, repeats: int, noop_repeats: int) -> dict:
     def small_project():
         project = make_project(workdir / "x1", {"demo": {"n_images": n_images}})
         rss = stage_rss(project, repeats)
-        run(["dvc", "repro"], project)  # the rest of the pipeline, so that everything is up to date
+        run_command(["dvc", "repro"], project)  # the rest of the pipeline, so that everything is up to date
         return project, rss
 
     def large_project():
@@ -56,13 +59,13 @@ def run_benchmark(workdir: Path, n_images: int, repeats: int, noop_repeats: int)
     rss = {"x1": rss_x1, "x4": rss_x4}
     ratios = {stage: median(rss["x4"][stage]) / median(rss["x1"][stage]) for stage in HEAVY_STAGES}
 
-    imports = {stage: run([sys.executable, "-c", IMPORTS_TF, f"stages.{stage}"], small).stdout.split()[-1] == "True"
-               for stage in ("parse_pickle", "split")}
-    run(["dvc", "repro"], small)  # warm-up (re-checks the outputs the import check rewrote)
+    imports = {stage: run_command([sys.executable, "-c", IMPORTS_TF, f"stages.{stage}"], small).stdout.split()[-1]
+               == "True" for stage in ("parse_pickle", "split")}
+    run_command(["dvc", "repro"], small)  # warm-up (re-checks the outputs the import check rewrote)
     noop = []
     for _ in range(noop_repeats):
         start = time.perf_counter()
-        output = run(["dvc", "repro"], small).stdout
+        output = run_command(["dvc", "repro"], small).stdout
         noop.append(time.perf_counter() - start)
         assert "Running stage" not in output, output
     return {

@@ -154,6 +154,7 @@ def run(workdir: Path, n_images: int, pairs: int) -> dict:
                 "ratio_of_median_epochs": median(wall["expansion"]) / median(wall["ours"]),
                 "epoch_cpu_seconds": cpu,
                 "captions": len(data), "expansion_samples": samples, "expansion_padded_length": width,
-                "ours_epochs_per_turn": k, "ours_steps_per_epoch": ours_steps, "expansion_steps_per_epoch": expansion_steps,
+                "ours_epochs_per_turn": k, "ours_steps_per_epoch": ours_steps,
+                "expansion_steps_per_epoch": expansion_steps,
                 "batch_size": batch_size, "units": OPTIONS["units"], "vocab": len(vocab)},
     }}

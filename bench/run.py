@@ -12,6 +12,7 @@ ratios swing by 2x between repeats; the CPU ratios stay within a few percent).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -25,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT  # noqa: E402
 
 # Sizes per mode; the hyper-parameters themselves come from params.yaml.
-SIZES = {
-    "quick": {"extract": dict(n_images=64, repeats=2),
+SIZES = {  # run in this order, each by bench/bench_<name>.py
+    "quick": {"pipeline": dict(n_images=40, repeats=1, noop_repeats=3),
+              "extract": dict(n_images=64, repeats=2),
               "train": dict(n_images=100, pairs=3),
-              "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2),
-              "pipeline": dict(n_images=40, repeats=1, noop_repeats=3)},
-    "full": {"extract": dict(n_images=192, repeats=4),
+              "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2)},
+    "full": {"pipeline": dict(n_images=150, repeats=3, noop_repeats=5),
+             "extract": dict(n_images=192, repeats=4),
              "train": dict(n_images=200, pairs=8),
-             "beam": dict(n_images=500, loop_images=100, train_epochs=3, repeats=5, loop_chunks=5),
-             "pipeline": dict(n_images=150, repeats=3, noop_repeats=5)},
+             "beam": dict(n_images=500, loop_images=100, train_epochs=3, repeats=5, loop_chunks=5)},
 }
 GOALS = {  # key: (comparison, threshold)
     "extract_ratio": (">=", 0.9), "bf16_speedup": (">=", 1.4), "bf16_cosine": (">=", 0.999),
@@ -71,25 +72,18 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
 
-    # TensorFlow is imported only here, after argument parsing; the pipeline benchmark runs first so
-    # that its subprocesses do not compete with a TensorFlow thread pool that is already warm.
-    from bench import bench_pipeline
     results: dict = {}
     seconds: dict = {}
-    steps = [("pipeline", lambda: bench_pipeline.run_benchmark(workdir / "pipeline", **sizes["pipeline"]))]
-    from bench import bench_beam, bench_extract, bench_train
-    steps += [("extract", lambda: bench_extract.run(workdir / "extract", **sizes["extract"])),
-              ("train", lambda: bench_train.run(workdir / "train", **sizes["train"])),
-              ("beam", lambda: bench_beam.run(workdir / "beam", **sizes["beam"]))]
-    for name, step in steps:
+    for name in sizes:  # the pipeline first: TensorFlow is not imported in this process before it ends
         start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        results.update(step())
+        module = importlib.import_module(f"bench.bench_{name}")
+        results.update(module.run(workdir / name, **sizes[name]))
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"[bench] {name} done in {seconds[name]} s", flush=True)
 
     for key, (comparison, threshold) in GOALS.items():
-        results[key] = {"value": results[key]["value"], "goal": f"{comparison} {threshold}",
+        results[key] = {"value": results[key]["value"], "goal": f"{comparison} {json.dumps(threshold)}",
                         "meets_goal": bool(meets(results[key]["value"], comparison, threshold)),
                         **{k: v for k, v in results[key].items() if k != "value"}}
     report = {

@@ -21,7 +21,7 @@ def _show(ax, path: Path, text: str, width: int = 42) -> None:
     except OSError:
         ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
     ax.set_axis_off()
-    ax.set_title("\n".join(textwrap.wrap(text, width)), fontsize=7, loc="left")
+    ax.set_title("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=7, loc="left")
 
 
 def _save(fig, path: Path) -> None:
