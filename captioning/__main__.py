@@ -9,7 +9,7 @@ from pathlib import Path
 
 from captioning import layout
 from captioning.errors import UserError, one_line, run_cli
-from captioning.params import PARAMS_FILE, load_params, read_params, section
+from captioning.params import PARAMS_FILE, read_params
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
 DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "rerank": "consensus",
@@ -88,10 +88,12 @@ def caption_command(args) -> int:
 def demo_command(args) -> int:
     from captioning.demo import generate_demo
 
-    options = section(load_params(args.params), "demo", ("out_dir", "n_images", "image_size", "seed"))
-    summary = generate_demo(Path(options["out_dir"]), n_images=int(options["n_images"]),
-                            image_size=int(options["image_size"]), seed=int(options["seed"]))
-    print(f"demo dataset in {options['out_dir']}: {summary}")
+    options = read_params("demo", path=args.params)["demo"]  # checked like every stage's params
+    summary = generate_demo(Path(options["out_dir"]), n_images=options["n_images"],
+                            image_size=options["image_size"], seed=options["seed"])
+    state = "up to date" if summary["skipped"] else "written"
+    print(f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
+          f"{summary['vocab_size']} words -> {options['out_dir']}")
     return 0
 
 

@@ -17,7 +17,6 @@ no metadata, so the same arguments give byte-identical files (and image i does n
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -264,24 +263,3 @@ def generate_demo(out_dir, *, n_images: int, image_size: int, seed: int) -> dict
     write_json(out_dir / MANIFEST, {**manifest, "captions_sha256": digest})
     return _summary(scenes, lines, digest, skipped=False)
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m captioning.demo`: generate with the `demo:` section of params.yaml."""
-    import yaml
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))["demo"]
-    summary = generate_demo(params["out_dir"], n_images=params["n_images"],
-                            image_size=params["image_size"], seed=params["seed"])
-    state = "up to date" if summary["skipped"] else "written"
-    print(f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
-          f"{summary['vocab_size']} words -> {params['out_dir']}")
-    return summary
-
-
-if __name__ == "__main__":
-    from captioning.errors import run_cli
-
-    run_cli(main)

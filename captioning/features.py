@@ -22,11 +22,10 @@ from tqdm import tqdm
 from captioning import files
 from captioning.errors import UserError
 from captioning.images import ImageError, load_image
-from captioning.params import PRECISIONS, SCHEMA, WEIGHTS_HINT  # noqa: F401  PRECISIONS re-exported
+from captioning.params import SCHEMA, WEIGHTS_HINT
 from captioning.tf_setup import keras, seed_everything, tf
 
 FEATURE_DIM = 2048
-IMAGENET_HINT = WEIGHTS_HINT
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def build_backbone(spec: BackboneSpec) -> keras.Model:
             )
         except Exception as err:  # download failures surface as many exception types
             if spec.weights == "imagenet":
-                raise UserError(f"could not get the ImageNet ResNet-50 weights ({err}). {IMAGENET_HINT}") from None
+                raise UserError(f"could not get the ImageNet ResNet-50 weights ({err}). {WEIGHTS_HINT}") from None
             if spec.weights != "random":
                 raise UserError(f"could not load ResNet-50 weights from {spec.weights} ({err}). "
                                 "It must be a no-top ResNet-50 weights file (.h5 / .weights.h5).") from None

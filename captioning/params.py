@@ -174,13 +174,8 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
     return values
 
 
+
 def choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
     if value not in allowed:
         raise UserError(f"params.yaml: {key} is {value!r}; use one of: {', '.join(allowed)}.")
     return value
-
-
-def positive(value: Any, key: str, kind: type = int) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise UserError(f"params.yaml: {key} must be a positive number, got {value!r}.")
-    return kind(value)
