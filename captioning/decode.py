@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collections import Counter
-
 import numpy as np
 from tqdm import tqdm
 
+from captioning import consensus
+from captioning.errors import UserError
 from captioning.model import inference_models
 from captioning.tf_setup import keras, tf
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -22,10 +22,16 @@ NEG_INF = -1e9
 
 
 class Captioner:
-    """A trained decoder plus its vocabulary, turning feature vectors into captions."""
+    """A trained decoder plus its vocabulary, turning feature vectors into captions.
 
-    def __init__(self, model: keras.Model, vocab: Vocabulary):
+    `statistics` (the training captions' n-gram document frequencies) is what the consensus rerank
+    weighs n-grams by; without it only `rerank: none` is possible.
+    """
+
+    def __init__(self, model: keras.Model, vocab: Vocabulary,
+                 statistics: consensus.NgramStatistics | None = None):
         self.vocab = vocab
+        self.statistics = statistics
         self.encoder, self.step = inference_models(model)
         banned = np.zeros(len(vocab), np.float32)
         banned[[PAD_ID, START_ID, UNK_ID]] = NEG_INF
@@ -47,7 +53,9 @@ class Captioner:
 
         model_dir = Path(model_dir)
         model = keras.models.load_model(model_dir / "model.keras", compile=False)
-        return cls(model, Vocabulary.load(model_dir / "vocab.json"))
+        statistics_file = model_dir / consensus.FILE_NAME
+        statistics = consensus.NgramStatistics.load(statistics_file) if statistics_file.is_file() else None
+        return cls(model, Vocabulary.load(model_dir / "vocab.json"), statistics)
 
     def _log_probs(self, tokens, states, first_step):
         outputs = self.step([tokens[:, None], *states], training=False)
@@ -107,6 +115,10 @@ class Captioner:
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
                     rerank: str = "none", progress: bool = False) -> list[np.ndarray]:
+        if method == "beam" and rerank == "consensus" and self.statistics is None:
+            raise UserError(f"decode.rerank: consensus needs the training captions' n-gram statistics "
+                            f"({consensus.FILE_NAME} beside the model), and this model has none. Retrain it "
+                            "with `dvc repro`, or set decode.rerank: none.")
         results = []
         with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
             for start in range(0, len(features), batch_size):
@@ -116,7 +128,7 @@ class Captioner:
                 else:
                     beams, scores = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
                                                tf.constant(length_penalty, tf.float32))
-                    ids = [choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy())]
+                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy())]
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results
@@ -124,40 +136,14 @@ class Captioner:
     def captions(self, features: np.ndarray, **settings) -> list[str]:
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]
 
+    def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str = "none") -> np.ndarray:
+        """Pick one of an image's final beams (rows of `beams`, scored by `scores`).
 
-def _words(ids: np.ndarray) -> tuple[int, ...]:
-    ids = list(ids)
-    return tuple(ids[: ids.index(END_ID)] if END_ID in ids else ids)
-
-
-def ngram_agreement(a: tuple, b: tuple, max_n: int = 4) -> float:
-    """Mean over n = 1..4 of the n-gram F1 between two token sequences (1.0 when identical)."""
-    values = []
-    for n in range(1, max_n + 1):
-        grams_a = Counter(a[i:i + n] for i in range(len(a) - n + 1))
-        grams_b = Counter(b[i:i + n] for i in range(len(b) - n + 1))
-        total = sum(grams_a.values()) + sum(grams_b.values())
-        if total:
-            values.append(2 * sum((grams_a & grams_b).values()) / total)
-    return float(np.mean(values)) if values else 1.0
-
-
-def choose_beam(beams: np.ndarray, scores: np.ndarray, rerank: str = "none") -> np.ndarray:
-    """Pick one of an image's final beams (rows of `beams`, scored by `scores`).
-
-    `none`: the highest score. `consensus`: minimum-Bayes-risk selection, the beam with the highest
-    expected n-gram agreement with all live beams weighted by their probabilities (Kumar & Byrne,
-    2004). When the references are several equally likely phrasings of one content, as in the demo
-    and in Flickr8k, the most probable single phrasing is close to arbitrary, while the consensus
-    one shares the most with the others; caption metrics (CIDEr above all) reward that consensus.
-    """
-    best = int(np.argmax(scores))
-    live = np.flatnonzero(scores > NEG_INF)
-    if rerank == "none" or len(live) < 2:
-        return beams[best]
-    weights = np.exp(scores[live] - scores[live].max())
-    weights /= weights.sum()
-    words = [_words(beams[i]) for i in live]
-    gains = [sum(w * ngram_agreement(candidate, other) for w, other in zip(weights, words)) for candidate in words]
-    order = sorted(range(len(live)), key=lambda k: (-gains[k], -scores[live[k]]))  # ties: the likelier beam
-    return beams[live[order[0]]]
+        `none`: the highest score. `consensus`: minimum Bayes risk with CIDEr-D as the utility over
+        the live beams, weighted by their probabilities (see `captioning.consensus`).
+        """
+        live = np.flatnonzero(scores > NEG_INF)
+        if rerank == "none" or len(live) < 2:
+            return beams[int(np.argmax(scores))]
+        captions = [self.vocab.decode(beams[i]) for i in live]
+        return beams[live[consensus.consensus_index(captions, scores[live], self.statistics)]]

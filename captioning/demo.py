@@ -32,7 +32,7 @@ from captioning.errors import UserError
 from captioning.files import atomic_path, read_json, write_json
 
 # Bump when the drawing or the captions change, so an old manifest no longer matches.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLOURS = {  # name -> RGB; far apart in hue and brightness so pooled features keep them apart
     "red": (215, 35, 35),
@@ -107,17 +107,34 @@ def _shape_phrase(scene: Scene) -> str:
     return f"{lead} {scene.colour} {adjective} shape{plural}"
 
 
-def captions_for(scene: Scene) -> list[str]:
-    """Five differently worded captions of one scene, Flickr8k style (ending in " .")."""
-    noun = _noun_phrase(scene)
+# How annotators word a scene, as (text, weight). Every caption names the whole content (count,
+# colour, shape); captions differ in optional parts, and some wordings are much more common than
+# others, as in Flickr8k where most captions lead with the subject and a few add an opener or the
+# setting. With equally likely wordings (generator version 2) the most probable caption under any
+# model is an arbitrary pick among them; real references have a favourite wording, and so do these.
+OPENERS = (("", 6), ("a picture of ", 2), ("there {verb} ", 2), ("a photo of ", 1), ("an image of ", 1))
+SUBJECTS = ((_noun_phrase, 4), (_shape_phrase, 1))
+SETTINGS = (("", 5), (" on a {background} background", 3), (" against a {background} background", 1))
+CAPTIONS_PER_IMAGE = 5
+
+
+def captions_for(scene: Scene, index: int, seed: int) -> list[str]:
+    """Five differently worded captions of one scene, Flickr8k style (ending in " .").
+
+    The wordings are a weighted draw without replacement from OPENERS x SUBJECTS x SETTINGS, from a
+    generator keyed by (seed, image index) only, so image i's captions do not depend on `n_images`.
+    """
+    combos = list(itertools.product(OPENERS, SUBJECTS, SETTINGS))
+    weights = np.array([o[1] * s[1] * t[1] for o, s, t in combos], float)
+    picks = np.random.default_rng([seed, 2, index]).choice(
+        len(combos), size=CAPTIONS_PER_IMAGE, replace=False, p=weights / weights.sum())
     verb = "is" if scene.count == 1 else "are"
-    return [
-        f"{noun} .",
-        f"a picture of {noun} .",
-        f"there {verb} {noun} on a {scene.background} background .",
-        f"an image with {_shape_phrase(scene)} .",
-        f"a {scene.background} background with {noun} .",
-    ]
+    captions = []
+    for j in picks:
+        (opener, _), (subject, _), (setting, _) = combos[j]
+        text = opener.format(verb=verb) + subject(scene) + setting.format(background=scene.background)
+        captions.append(f"{text} .")
+    return captions
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -227,6 +244,22 @@ def _is_current(out_dir: Path, manifest: dict, scenes: list[Scene]) -> str | Non
     return digest
 
 
+def check_not_stale(captions_file: str | Path) -> None:
+    """Refuse demo data made by an older generator: after an upgrade, `dvc repro` would otherwise
+    train and score on the old captions without a word (the demo folder is not a DVC output)."""
+    manifest = Path(captions_file).parent / MANIFEST
+    if not manifest.is_file():
+        return  # not the demo: the user's own data
+    try:
+        made_by = read_json(manifest).get("generator_version")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object
+        made_by = "unknown"
+    if made_by != GENERATOR_VERSION:
+        raise UserError(f"{manifest} says this demo data was made by generator version {made_by}, and this "
+                        f"code writes version {GENERATOR_VERSION}. Remake it with `python -m captioning demo`, "
+                        "then run `dvc repro` again.")
+
+
 def generate_demo(out_dir, *, n_images: int, image_size: int, seed: int) -> dict:
     """Write `out_dir/images/demo_NNNNN.jpg` and `out_dir/captions.pkl`; return a summary.
 
@@ -239,7 +272,7 @@ def generate_demo(out_dir, *, n_images: int, image_size: int, seed: int) -> dict
         raise UserError(f"demo.image_size must be at least 32 pixels, got {image_size}")
     out_dir = Path(out_dir)
     scenes = plan_scenes(n_images, seed)
-    lines = [f"{s.name}#{k}\t{c}" for s in scenes for k, c in enumerate(captions_for(s))]
+    lines = [f"{s.name}#{k}\t{c}" for i, s in enumerate(scenes) for k, c in enumerate(captions_for(s, i, seed))]
     manifest = _manifest(n_images, image_size, seed)
 
     digest = _is_current(out_dir, manifest, scenes)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
+from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
 from captioning.features import FeatureStore
@@ -282,7 +283,7 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     print(f"total training time: {state['train_seconds']:.1f} s over {state['epoch']} epochs", flush=True)
 
     with output_dir(placement, model_dir) as model_out:
-        save_bundle(model, vocab, store, config, model_out)
+        save_bundle(model, vocab, store, config, model_out, train_captions)
     if not placement.is_chief:
         return None
     final = state["history"][-1] if state["history"] else {}
@@ -309,9 +310,13 @@ def open_live(live_dir: Path):
                         "(git add -A && git commit -m start) and run again.") from None
 
 
-def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, config: TrainConfig, model_dir: Path) -> None:
-    """Everything the caption command needs: model, vocabulary, and how features were made."""
+def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, config: TrainConfig, model_dir: Path,
+                train_captions: pd.DataFrame) -> None:
+    """Everything the caption command needs: model, vocabulary, how features were made, and the
+    training captions' n-gram statistics that the consensus rerank weighs n-grams by."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    seen = train_captions[train_captions["image"].isin(store.row_of)]
+    NgramStatistics.from_table(seen).save(model_dir / FILE_NAME)
     with files.atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
         model.save(tmp)
     vocab.save(model_dir / "vocab.json")

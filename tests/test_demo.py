@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioning.demo import COLOURS, COUNTS, SHAPES, captions_for, generate_demo, plan_scenes
+from captioning.demo import (COLOURS, COUNTS, GENERATOR_VERSION, MANIFEST, NUMBER_WORDS, SHAPE_ADJECTIVES, SHAPES,
+                             captions_for, check_not_stale, generate_demo, plan_scenes)
 from captioning.errors import UserError
 from captioning.text import tokenize
 
@@ -105,13 +106,54 @@ def test_attributes_are_balanced_and_stable_across_n():
 
 
 def test_captions_name_the_attributes_and_never_position():
-    for scene in plan_scenes(72, SEED):
-        captions = captions_for(scene)
+    for index, scene in enumerate(plan_scenes(72, SEED)):
+        captions = captions_for(scene, index, SEED)
         assert len(set(captions)) == 5
         for caption in captions:
             words = set(caption.split())
             assert scene.colour in words
+            assert words & {scene.shape, scene.shape + "s", SHAPE_ADJECTIVES[scene.shape]}
+            assert words & ({NUMBER_WORDS[scene.count], "pair"} if scene.count > 1 else {"a", "single"})
             assert not words & {"left", "right", "top", "bottom", "middle", "center", "corner"}
+
+
+def _wording(caption: str) -> str:
+    """A caption with its content words blanked: what is left is how it is worded."""
+    content = {*COLOURS, "white", "black", *SHAPES, *(s + "s" for s in SHAPES), *SHAPE_ADJECTIVES.values(),
+               *NUMBER_WORDS.values(), "single", "pair", "group"}
+    return " ".join("_" if word in content else word for word in caption.split())
+
+
+def test_wordings_have_a_favourite_like_real_references():
+    # With five equally likely wordings a model's most probable caption is an arbitrary one of them;
+    # real references favour some wordings. The plain subject must lead, in most images' references.
+    scenes = plan_scenes(360, SEED)
+    per_image = [{_wording(c) for c in captions_for(s, i, SEED)} for i, s in enumerate(scenes)]
+    tally = Counter(w for wordings in per_image for w in wordings)
+    (first, n_first), (_, n_second) = tally.most_common(2)
+    assert first in {"a _ _ .", "_ _ _ ."}, tally.most_common(3)
+    assert n_first > 1.15 * n_second
+    assert len(tally) > 10  # and still many different wordings overall
+
+
+def test_captions_of_an_image_do_not_depend_on_n_images():
+    short, long = plan_scenes(10, SEED), plan_scenes(50, SEED)
+    assert [captions_for(s, i, SEED) for i, s in enumerate(short)] == \
+           [captions_for(s, i, SEED) for i, s in enumerate(long[:10])]
+
+
+def test_stale_demo_data_is_refused_with_the_command_to_remake_it(tmp_path):
+    generate_demo(tmp_path, n_images=3, image_size=SIZE, seed=SEED)
+    check_not_stale(tmp_path / "captions.pkl")  # current: fine
+    check_not_stale(tmp_path / "elsewhere" / "captions.pkl")  # no manifest: the user's own data
+    manifest = tmp_path / MANIFEST
+    manifest.write_text(manifest.read_text().replace(f'"generator_version": {GENERATOR_VERSION}',
+                                                     '"generator_version": 1'))
+    with pytest.raises(UserError, match="version 1.*python -m captioning demo"):
+        check_not_stale(tmp_path / "captions.pkl")
+    manifest.write_text("{not json")
+    with pytest.raises(UserError, match="python -m captioning demo"):
+        check_not_stale(tmp_path / "captions.pkl")
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -84,14 +84,24 @@ def test_unfinished_caption_is_returned_at_max_length(trained):
         assert captions[1] == "two blue"  # cut at 2 words, the partial caption is kept
 
 
-def test_consensus_rerank_picks_the_beam_the_others_agree_with():
-    from captioning.decode import NEG_INF, choose_beam
+def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
+    from captioning.consensus import NgramStatistics
+    from captioning.decode import NEG_INF
+    from captioning.errors import UserError
 
-    beams = np.array([[10, 11, 12, 13, END_ID],   # most probable, shares little with the others
-                      [5, 6, 7, END_ID, PAD_ID],  # the phrase the others contain
-                      [9, 5, 6, 7, END_ID],
-                      [5, 6, 7, 8, END_ID]])
-    scores = np.array([-1.0, -1.1, -1.2, NEG_INF * 10])  # the last beam never finished: out
-    assert list(choose_beam(beams, scores, "none")) == list(beams[0])
-    assert list(choose_beam(beams, scores, "consensus")) == list(beams[1])
-    assert list(choose_beam(beams[:1], scores[:1], "consensus")) == list(beams[0])  # width 1: greedy's pick
+    captioner, features, model = trained
+    vocab = captioner.vocab
+    with pytest.raises(UserError, match="rerank: none"):  # no n-gram statistics: say so, don't guess
+        captioner.caption_ids(features, method="beam", rerank="consensus")
+    ids = lambda text: ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
+    beams = np.array([ids("a red square"),         # most probable, shares little with the others
+                      ids("a red circle"),         # the caption the others agree with
+                      ids("a red circle circle"),
+                      ids("two red circle"),
+                      ids("three blue circle")])
+    scores = np.array([-1.0, -1.1, -1.2, -1.3, NEG_INF * 10])  # the last beam never finished: out
+    reranking = Captioner(model, vocab, NgramStatistics.from_captions([[c] for c in CAPTIONS]))
+    assert list(reranking.choose_beam(beams, scores, "none")) == list(beams[0])
+    assert list(reranking.choose_beam(beams, scores, "consensus")) == list(beams[1])
+    assert list(reranking.choose_beam(beams[:1], scores[:1], "consensus")) == list(beams[0])  # width 1: greedy's pick
+    assert len(reranking.captions(features, method="beam", rerank="consensus")) == len(features)
