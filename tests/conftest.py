@@ -81,7 +81,7 @@ def flickr8k() -> Path:
     value = os.environ.get("FLICKR8K_DIR")
     if not value:
         pytest.skip("FLICKR8K_DIR is not set (CI sets it to ../shared/flickr8k)")
-    folder = Path(value)
+    folder = Path(value).resolve()  # a relative path would otherwise be read from each test project's folder
     needed = ["Flickr8k.token.txt", "captions.txt", "Flickr_8k.trainImages.txt", "Images"]
     missing = [name for name in needed if not (folder / name).exists()]
     if missing:
