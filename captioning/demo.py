@@ -7,11 +7,11 @@ five differently worded captions built from one small shared vocabulary.
 The scenes are designed around what the default features can carry. With `features.weights:
 random`, average-pooled ResNet-50 features keep colour, shape kind and count (linearly
 predictable, see `bench/demo_learnability.py`) but lose position, so captions name count,
-colour, shape and background and never say where things are. Position, size and rotation vary
-only to keep the task from being trivial.
+colour, shape and (in some captions) background and never say where things are. Position, size
+and rotation vary only to keep the task from being trivial.
 
 Everything is a pure function of the arguments: attributes come from one seeded stream, each
-image's layout from its own stream keyed by its index, JPEGs are written with fixed settings and
+image's layout and caption wordings from their own streams keyed by its index, JPEGs are written with fixed settings and
 no metadata, so the same arguments give byte-identical files (and image i does not depend on
 `n_images`). A manifest of the arguments lets a rerun skip work when the output is already there.
 """
@@ -272,7 +272,8 @@ def generate_demo(out_dir, *, n_images: int, image_size: int, seed: int) -> dict
         raise UserError(f"demo.image_size must be at least 32 pixels, got {image_size}")
     out_dir = Path(out_dir)
     scenes = plan_scenes(n_images, seed)
-    lines = [f"{s.name}#{k}\t{c}" for i, s in enumerate(scenes) for k, c in enumerate(captions_for(s, i, seed))]
+    lines = [f"{scene.name}#{k}\t{caption}"
+             for index, scene in enumerate(scenes) for k, caption in enumerate(captions_for(scene, index, seed))]
     manifest = _manifest(n_images, image_size, seed)
 
     digest = _is_current(out_dir, manifest, scenes)
