@@ -48,7 +48,9 @@ class NgramStatistics:
             n_documents += 1
             for ngram in {g for caption in captions for g in precook(clean_caption(caption), MAX_N)}:
                 frequency[ngram] += 1
-        return cls(dict(frequency), n_documents)
+        # An n-gram in one document gets the same idf as an unseen one (CIDEr floors frequencies at 1),
+        # so only the others are kept: most n-grams of a real corpus are singletons.
+        return cls({g: f for g, f in frequency.items() if f > 1}, n_documents)
 
     @classmethod
     def from_table(cls, captions) -> "NgramStatistics":
