@@ -7,6 +7,7 @@ the checks run before it is imported.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -143,6 +144,7 @@ def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[s
         rules = SCHEMA[section_name]
         keys = (key,) if key else tuple(rules)
         values = section(params, section_name, keys)
+        check_known_keys(values, section_name)
         out.setdefault(section_name, {}).update(
             {k: rules[k](values[k], f"{section_name}.{k}") for k in keys})
     return out
@@ -173,6 +175,19 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
                         "with a comment).")
     return values
 
+
+
+def check_known_keys(values: dict[str, Any], section_name: str) -> None:
+    """A misspelt knob (`train.epoch: 3`) would otherwise be ignored while the default runs."""
+    unknown = sorted(str(key) for key in values if key not in SCHEMA[section_name])
+    if unknown:
+        known = tuple(SCHEMA[section_name])
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{section_name}.{key}" + (f" (did you mean {section_name}.{close[0]}?)" if close else ""))
+        raise UserError(f"params.yaml has unknown keys: {', '.join(hints)}. The `{section_name}` section takes "
+                        f"{', '.join(known)}.")
 
 
 def choice(value: Any, allowed: tuple[str, ...], key: str) -> str:

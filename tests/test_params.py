@@ -67,3 +67,14 @@ def test_caption_command_defaults_outside_a_project_are_the_params_defaults():
 
     decode = yaml.safe_load((PROJECT / "params.yaml").read_text())["decode"]
     assert DEFAULT_DECODE == {key: decode[key] for key in DEFAULT_DECODE}
+
+
+def test_a_misspelt_key_is_named_with_the_likely_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(PROJECT)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["train"]["epoch"] = 3  # meant train.epochs: silently ignored, the default would run
+    with pytest.raises(UserError, match=r"train\.epoch \(did you mean train\.epochs\?\)"):
+        read_params("train", path=write(tmp_path, params))
+    with pytest.raises(UserError, match=r"train\.epoch"):  # also when a stage reads only one key of it
+        read_params("train.seed", path=write(tmp_path, params))
+    assert read_params("decode", path=write(tmp_path, params))["decode"]  # other sections are unaffected
