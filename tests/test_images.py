@@ -200,3 +200,18 @@ def test_corrupt_exif_still_loads(tmp_path):
 def test_same_file_gives_same_pixels(tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
     assert np.array_equal(load_image(tmp_path / "a.jpg", 24), load_image(tmp_path / "a.jpg", 24))
+
+
+def test_32_bit_float_grayscale_tiff_is_not_black(tmp_path):
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (8, 1))  # the usual 0..1 float image
+    Image.fromarray(ramp, mode="F").save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    array = load_image(tmp_path / "float.tif", 64)
+    assert_rgb(array, 64)
+    row = array[0, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= 0)
+    # Values above 1 are scaled by the image's maximum instead of clipped to white.
+    wide = np.tile(np.linspace(0.0, 1000.0, 64, dtype=np.float32), (8, 1))
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    row = load_image(tmp_path / "wide.tif", 64)[0, :, 0].astype(int)
+    assert abs(row[32] - 130) <= 4 and row[-1] >= 253
