@@ -14,18 +14,23 @@ from PIL import Image, ImageOps  # noqa: E402
 from captioning.files import atomic_path  # noqa: E402
 
 
-def _show(ax, path: Path, text: str, width: int = 42) -> None:
+def _wrap(text: str, width: int = 42) -> str:
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
+def _show(ax, path: Path, text: str) -> None:
     try:
         with Image.open(path) as image:
             ax.imshow(ImageOps.exif_transpose(image).convert("RGB"))
     except OSError:
         ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
     ax.set_axis_off()
-    ax.set_title("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=7, loc="left")
+    ax.set_title(text, fontsize=7, loc="left")
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -34,10 +39,15 @@ def _save(fig, path: Path) -> None:
 def image_grid(items: list[tuple[Path, str]], path: Path, columns: int = 3, title: str = "") -> None:
     """Images with a caption block under each (used for samples, predictions, best/worst)."""
     rows = max(1, -(-len(items) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.2 * rows), squeeze=False)
+    texts = [_wrap(text) for _, text in items]
+    # Room above each image for the longest caption block; constrained layout (not tight_layout)
+    # then keeps multi-line blocks from running into the row above.
+    lines = max((text.count("\n") + 1 for text in texts), default=1)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, (3.6 + 0.14 * lines) * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, (image, text) in zip(axes.flat, items):
+    for ax, (image, _), text in zip(axes.flat, items, texts):
         _show(ax, image, text)
     if title:
         fig.suptitle(title)
