@@ -20,6 +20,7 @@ import numpy as np
 
 from bench.bench_train import OPTIONS, decoder_data, new_decoder, new_optimizer
 from bench.common import PARAMS, median
+from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner
 from captioning.model import compile_decoder
 from captioning.tf_setup import tf
@@ -65,13 +66,13 @@ def loop_rates(captioner: Captioner, step, features: np.ndarray, chunks: int) ->
 
 
 def run(workdir: Path, n_images: int, loop_images: int, train_epochs: int, repeats: int, loop_chunks: int) -> dict:
-    store, vocab, data, statistics = decoder_data(workdir, n_images)
+    table, store, vocab, data = decoder_data(workdir, n_images)
     model = new_decoder(vocab, store, data)
     compile_decoder(model, new_optimizer())
     batch_size = OPTIONS["batch_size"]
     model.fit(training_batches(data, store.matrix, batch_size, OPTIONS["seed"], 0), epochs=train_epochs,
               steps_per_epoch=-(-len(data) // batch_size), verbose=0)
-    captioner = Captioner(model, vocab, statistics)
+    captioner = Captioner(model, vocab, NgramStatistics.from_table(table))  # what train_lstm saves
     features = np.asarray(store.matrix, np.float32)
     captioner.caption_ids(features[:SETTINGS["batch_size"]], method="beam", **SETTINGS)  # trace once
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import FEATURE_DIM, PARAMS, demo_data, median, random_feature_dir
-from captioning.consensus import NgramStatistics
 from captioning.features import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
@@ -36,14 +35,13 @@ OPTIONS = PARAMS["train"]
 
 
 def decoder_data(workdir: Path, n_images: int):
-    """Demo captions, seeded random features, the vocabulary, the encoded caption set and the
-    n-gram statistics of the captions (what the consensus rerank weighs by)."""
+    """Demo captions (the table), seeded random features, the vocabulary and the encoded caption set."""
     table, _ = demo_data(workdir / "captions", n_images, image_size=32)  # the pixels are not used here
     images = sorted(table["image"].unique())
     store = FeatureStore(random_feature_dir(workdir / "features", images))
     vocab = Vocabulary.build(table["caption"], OPTIONS["min_count"])
     data, _ = caption_set(table, images, store, vocab, OPTIONS["max_length"])
-    return store, vocab, data, NgramStatistics.from_table(table)
+    return table, store, vocab, data
 
 
 def new_decoder(vocab: Vocabulary, store: FeatureStore, data) -> keras.Model:
@@ -125,7 +123,7 @@ def expansion_model(decoder: keras.Model, width: int) -> keras.Model:
 
 
 def run(workdir: Path, n_images: int, pairs: int) -> dict:
-    store, vocab, data, _ = decoder_data(workdir, n_images)
+    _, store, vocab, data = decoder_data(workdir, n_images)
     batch_size, seed = OPTIONS["batch_size"], OPTIONS["seed"]
     ours = new_decoder(vocab, store, data)
     compile_decoder(ours, new_optimizer())

@@ -68,12 +68,13 @@ class NgramStatistics:
 
     def vector(self, caption: str) -> tuple[list[dict], list[float], int]:
         """tf-idf weights per n-gram order, their norms, and the caption's length in words."""
+        text = clean_caption(caption)
         weights: list[dict] = [{} for _ in range(MAX_N)]
-        for ngram, count in precook(clean_caption(caption), MAX_N).items():
+        for ngram, count in precook(text, MAX_N).items():
             idf = self.log_documents - math.log(max(1.0, self.document_frequency.get(ngram, 0.0)))
             weights[len(ngram) - 1][ngram] = count * idf
         norms = [math.sqrt(sum(w * w for w in order.values())) for order in weights]
-        return weights, norms, len(clean_caption(caption).split())
+        return weights, norms, len(text.split())
 
     @staticmethod
     def similarity(candidate: tuple, reference: tuple) -> float:

@@ -11,9 +11,9 @@ colour, shape and (in some captions) background and never say where things are. 
 and rotation vary only to keep the task from being trivial.
 
 Everything is a pure function of the arguments: attributes come from one seeded stream, each
-image's layout and caption wordings from their own streams keyed by its index, JPEGs are written with fixed settings and
-no metadata, so the same arguments give byte-identical files (and image i does not depend on
-`n_images`). A manifest of the arguments lets a rerun skip work when the output is already there.
+image's layout and caption wordings from their own streams keyed by its index, JPEGs are written
+with fixed settings and no metadata, so the same arguments give byte-identical files (and image i
+does not depend on `n_images`). A manifest of the arguments lets a rerun skip work when the output is already there.
 """
 from __future__ import annotations
 

@@ -27,17 +27,13 @@ class ImageError(Exception):
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits by the actual range of the type, not by clipping.
-        array = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit integer and 32-bit float grey: scale to 8 bits, not clip as Pillow's conversion does
+        # (which turns a float image in 0..1 black). 16-bit by the type's range; 32-bit integer and float
+        # by the image's own maximum, but never stretching one already within 0..1.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "F":
-        # 32-bit float grey (scientific TIFFs): 0..1 by convention, else scaled by its own maximum.
-        # Pillow's own conversion clips to 0..255 and turns a 0..1 image black.
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        peak = max(float(array.max()), 1.0)
-        image = Image.fromarray(np.round(np.clip(array / peak * 255.0, 0, 255)).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.
         rgba = image.convert("RGBA")

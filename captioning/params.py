@@ -144,7 +144,8 @@ def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[s
         rules = SCHEMA[section_name]
         keys = (key,) if key else tuple(rules)
         values = section(params, section_name, keys)
-        check_known_keys(values, section_name)
+        if section_name not in out:  # once per section, however many of its keys are read
+            check_known_keys(values, section_name)
         out.setdefault(section_name, {}).update(
             {k: rules[k](values[k], f"{section_name}.{k}") for k in keys})
     return out
@@ -174,7 +175,6 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
         raise UserError(f"params.yaml is missing {names}; add it (the project's params.yaml has every key "
                         "with a comment).")
     return values
-
 
 
 def check_known_keys(values: dict[str, Any], section_name: str) -> None:
