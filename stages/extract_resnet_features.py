@@ -1,4 +1,5 @@
-"""Stage extract_resnet_features: every captioned image -> one ResNet-50 feature row."""
+"""Stage extract_resnet_features: every captioned image -> one feature row from the frozen backbone
+(features.backbone: ResNet-50 by default, or EfficientNet-Lite0)."""
 from captioning import layout
 from captioning.errors import run_stage
 from captioning.params import read_params
@@ -8,13 +9,15 @@ def main() -> None:
     params = read_params("data.images", "features")
     options = params["features"]
     layout.require(layout.IMAGE_LIST)
-    from captioning.features import extract_features, make_spec  # TensorFlow only past the checks above
+    from captioning.backbones import make_spec  # TensorFlow only past the checks above
+    from captioning.features import extract_features
 
-    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"])
+    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"],
+                     options["backbone"])
     images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
     report = extract_features(images, params["data"]["images"], layout.FEATURES_DIR, spec, options["batch_size"])
     print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s, "
-          f"weights: {spec.weights}); {report['failed_count']} failed (listed in "
+          f"{spec.backbone}, weights: {spec.weights}); {report['failed_count']} failed (listed in "
           f"{layout.FEATURES_DIR / 'report.json'})")
 
 
