@@ -13,7 +13,7 @@ from captioning.params import PARAMS_FILE, read_params
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
 DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "rerank": "consensus",
-                  "max_length": 20}  # as params.yaml
+                  "no_repeat_ngram": 3, "max_length": 20}  # as params.yaml
 
 
 def _parser() -> argparse.ArgumentParser:

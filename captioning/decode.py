@@ -1,9 +1,11 @@
 """Greedy and beam-search decoding, compiled with tf.function and batched over many images.
 
 Rules shared by both: <pad>, <start> and <unk> are never emitted (their logits are masked), <end>
-is not allowed as the first word (no empty captions), decoding stops at <end> or `max_length`
-words, and an unfinished caption is returned as it stands. With beam width 1 beam search takes
-exactly the greedy choices (top-k breaks ties towards the lower id, like argmax).
+is not allowed as the first word (no empty captions), no n-gram of `no_repeat_ngram` words occurs
+twice in a caption (the "a black shirt and a black shirt" loops a weak language model falls into;
+the same blocking as `no_repeat_ngram_size` in Hugging Face and OpenNMT; 0 turns it off), decoding
+stops at <end> or `max_length` words, and an unfinished caption is returned as it stands. With beam
+width 1 beam search takes exactly the greedy choices (top-k breaks ties towards the lower id, like argmax).
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ class Captioner:
         # variable changes its static shape between iterations.
         features = tf.TensorSpec([None, self.encoder.input_shape[-1]], tf.float32)
         scalar = tf.TensorSpec([], tf.int32)
-        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar])
+        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar, scalar])
         self._beam = tf.function(self._beam_ids, input_signature=[features, scalar, scalar,
-                                                                  tf.TensorSpec([], tf.float32)])
+                                                                  tf.TensorSpec([], tf.float32), scalar])
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Captioner":
@@ -57,25 +59,29 @@ class Captioner:
         statistics = consensus.NgramStatistics.load(statistics_file) if statistics_file.is_file() else None
         return cls(model, Vocabulary.load(model_dir / "vocab.json"), statistics)
 
-    def _log_probs(self, tokens, states, first_step):
+    def _log_probs(self, tokens, states, first_step, history, no_repeat_ngram):
+        """Next-word log-probabilities of each row, after the rules above; `history` is (rows, words so far)."""
         outputs = self.step([tokens[:, None], *states], training=False)
         logits = outputs[0] + self.banned + tf.cast(first_step, tf.float32) * self.no_end
-        return tf.nn.log_softmax(logits), list(outputs[1:])
+        log_probs = tf.nn.log_softmax(logits)
+        repeats = repeated_ngram_mask(history, no_repeat_ngram, len(self.vocab))
+        return tf.where(repeats, NEG_INF, log_probs), list(outputs[1:])
 
-    def _greedy_ids(self, features, max_length: int):
+    def _greedy_ids(self, features, max_length: int, no_repeat_ngram: int):
         states = self.encoder(features, training=False)
         batch = tf.shape(features)[0]
         tokens = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
-        out = tf.TensorArray(tf.int32, size=max_length)
+        history = tf.zeros([batch, 0], tf.int32)
         for t in tf.range(max_length):
-            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0))
+            tf.autograph.experimental.set_loop_options(shape_invariants=[(history, tf.TensorShape([None, None]))])
+            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0), history, no_repeat_ngram)
             tokens = tf.where(done, PAD_ID, tf.argmax(log_probs, axis=-1, output_type=tf.int32))
-            out = out.write(t, tokens)
+            history = tf.concat([history, tokens[:, None]], axis=1)
             done = done | tf.equal(tokens, END_ID)
-        return tf.transpose(out.stack())
+        return history
 
-    def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float):
+    def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int):
         batch = tf.shape(features)[0]
         vocab = len(self.vocab)
         states = [tf.repeat(s, beam_size, axis=0) for s in self.encoder(features, training=False)]
@@ -91,7 +97,8 @@ class Captioner:
         for t in tf.range(max_length):
             tf.autograph.experimental.set_loop_options(
                 shape_invariants=[(history, tf.TensorShape([None, None, None]))])
-            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0))
+            log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0),
+                                                tf.reshape(history, [batch * beam_size, -1]), no_repeat_ngram)
             log_probs = tf.reshape(log_probs, [batch, beam_size, vocab])
             log_probs = tf.where(done[:, :, None], pad_only[None, None, :], log_probs)
             candidates = tf.reshape(scores[:, :, None] + log_probs, [batch, beam_size * vocab])
@@ -114,7 +121,7 @@ class Captioner:
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
-                    rerank: str = "none", progress: bool = False) -> list[np.ndarray]:
+                    rerank: str = "none", no_repeat_ngram: int = 0, progress: bool = False) -> list[np.ndarray]:
         if method == "beam" and rerank == "consensus" and self.statistics is None:
             raise UserError(f"decode.rerank: consensus needs the training captions' n-gram statistics "
                             f"({consensus.FILE_NAME} beside the model), and this model has none. Retrain it "
@@ -124,10 +131,10 @@ class Captioner:
             for start in range(0, len(features), batch_size):
                 chunk = tf.constant(np.asarray(features[start:start + batch_size], np.float32))
                 if method == "greedy":
-                    ids = self._greedy(chunk, tf.constant(max_length))
+                    ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
                 else:
                     beams, scores = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
-                                               tf.constant(length_penalty, tf.float32))
+                                               tf.constant(length_penalty, tf.float32), tf.constant(no_repeat_ngram))
                     ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy())]
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
@@ -147,3 +154,25 @@ class Captioner:
             return beams[int(np.argmax(scores))]
         captions = [self.vocab.decode(beams[i]) for i in live]
         return beams[live[consensus.consensus_index(captions, scores[live], self.statistics)]]
+
+
+def repeated_ngram_mask(history, n, vocab_size: int):
+    """(rows, vocab) bool: True where the word would complete an n-gram the row already holds.
+
+    For every earlier position j whose n-1 words equal the row's last n-1 words, the word that followed
+    them is banned. n < 2 bans nothing. The history is padded on the left with n-1 ids that no word has
+    (-1), so the row's "last n-1 words" exist from the first step and never match a real earlier window.
+    """
+    rows, length = tf.shape(history)[0], tf.shape(history)[1]
+    n = tf.maximum(n, 1)
+    padded = tf.concat([tf.fill([rows, n - 1], -1), history], axis=1)
+    positions, prefix = tf.range(length), tf.range(n - 1)  # one (n-1 words, follower) pair per word so far
+    earlier = tf.gather(padded, positions[:, None] + prefix[None, :], axis=1)  # (rows, length, n-1)
+    last = padded[:, length:]  # the last n-1 entries
+    matches = tf.reduce_all(tf.equal(earlier, last[:, None, :]), axis=2) & (n >= 2)
+    followers = tf.gather(padded, positions + n - 1, axis=1)  # (rows, length): the word after each window
+    where = tf.where(matches)  # (hits, 2): row, position
+    words = tf.gather_nd(followers, where)
+    hits = tf.scatter_nd(tf.stack([tf.cast(where[:, 0], tf.int32), words], axis=1), tf.ones_like(words),
+                         [rows, vocab_size])
+    return hits > 0

@@ -19,6 +19,7 @@ class DecodeSettings:
     beam_size: int
     length_penalty: float
     rerank: str
+    no_repeat_ngram: int
     max_length: int
     batch_size: int
 

@@ -125,9 +125,11 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "train": {"seed": SEED, "epochs": POSITIVE, "batch_size": POSITIVE, "units": POSITIVE, "l1": number(0),
               "dropout": number(0, 1, open_high=True), "optimizer": one_of(*OPTIMIZERS),
               "learning_rate": number(0, open_low=True), "clipnorm": number(0, open_low=True),
-              "min_count": POSITIVE, "max_length": POSITIVE, "strategy": one_of(*STRATEGIES)},
+              "min_count": POSITIVE, "max_length": POSITIVE, "strategy": one_of(*STRATEGIES),
+              "restore_best_weights": flag, "patience": whole(0)},
     "decode": {"method": one_of(*DECODE_METHODS), "beam_size": POSITIVE, "length_penalty": number(0),
-               "rerank": one_of(*RERANKS), "max_length": POSITIVE, "batch_size": POSITIVE},
+               "rerank": one_of(*RERANKS), "no_repeat_ngram": whole(0), "max_length": POSITIVE,
+               "batch_size": POSITIVE},
     "plot": {"n_samples": POSITIVE, "grid_size": POSITIVE},
 }
 

@@ -5,19 +5,17 @@ masked out of the loss: one pass per caption instead of one sample per prefix (~
 epoch on this decoder, see bench/). Features are read per batch from a memory map, so memory does
 not grow with the dataset.
 
-Reproducible and kill-safe: the shuffle order of epoch e depends only on (seed, e); after every epoch
-the compiled model (weights + optimizer state) and the history are checkpointed atomically, and a
-rerun with the same inputs and params continues from the last finished epoch.
+Reproducible and kill-safe: the shuffle order of epoch e depends only on (seed, e), and every epoch is
+checkpointed (checkpoints.py), so a rerun continues from the last finished epoch with the same numbers.
+Like Keras' EarlyStopping(restore_best_weights=True), the saved model is the epoch with the lowest dev
+loss (`train.restore_best_weights`), and `train.patience` stops a run that no longer improves.
 
 Scaling out (train.strategy, see distribute.py): the model is built inside the strategy's scope and
 only the chief writes outputs; `default` runs exactly as without a strategy.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
+from captioning.checkpoints import (EpochEnd, clear_checkpoints, fingerprint, log_epoch, new_state, restore_rng_state,
+                                    resume_state)
 from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
@@ -32,9 +32,6 @@ from captioning.features import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
-
-CHECKPOINT_STATE = "state.json"  # written last: names the model file of the last finished epoch
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -50,6 +47,8 @@ class TrainConfig:
     min_count: int
     max_length: int
     strategy: str = "default"  # default | mirrored | multi_worker
+    restore_best_weights: bool = True  # end with the epoch of lowest val loss, as Keras' EarlyStopping does
+    patience: int = 0  # stop after this many epochs without a lower val loss; 0: run every epoch
 
 
 @dataclass
@@ -129,112 +128,47 @@ def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int) ->
     return _batches(data, matrix, tf.data.Dataset.range(len(data)), batch_size)
 
 
-# The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
-TRAINING_CODE = [Path(__file__).with_name(name)
-                 for name in ("train.py", "model.py", "vocab.py", "text.py", "distribute.py")]
+@dataclass(frozen=True)
+class TrainPaths:
+    features: Path  # the extraction's folder (features.npy, index.parquet, backbone.json)
+    model: Path  # the model bundle written at the end
+    checkpoints: Path  # per-epoch checkpoints, for resuming after a kill
+    live: Path  # DVCLive's folder
+    inputs: tuple[Path, ...]  # the input files a checkpoint must match to be resumed
 
 
-def fingerprint(config: TrainConfig, inputs: list[Path], replicas: int = 1) -> str:
-    """What a checkpoint must match to be resumed: every param but `epochs`, every input file, the
-    training code, and the number of replicas (it changes how a batch is split, hence the numbers)."""
-    digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None, "replicas": replicas},
-                                       sort_keys=True).encode())
-    for path in [*inputs, *TRAINING_CODE]:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-class EpochEnd(keras.callbacks.Callback):
-    """After each epoch: add to the history, log to DVCLive, checkpoint atomically."""
-
-    def __init__(self, live, checkpoint_dir: Path, state: dict):
-        super().__init__()
-        self.live, self.checkpoint_dir, self.state = live, checkpoint_dir, state
-        self.started = time.perf_counter()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.started
-        record = {key: float(value) for key, value in (logs or {}).items()}
-        self.state["history"].append(record)
-        self.state["train_seconds"] += seconds
-        self.state["epoch"] = epoch + 1
-        log_epoch(self.live, record)
-        # The model of this epoch gets its own file and the state is switched to it only afterwards,
-        # so a kill at any point leaves a state that matches its model.
-        model_file = f"epoch-{epoch + 1:04d}.keras"
-        with files.atomic_path(self.checkpoint_dir / model_file, suffix=".keras") as tmp:
-            self.model.save(tmp)
-        previous = self.state.get("model_file")
-        self.state["model_file"] = model_file
-        self.state["rng_state"] = rng_state(self.model)
-        files.write_json(self.checkpoint_dir / CHECKPOINT_STATE, self.state)
-        if previous and previous != model_file:
-            (self.checkpoint_dir / previous).unlink(missing_ok=True)
-        print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {record.get('val_loss', float('nan')):.4f}, "
-              f"{seconds:.1f} s", flush=True)
-
-
-def log_epoch(live, record: dict) -> None:
-    """One DVCLive step: `loss` -> train/loss, `val_loss` -> val/loss (same for accuracy)."""
-    for key, value in record.items():
-        split, name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
-        live.log_metric(f"{split}/{name}", value)
-    live.next_step()
-
-
-def _seed_variables(model: keras.Model) -> list:
-    return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
-
-
-def rng_state(model: keras.Model) -> list:
-    """The dropout RNG states. Keras does not save them in .keras files, so a resumed run would
-    draw different dropout masks than an uninterrupted one; the checkpoint state keeps them."""
-    return [v.numpy().tolist() for v in _seed_variables(model)]
-
-
-def restore_rng_state(model: keras.Model, values: list) -> None:
-    variables = _seed_variables(model)
-    if len(variables) != len(values):
-        raise RuntimeError("checkpoint RNG state does not match the model's layers")
-    for variable, value in zip(variables, values):
-        variable.assign(np.asarray(value, dtype=variable.dtype))
-
-
-def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int) -> dict | None:
-    """The checkpoint state to resume from, or None when there is none that fits this run."""
-    state_path = checkpoint_dir / CHECKPOINT_STATE
-    if not state_path.exists():
-        return None
-    state = files.read_json(state_path)
-    if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
-        return None
-    if not (checkpoint_dir / state.get("model_file", "")).is_file():
-        return None
-    return state
-
-
-def clear_checkpoints(checkpoint_dir: Path) -> None:
-    """Forget checkpoints that do not fit this run, so they cannot be resumed by mistake later."""
-    for path in checkpoint_dir.glob("*"):
-        if path.is_file():
-            path.unlink()
+@dataclass
+class TrainingData:
+    vocab: Vocabulary
+    train_set: CaptionSet
+    dev_set: CaptionSet
+    train_captions: pd.DataFrame
+    truncated: int
 
 
 def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
-          features_dir: Path, model_dir: Path, checkpoint_dir: Path, live_dir: Path,
-          input_files: list[Path]) -> dict | None:
+          paths: TrainPaths) -> dict | None:
     """Train (or resume) and save the model bundle; return the metrics for metrics/train.json.
 
     Under train.strategy multi_worker, a worker that is not the chief writes nothing and returns None.
     """
     placement = make_placement(config.strategy)  # first: a multi-worker strategy must precede other TF work
     seed_everything(config.seed)
-    store = FeatureStore(features_dir)
+    store = FeatureStore(paths.features)
+    data = prepare_data(config, captions, train_images, dev_images, store)
+    if placement.distributed:
+        print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
+    model, state = resume_or_build(config, data, store, placement, paths)
+    model.summary()
+    kept = fit(model, state, config, data, store, placement, paths)
+    with output_dir(placement, paths.model) as model_out:
+        save_bundle(model, data.vocab, store, config, model_out, data.train_captions)
+    return training_metrics(model, state, kept, data, store) if placement.is_chief else None
+
+
+def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
+                 store: FeatureStore) -> TrainingData:
+    """The vocabulary of the training captions and both splits as token sequences."""
     train_captions = captions[captions["image"].isin(set(train_images))]
     vocab = Vocabulary.build(train_captions["caption"], config.min_count)
     train_set, truncated = caption_set(captions, train_images, store, vocab, config.max_length)
@@ -245,55 +179,74 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     print(f"vocabulary {len(vocab)} words (min count {config.min_count}); {len(train_set)} train and "
           f"{len(dev_set)} dev captions; {truncated + dev_truncated} longer than {config.max_length} words "
           "were truncated", flush=True)
+    return TrainingData(vocab, train_set, dev_set, train_captions, truncated + dev_truncated)
 
-    if placement.distributed:
-        print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
+
+def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore, placement,
+                    paths: TrainPaths) -> tuple[keras.Model, dict]:
+    """The checkpointed model and state when one fits this run, else a new compiled model."""
     if placement.is_chief:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    print_fingerprint = fingerprint(config, input_files, placement.strategy.num_replicas_in_sync)
-    state = resume_state(checkpoint_dir, print_fingerprint, config.epochs)
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
+    state = resume_state(paths.checkpoints, print_fingerprint, config.epochs)
     check_agreement(placement, print_fingerprint, state["epoch"] if state else 0)
     with placement.scope():
         if state:
-            model = keras.models.load_model(checkpoint_dir / state["model_file"])
+            model = keras.models.load_model(paths.checkpoints / state["model_file"])
             restore_rng_state(model, state["rng_state"])
             print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
-        else:
-            if placement.is_chief:
-                clear_checkpoints(checkpoint_dir)
-            state = {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": []}
-            mean, variance = feature_moments(store.matrix, train_set.feature_rows)
-            model = build_decoder(len(vocab), config.units, config.l1, config.dropout, mean, variance)
-            compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
-    model.summary()
+            return model, state
+        if placement.is_chief:
+            clear_checkpoints(paths.checkpoints)
+        mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)
+        model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
+        compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
+        return model, new_state(print_fingerprint)
 
-    live = open_live(live_dir) if placement.is_chief else NullLive()
+
+def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData, store: FeatureStore,
+        placement, paths: TrainPaths) -> int:
+    """Run the remaining epochs (checkpointing each), then keep the best epoch's weights if asked;
+    return the epoch whose weights the model now holds."""
+    live = open_live(paths.live) if placement.is_chief else NullLive()
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
-    steps = math.ceil(len(train_set) / config.batch_size)
-    with output_dir(placement, checkpoint_dir) as checkpoint_out:  # batches are global: a strategy splits them
-        model.fit(
-            shard_by_data(training_batches(train_set, store.matrix, config.batch_size, config.seed, state["epoch"]),
-                          placement),
-            validation_data=shard_by_data(validation_batches(dev_set, store.matrix, config.batch_size), placement),
-            epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
-            callbacks=[EpochEnd(live, checkpoint_out, state)], verbose=2, shuffle=False,
-        )
+    steps = math.ceil(len(data.train_set) / config.batch_size)
+    with output_dir(placement, paths.checkpoints) as checkpoint_out:  # batches are global: a strategy splits them
+        if not state["stopped_early"]:
+            model.fit(
+                shard_by_data(training_batches(data.train_set, store.matrix, config.batch_size, config.seed,
+                                               state["epoch"]), placement),
+                validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size),
+                                              placement),
+                epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
+                callbacks=[EpochEnd(live, checkpoint_out, state, config.patience)], verbose=2, shuffle=False,
+            )
+        kept = state["epoch"]
+        if config.restore_best_weights and state["best_file"]:
+            kept = state["best_epoch"]
+            model.load_weights(checkpoint_out / state["best_file"])
+            print(f"kept the weights of epoch {state['best_epoch']} (lowest val loss "
+                  f"{state['best_val_loss']:.4f}) of {state['epoch']}", flush=True)
     live.end()
     print(f"total training time: {state['train_seconds']:.1f} s over {state['epoch']} epochs", flush=True)
+    return kept
 
-    with output_dir(placement, model_dir) as model_out:
-        save_bundle(model, vocab, store, config, model_out, train_captions)
-    if not placement.is_chief:
-        return None
-    final = state["history"][-1] if state["history"] else {}
+
+def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingData, store: FeatureStore) -> dict:
+    """metrics/train.json: the numbers of the epoch whose weights were saved, and how training went."""
+    history = state["history"]
+    record = history[kept - 1] if history else {}
     return {
-        "loss": final.get("loss"), "val_loss": final.get("val_loss"),
-        "accuracy": final.get("accuracy"), "val_accuracy": final.get("val_accuracy"),
-        "train_seconds": round(state["train_seconds"], 2), "epochs": state["epoch"],
-        "vocab_size": len(vocab), "train_captions": len(train_set), "dev_captions": len(dev_set),
-        "truncated_captions": truncated + dev_truncated,
+        "loss": record.get("loss"), "val_loss": record.get("val_loss"),
+        "accuracy": record.get("accuracy"), "val_accuracy": record.get("val_accuracy"),
+        "kept_epoch": kept, "epochs": state["epoch"], "stopped_early": state["stopped_early"],
+        "final_val_loss": history[-1].get("val_loss") if history else None,
+        "train_seconds": round(state["train_seconds"], 2),
+        "vocab_size": len(data.vocab), "train_captions": len(data.train_set), "dev_captions": len(data.dev_set),
+        "truncated_captions": data.truncated,
         "parameters": int(model.count_params()),
+        "features_backbone": store.spec.backbone,
         "features_weights": store.spec.weights,
     }
 

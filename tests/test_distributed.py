@@ -121,14 +121,15 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
 
 def run_in_process(project: Path, strategy: str) -> tuple[dict, list[np.ndarray]]:
     """One epoch through captioning.train.train in this process; its metrics and final weights."""
-    from captioning.train import TrainConfig, keras, train
+    from captioning.train import TrainConfig, TrainPaths, keras, train
 
     write_inputs(project, strategy)
     data = project / "data"
     metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy}),
                     pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
-                    (data / "split/dev.txt").read_text().split(), data / "features", data / "model",
-                    project / "checkpoints", project / "dvclive", [data / "captions.parquet"])
+                    (data / "split/dev.txt").read_text().split(),
+                    TrainPaths(data / "features", data / "model", project / "checkpoints", project / "dvclive",
+                               (data / "captions.parquet",)))
     return metrics, keras.models.load_model(data / "model/model.keras").get_weights()
 
 

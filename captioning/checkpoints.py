@@ -1,0 +1,140 @@
+"""Kill-safe training checkpoints: resume exactly where a killed run stopped, and keep the best epoch.
+
+After every epoch the compiled model (weights + optimizer state), the history, the dropout RNG state
+and, when it improved, the best epoch's weights are written, each to a file of its own, and only
+then the state file that names them (`state.json`, written atomically). A kill at any moment leaves a
+state that matches its files, so a rerun with the same inputs and params continues from the last
+finished epoch and ends with exactly the numbers of an uninterrupted run.
+
+A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, every input
+file, the training code (train_lstm's code deps in dvc.yaml), and the number of replicas.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from captioning import files
+from captioning.tf_setup import keras
+
+STATE_FILE = "state.json"  # written last: names the files of the last finished epoch
+# The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
+# tests/test_layout.py checks that this is exactly the code train_lstm lists among its deps in dvc.yaml.
+TRAINING_CODE = [Path(__file__).with_name(name) for name in (
+    "train.py", "checkpoints.py", "model.py", "vocab.py", "text.py", "distribute.py", "consensus.py",
+    "tf_setup.py", "features.py", "backbones.py", "efficientnet_lite.py", "params.py", "files.py")]
+
+
+def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:
+    """What a checkpoint must match to be resumed (see the module docstring)."""
+    digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None, "replicas": replicas},
+                                       sort_keys=True).encode())
+    for path in [*inputs, *TRAINING_CODE]:
+        digest.update(files.sha256(path).encode())
+    return digest.hexdigest()
+
+
+def new_state(print_fingerprint: str) -> dict:
+    return {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": [],
+            "best_epoch": None, "best_val_loss": None, "best_file": None, "stopped_early": False}
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """After each epoch: add to the history, log to DVCLive, keep the best weights, stop early when
+    val_loss has not improved for `patience` epochs (0: never), checkpoint atomically."""
+
+    def __init__(self, live, checkpoint_dir: Path, state: dict, patience: int = 0):
+        super().__init__()
+        self.live, self.checkpoint_dir, self.state, self.patience = live, checkpoint_dir, state, patience
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        record = {key: float(value) for key, value in (logs or {}).items()}
+        state = self.state
+        state["history"].append(record)
+        state["train_seconds"] += seconds
+        state["epoch"] = epoch + 1
+        log_epoch(self.live, record)
+        stale = [state.get("model_file")]
+        state["model_file"] = self._save(f"epoch-{epoch + 1:04d}.keras", self.model.save)
+        val_loss = record.get("val_loss", math.inf)
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            stale.append(state["best_file"])
+            state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
+                         best_file=self._save(f"best-{epoch + 1:04d}.weights.h5", self.model.save_weights))
+        if self.patience and state["epoch"] - state["best_epoch"] >= self.patience:
+            state["stopped_early"] = True
+            self.model.stop_training = True
+        state["rng_state"] = rng_state(self.model)
+        files.write_json(self.checkpoint_dir / STATE_FILE, state)  # the commit point
+        for name in stale:
+            if name and name not in (state["model_file"], state["best_file"]):
+                (self.checkpoint_dir / name).unlink(missing_ok=True)
+        print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {val_loss:.4f}, {seconds:.1f} s"
+              f"{' (best so far)' if state['best_epoch'] == epoch + 1 else ''}", flush=True)
+        if state["stopped_early"]:
+            print(f"stopping early: val loss has not improved for {self.patience} epochs "
+                  f"(best: epoch {state['best_epoch']})", flush=True)
+
+    def _save(self, name: str, save) -> str:
+        """Write one file of this epoch under its own name (never over the file the state names)."""
+        with files.atomic_path(self.checkpoint_dir / name, suffix="." + name.split(".", 1)[1]) as tmp:
+            save(tmp)
+        return name
+
+
+def log_epoch(live, record: dict) -> None:
+    """One DVCLive step: `loss` -> train/loss, `val_loss` -> val/loss (same for accuracy)."""
+    for key, value in record.items():
+        split, name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+        live.log_metric(f"{split}/{name}", value)
+    live.next_step()
+
+
+def _seed_variables(model: keras.Model) -> list:
+    return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+
+
+def rng_state(model: keras.Model) -> list:
+    """The dropout RNG states. Keras does not save them in .keras files, so a resumed run would
+    draw different dropout masks than an uninterrupted one; the checkpoint state keeps them."""
+    return [v.numpy().tolist() for v in _seed_variables(model)]
+
+
+def restore_rng_state(model: keras.Model, values: list) -> None:
+    variables = _seed_variables(model)
+    if len(variables) != len(values):
+        raise RuntimeError("checkpoint RNG state does not match the model's layers")
+    for variable, value in zip(variables, values):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int) -> dict | None:
+    """The checkpoint state to resume from, or None when there is none that fits this run."""
+    state_path = checkpoint_dir / STATE_FILE
+    if not state_path.exists():
+        return None
+    state = files.read_json(state_path)
+    if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
+        return None
+    needed = [state.get("model_file") or "", *([state["best_file"]] if state.get("best_file") else [])]
+    if not all((checkpoint_dir / name).is_file() for name in needed):
+        return None
+    return state
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """Forget checkpoints that do not fit this run, so they cannot be resumed by mistake later."""
+    for path in checkpoint_dir.glob("*"):
+        if path.is_file():
+            path.unlink()

@@ -1,0 +1,104 @@
+"""The two backbones: EfficientNet-Lite0's weight mapping and conversion cache, specs and rebuilding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from captioning import efficientnet_lite, files, torch_checkpoint
+from captioning.backbones import BackboneSpec, build_backbone, make_spec
+from captioning.efficientnet_lite import build_classifier, load_state_dict, package_checkpoint
+from captioning.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def state():
+    return torch_checkpoint.read_state_dict(package_checkpoint())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "weights-cache"))
+
+
+def test_every_tensor_lands_in_exactly_one_weight(state):
+    model = build_classifier(64)
+    load_state_dict(model, state, "pkg")
+    # Spot checks of the transposes: PyTorch (out, in, kh, kw) -> Keras (kh, kw, in, out), and so on.
+    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
+                                  state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(model.get_layer("block3_dw_conv").get_weights()[0][:, :, :, 0],
+                                  state["_blocks.3._depthwise_conv.weight"][:, 0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(model.get_layer("predictions").get_weights()[0], state["_fc.weight"].T)
+    gamma, beta, mean, variance = model.get_layer("block15_project_bn").get_weights()
+    np.testing.assert_array_equal(variance, state["_blocks.15._bn2.running_var"])
+    assert model.get_layer("head_bn").epsilon == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s.pop("_blocks.7._bn1.running_mean"), "has no tensor _blocks.7._bn1.running_mean"),
+    (lambda s: s.update({"_blocks.16._bn0.weight": np.zeros(3, np.float32)}), "have no place"),
+    (lambda s: s.update({"_fc.bias": np.zeros(999, np.float32)}), "has shape"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused(state, change, words):
+    broken = dict(state)
+    change(broken)
+    with pytest.raises(UserError, match=words):
+        load_state_dict(build_classifier(64), broken, "pkg")
+
+
+def test_conversion_happens_once_and_a_damaged_cache_is_redone(monkeypatch, tmp_path):
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path))
+    checkpoint = package_checkpoint()
+    first = efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+    record = files.read_json(first.with_suffix(".json"))
+    assert record["sha256"] == files.sha256(first) and record["source_sha256"] == efficientnet_lite.PACKAGE_SHA256
+
+    def no_reading(path):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(torch_checkpoint, "read_state_dict", no_reading)
+    assert efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256) == first
+
+    first.write_bytes(first.read_bytes()[:-10])  # damaged: the recorded sha256 no longer matches
+    with pytest.raises(AssertionError, match="converted again"):
+        efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+
+
+def test_efficientnet_spec_records_the_package_weights_and_gives_1280_features():
+    spec = make_spec("imagenet", 0, 64, "float32", backbone="efficientnet_lite0")
+    assert spec.backbone == "efficientnet_lite0" and spec.weights_sha256 == efficientnet_lite.PACKAGE_SHA256
+    backbone = build_backbone(spec)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    features = backbone(pixels).numpy()
+    assert features.shape == (2, 1280) and features.dtype == np.float32
+    assert (features >= 0).all() and features.std() > 0  # pooled ReLU6 outputs of real weights
+    np.testing.assert_array_equal(build_backbone(spec)(pixels).numpy(), features)  # rebuilt: same numbers
+
+
+def test_random_efficientnet_is_seeded_and_differs_from_imagenet():
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    first, again, other = (build_backbone(make_spec("random", seed, 64, "float32", backbone="efficientnet_lite0"))(
+        pixels).numpy() for seed in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_a_spec_naming_other_package_weights_is_refused():
+    spec = BackboneSpec("imagenet", 0, 64, "float32", weights_sha256="0" * 64, backbone="efficientnet_lite0")
+    with pytest.raises(UserError, match="re-extract"):
+        build_backbone(spec)
+
+
+def test_a_weights_file_changed_after_extraction_is_refused(tmp_path):
+    weights = tmp_path / "mine.weights.h5"
+    build_classifier(64).save_weights(weights)
+    spec = make_spec(str(weights), 0, 64, "float32", backbone="efficientnet_lite0")
+    assert spec.weights_sha256 == files.sha256(weights)
+    build_backbone(spec)  # loads
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(UserError, match="changed since the features were extracted"):
+        build_backbone(spec)
+
+
+def test_older_backbone_files_mean_resnet50():
+    assert BackboneSpec(weights="random", seed=0, image_size=64, precision="float32").backbone == "resnet50"
