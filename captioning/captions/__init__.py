@@ -10,9 +10,11 @@ Format detection, first rule that matches:
    (byte 0x80, then 2..5). It is loaded with `captioning.safe_pickle`, never `pickle.load`, and its
    content decides the shape:
    - str / bytes: the whole text of a token file or Kaggle csv (rules 3-4) -> "pickle:str" / "pickle:bytes"
-   - list or tuple of token lines (str/bytes), of (image, caption) pairs, or of
-     {"image": ..., "caption": ...} dicts (key names as for DataFrame columns) -> "pickle:list"
-   - dict image -> list of captions (number = position in the list),
+   - list or tuple of token lines (str/bytes), of (image, caption) pairs, of (image, [captions])
+     pairs, or of {"image": ..., "caption": ...} / {"image": ..., "captions": [...]} dicts (key names
+     as for DataFrame columns)                                               -> "pickle:list"
+   - set or frozenset of token lines, numbered in sorted order              -> "pickle:set"
+   - dict image -> list of captions (number = position in the list), dict image -> one caption,
      or dict "name.jpg#k" -> caption                                         -> "pickle:dict"
    - pandas DataFrame with an image column (image/image_name/filename/...) and a caption column
      (caption/captions/text/...), only with `allow_pandas_pickle=True`      -> "pickle:dataframe"
@@ -28,13 +30,21 @@ caption starts right after the digits with a letter (`x.jpg#0A girl ...`). Every
 accepted and counted in the report's `separator_repairs`. Without a real TAB, the image name cannot
 contain spaces.
 
-Caption numbers: the `#k` of a token key; the position in a dict's list; otherwise (Kaggle csv, COCO,
-(image, caption) pairs, DataFrame rows) the order in which captions of that image appear, counting
-from 0 - unless the image name itself ends in `#k`, or a DataFrame has a `caption_number` column.
+Encoding: each line of a text file (and each bytes value in a pickle) is decoded alone, as UTF-8,
+else cp1252, else latin-1 (records.ENCODINGS); the report lists the lines that needed a fallback.
+
+Hostile input: `safe_pickle` refuses nesting deeper than 100 levels before unpickling, `pickles`
+refuses more than 2,000,000 records before building them, and skipped items are shown through a
+bounded repr, so deep, wide, cyclic or huge structures give a UserError or a skipped record.
+
+Caption numbers: the `#k` of a token key; the position in a list of captions; otherwise (Kaggle
+csv, COCO, (image, caption) pairs, dict image -> caption, DataFrame rows) the order in which captions
+of that image appear, counting from 0 - unless the image name itself ends in `#k`, or a DataFrame has
+a `caption_number` column.
 
 Sources in the report: `line N` (1-based, as an editor shows it), `item i` / `row i` /
-`annotation i` (0-based index into the list, DataFrame or annotations array), `key 'x.jpg' item i`
-and `key 'x.jpg#k'` for dicts.
+`annotation i` (0-based index into the list, DataFrame or annotations array), `item i caption j`
+for an image's list of captions, `key 'x.jpg' item i` and `key 'x.jpg#k'` for dicts.
 
 Only image names are compared with a listing of `images_dir`: no image is opened here, and names
 with `/`, `\\`, `..`, a drive or an absolute path are refused, so nothing outside the folder is read.

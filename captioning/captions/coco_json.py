@@ -6,6 +6,7 @@ from pathlib import Path
 
 from captioning.captions.records import Record, pair_record
 from captioning.errors import UserError
+from captioning.safe_pickle import MAX_NESTING
 
 
 def coco_records(body: bytes, path: Path) -> list[Record]:
@@ -16,6 +17,11 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
         raise UserError(f"{path}: not UTF-8 JSON (byte {err.start}). Re-save it as UTF-8.") from err
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from err
+    except RecursionError as err:
+        raise UserError(f"{path}: the JSON nests arrays or objects too deep to read; COCO captions need 3 levels.") from err
+    if _deeper_than(document, MAX_NESTING):  # json.dumps of a part, below, would recurse as deep
+        raise UserError(f"{path}: the JSON nests arrays or objects more than {MAX_NESTING} levels deep; "
+                        "COCO captions need 3.")
     if not (isinstance(document, dict) and isinstance(document.get("images"), list)
             and isinstance(document.get("annotations"), list)):
         raise UserError(f"{path}: JSON but not COCO captions: it needs an 'images' list of "
@@ -25,6 +31,18 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
         if isinstance(image, dict) and "id" in image and "file_name" in image:
             names.setdefault(_hashable(image["id"]), image["file_name"])
     return [_coco_record(i, annotation, names) for i, annotation in enumerate(document["annotations"])]
+
+
+def _deeper_than(document, limit: int) -> bool:
+    """Whether any value in the parsed JSON `document` is more than `limit` levels down (walked iteratively)."""
+    pending = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _hashable(value):

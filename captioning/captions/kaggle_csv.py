@@ -14,20 +14,18 @@ def is_kaggle_header(line: str) -> bool:
 def kaggle_records(lines: list[Record]) -> list[Record]:
     """Rows of a Kaggle captions.txt (header already removed), parsed by the csv module.
 
-    Lines that are not UTF-8 are reported and left out of the csv stream, in file order.
+    A quoted caption may span lines: a row's source is its first line, and it counts as decoded with
+    a fallback encoding when any of its lines was.
     """
     records: list[Record] = []
     row_lines: list[Record] = []
 
-    def good_lines():
+    def texts():
         for line in lines:
-            if line.problem is not None:
-                records.append(line)
-                continue
             row_lines.append(line)
-            yield line.text
+            yield line.text + "\n"  # with its line end, so a quoted caption spanning lines keeps the break
 
-    reader = csv.reader(good_lines())
+    reader = csv.reader(texts())
     while True:
         try:
             row = next(reader)
@@ -36,9 +34,10 @@ def kaggle_records(lines: list[Record]) -> list[Record]:
         except csv.Error as err:
             raise UserError(f"broken csv near {row_lines[0].source if row_lines else 'the start'}: {err}. "
                             "Fix the quoting there.") from err
-        first, text = row_lines[0], "\n".join(line.text for line in row_lines)
+        record = _kaggle_row(row_lines[0].source, "\n".join(line.text for line in row_lines), row)
+        record.encoding = next((line.encoding for line in row_lines if line.encoding), None)
         row_lines.clear()
-        records.append(_kaggle_row(first.source, text, row))
+        records.append(record)
     return records
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from captioning.captions.records import Record, excerpt
+from captioning.captions.records import FALLBACK_ENCODINGS, Record, excerpt
 from captioning.captions.token_text import SEPARATOR_KINDS
 from captioning.errors import UserError
 from captioning.text import clean_caption
@@ -38,6 +38,16 @@ def _name_problem(image: str) -> str | None:
     return f"image name {image!r} contains a control character"
 
 
+def _surrogate_problem(record: Record) -> str | None:
+    """A pickled str may hold a lone surrogate: not valid Unicode, so no file (parquet, json) could store it."""
+    for what, text in (("image name", record.image), ("caption", record.raw)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{what} holds a lone surrogate (U+{ord(text[err.start]):04X}), which is not valid Unicode"
+    return None
+
+
 def check_records(records: list[Record]) -> None:
     """Number captions by order where needed, then mark refused names, empty captions and duplicates.
 
@@ -58,7 +68,7 @@ def check_records(records: list[Record]) -> None:
 
 
 def _record_problem(record: Record, first_seen: dict) -> str | None:
-    problem = _name_problem(record.image)
+    problem = _name_problem(record.image) or _surrogate_problem(record)
     if problem:
         return problem
     if not record.raw:
@@ -102,7 +112,15 @@ def summarise(records: list[Record], files: set[str], *, source: str, fmt: str) 
         "images_without_captions": {"count": len(unnamed), "images": unnamed},
         "separator_repairs": {kind: repairs[kind] for kind in SEPARATOR_KINDS},
     }
+    for encoding in FALLBACK_ENCODINGS:
+        sources = [record.source for record in records if record.encoding == encoding]
+        report[fallback_key(encoding)] = {"count": len(sources), "lines": sources}
     return _table(kept), report
+
+
+def fallback_key(encoding: str) -> str:
+    """The report key listing the records decoded with a fallback `encoding`: decoded_as_cp1252, ..."""
+    return "decoded_as_" + encoding.replace("-", "")
 
 
 def _table(records: list[Record]) -> pd.DataFrame:

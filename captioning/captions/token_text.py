@@ -26,15 +26,13 @@ _KEY_ONLY = re.compile(r"(?P<image>\S+)#(?P<number>[0-9]+)")
 
 def text_records(lines: list[Record], token_format: str, kaggle_format: str) -> tuple[str, list[Record]]:
     """Kaggle csv when the first line is its header, else token lines."""
-    if lines and lines[0].problem is None and is_kaggle_header(lines[0].text):
+    if lines and is_kaggle_header(lines[0].text):
         return kaggle_format, kaggle_records(lines[1:])
     return token_format, [token_record(line) for line in lines]
 
 
 def token_record(line: Record) -> Record:
     """Parse one `name.jpg#k<separator>caption` line (separator rule in the package docstring)."""
-    if line.problem is not None:
-        return line
     text = line.text.removeprefix("\ufeff").strip()
     if not text:
         line.problem = "blank line"
