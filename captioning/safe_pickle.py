@@ -22,6 +22,13 @@ Known limit: pickle's BUILD opcode can set attributes on an allowed class (for e
 `pandas.DataFrame`). It can only set them to data or to other allowed objects, so no code from the
 file runs, but a hostile pandas pickle could still leave pandas in a broken state in this process.
 That is why pandas pickles need an explicit opt-in and are meant for files you trust.
+
+Nesting: the unpickler builds any depth without recursing, but what is done with the result later
+does recurse: hashing a tuple nested a million deep (as a dict key, a 1 MB file) overflows the C
+stack and kills the interpreter, and repr or comparison raise RecursionError. So `loads` first reads
+the opcodes (`pickletools.genops` executes nothing), keeps the depth of every object beside pickle's
+own stack, and refuses a file nesting deeper than `MAX_NESTING` before building anything. Captions
+need 1-4 levels; a DataFrame pickle about 20.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import _compat_pickle
 import importlib
 import io
 import pickle
+import pickletools
 
 from captioning.errors import UserError
 
@@ -150,9 +158,62 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed")
 
 
+MAX_NESTING = 100
+_MARK = object()                    # stands for pickle's MARK on the stack of depths
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # fill the object below
+_SAME_OBJECT = {"MEMOIZE", "DUP", "READONLY_BUFFER", "STOP"}
+_EMPTY = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"}
+_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _pop_arguments(stack: list, before: list) -> list:
+    """Pop what an opcode consumes (`before`, as pickletools lists it), top of the stack first."""
+    if pickletools.markobject not in before:
+        return [stack.pop() for _ in before]
+    popped = []
+    while stack[-1] is not _MARK:
+        popped.append(stack.pop())
+    stack.pop()
+    return popped + [stack.pop() for _ in before[:before.index(pickletools.markobject)]]
+
+
+def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING) -> None:
+    """Raise `UserError` if the objects `data` would build nest deeper than `limit` (see the docstring).
+
+    A scalar has depth 0, a container one more than its deepest item. Memo references count with
+    the depth their object had when it was stored, so a cycle is not infinitely deep here.
+    """
+    stack: list = []
+    memo: dict = {}
+    for op, arg, position in pickletools.genops(data):
+        popped = _pop_arguments(stack, op.stack_before)
+        if op.name in _IN_PLACE:
+            container, *items = popped[::-1]
+            depth = max([container, *(item + 1 for item in items)])
+        elif op.name in _SAME_OBJECT:
+            depth = popped[0]
+        elif op.name in _EMPTY:
+            depth = 1
+        elif op.name in _GET:
+            depth = memo[arg]
+        else:  # builds a new object from what it popped (a tuple, a call's result) or from nothing
+            depth = max(popped) + 1 if popped else 0
+        if depth > limit:
+            raise UserError(f"{source}: the pickle nests containers more than {limit} levels deep (at byte "
+                            f"{position}); captions need at most 4. Re-save them as plain data, for example "
+                            "a dict image -> list of captions.")
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = depth
+        elif op.name in _PUT:
+            memo[arg] = stack[-1]
+        stack.extend(_MARK if item is pickletools.markobject else depth for item in op.stack_after)
+
+
 def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") -> object:
     """Unpickle `data` with `RestrictedUnpickler`; any failure becomes a `UserError` naming `source`."""
     try:
+        check_nesting(data, source)
         return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source).load()
     except UserError:
         raise

@@ -1,0 +1,62 @@
+"""COCO captions JSON: an `images` list of {id, file_name} and an `annotations` list of {image_id, caption}."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from captioning.captions.records import Record, pair_record
+from captioning.errors import UserError
+from captioning.safe_pickle import MAX_NESTING
+
+
+def coco_records(body: bytes, path: Path) -> list[Record]:
+    """One record per annotation; `image_id` is looked up in the `images` list."""
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 JSON (byte {err.start}). Re-save it as UTF-8.") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from err
+    except RecursionError as err:
+        raise UserError(f"{path}: the JSON nests arrays or objects too deep to read; COCO captions need 3 levels.") from err
+    if _deeper_than(document, MAX_NESTING):  # json.dumps of a part, below, would recurse as deep
+        raise UserError(f"{path}: the JSON nests arrays or objects more than {MAX_NESTING} levels deep; "
+                        "COCO captions need 3.")
+    if not (isinstance(document, dict) and isinstance(document.get("images"), list)
+            and isinstance(document.get("annotations"), list)):
+        raise UserError(f"{path}: JSON but not COCO captions: it needs an 'images' list of "
+                        "{id, file_name} and an 'annotations' list of {image_id, caption}.")
+    names = {}
+    for image in document["images"]:
+        if isinstance(image, dict) and "id" in image and "file_name" in image:
+            names.setdefault(_hashable(image["id"]), image["file_name"])
+    return [_coco_record(i, annotation, names) for i, annotation in enumerate(document["annotations"])]
+
+
+def _deeper_than(document, limit: int) -> bool:
+    """Whether any value in the parsed JSON `document` is more than `limit` levels down (walked iteratively)."""
+    pending = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _coco_record(index: int, annotation, names: dict) -> Record:
+    source = f"annotation {index}"
+    text = json.dumps(annotation, ensure_ascii=False)
+    if not isinstance(annotation, dict):
+        return Record(source, text, problem="annotation is not an object")
+    if "image_id" not in annotation or "caption" not in annotation:
+        return Record(source, text, problem="annotation has no 'image_id' or no 'caption'")
+    image_id = _hashable(annotation["image_id"])
+    if image_id not in names:
+        return Record(source, text, problem=f"image_id {annotation['image_id']!r} is not in the 'images' list")
+    return pair_record(source, text, names[image_id], annotation["caption"])

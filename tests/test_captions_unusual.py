@@ -1,0 +1,202 @@
+"""Captions files as people really have them: cp1252/latin-1 text, and hostile pickles and JSON.
+
+Every input ends in a table or a one-line UserError: never a traceback, a RecursionError or a crash.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from captioning.captions import load_captions
+from captioning.errors import UserError
+
+EXISTING = ("a.jpg", "b.jpg")
+GOOD = ["a.jpg#0\tA dog runs .", "a.jpg#1\tA brown dog .", "b.jpg#0\tA cat sleeps ."]
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for name in EXISTING:
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def parse(tmp_path: Path, images: Path, name: str, data: bytes, **options):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return load_captions(path, images, **options)
+
+
+def captions_of(table) -> list[tuple]:
+    return list(zip(table["image"], table["caption_number"], table["raw_caption"]))
+
+
+# ----------------------------------------------------------------------------------------- encodings
+
+def test_a_cp1252_line_is_decoded_and_listed_instead_of_skipped(tmp_path, images):
+    lines = [GOOD[0].encode(), "b.jpg#1\tA café “sign” .".encode("cp1252"), "b.jpg#2\tA naïve cat .".encode()]
+    table, report = parse(tmp_path, images, "captions.txt", b"\n".join(lines) + b"\n")
+    assert report["skipped"] == []
+    assert ("b.jpg", 1, "A café “sign” .") in captions_of(table)  # cp1252, not latin-1: the quotes survive
+    assert ("b.jpg", 2, "A naïve cat .") in captions_of(table)    # UTF-8 stays UTF-8, and is not listed
+    assert report["decoded_as_cp1252"] == {"count": 1, "lines": ["line 2"]}
+    assert report["decoded_as_latin1"] == {"count": 0, "lines": []}
+    json.dumps(report)
+
+
+def test_bytes_cp1252_cannot_decode_fall_back_to_latin1(tmp_path, images):
+    line = b"b.jpg#1\tA dog \x81 and a caf\xe9 ."  # 0x81 has no cp1252 character
+    table, report = parse(tmp_path, images, "captions.txt", GOOD[0].encode() + b"\n" + line + b"\n")
+    assert ("b.jpg", 1, "A dog \x81 and a café .") in captions_of(table)
+    assert report["decoded_as_latin1"] == {"count": 1, "lines": ["line 2"]}
+    assert report["decoded_as_cp1252"]["count"] == 0
+
+
+def test_a_whole_cp1252_kaggle_file_keeps_every_caption(tmp_path, images):
+    text = 'image,caption\na.jpg,A dog in a café .\na.jpg,"A long caption\nthat goes on, naïvely ."\nb.jpg,A cat .\n'
+    table, report = parse(tmp_path, images, "captions.txt", text.encode("cp1252"))
+    assert report["format"] == "kaggle_csv" and report["skipped"] == []
+    assert captions_of(table) == [("a.jpg", 0, "A dog in a café ."), ("a.jpg", 1, "A long caption\nthat goes on, naïvely ."),
+                                  ("b.jpg", 0, "A cat .")]
+    # a row spanning lines is listed by its first line, even when only a later line needed the fallback
+    assert report["decoded_as_cp1252"] == {"count": 2, "lines": ["line 2", "line 3"]}
+
+
+@pytest.mark.parametrize("obj, source", [
+    ([*GOOD, "b.jpg#1\tA café .".encode("cp1252")], "item 3"),
+    ([*GOOD, ("b.jpg#1", "A café .".encode("cp1252"))], "item 3"),
+    ({"a.jpg": ["A dog ."], "b.jpg": [b"A cat .", "A café .".encode("cp1252")]}, "key 'b.jpg' item 1"),
+    (("\n".join(GOOD) + "\nb.jpg#1\tA café .\n").encode("cp1252"), "line 4"),
+])
+def test_pickled_bytes_use_the_same_fallback(tmp_path, images, obj, source):
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(obj))
+    assert ("b.jpg", 1, "A café .") in captions_of(table)
+    assert report["decoded_as_cp1252"] == {"count": 1, "lines": [source]} and report["skipped"] == []
+
+
+# ---------------------------------------------------------------------------------- hostile pickles
+
+def deep_list_pickle(depth: int) -> bytes:
+    """[[[...]]] `depth` deep, written opcode by opcode: pickle.dumps itself would recurse too deep."""
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
+def deep_tuple_key_pickle(depth: int) -> bytes:
+    """{((((),),),): None}: hashing that key recurses in C; a million levels crash the interpreter."""
+    return b"\x80\x02}" + b")" + b"\x85" * depth + b"Ns."
+
+
+def test_a_pickle_nested_100000_deep_is_a_clear_error(tmp_path, images):
+    with pytest.raises(UserError, match=r"nests containers more than 100 levels deep"):
+        parse(tmp_path, images, "c.pkl", deep_list_pickle(100_000))
+
+
+def test_a_million_deep_tuple_key_is_refused_before_it_can_crash(tmp_path, images):
+    """In a child process, so that a regression shows as a failed test rather than a dead test run."""
+    path = tmp_path / "c.pkl"
+    path.write_bytes(deep_tuple_key_pickle(1_000_000))
+    code = ("import sys\nfrom captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
+            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nests containers more than 100 levels deep" in result.stdout
+
+
+def linked_lists_pickle(depth: int) -> bytes:
+    """[chain, *GOOD] where chain = [[[...]]] `depth` deep, linked through memo references after the lists
+    are built, so the nesting check (which counts an object's depth when it is stored) sees only 2."""
+    out = [b"\x80\x04]\x94"]                                           # the outer list, memo 0
+    out += [b"]\x940"] * depth                                         # lists 1..depth: make, memoize, pop
+    for i in range(1, depth):                                          # list i .append(list i+1)
+        out.append(b"j" + struct.pack("<I", i) + b"j" + struct.pack("<I", i + 1) + b"a0")
+    out.append(b"j" + struct.pack("<I", 1) + b"a")                     # outer.append(list 1)
+    for line in GOOD:
+        encoded = line.encode()
+        out.append(b"X" + struct.pack("<I", len(encoded)) + encoded + b"a")
+    return b"".join(out) + b"."
+
+
+def test_a_deep_chain_the_nesting_check_cannot_see_is_a_skipped_item(tmp_path, images):
+    table, report = parse(tmp_path, images, "c.pkl", linked_lists_pickle(100_000))
+    assert captions_of(table) == [("a.jpg", 0, "A dog runs ."), ("a.jpg", 1, "A brown dog ."), ("b.jpg", 0, "A cat sleeps .")]
+    assert [s["line"] for s in report["skipped"]] == ["item 0"]
+    assert len(report["skipped"][0]["text"]) <= 200
+
+
+def test_cycles_huge_ints_bytes_keys_and_none_values(tmp_path, images):
+    cyclic: list = [*GOOD]
+    cyclic.append(cyclic)
+    cyclic.append(10 ** 20_000)  # str() of it raises ValueError: the excerpt must not call it
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(cyclic))
+    assert len(table) == 3 and [s["line"] for s in report["skipped"]] == ["item 3", "item 4"]
+    assert report["skipped"][1]["text"].startswith("<int of ")
+    hostile = {b"a.jpg": [b"A dog .", None], None: "A ghost .", "b.jpg": None, ("b.jpg", 0): "A tuple key ."}
+    hostile["self"] = [hostile]
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(hostile), max_skipped_fraction=1.0)
+    assert captions_of(table) == [("a.jpg", 0, "A dog .")]
+    assert report["skipped_count"] == 5 and json.dumps(report)
+
+
+def test_a_memo_fan_out_bomb_is_refused_before_building_records(tmp_path, images):
+    shared = [f"A caption {i} ." for i in range(1000)]
+    bomb = {f"{i}.jpg": shared for i in range(3000)}  # 3 million captions in a small file
+    data = pickle.dumps(bomb, protocol=4)
+    assert len(data) < 100_000
+    with pytest.raises(UserError, match=r"3,000,000 caption records, more than the 2,000,000"):
+        parse(tmp_path, images, "c.pkl", data)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path, images):
+    with pytest.raises(UserError, match="nests arrays or objects too deep"):
+        parse(tmp_path, images, "c.json", b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    nested = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": "A dog ."}],
+              "extra": json.loads("[" * 500 + "]" * 500)}
+    with pytest.raises(UserError, match="more than 100 levels deep"):
+        parse(tmp_path, images, "c.json", json.dumps(nested).encode())
+
+
+# ------------------------------------------------------------------------- any structure, generated
+
+text = st.text(st.characters(blacklist_categories=()), max_size=12)  # lone surrogates included
+leaves = (st.none() | st.booleans() | st.integers() | st.floats() | text | st.binary(max_size=12)
+          | st.sampled_from([*EXISTING, "../x.jpg", *GOOD, GOOD[0].encode(), "image", "captions"]))
+hashables = st.recursive(leaves, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+                         max_leaves=8)
+structures = st.recursive(
+    leaves,
+    lambda inner: (st.lists(inner, max_size=5) | st.tuples(inner, inner) | st.dictionaries(hashables, inner, max_size=4)
+                   | st.sets(hashables, max_size=4) | st.frozensets(hashables, max_size=3)),
+    max_leaves=30,
+)
+
+
+# Good lines among generated items too, so that many examples parse into a table rather than an error.
+mixed = st.lists(st.sampled_from(GOOD) | structures, min_size=1, max_size=8)
+
+
+@SETTINGS
+@given(obj=structures | mixed, protocol=st.sampled_from([0, 2, pickle.HIGHEST_PROTOCOL]))
+def test_any_pickled_structure_gives_a_table_or_a_user_error(tmp_path, images, obj, protocol):
+    path = tmp_path / "c.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    try:
+        table, report = load_captions(path, images, max_skipped_fraction=1.0)
+    except UserError as err:
+        assert str(err).strip(), "a UserError must say what is wrong"
+        return
+    assert report["rows_kept"] == len(table) > 0
+    assert report["lines_read"] == report["rows_parsed"] + report["skipped_count"]
+    assert set(table["image"]) <= set(EXISTING)
+    # everything must be storable: the stage writes the report as UTF-8 JSON and the table as parquet
+    json.dumps(report, ensure_ascii=False).encode("utf-8")
+    "".join(table["image"].tolist() + table["raw_caption"].tolist()).encode("utf-8")
