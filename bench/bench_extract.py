@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import PARAMS, demo_data, median
-from captioning.features import FEATURE_DIM, build_backbone, compute_features, make_spec
+from captioning.backbones import build_backbone, make_spec
+from captioning.features import compute_features
 from captioning.images import load_image
 from captioning.tf_setup import tf
 
@@ -64,9 +65,9 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     batches = [tf.constant(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
     backbones = {precision: build_backbone(make_spec("random", options["seed"], size, precision))
                  for precision in ("float32", "mixed_bfloat16")}
-    outputs = {key: np.zeros((len(paths), FEATURE_DIM), np.float32) for key in ("e2e", "fp32", "bf16")}
-    memmap = np.lib.format.open_memmap(workdir / "features.npy", mode="w+", dtype=np.float32,
-                                       shape=(len(paths), FEATURE_DIM))
+    dim = backbones["float32"].output_shape[-1]
+    outputs = {key: np.zeros((len(paths), dim), np.float32) for key in ("e2e", "fp32", "bf16")}
+    memmap = np.lib.format.open_memmap(workdir / "features.npy", mode="w+", dtype=np.float32, shape=(len(paths), dim))
 
     def e2e():
         rows = TimedRows(memmap)

@@ -114,9 +114,10 @@ def extract_shard_command(args) -> int:
 
     images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
     shard_images(images, args.index, args.count)  # a bad --index/--count fails before TensorFlow loads
-    from captioning.features import make_spec
+    from captioning.backbones import make_spec
 
-    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"])
+    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"],
+                     options["backbone"])
     report = extract_shard(images, params["data"]["images"], args.out, spec, options["batch_size"],
                            args.index, args.count)
     print(f"shard {args.index} of {args.count}: {report['images_extracted']} images -> {args.out} "
@@ -128,7 +129,7 @@ def merge_features_command(args) -> int:
     from captioning.shards import merge_shards
 
     layout.require(layout.IMAGE_LIST)
-    settings = ("weights", "seed", "image_size", "precision")  # what decides a feature (BackboneSpec)
+    settings = ("backbone", "weights", "seed", "image_size", "precision")  # what decides a feature (BackboneSpec)
     expected = read_params(*(f"features.{key}" for key in settings))["features"] if PARAMS_FILE.exists() else None
     report = merge_shards(args.shards, layout.IMAGE_LIST.read_text(encoding="utf-8").split(), args.out, expected)
     print(f"{len(args.shards)} shards -> {args.out}: {report['images_extracted']} images, "

@@ -11,28 +11,13 @@ rebuilds exactly the network the features came from, weights checked by sha256.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from captioning import efficientnet_lite, files
 from captioning.errors import UserError
+from captioning.feature_files import BackboneSpec
 from captioning.params import WEIGHTS_HINT
 from captioning.tf_setup import keras, seed_everything
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything that determines the feature of an image; saved beside the features."""
-
-    weights: str  # imagenet | random | path to a Keras weights file
-    seed: int
-    image_size: int
-    precision: str
-    weights_sha256: str | None = None  # of the weights file, or of the package checkpoint
-    backbone: str = "resnet50"  # resnet50 | efficientnet_lite0 (older backbone.json files have no key)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def make_spec(weights: str, seed: int, image_size: int, precision: str,

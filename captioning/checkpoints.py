@@ -27,8 +27,8 @@ STATE_FILE = "state.json"  # written last: names the files of the last finished 
 # The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
 # tests/test_layout.py checks that this is exactly the code train_lstm lists among its deps in dvc.yaml.
 TRAINING_CODE = [Path(__file__).with_name(name) for name in (
-    "train.py", "checkpoints.py", "model.py", "vocab.py", "text.py", "distribute.py", "consensus.py",
-    "tf_setup.py", "features.py", "backbones.py", "efficientnet_lite.py", "params.py", "files.py")]
+    "checkpoints.py", "consensus.py", "distribute.py", "errors.py", "feature_files.py", "files.py", "layout.py",
+    "model.py", "params.py", "text.py", "tf_setup.py", "train.py", "vocab.py")]
 
 
 def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from captioning.baselines import consensus_captions, most_frequent_caption, nearest_neighbours
 from captioning.errors import UserError
-from captioning.features import FeatureStore
+from captioning.feature_files import FeatureStore
 from captioning.scoring import score_captions
 
 

@@ -18,8 +18,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from captioning import files
-from captioning.backbones import BackboneSpec, build_backbone
+from captioning.backbones import build_backbone
 from captioning.errors import UserError
+from captioning.feature_files import BackboneSpec
 from captioning.images import ImageError, load_image
 from captioning.tf_setup import keras, tf
 
@@ -136,20 +137,3 @@ def _write_rows(source: np.ndarray, rows: list[int], path: Path, chunk: int = 40
             out[start:start + len(picked)] = source[picked]
         out.flush()
         del out
-
-
-class FeatureStore:
-    """Read-only access to extracted features by image name, through a memory map."""
-
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        self.matrix = np.load(folder / "features.npy", mmap_mode="r")
-        index = pd.read_parquet(folder / "index.parquet")
-        self.row_of = dict(zip(index["image"], index["row"].astype(int)))
-        self.spec = BackboneSpec(**files.read_json(folder / "backbone.json"))
-
-    def rows(self, images) -> np.ndarray:
-        return np.array([self.row_of[name] for name in images], dtype=np.int64)
-
-    def get(self, images) -> np.ndarray:
-        return np.asarray(self.matrix[self.rows(images)], dtype=np.float32)

@@ -12,7 +12,9 @@ import numpy as np
 
 from captioning import files
 from captioning.decode import Captioner
-from captioning.features import BackboneSpec, build_backbone, compute_features
+from captioning.backbones import build_backbone
+from captioning.feature_files import BackboneSpec
+from captioning.features import compute_features
 
 
 def caption_files(paths: list[Path], model_dir: Path, settings: dict, out: Path | None = None,

@@ -28,7 +28,7 @@ from captioning.checkpoints import (EpochEnd, clear_checkpoints, fingerprint, lo
 from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
-from captioning.features import FeatureStore
+from captioning.feature_files import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary

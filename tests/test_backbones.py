@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from captioning import efficientnet_lite, files, torch_checkpoint
-from captioning.backbones import BackboneSpec, build_backbone, make_spec
+from captioning.backbones import build_backbone, make_spec
 from captioning.efficientnet_lite import build_classifier, load_state_dict, package_checkpoint
 from captioning.errors import UserError
+from captioning.feature_files import BackboneSpec
 
 
 @pytest.fixture(scope="module")

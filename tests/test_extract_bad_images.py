@@ -13,7 +13,8 @@ from PIL import Image
 
 from captioning import features, files
 from captioning.errors import UserError
-from captioning.features import build_backbone, compute_features, extract_features, make_spec
+from captioning.backbones import build_backbone, make_spec
+from captioning.features import compute_features, extract_features
 
 SIZE = 32
 SPEC = make_spec("random", 0, SIZE, "float32")

@@ -19,7 +19,7 @@ from captioning.shards import SHARD_FILE, merge_shards, shard_images
 from conftest import PROJECT, tool_env
 
 SIZE = 32
-SETTINGS = {"weights": "random", "seed": 0, "image_size": SIZE, "precision": "float32"}
+SETTINGS = {"weights": "random", "seed": 0, "image_size": SIZE, "precision": "float32", "backbone": "resnet50"}
 TIMING = ("seconds", "images_per_second", "shards")
 
 
@@ -39,7 +39,8 @@ def write_images(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One extraction of all images, and the same images as two shards (with another batch size)."""
-    from captioning.features import extract_features, make_spec
+    from captioning.backbones import make_spec
+    from captioning.features import extract_features
     from captioning.shards import extract_shard
 
     root = tmp_path_factory.mktemp("shards")
@@ -105,7 +106,7 @@ def test_merge_refuses_an_incomplete_or_mixed_set(runs, tmp_path):
 
 
 def test_a_shard_of_only_bad_images_still_merges(runs, tmp_path):
-    from captioning.features import make_spec
+    from captioning.backbones import make_spec
     from captioning.shards import extract_shard
 
     root, _ = runs
