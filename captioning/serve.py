@@ -200,4 +200,3 @@ def serve(model_dir: Path, host: str, port: int, limits: ServeLimits, access_log
           flush=True)
     config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log)
     uvicorn.Server(config).run(sockets=[sock])
-    print("server stopped", flush=True)
