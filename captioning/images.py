@@ -64,10 +64,12 @@ def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
     return path
 
 
-def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Return the image (a path, its bytes, or a file object) as a (size, size, 3) uint8 RGB array,
     upright per EXIF, or raise ImageError. Uploads and downloads go through here too, so they get
-    the same decoding and the same guards as the files extraction reads."""
+    the same decoding and the same guards as the files extraction reads. `max_pixels` (default
+    MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(_source(image)) as image:
             width, height = image.size

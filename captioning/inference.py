@@ -18,7 +18,7 @@ from captioning.bundle import check_bundle, decode_settings
 from captioning.decode import NEG_INF, Captioner
 from captioning.features import BackboneSpec, build_backbone, feature_function
 from captioning.fetch import FetchError, FetchLimits, fetch, is_url
-from captioning.images import MAX_PIXELS, ImageError, load_image
+from captioning.images import ImageError, load_image
 
 
 def load_backbone(model_dir: Path):
@@ -100,7 +100,7 @@ class LoadedCaptioner:
 
 
 def read_source(source: str | Path, image_size: int, fetch_limits: FetchLimits,
-                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bytes | None]:
+                max_pixels: int | None = None) -> tuple[np.ndarray, bytes | None]:
     """Pixels of a file path or an image URL (and the URL's bytes), or ImageError/FetchError."""
     if is_url(str(source)):
         data = fetch(str(source), fetch_limits)

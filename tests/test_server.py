@@ -167,7 +167,7 @@ def test_no_page_loads_anything_from_the_network(server):
 
 
 def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_images, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: `bash scripts/setup.sh --dev` installs it")
     address = server[0]
