@@ -1,4 +1,4 @@
-"""Command line: `python -m captioning caption IMG ...`, `python -m captioning demo`,
+"""Command line: `python -m captioning caption IMG ...`, `python -m captioning serve`, `python -m captioning demo`,
 `python -m captioning plots-template`, and `extract-shard` / `merge-features` (feature extraction
 split across machines, see captioning/shards.py)."""
 from __future__ import annotations
@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 from captioning import layout
+from captioning.bundle import check_bundle, decode_settings, with_overrides
 from captioning.errors import UserError, one_line, run_cli
+from captioning.fetch import FetchLimits
 from captioning.params import PARAMS_FILE, read_params
-
-BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
-DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "rerank": "consensus",
-                  "no_repeat_ngram": 3, "max_length": 20}  # as params.yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,11 +21,29 @@ def _parser() -> argparse.ArgumentParser:
         "caption", help="caption new images with the trained model",
         description="Caption images with the trained model; prints 'path<TAB>caption' per image. "
                     "Unreadable images get a one-line error on stderr and exit status 2; the others are still captioned.")
-    caption.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
+    caption.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or http(s) image URLs")
     caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR, help="trained model bundle (default: %(default)s)")
     caption.add_argument("--beam", type=int, default=None, help="beam width; 1 = greedy (default: decode.* in params.yaml)")
     caption.add_argument("--out", type=Path, default=None,
                          help="write the image with its caption under it to this PNG (with several images: FILE-<n>.png)")
+    _fetch_arguments(caption)
+    serve = commands.add_parser(
+        "serve", help="serve captions over HTTP: a web page, POST /caption, GET /health",
+        description="Start the captioning server (FastAPI on uvicorn). The model is loaded once; requests that "
+                    "arrive together share one batched pass. Ctrl-C or SIGTERM stops it.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
+    serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
+                       help="trained model bundle (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=16, help="images in one batched pass (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to share its pass (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s)")
+    serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000,
+                       help="width x height limit of one image (default: %(default)s)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    _fetch_arguments(serve)
     demo = commands.add_parser("demo", help="generate the offline demo dataset from params.yaml's demo section",
                                description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
     demo.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -55,34 +71,55 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _decode_settings(beam: int | None) -> dict:
-    """decode.* from params.yaml (checked like the evaluate stage's), or the defaults outside a project."""
-    settings = dict(DEFAULT_DECODE)
-    if PARAMS_FILE.exists():
-        settings = read_params(*(f"decode.{key}" for key in DEFAULT_DECODE))["decode"]
-    if beam is not None:
-        if beam < 1:
-            raise UserError(f"--beam must be at least 1, got {beam}")
-        settings.update(method="greedy" if beam == 1 else "beam", beam_size=beam)
-    return settings
+def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = FetchLimits()
+    parser.add_argument("--fetch-timeout", type=float, default=defaults.timeout_s,
+                        help="seconds one image URL may take, redirects included (default: %(default)s)")
+    parser.add_argument("--fetch-max-mb", type=float, default=defaults.max_bytes / 2**20,
+                        help="size limit of an image fetched from a URL (default: %(default)s)")
+    parser.add_argument("--fetch-max-redirects", type=int, default=defaults.max_redirects,
+                        help="redirects followed per URL (default: %(default)s)")
+    parser.add_argument("--allow-private-urls", action="store_true",
+                        help="also fetch URLs on loopback, private and link-local addresses (refused by default)")
+
+
+def _fetch_limits(args) -> FetchLimits:
+    if args.fetch_timeout <= 0 or args.fetch_max_mb <= 0 or args.fetch_max_redirects < 0:
+        raise UserError("--fetch-timeout and --fetch-max-mb must be positive, --fetch-max-redirects at least 0")
+    return FetchLimits(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mb * 2**20),
+                       max_redirects=args.fetch_max_redirects, allow_private=args.allow_private_urls)
 
 
 def caption_command(args) -> int:
-    if not (args.model_dir / "model.keras").exists():
-        raise UserError(f"no trained model in {args.model_dir}: run `dvc repro` first (or pass --model-dir).")
-    missing = [name for name in BUNDLE_FILES if not (args.model_dir / name).exists()]
-    if missing:
-        raise UserError(f"the model in {args.model_dir} is incomplete (no {', '.join(missing)}): "
-                        "rerun `dvc repro` (or pass --model-dir).")
-    settings = _decode_settings(args.beam)
-    from captioning.serve import caption_files  # TensorFlow only past the checks above
+    check_bundle(args.model_dir)
+    try:
+        settings = with_overrides(decode_settings(args.model_dir), beam_size=args.beam)
+    except UserError as err:
+        raise UserError(f"--beam: {err}") from None
+    limits = _fetch_limits(args)
+    from captioning.inference import caption_files  # TensorFlow only past the checks above
 
-    results, errors = caption_files(args.images, args.model_dir, settings, args.out)
+    results, errors = caption_files(args.images, args.model_dir, settings, args.out, fetch_limits=limits)
     for path, caption in results:
         print(f"{path}\t{caption}")
     for path, reason in errors:
         print(f"error: {path}: {one_line(reason)}", file=sys.stderr)
     return 2 if errors else 0
+
+
+def serve_command(args) -> int:
+    check_bundle(args.model_dir)
+    decode_settings(args.model_dir)  # bad params fail here, before TensorFlow loads
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_files < 1 or args.max_pixels < 1:
+        raise UserError("--max-batch, --max-files, --max-pixels must be at least 1, --max-body-mb positive, "
+                        "--max-wait-ms at least 0")
+    from captioning.serve import ServeLimits, serve  # TensorFlow only past the checks above
+
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
+                         max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+                         fetch=_fetch_limits(args))
+    serve(args.model_dir, args.host, args.port, limits, access_log=args.access_log)
+    return 0
 
 
 def demo_command(args) -> int:
@@ -139,7 +176,7 @@ def merge_features_command(args) -> int:
 
 def main() -> None:
     args = _parser().parse_args()
-    commands = {"caption": caption_command, "demo": demo_command, "plots-template": plots_template_command,
+    commands = {"caption": caption_command, "serve": serve_command, "demo": demo_command, "plots-template": plots_template_command,
                 "extract-shard": extract_shard_command, "merge-features": merge_features_command}
     status = commands[args.command](args)
     sys.exit(status)

@@ -133,12 +133,20 @@ class Captioner:
                 if method == "greedy":
                     ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
                 else:
-                    beams, scores = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
-                                               tf.constant(length_penalty, tf.float32), tf.constant(no_repeat_ngram))
-                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy())]
+                    beams, scores = self.final_beams(chunk, beam_size, max_length, length_penalty, no_repeat_ngram)
+                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams, scores)]
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results
+
+    def final_beams(self, features, beam_size: int, max_length: int, length_penalty: float,
+                    no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Every image's final beams (image, beam, word ids) and their scores, before the pick:
+        what the server shows as the alternatives to the chosen caption."""
+        beams, scores = self._beam(tf.constant(np.asarray(features, np.float32)), tf.constant(beam_size),
+                                   tf.constant(max_length), tf.constant(length_penalty, tf.float32),
+                                   tf.constant(no_repeat_ngram))
+        return beams.numpy(), scores.numpy()
 
     def captions(self, features: np.ndarray, **settings) -> list[str]:
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]

@@ -49,9 +49,9 @@ def _image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     )
 
 
-def compute_features(backbone: keras.Model, paths: list[str], image_size: int, batch_size: int,
-                     out: np.ndarray, progress: bool = True) -> dict[int, str]:
-    """Write one feature row per path into `out` (an array or memmap); return {row: error}."""
+def feature_function(backbone: keras.Model, image_size: int):
+    """uint8 pixels (n, size, size, 3) -> feature tensor (n, dim): the one forward pass that every
+    caller (extraction, the caption command, the server) runs images through."""
     # A fixed signature with any batch size: traced once, not again for the smaller last batch.
     signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)]
     traced = tf.function(lambda x: backbone(x, training=False), input_signature=signature)
@@ -64,6 +64,13 @@ def compute_features(backbone: keras.Model, paths: list[str], image_size: int, b
             return traced(tf.concat([images, images], axis=0))[:1]
         return traced(images)
 
+    return forward
+
+
+def compute_features(backbone: keras.Model, paths: list[str], image_size: int, batch_size: int,
+                     out: np.ndarray, progress: bool = True) -> dict[int, str]:
+    """Write one feature row per path into `out` (an array or memmap); return {row: error}."""
+    forward = feature_function(backbone, image_size)
     errors: dict[int, str] = {}
     row = 0
     with tqdm(total=len(paths), desc=f"{backbone.name} features", unit="img", disable=not progress) as bar:

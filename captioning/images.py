@@ -7,8 +7,10 @@ Using the same function at training and serving time removes one source of train
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,6 +26,10 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class ImageError(Exception):
     """The file is not a usable image; the message says why."""
+
+
+class ImageTooLarge(ImageError):
+    """The image has more pixels than allowed (a possible decompression bomb)."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -42,19 +48,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Return `path` as a (size, size, 3) uint8 RGB array, upright per EXIF, or raise ImageError."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise ImageError("is a folder, not an image file")
-        if path.is_file() and path.stat().st_size == 0:
+def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
+    """A path to open, or a file object (bytes are wrapped); empty input and folders are refused here."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
             raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as image:
+        return io.BytesIO(image)
+    if hasattr(image, "read"):
+        return image
+    path = Path(image)
+    if path.is_dir():
+        raise ImageError("is a folder, not an image file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    return path
+
+
+def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Return the image (a path, its bytes, or a file object) as a (size, size, 3) uint8 RGB array,
+    upright per EXIF, or raise ImageError. Uploads and downloads go through here too, so they get
+    the same decoding and the same guards as the files extraction reads. `max_pixels` (default
+    MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(_source(image)) as image:
             width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"refused as a possible decompression bomb: {width}x{height} pixels is over "
-                                 f"the limit of {MAX_PIXELS}")
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"refused as a possible decompression bomb: {width}x{height} pixels is over "
+                                    f"the limit of {max_pixels}")
             # JPEG draft mode decodes straight at a reduced scale: several times faster.
             image.draft("RGB", (size, size))
             image = ImageOps.exif_transpose(image)
@@ -67,7 +88,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except PermissionError:
         raise ImageError("permission denied: cannot read the file") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"refused as a possible decompression bomb: {err}") from None
+        raise ImageTooLarge(f"refused as a possible decompression bomb: {err}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError) as err:

@@ -1,36 +1,202 @@
-"""Captioning new image files, exactly as `evaluate` captions test images.
+"""The captioning server: `python -m captioning serve`, FastAPI on uvicorn.
 
-The backbone is rebuilt from the model bundle's backbone.json (same weights setting, seed,
-precision and image size as extraction), images are loaded by the same function, and decoding uses
-the same Captioner, so a test image gets the very caption `evaluate` wrote for it.
+The model, its backbone and the decode settings are loaded once, at start (inference.LoadedCaptioner,
+the same object the caption command uses). Requests that arrive together share one forward pass and
+one decode (batching.DynamicBatcher). Every input is bounded (ServeLimits) and every refusal is a
+JSON `{"error": ...}` with a 4xx status. Pages load nothing from the network: FastAPI's /docs and
+/redoc, which pull Swagger UI and ReDoc from a CDN, are turned off.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from captioning import files
-from captioning.decode import Captioner
-from captioning.backbones import build_backbone
-from captioning.feature_files import BackboneSpec
-from captioning.features import compute_features
+from captioning.batching import DynamicBatcher
+from captioning.bundle import with_overrides
+from captioning.errors import UserError, one_line
+from captioning.fetch import FetchError, FetchLimits, fetch
+from captioning.images import ImageError, ImageTooLarge, load_image
+from captioning.inference import LoadedCaptioner
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+log = logging.getLogger("captioning.serve")
 
 
-def caption_files(paths: list[Path], model_dir: Path, settings: dict, out: Path | None = None,
-                  batch_size: int = 32) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """Return ([(path, caption)], [(path, error)]); all good images are decoded as one batch."""
-    spec = BackboneSpec(**files.read_json(Path(model_dir) / "backbone.json"))
-    backbone = build_backbone(spec)
-    features = np.zeros((len(paths), backbone.output_shape[-1]), np.float32)
-    errors = compute_features(backbone, [str(p) for p in paths], spec.image_size, batch_size, features, progress=False)
-    good = [i for i in range(len(paths)) if i not in errors]
-    captions = Captioner.load(model_dir).captions(features[good], **settings) if good else []
-    results = [(paths[i], caption) for i, caption in zip(good, captions)]
-    if out is not None:
-        from captioning.plots import captioned_image
+@dataclass(frozen=True)
+class ServeLimits:
+    max_body_bytes: int = 20 * 2**20
+    max_files: int = 8                 # images in one request
+    max_pixels: int = 40_000_000       # width x height of one image, checked before decoding
+    max_batch: int = 16                # images in one forward pass
+    max_wait_s: float = 0.005          # how long the first image of a batch waits for company
+    fetch: FetchLimits = field(default_factory=FetchLimits)
 
-        for n, (path, caption) in enumerate(results):
-            target = out if len(results) == 1 else out.with_name(f"{out.stem}-{n + 1}{out.suffix or '.png'}")
-            captioned_image(path, caption, target)
-    return results, [(paths[i], errors[i]) for i in sorted(errors)]
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes`, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is over the limit of {self.max_bytes} bytes (--max-body-mb)"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"error": too_large}, 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _override(value, name: str):
+    """A form field or JSON value for beam_size / method, as the type with_overrides checks."""
+    if value is None or value == "":
+        return None
+    if name == "beam_size" and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ApiError(400, f"beam_size must be a whole number, got {value!r}") from None
+    return value
+
+
+async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], dict]:
+    """[(name, image bytes)] and the decode overrides, from a multipart upload or a JSON {"url": ...}."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=limits.max_files, max_fields=16)
+        uploads = form.getlist("image")
+        if any(not isinstance(upload, UploadFile) for upload in uploads):
+            raise ApiError(400, "the field 'image' must hold files, not text")
+        images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
+        fields = {key: form.get(key) for key in ("url", "beam_size", "method")}
+    elif kind == "application/json":
+        try:
+            fields = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON; send {\"url\": \"https://...\"}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "send a JSON object: {\"url\": \"https://...\"}")
+        images = []
+    else:
+        raise ApiError(415, "send the image as multipart/form-data (field 'image') or JSON {\"url\": \"https://...\"}")
+    url = fields.get("url")
+    if url:
+        if not isinstance(url, str):
+            raise ApiError(400, "url must be a string")
+        images.append((url, await asyncio.to_thread(fetch, url, limits.fetch)))
+    if not images:
+        raise ApiError(400, "no image: send files in the multipart field 'image' or a JSON {\"url\": \"https://...\"}")
+    if len(images) > limits.max_files:
+        raise ApiError(400, f"{len(images)} images in one request; at most {limits.max_files} (--max-files)")
+    return images, {name: _override(fields.get(name), name) for name in ("beam_size", "method")}
+
+
+def _pixels(name: str, data: bytes, size: int, limits: ServeLimits):
+    try:
+        return load_image(data, size, limits.max_pixels)
+    except ImageTooLarge as err:
+        raise ApiError(413, f"{name}: {err} (--max-pixels)") from None
+    except ImageError as err:
+        raise ApiError(422, f"{name}: {err}") from None
+
+
+def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
+    batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="Image captioning", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    page = PAGE.read_text(encoding="utf-8")
+
+    def error(status: int, message) -> JSONResponse:
+        return JSONResponse({"error": one_line(message)}, status_code=status)
+
+    app.add_exception_handler(ApiError, lambda request, err: error(err.status, err))
+    app.add_exception_handler(FetchError, lambda request, err: error(err.status, err))
+    app.add_exception_handler(UserError, lambda request, err: error(400, err))
+    app.add_exception_handler(HTTPException, lambda request, err: error(err.status_code, err.detail))
+    app.add_exception_handler(RequestValidationError, lambda request, err: error(422, err.errors()))
+
+    async def internal(request, err):
+        log.exception("unexpected error answering %s", request.url.path)  # the traceback stays in the log
+        return error(500, f"internal error ({type(err).__name__}); the server log has the details")
+
+    app.add_exception_handler(Exception, internal)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": loaded.describe(), "batches": batcher.batches, "images": batcher.items}
+
+    @app.post("/caption")
+    async def caption(request: Request) -> dict:
+        images, overrides = await _read_request(request, limits)
+        settings = with_overrides(loaded.settings, **overrides)
+        pixels = [await asyncio.to_thread(_pixels, name, data, loaded.image_size, limits) for name, data in images]
+        decoded = await asyncio.gather(*(batcher.submit(p, settings) for p in pixels))
+        return {"model": loaded.describe(), "decode": settings,
+                "images": [{"name": name, "caption": d.caption, "beams": d.beams}
+                           for (name, _), d in zip(images, decoded)]}
+
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything, so a taken port fails at once with one line; port 0 = any free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or --host") from None
+    return sock
+
+
+def serve(model_dir: Path, host: str, port: int, limits: ServeLimits, access_log: bool = False) -> None:
+    import uvicorn
+
+    sock = listen(host, port)
+    loaded = LoadedCaptioner(model_dir)
+    loaded.warm_up()
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
+          flush=True)
+    config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -40,7 +40,8 @@ if ! command -v java >/dev/null; then
   apt_install openjdk-17-jre-headless \
     || echo "warning: Java not found and not installable here; install openjdk-17-jre-headless for METEOR (it will be null until then)" >&2
 fi
-# tests/test_plots_offline.py renders `dvc plots show` pages in headless Chromium (it fails without it when CI=true).
+# tests/test_plots_offline.py renders `dvc plots show` pages in headless Chromium (it fails without it when CI=true);
+# tests/test_server.py opens the server's page in it through Playwright (which never downloads a browser of its own).
 if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
   apt_install chromium || echo "warning: could not install chromium; the offline-plots test cannot run" >&2
 fi

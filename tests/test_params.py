@@ -63,7 +63,7 @@ def test_invalid_yaml(tmp_path):
 
 def test_caption_command_defaults_outside_a_project_are_the_params_defaults():
     # `python -m captioning caption` run away from a project falls back to these; they must not drift.
-    from captioning.__main__ import DEFAULT_DECODE
+    from captioning.bundle import DEFAULT_DECODE
 
     decode = yaml.safe_load((PROJECT / "params.yaml").read_text())["decode"]
     assert DEFAULT_DECODE == {key: decode[key] for key in DEFAULT_DECODE}

@@ -1,0 +1,136 @@
+"""The captioning server under load: the real `python -m captioning serve` on loopback, driven over HTTP.
+
+Against a baseline measured in the same run on the same images and model: offline extraction
+(compute_features, as the pipeline runs it) plus one batched decode with the same settings.
+  lone latency   one request at a time, each one image: p50 and p99 in ms
+  throughput     16 concurrent clients, one image per request: images/s, as a ratio to offline
+  errors         requests that did not answer 200, over the whole run
+  rss growth     the server's peak RSS after all requests vs after the first 100
+The model is an untrained decoder with the pipeline's sizes (params.yaml's train section) and the
+seeded random backbone: decoding always runs all max_length steps, so speed does not depend on training.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import PARAMS, ROOT, Stopwatch, demo_data, median
+from bench.bench_train import decoder_data, new_decoder
+from captioning import files
+from captioning.consensus import FILE_NAME, NgramStatistics
+from captioning.features import compute_features, make_spec
+
+CLIENTS = 16
+
+
+def write_bundle(workdir: Path, n_images: int) -> Path:
+    """A model folder as train_lstm writes it: decoder, vocabulary, n-gram statistics, backbone.json."""
+    table, store, vocab, data = decoder_data(workdir / "decoder", n_images)
+    model_dir = workdir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    new_decoder(vocab, store, data).save(model_dir / "model.keras")
+    vocab.save(model_dir / "vocab.json")
+    NgramStatistics.from_table(table).save(model_dir / FILE_NAME)
+    options = PARAMS["features"]
+    spec = make_spec("random", options["seed"], options["image_size"], options["precision"])
+    files.write_json(model_dir / "backbone.json", spec.to_json())
+    return model_dir
+
+
+def peak_rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
+class Load:
+    """Requests to the server, each one image, counting every answer that is not a 200."""
+
+    def __init__(self, address: str, images: list[bytes]):
+        import httpx
+
+        self.client = httpx.Client(base_url=address, timeout=120, limits=httpx.Limits(max_connections=CLIENTS))
+        self.images, self.sent, self.errors = images, 0, 0
+
+    def one(self, n: int) -> float:
+        start = time.perf_counter()
+        answer = self.client.post("/caption", files={"image": (f"{n}.jpg", self.images[n % len(self.images)])})
+        self.sent += 1
+        self.errors += answer.status_code != 200
+        return time.perf_counter() - start
+
+    def concurrent(self, count: int) -> float:
+        """Seconds for `count` requests from CLIENTS clients at once."""
+        with Stopwatch() as watch, ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(self.one, range(count)))
+        return watch.seconds
+
+
+def offline_rate(model_dir: Path, paths: list[str], repeats: int) -> list[float]:
+    """Images/s of extraction plus decoding, as evaluate does them, in this process."""
+    from captioning.bundle import decode_settings
+    from captioning.inference import LoadedCaptioner
+
+    loaded = LoadedCaptioner(model_dir, decode_settings(model_dir))
+    out = np.zeros((len(paths), loaded.backbone.output_shape[-1]), np.float32)
+    batch_size = PARAMS["features"]["batch_size"]
+    rates = []
+    for repeat in range(repeats + 1):  # the first run traces the functions and is left out
+        with Stopwatch() as watch:
+            compute_features(loaded.backbone, paths, loaded.image_size, batch_size, out, progress=False)
+            loaded.captioner.caption_ids(out, **loaded.settings)
+        if repeat:
+            rates.append(len(paths) / watch.seconds)
+    return rates
+
+
+def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss_total: int,
+        repeats: int = 3) -> dict:
+    model_dir = write_bundle(workdir, n_images)
+    table, images_dir = demo_data(workdir / "demo", n_images)
+    paths = [str(images_dir / name) for name in sorted(table["image"].unique())]
+    jpegs = [Path(path).read_bytes() for path in paths]
+    server = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--model", str(model_dir),
+                               "--max-batch", str(CLIENTS)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        address = re.search(r"http://[\d.]+:\d+", server.stdout.readline()).group(0)
+        load = Load(address, jpegs)
+        lone_ms = sorted(1000 * load.one(n) for n in range(lone))
+        load.concurrent(max(rss_early - load.sent, 0))
+        rss_after_early = peak_rss_kb(server.pid)
+        server_rates = [burst / load.concurrent(burst) for _ in range(repeats)]
+        load.concurrent(max(rss_total - load.sent, 0))
+        rss_after_all = peak_rss_kb(server.pid)
+        sent, errors = load.sent, load.errors
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    offline = offline_rate(model_dir, paths, repeats)
+    ratio = median(server_rates) / median(offline)
+    return {
+        "serve_throughput_ratio": {
+            "value": round(ratio, 3), "clients": CLIENTS, "server_images_per_s": round(median(server_rates), 2),
+            "offline_images_per_s": round(median(offline), 2),
+            "lone_p50_ms": round(float(np.percentile(lone_ms, 50)), 1),
+            "lone_p99_ms": round(float(np.percentile(lone_ms, 99)), 1),
+            "raw": {"server": [round(r, 2) for r in server_rates], "offline": [round(r, 2) for r in offline],
+                    "lone_ms": [round(ms, 1) for ms in lone_ms]}},
+        "serve_errors": {"value": errors, "requests": sent},
+        "serve_rss_growth": {"value": round(rss_after_all / rss_after_early, 3), "requests_early": rss_early,
+                             "requests_total": sent, "peak_rss_mb_early": round(rss_after_early / 1024, 1),
+                             "peak_rss_mb_total": round(rss_after_all / 1024, 1)},
+    }
+
+
+if __name__ == "__main__":  # a quick standalone check; bench/run.py runs it with the sizes of its mode
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        print(json.dumps(run(Path(folder), n_images=32, lone=20, burst=48, rss_early=100, rss_total=300,
+                             repeats=2), indent=2))

@@ -1,0 +1,127 @@
+"""Fetching an image from a URL, bounded and safe: what `caption URL` and the server's `{"url": ...}` use.
+
+A URL given by someone else must not turn the captioner into a proxy into the local network (SSRF),
+nor hold a worker forever. So: http(s) only; the host is resolved once and every address checked
+(loopback, private, link-local, multicast and reserved ranges are refused unless `allow_private`);
+the connection goes to that checked address (the Host header and TLS name stay the URL's, so
+certificates are still verified), leaving no gap for a second, different DNS answer; redirects are
+followed by hand, each hop checked the same way; and the whole fetch has a time and a byte limit.
+Decoding (and Pillow's decompression-bomb guard) is `images.load_image`'s job, as for files.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+
+SCHEMES = ("http", "https")
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    timeout_s: float = 10.0          # the whole fetch, redirects included
+    max_bytes: int = 20 * 2**20      # the body of the image
+    max_redirects: int = 3
+    allow_private: bool = False      # loopback / private / link-local targets (tests on 127.0.0.1 need it)
+
+
+class FetchError(Exception):
+    """The URL could not be fetched; `status` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def is_url(text: str) -> bool:
+    """Whether a caption-command argument means a URL (anything with a scheme) rather than a path."""
+    return "://" in text
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    address = mapped or address
+    return address.is_global and not (address.is_multicast or address.is_reserved)
+
+
+def resolve(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to, after checking every address the host resolves to."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise FetchError(f"cannot resolve host {host!r} ({err})") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not allow_private:
+        refused = [str(a) for a in addresses if not _public(a)]
+        if refused:
+            raise FetchError(f"refused: {host} resolves to a loopback, private, link-local or reserved address "
+                             f"({', '.join(sorted(set(refused)))}); a server started with --allow-private-urls "
+                             "accepts such URLs", status=403)
+    return str(addresses[0])
+
+
+def _pinned_request(client: httpx.Client, url: httpx.URL, address: str, timeout: float) -> httpx.Request:
+    """A GET for `url` sent to `address`, with the URL's own host in the Host header and the TLS name."""
+    host_header = url.host if url.port is None else f"{url.host}:{url.port}"
+    return client.build_request(
+        "GET", url.copy_with(host=address), headers={"Host": host_header, "Accept": "image/*"},
+        timeout=httpx.Timeout(timeout), extensions={"sni_hostname": url.host})
+
+
+def _checked_url(text: str) -> httpx.URL:
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError, ValueError) as err:
+        raise FetchError(f"not a valid URL: {text!r} ({err})", status=400) from None
+    if url.scheme not in SCHEMES:
+        raise FetchError(f"only http and https URLs can be fetched, not {url.scheme or 'no scheme'}: {text}",
+                         status=400)
+    if not url.host:
+        raise FetchError(f"the URL has no host: {text}", status=400)
+    return url
+
+
+def _read_body(response: httpx.Response, limits: FetchLimits, deadline: float) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise FetchError(f"the image is {int(declared)} bytes, over the limit of {limits.max_bytes}", status=413)
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limits.max_bytes:
+            raise FetchError(f"the image is over the limit of {limits.max_bytes} bytes", status=413)
+        if time.monotonic() > deadline:
+            raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s")
+    return bytes(body)
+
+
+def fetch(text: str, limits: FetchLimits = FetchLimits()) -> bytes:
+    """The body of the image at URL `text`, or FetchError with a one-line reason."""
+    deadline = time.monotonic() + limits.timeout_s
+    url = _checked_url(text)
+    # trust_env=False: an environment proxy would connect elsewhere than the address checked here.
+    with httpx.Client(follow_redirects=False, trust_env=False) as client:
+        for _ in range(limits.max_redirects + 1):
+            address = resolve(url.host, url.port or (443 if url.scheme == "https" else 80), limits.allow_private)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s")
+            try:
+                response = client.send(_pinned_request(client, url, address, remaining), stream=True)
+                try:
+                    if response.is_redirect and "location" in response.headers:
+                        url = _checked_url(str(url.join(response.headers["location"])))
+                        continue
+                    if response.status_code != 200:
+                        raise FetchError(f"{text} answered HTTP {response.status_code}")
+                    return _read_body(response, limits, deadline)
+                finally:
+                    response.close()
+            except httpx.TimeoutException:
+                raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s") from None
+            except httpx.HTTPError as err:
+                raise FetchError(f"cannot fetch {text} ({type(err).__name__}: {err})") from None
+    raise FetchError(f"more than {limits.max_redirects} redirects fetching {text}")

@@ -1,0 +1,137 @@
+"""The trained captioner loaded once, for the caption command and the server alike.
+
+`LoadedCaptioner` holds the backbone rebuilt from the model bundle's backbone.json (same weights
+setting, seed, precision and image size as extraction), the decoder and the decode settings
+`evaluate` used. Images are loaded by `images.load_image` and run through `features.feature_function`,
+the very forward pass extraction uses, so a test image gets the caption `evaluate` wrote for it.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from captioning import files
+from captioning.bundle import check_bundle, decode_settings
+from captioning.decode import NEG_INF, Captioner
+from captioning.features import BackboneSpec, build_backbone, feature_function
+from captioning.fetch import FetchError, FetchLimits, fetch, is_url
+from captioning.images import ImageError, load_image
+
+
+def load_backbone(model_dir: Path):
+    """The backbone the model's features came from, and its spec: the one place it is rebuilt."""
+    spec = BackboneSpec(**files.read_json(Path(model_dir) / "backbone.json"))
+    return build_backbone(spec), spec
+
+
+@dataclass
+class Decoded:
+    caption: str
+    beams: list[dict]  # [{"caption", "score"}], best first; a greedy caption has score None
+
+
+class LoadedCaptioner:
+    """Backbone + Captioner + decode settings, loaded once; `caption(pixels)` any number of times."""
+
+    def __init__(self, model_dir: Path, settings: dict | None = None):
+        check_bundle(model_dir)
+        self.model_dir = Path(model_dir)
+        self.settings = dict(settings or decode_settings(model_dir))
+        self.backbone, self.spec = load_backbone(model_dir)
+        self._forward = feature_function(self.backbone, self.spec.image_size)
+        self.captioner = Captioner.load(model_dir)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    def describe(self) -> dict:
+        """Which backbone and weights the model uses, and how it decodes by default."""
+        return {"model_dir": str(self.model_dir), "backbone": self.spec.to_json(), "decode": self.settings}
+
+    def warm_up(self) -> None:
+        """Trace the forward pass and the decoder once, so the first request is not the slow one; a
+        model that cannot decode with its settings (consensus without statistics) fails here."""
+        pixels = np.zeros((2, self.image_size, self.image_size, 3), np.uint8)
+        self.captioner.caption_ids(self.features(pixels), **self.settings)
+        self.decode(self.features(pixels[:1]), self.settings)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        return self._forward(np.asarray(pixels, np.uint8)).numpy()
+
+    def decode(self, features: np.ndarray, settings: dict) -> list[Decoded]:
+        """One batched decode; the caption is the one `Captioner.caption_ids` picks, the beams beside it."""
+        lone = len(features) == 1
+        if lone:  # as in feature_function: a batch of one may take other kernels than evaluate's batches
+            features = np.concatenate([features, features])
+        if settings["method"] == "greedy":
+            ids = self.captioner.caption_ids(features, method="greedy", max_length=settings["max_length"],
+                                             no_repeat_ngram=settings["no_repeat_ngram"])
+            captions = [self.captioner.vocab.decode(row) for row in ids]
+            out = [Decoded(caption, [{"caption": caption, "score": None}]) for caption in captions]
+        else:
+            beams, scores = self.captioner.final_beams(features, settings["beam_size"], settings["max_length"],
+                                                       settings["length_penalty"], settings["no_repeat_ngram"])
+            out = [self._with_beams(b, s, settings["rerank"]) for b, s in zip(beams, scores)]
+        return out[:1] if lone else out
+
+    def _with_beams(self, beams: np.ndarray, scores: np.ndarray, rerank: str) -> Decoded:
+        chosen = self.captioner.vocab.decode(self.captioner.choose_beam(beams, scores, rerank))
+        live = [i for i in np.argsort(-scores, kind="stable") if scores[i] > NEG_INF]
+        return Decoded(chosen, [{"caption": self.captioner.vocab.decode(beams[i]), "score": round(float(scores[i]), 4)}
+                                for i in live])
+
+    def caption(self, pixels: np.ndarray, settings: dict | None = None) -> list[Decoded]:
+        return self.decode(self.features(pixels), settings or self.settings)
+
+    def caption_many(self, pixels: list[np.ndarray], settings: list[dict]) -> list[Decoded]:
+        """A server batch: one forward pass for all images, one decode per distinct setting."""
+        features = self.features(np.stack(pixels))
+        groups: dict[tuple, list[int]] = {}
+        for row, options in enumerate(settings):
+            groups.setdefault(tuple(sorted(options.items())), []).append(row)
+        results: list[Decoded | None] = [None] * len(pixels)
+        for key, rows in groups.items():
+            for row, decoded in zip(rows, self.decode(features[rows], dict(key))):
+                results[row] = decoded
+        return results
+
+
+def read_source(source: str | Path, image_size: int, fetch_limits: FetchLimits,
+                max_pixels: int | None = None) -> tuple[np.ndarray, bytes | None]:
+    """Pixels of a file path or an image URL (and the URL's bytes), or ImageError/FetchError."""
+    if is_url(str(source)):
+        data = fetch(str(source), fetch_limits)
+        return load_image(data, image_size, max_pixels), data
+    return load_image(source, image_size, max_pixels), None
+
+
+def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | None = None,
+                  batch_size: int = 32, fetch_limits: FetchLimits = FetchLimits()
+                  ) -> tuple[list[tuple[object, str]], list[tuple[object, str]]]:
+    """Return ([(source, caption)], [(source, error)]) for file paths and image URLs."""
+    loaded = LoadedCaptioner(model_dir, settings)
+    results, errors, shown = [], [], []
+    for start in range(0, len(sources), batch_size):
+        good, pixels = [], []
+        for source in sources[start:start + batch_size]:
+            try:
+                array, data = read_source(source, loaded.image_size, fetch_limits)
+            except (ImageError, FetchError) as err:
+                errors.append((source, str(err)))
+                continue
+            good.append(source)
+            pixels.append(array)
+            shown.append(io.BytesIO(data) if data is not None else source)
+        if good:
+            results += [(source, decoded.caption) for source, decoded in zip(good, loaded.caption(np.stack(pixels)))]
+    if out is not None:
+        from captioning.plots import captioned_image
+
+        for n, (image, (_, caption)) in enumerate(zip(shown, results)):
+            target = out if len(results) == 1 else out.with_name(f"{out.stem}-{n + 1}{out.suffix or '.png'}")
+            captioned_image(image, caption, target)
+    return results, errors

@@ -1,0 +1,186 @@
+"""Image URLs: fetched against a real local HTTP server, including ones that misbehave on purpose."""
+from __future__ import annotations
+
+import io
+import ipaddress
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from captioning import fetch as fetch_module
+from captioning.fetch import FetchError, FetchLimits, fetch, is_url
+from captioning.images import ImageError, load_image
+
+LOCAL = FetchLimits(timeout_s=2.0, max_bytes=200_000, max_redirects=3, allow_private=True)
+
+
+def png_bytes(color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    hosts: list[str] = []
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, status: int, body: bytes = b"", content_type: str = "image/png", **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        if body or status == 200:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        Handler.hosts.append(self.headers.get("Host", ""))
+        path = self.path
+        try:
+            if path == "/image.png":
+                self._send(200, png_bytes())
+            elif path == "/hop":
+                self._send(302, Location="/image.png")
+            elif path == "/loop":
+                self._send(302, Location="/loop")
+            elif path == "/to-file":
+                self._send(302, Location="file:///etc/passwd")
+            elif path == "/text":
+                self._send(200, b"<html>not an image</html>", "text/html")
+            elif path == "/missing":
+                self._send(404, b"no such image", "text/plain")
+            elif path == "/slow-headers":
+                time.sleep(6)
+                self._send(200, png_bytes())
+            elif path == "/trickle":  # headers at once, then a byte every 0.2 s for a minute
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                for _ in range(300):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            elif path == "/endless":  # a body that never ends, as fast as the socket takes it
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                chunk = b"\0" * 65536
+                while True:
+                    self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up, as it should
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_fetches_an_image_and_follows_a_redirect(server):
+    assert fetch(f"{server}/image.png", LOCAL) == png_bytes()
+    assert load_image(fetch(f"{server}/hop", LOCAL), 16).shape == (16, 16, 3)
+
+
+def test_loopback_is_refused_unless_allowed(server):
+    with pytest.raises(FetchError, match="refused.*loopback") as caught:
+        fetch(f"{server}/image.png", FetchLimits())
+    assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("address,public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
+    ("192.168.0.10", False), ("169.254.169.254", False), ("100.64.0.1", False), ("224.0.0.1", False),
+    ("0.0.0.0", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
+    ("::ffff:10.0.0.1", False)])
+def test_which_addresses_count_as_public(address, public):
+    assert fetch_module._public(ipaddress.ip_address(address)) is public
+
+
+def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
+    # A name that no DNS knows: the fetch can only succeed by connecting to the address resolve() checked,
+    # while the Host header keeps the name (as a virtual host needs).
+    port = int(server.rsplit(":", 1)[1])
+    checked = []
+
+    def fake_getaddrinfo(host, port_, *args, **kwargs):
+        checked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", fake_getaddrinfo)
+    Handler.hosts.clear()
+    assert fetch(f"http://images.example.invalid:{port}/hop", LOCAL) == png_bytes()
+    # resolve() checked the name at each hop of the redirect; the HTTP client only ever saw the address.
+    assert [host for host in checked if host != "127.0.0.1"] == ["images.example.invalid"] * 2
+    assert Handler.hosts == [f"images.example.invalid:{port}"] * 2
+
+
+def test_a_redirect_loop_stops_at_the_limit(server):
+    with pytest.raises(FetchError, match="more than 3 redirects"):
+        fetch(f"{server}/loop", LOCAL)
+
+
+def test_a_redirect_to_another_scheme_is_refused(server):
+    with pytest.raises(FetchError, match="only http and https") as caught:
+        fetch(f"{server}/to-file", LOCAL)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("path", ["/slow-headers", "/trickle"])
+def test_a_slow_server_is_cut_off_at_the_time_limit(server, path):
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="longer than 1 s"):
+        fetch(f"{server}{path}", FetchLimits(timeout_s=1.0, allow_private=True))
+    assert time.monotonic() - start < 3.0
+
+
+def test_an_endless_body_is_cut_off_at_the_byte_limit(server):
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="over the limit of 200000 bytes") as caught:
+        fetch(f"{server}/endless", LOCAL)
+    assert caught.value.status == 413
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading(server):
+    tiny = FetchLimits(max_bytes=len(png_bytes()) - 1, allow_private=True)
+    with pytest.raises(FetchError, match=f"is {len(png_bytes())} bytes, over the limit"):
+        fetch(f"{server}/image.png", tiny)
+
+
+def test_a_page_that_is_not_an_image_is_refused_by_the_image_loader(server):
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(fetch(f"{server}/text", LOCAL), 16)
+
+
+def test_an_error_status_is_named(server):
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch(f"{server}/missing", LOCAL)
+
+
+@pytest.mark.parametrize("url,message", [("ftp://example.com/a.jpg", "only http and https"),
+                                         ("http:///a.jpg", "no host|not a valid URL")])
+def test_bad_urls_are_refused_without_a_connection(url, message):
+    with pytest.raises(FetchError, match=message):
+        fetch(url, LOCAL)
+
+
+def test_an_unknown_host_is_named():
+    with pytest.raises(FetchError, match="cannot resolve host"):
+        fetch("http://no-such-host.invalid/a.jpg", LOCAL)
+
+
+def test_urls_and_paths_are_told_apart():
+    assert is_url("https://example.com/a.jpg") and is_url("ftp://x/y")
+    assert not is_url("photos/a.jpg") and not is_url("C:/photos/a.jpg")

@@ -1,0 +1,230 @@
+"""The captioning server as users meet it: a real uvicorn process on a free loopback port, real HTTP
+requests, image URLs on a local HTTP server, and the page in headless Chromium (Playwright)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import PROJECT, run, tool_env
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 255, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images_site(demo_run, tmp_path_factory):
+    """A local HTTP server holding copies of the demo images and a text file (for the URL cases)."""
+    folder = tmp_path_factory.mktemp("site")
+    shutil.copytree(demo_run / "data/demo/images", folder, dirs_exist_ok=True)
+    (folder / "notes.txt").write_text("not an image")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    httpd.RequestHandlerClass.log_message = lambda *args: None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(demo_run):
+    """`python -m captioning serve` as the README starts it, on any free port; stopped by SIGTERM."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "captioning", "serve", "--port", "0", "--allow-private-urls", "--max-files", "3",
+         "--max-pixels", "1000000", "--max-body-mb", "1", "--max-wait-ms", "20"],
+        cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()  # printed once the model is loaded and the port is bound
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if not match:
+        process.kill()
+        pytest.fail(f"the server did not start: {line}{process.stderr.read()}")
+    address = f"http://127.0.0.1:{match.group(1)}"
+    yield address, process
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def test_images(demo_run) -> pd.DataFrame:
+    return pd.read_parquet(demo_run / "data/predictions.parquet").head(4)
+
+
+def post_files(address: str, paths: list[Path], **fields) -> httpx.Response:
+    files = [("image", (path.name, path.read_bytes(), "image/jpeg")) for path in paths]
+    return httpx.post(f"{address}/caption", files=files, data=fields, timeout=60)
+
+
+def test_health_names_the_model(server, demo_run):
+    answer = httpx.get(f"{server[0]}/health", timeout=10).json()
+    assert answer["status"] == "ok"
+    backbone = json.loads((demo_run / "data/model/backbone.json").read_text())
+    assert answer["model"]["backbone"] == backbone
+
+
+def test_gives_evaluates_caption_alone_and_in_one_request(server, demo_run, test_images):
+    paths = [demo_run / "data/demo/images" / name for name in test_images["image"]]
+    for path, expected in zip(paths, test_images["generated"]):
+        answer = post_files(server[0], [path]).json()
+        (image,) = answer["images"]
+        assert image["caption"] == expected
+        assert image["caption"] in [beam["caption"] for beam in image["beams"]]
+        scores = [beam["score"] for beam in image["beams"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= answer["decode"]["beam_size"]
+    together = post_files(server[0], paths[:3]).json()
+    assert [image["caption"] for image in together["images"]] == list(test_images["generated"][:3])
+
+
+def test_a_url_gets_the_same_caption_as_the_upload(server, images_site, test_images):
+    name, expected = test_images["image"].iloc[0], test_images["generated"].iloc[0]
+    answer = httpx.post(f"{server[0]}/caption", json={"url": f"{images_site}/{name}"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["images"][0]["caption"] == expected
+
+
+def test_per_request_decode_settings_within_limits(server, demo_run, test_images):
+    path = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    greedy = post_files(server[0], [path], beam_size="1").json()
+    assert greedy["decode"]["method"] == "greedy" and len(greedy["images"][0]["beams"]) == 1
+    wide = post_files(server[0], [path], beam_size="5").json()
+    assert wide["decode"]["beam_size"] == 5 and 1 <= len(wide["images"][0]["beams"]) <= 5
+
+
+def bad_requests(address: str, images_site: str, image: Path) -> dict:
+    url = f"{address}/caption"
+    jpeg = image.read_bytes()
+    return {
+        "not an image": (422, httpx.post(url, files={"image": ("a.jpg", b"just text", "image/jpeg")})),
+        "empty file": (422, httpx.post(url, files={"image": ("a.jpg", b"", "image/jpeg")})),
+        "too many pixels": (413, httpx.post(url, files={"image": ("big.png", png(2000, 1000), "image/png")})),
+        "body too large": (413, httpx.post(url, files={"image": ("a.jpg", os.urandom(2 * 2**20), "image/jpeg")})),
+        "too many files": (400, httpx.post(url, files=[("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(4)])),
+        "no image": (400, httpx.post(url, data={"beam_size": "3"}, files={"other": ("a", b"x")})),
+        "text in the image field": (400, httpx.post(url, data={"image": "hello"}, files={"other": ("a", b"x")})),
+        "beam too wide": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "99"})),
+        "beam not a number": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "wide"})),
+        "unknown method": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"method": "sample"})),
+        "bad JSON": (400, httpx.post(url, content=b"{\"url\": ", headers={"Content-Type": "application/json"})),
+        "JSON without url": (400, httpx.post(url, json={"link": "x"})),
+        "other content type": (415, httpx.post(url, content=b"x", headers={"Content-Type": "text/plain"})),
+        "URL not an image": (422, httpx.post(url, json={"url": f"{images_site}/notes.txt"})),
+        "URL not found": (422, httpx.post(url, json={"url": f"{images_site}/missing.jpg"})),
+        "URL unreachable": (422, httpx.post(url, json={"url": "http://127.0.0.1:9/a.jpg"})),
+        "URL scheme": (400, httpx.post(url, json={"url": "file:///etc/passwd"})),
+        "wrong method": (405, httpx.get(url)),
+        "no such page": (404, httpx.get(f"{address}/nothing")),
+    }
+
+
+def test_bad_input_is_a_clear_json_error(server, images_site, demo_run, test_images):
+    image = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    for case, (status, response) in bad_requests(server[0], images_site, image).items():
+        assert response.status_code == status, (case, response.status_code, response.text)
+        error = response.json()["error"]
+        assert isinstance(error, str) and 0 < len(error) < 400 and "\n" not in error, case
+        assert "Traceback" not in response.text, case
+
+
+def test_a_burst_shares_batched_passes(server, demo_run, test_images):
+    path = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    before = httpx.get(f"{server[0]}/health").json()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post_files(server[0], [path]), range(32)))
+    after = httpx.get(f"{server[0]}/health").json()
+    assert all(answer.status_code == 200 for answer in answers)
+    assert {answer.json()["images"][0]["caption"] for answer in answers} == {test_images["generated"].iloc[0]}
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == 32 and batches < images / 2, (images, batches)  # several requests per forward pass
+
+
+def test_no_page_loads_anything_from_the_network(server):
+    page = httpx.get(f"{server[0]}/")
+    assert page.status_code == 200 and "<form" in page.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?(https?:)?//""", page.text)
+    for docs in ("/docs", "/redoc"):  # FastAPI's would load Swagger UI / ReDoc from a CDN
+        assert httpx.get(f"{server[0]}{docs}").status_code == 404
+
+
+def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_images, tmp_path):
+    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: `bash scripts/setup.sh --dev` installs it")
+    address = server[0]
+    photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    requested = []
+    with sync_api.sync_playwright() as playwright:
+        # A fresh profile; every host but 127.0.0.1 unresolvable and a dead proxy: the network is cut.
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=[
+                *CHROMIUM_FLAGS, "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(address + "/")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+            shown = page.inner_text("#caption")
+            beams = page.locator("#beams li").count()
+            page.screenshot(path=os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "serve.png")), full_page=True)
+        finally:
+            browser.close()
+    assert shown == test_images["generated"].iloc[0]
+    assert beams >= 1
+    outside = [url for url in requested if not url.startswith((address, "blob:", "data:"))]
+    assert not outside, outside
+
+
+def test_the_caption_command_takes_urls(demo_run, images_site, test_images):
+    name, expected = test_images["image"].iloc[0], test_images["generated"].iloc[0]
+    url = f"{images_site}/{name}"
+    result = run([sys.executable, "-m", "captioning", "caption", url, f"{images_site}/notes.txt",
+                  "--allow-private-urls"], demo_run, check=False)
+    assert result.stdout.splitlines() == [f"{url}\t{expected}"]
+    errors = result.stderr.splitlines()
+    assert result.returncode == 2 and len(errors) == 1 and "notes.txt" in errors[0] and "not an image" in errors[0]
+    refused = run([sys.executable, "-m", "captioning", "caption", url], demo_run, check=False)
+    assert refused.returncode == 2 and "refused" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_missing_model_is_one_line(tmp_path):
+    result = run([sys.executable, "-m", "captioning", "serve", "--model", str(tmp_path / "none")], PROJECT,
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no trained model in {tmp_path / 'none'}: run "
+                                                  "`dvc repro` first (or pass --model-dir)."]
+
+
+def test_sigterm_stops_it_cleanly(server):
+    address, process = server  # the last test of the module: the fixture's server is stopped here
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the server did not stop within 20 s of SIGTERM")
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in process.stderr.read()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{address}/health", timeout=2)
