@@ -24,13 +24,16 @@ from bench.common import PARAMS, ROOT, Stopwatch, demo_data, median
 from bench.bench_train import decoder_data, new_decoder
 from captioning import files
 from captioning.consensus import FILE_NAME, NgramStatistics
-from captioning.features import compute_features, make_spec
+from captioning.backbones import make_spec
+from captioning.bundle import save_decode_settings
+from captioning.features import compute_features
 
 CLIENTS = 16
 
 
 def write_bundle(workdir: Path, n_images: int) -> Path:
-    """A model folder as train_lstm writes it: decoder, vocabulary, n-gram statistics, backbone.json."""
+    """A model folder as train_lstm writes it (decoder, vocabulary, n-gram statistics, backbone.json), and
+    the decode settings evaluate would save for it (params.yaml's), in workdir/decode.json."""
     table, store, vocab, data = decoder_data(workdir / "decoder", n_images)
     model_dir = workdir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +43,7 @@ def write_bundle(workdir: Path, n_images: int) -> Path:
     options = PARAMS["features"]
     spec = make_spec("random", options["seed"], options["image_size"], options["precision"])
     files.write_json(model_dir / "backbone.json", spec.to_json())
+    save_decode_settings(workdir / "decode.json", model_dir, PARAMS["decode"])
     return model_dir
 
 
@@ -76,7 +80,7 @@ def offline_rate(model_dir: Path, paths: list[str], repeats: int) -> list[float]
     from captioning.bundle import decode_settings
     from captioning.inference import LoadedCaptioner
 
-    loaded = LoadedCaptioner(model_dir, decode_settings(model_dir))
+    loaded = LoadedCaptioner(model_dir, decode_settings(model_dir, model_dir.parent / "decode.json"))
     out = np.zeros((len(paths), loaded.backbone.output_shape[-1]), np.float32)
     batch_size = PARAMS["features"]["batch_size"]
     rates = []
@@ -96,7 +100,8 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
     paths = [str(images_dir / name) for name in sorted(table["image"].unique())]
     jpegs = [Path(path).read_bytes() for path in paths]
     server = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--model", str(model_dir),
-                               "--max-batch", str(CLIENTS)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               "--decode-settings", str(workdir / "decode.json"), "--max-batch", str(CLIENTS)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         address = re.search(r"http://[\d.]+:\d+", server.stdout.readline()).group(0)
         load = Load(address, jpegs)

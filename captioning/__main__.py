@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
                     "Unreadable images get a one-line error on stderr and exit status 2; the others are still captioned.")
     caption.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or http(s) image URLs")
     caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR, help="trained model bundle (default: %(default)s)")
-    caption.add_argument("--beam", type=int, default=None, help="beam width; 1 = greedy (default: decode.* in params.yaml)")
+    caption.add_argument("--beam", type=int, default=None,
+                         help="beam width; 1 = greedy (default: the settings evaluate used, see --decode-settings)")
+    _decode_argument(caption)
     caption.add_argument("--out", type=Path, default=None,
                          help="write the image with its caption under it to this PNG (with several images: FILE-<n>.png)")
     _fetch_arguments(caption)
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
     serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
                        help="trained model bundle (default: %(default)s)")
+    _decode_argument(serve)
     serve.add_argument("--max-batch", type=int, default=16, help="images in one batched pass (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a request waits for others to share its pass (default: %(default)s)")
@@ -83,6 +86,11 @@ def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also fetch URLs on loopback, private and link-local addresses (refused by default)")
 
 
+def _decode_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode-settings", type=Path, default=layout.DECODE_SETTINGS,
+                        help="the decode settings evaluate wrote for this model (default: %(default)s)")
+
+
 def _fetch_limits(args) -> FetchLimits:
     if args.fetch_timeout <= 0 or args.fetch_max_mb <= 0 or args.fetch_max_redirects < 0:
         raise UserError("--fetch-timeout and --fetch-max-mb must be positive, --fetch-max-redirects at least 0")
@@ -93,9 +101,9 @@ def _fetch_limits(args) -> FetchLimits:
 def caption_command(args) -> int:
     check_bundle(args.model_dir)
     try:
-        settings = with_overrides(decode_settings(args.model_dir), beam_size=args.beam)
+        settings = with_overrides(decode_settings(args.model_dir, args.decode_settings), beam_size=args.beam)
     except UserError as err:
-        raise UserError(f"--beam: {err}") from None
+        raise UserError(f"--beam: {err}" if args.beam is not None else err) from None
     limits = _fetch_limits(args)
     from captioning.inference import caption_files  # TensorFlow only past the checks above
 
@@ -109,7 +117,7 @@ def caption_command(args) -> int:
 
 def serve_command(args) -> int:
     check_bundle(args.model_dir)
-    decode_settings(args.model_dir)  # bad params fail here, before TensorFlow loads
+    settings = decode_settings(args.model_dir, args.decode_settings)  # fails here, before TensorFlow loads
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_files < 1 or args.max_pixels < 1:
         raise UserError("--max-batch, --max-files, --max-pixels must be at least 1, --max-body-mb positive, "
                         "--max-wait-ms at least 0")
@@ -118,7 +126,7 @@ def serve_command(args) -> int:
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
                          fetch=_fetch_limits(args))
-    serve(args.model_dir, args.host, args.port, limits, access_log=args.access_log)
+    serve(args.model_dir, settings, args.host, args.port, limits, access_log=args.access_log)
     return 0
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioning import files, layout
 from captioning.errors import UserError
-from captioning.params import DECODE_METHODS, PARAMS_FILE, read_params
+from captioning.params import DECODE_METHODS
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
-DEFAULT_DECODE = {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "rerank": "consensus",
-                  "no_repeat_ngram": 3, "max_length": 20}  # as params.yaml
 MAX_BEAM_SIZE = 16  # a per-request override above this would let one request take the server's time
 
 
@@ -28,13 +27,23 @@ def check_bundle(model_dir: Path) -> None:
                         "rerun `dvc repro` (or pass --model-dir).")
 
 
-def decode_settings(model_dir: Path) -> dict:
-    """The decode settings `evaluate` used for this model: decode.* from params.yaml (checked like the
-    evaluate stage's), or the defaults outside a project. The one place that decides it."""
-    settings = dict(DEFAULT_DECODE)
-    if PARAMS_FILE.exists():
-        settings = read_params(*(f"decode.{key}" for key in DEFAULT_DECODE))["decode"]
-    return settings
+def save_decode_settings(path: Path, model_dir: Path, settings: dict) -> None:
+    """What `evaluate` writes: the decode settings it captioned the test images with, and which model
+    (by sha256) they belong to, so the caption command and the server decode exactly as it did."""
+    files.write_json(path, {"model_sha256": files.sha256(Path(model_dir) / "model.keras"), "settings": settings})
+
+
+def decode_settings(model_dir: Path, path: Path = layout.DECODE_SETTINGS) -> dict:
+    """The decode settings `evaluate` used for this model (see save_decode_settings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: `evaluate` writes the decode settings it used there. Run `dvc repro` "
+                        "(or pass --decode-settings with the file that belongs to this model).")
+    saved = files.read_json(path)
+    if saved.get("model_sha256") != files.sha256(Path(model_dir) / "model.keras"):
+        raise UserError(f"{path} belongs to another model than {model_dir} (the model changed after evaluate ran): "
+                        "run `dvc repro`, or pass the --decode-settings file of this model.")
+    return saved["settings"]
 
 
 def with_overrides(settings: dict, method: str | None = None, beam_size: int | None = None) -> dict:

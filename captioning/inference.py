@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning import files
-from captioning.bundle import check_bundle, decode_settings
+from captioning.bundle import check_bundle
 from captioning.decode import NEG_INF, Captioner
 from captioning.features import BackboneSpec, build_backbone, feature_function
 from captioning.fetch import FetchError, FetchLimits, fetch, is_url
@@ -36,10 +36,10 @@ class Decoded:
 class LoadedCaptioner:
     """Backbone + Captioner + decode settings, loaded once; `caption(pixels)` any number of times."""
 
-    def __init__(self, model_dir: Path, settings: dict | None = None):
+    def __init__(self, model_dir: Path, settings: dict):
         check_bundle(model_dir)
         self.model_dir = Path(model_dir)
-        self.settings = dict(settings or decode_settings(model_dir))
+        self.settings = dict(settings)
         self.backbone, self.spec = load_backbone(model_dir)
         self._forward = feature_function(self.backbone, self.spec.image_size)
         self.captioner = Captioner.load(model_dir)

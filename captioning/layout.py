@@ -15,6 +15,7 @@ LIVE_DIR = Path("dvclive")
 TRAIN_METRICS = Path("metrics/train.json")
 PREDICTIONS = Path("data/predictions.parquet")
 EVAL_METRICS = Path("metrics/eval.json")
+DECODE_SETTINGS = Path("data/decode.json")  # evaluate's decode settings, which the caption command and server use
 PLOTS_DIR = Path("plots")
 SPLITS = ("train", "dev", "test")
 
@@ -30,7 +31,7 @@ def read_split(name: str) -> list[str]:
 # The stage that writes each output a later stage reads: named when a stage is run before its inputs exist.
 WRITTEN_BY = {CAPTIONS_TABLE: "parse_pickle", IMAGE_LIST: "parse_pickle", SPLIT_DIR: "split",
               FEATURES_DIR: "extract_resnet_features", MODEL_DIR: "train_lstm", LIVE_DIR: "train_lstm",
-              PREDICTIONS: "evaluate"}
+              PREDICTIONS: "evaluate", DECODE_SETTINGS: "evaluate"}
 
 
 def require(*paths: Path) -> None:

@@ -189,11 +189,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_dir: Path, host: str, port: int, limits: ServeLimits, access_log: bool = False) -> None:
+def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLimits, access_log: bool = False) -> None:
     import uvicorn
 
     sock = listen(host, port)
-    loaded = LoadedCaptioner(model_dir)
+    loaded = LoadedCaptioner(model_dir, settings)
     loaded.warm_up()
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",

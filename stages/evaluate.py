@@ -2,6 +2,7 @@
 import pandas as pd
 
 from captioning import files, layout
+from captioning.bundle import save_decode_settings
 from captioning.errors import run_stage
 from captioning.params import read_params
 
@@ -16,6 +17,7 @@ def main() -> None:
     metrics, predictions = evaluate(layout.MODEL_DIR, layout.FEATURES_DIR, pd.read_parquet(layout.CAPTIONS_TABLE),
                                     layout.read_split("train"), layout.read_split("test"), settings)
     files.write_parquet(layout.PREDICTIONS, predictions)
+    save_decode_settings(layout.DECODE_SETTINGS, layout.MODEL_DIR, options)
     files.write_json(layout.EVAL_METRICS, metrics)
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("bleu1", "bleu4", "cider") if metrics[k] is not None)
     print(f"{metrics['test_images']} test images: {summary}; baselines cider: frequent "

@@ -61,14 +61,6 @@ def test_invalid_yaml(tmp_path):
         read_params("train", path=tmp_path / "params.yaml")
 
 
-def test_caption_command_defaults_outside_a_project_are_the_params_defaults():
-    # `python -m captioning caption` run away from a project falls back to these; they must not drift.
-    from captioning.bundle import DEFAULT_DECODE
-
-    decode = yaml.safe_load((PROJECT / "params.yaml").read_text())["decode"]
-    assert DEFAULT_DECODE == {key: decode[key] for key in DEFAULT_DECODE}
-
-
 def test_a_misspelt_key_is_named_with_the_likely_one(tmp_path, monkeypatch):
     monkeypatch.chdir(PROJECT)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
