@@ -11,7 +11,7 @@ from captioning import layout
 from captioning.bundle import check_bundle, decode_settings, with_overrides
 from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
-from captioning.params import PARAMS_FILE, read_params
+from captioning.params import PARAMS_FILE, read_params, read_section
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,12 +133,12 @@ def serve_command(args) -> int:
 def demo_command(args) -> int:
     from captioning.demo import generate_demo
 
-    options = read_params("demo", path=args.params)["demo"]  # checked like every stage's params
-    summary = generate_demo(Path(options["out_dir"]), n_images=options["n_images"],
-                            image_size=options["image_size"], seed=options["seed"])
+    options = read_section("demo", path=args.params)  # checked like every stage's params
+    summary = generate_demo(Path(options.out_dir), n_images=options.n_images, image_size=options.image_size,
+                            seed=options.seed)
     state = "up to date" if summary["skipped"] else "written"
     print(f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
-          f"{summary['vocab_size']} words -> {options['out_dir']}")
+          f"{summary['vocab_size']} words -> {options.out_dir}")
     return 0
 
 

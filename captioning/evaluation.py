@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -10,21 +9,8 @@ import pandas as pd
 from captioning.baselines import consensus_captions, most_frequent_caption, nearest_neighbours
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
+from captioning.params import DecodeSettings
 from captioning.scoring import score_captions
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    method: str
-    beam_size: int
-    length_penalty: float
-    rerank: str
-    no_repeat_ngram: int
-    max_length: int
-    batch_size: int
-
-    def as_kwargs(self) -> dict:
-        return asdict(self)
 
 
 def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[str]]:

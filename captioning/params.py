@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,24 +115,101 @@ def backbone_weights(value: Any, key: str = "features.weights") -> str:
 
 SEED = whole(0, MAX_SEED)
 POSITIVE = whole(1)
-SCHEMA: dict[str, dict[str, Rule]] = {
-    "data": {"captions": text, "images": text, "split_dir": optional_text, "allow_pandas_pickle": flag,
-             "max_skipped_fraction": number(0, 1)},
-    "demo": {"out_dir": text, "n_images": POSITIVE, "image_size": whole(MIN_IMAGE_SIZE), "seed": SEED},
-    "split": {"seed": SEED, "train_fraction": number(0, 1, open_low=True, open_high=True),
-              "dev_fraction": number(0, 1, open_high=True)},
-    "features": {"backbone": one_of(*BACKBONES), "weights": backbone_weights, "seed": SEED, "image_size": whole(MIN_IMAGE_SIZE),
-                 "precision": one_of(*PRECISIONS), "batch_size": POSITIVE},
-    "train": {"seed": SEED, "epochs": POSITIVE, "batch_size": POSITIVE, "units": POSITIVE, "l1": number(0),
-              "dropout": number(0, 1, open_high=True), "optimizer": one_of(*OPTIMIZERS),
-              "learning_rate": number(0, open_low=True), "clipnorm": number(0, open_low=True),
-              "min_count": POSITIVE, "max_length": POSITIVE, "strategy": one_of(*STRATEGIES),
-              "restore_best_weights": flag, "patience": whole(0)},
-    "decode": {"method": one_of(*DECODE_METHODS), "beam_size": POSITIVE, "length_penalty": number(0),
-               "rerank": one_of(*RERANKS), "no_repeat_ngram": whole(0), "max_length": POSITIVE,
-               "batch_size": POSITIVE},
-    "plot": {"n_samples": POSITIVE, "grid_size": POSITIVE},
-}
+
+
+def knob(rule: Rule):
+    """A dataclass field whose value params.yaml must pass `rule` for."""
+    return field(metadata={"rule": rule})
+
+
+# One frozen dataclass per section of params.yaml: the fields are the knobs, each with its rule, and a
+# stage gets its section as an instance (`read_section("train")`), checked once, here.
+@dataclass(frozen=True)
+class DataParams:
+    captions: str = knob(text)
+    images: str = knob(text)
+    split_dir: str | None = knob(optional_text)
+    allow_pandas_pickle: bool = knob(flag)
+    max_skipped_fraction: float = knob(number(0, 1))
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    out_dir: str = knob(text)
+    n_images: int = knob(POSITIVE)
+    image_size: int = knob(whole(MIN_IMAGE_SIZE))
+    seed: int = knob(SEED)
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = knob(SEED)
+    train_fraction: float = knob(number(0, 1, open_low=True, open_high=True))
+    dev_fraction: float = knob(number(0, 1, open_high=True))
+
+    def __post_init__(self):
+        if self.train_fraction + self.dev_fraction >= 1:
+            raise UserError(f"params.yaml: split.train_fraction + split.dev_fraction is "
+                            f"{self.train_fraction} + {self.dev_fraction}; it must be below 1 (test gets the rest).")
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    backbone: str = knob(one_of(*BACKBONES))
+    weights: str = knob(backbone_weights)
+    seed: int = knob(SEED)
+    image_size: int = knob(whole(MIN_IMAGE_SIZE))
+    precision: str = knob(one_of(*PRECISIONS))
+    batch_size: int = knob(POSITIVE)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = knob(SEED)
+    epochs: int = knob(POSITIVE)
+    batch_size: int = knob(POSITIVE)
+    units: int = knob(POSITIVE)
+    l1: float = knob(number(0))
+    dropout: float = knob(number(0, 1, open_high=True))
+    optimizer: str = knob(one_of(*OPTIMIZERS))
+    learning_rate: float = knob(number(0, open_low=True))
+    clipnorm: float = knob(number(0, open_low=True))
+    min_count: int = knob(POSITIVE)
+    max_length: int = knob(POSITIVE)
+    strategy: str = knob(one_of(*STRATEGIES))  # default | mirrored | multi_worker
+    restore_best_weights: bool = knob(flag)  # end with the epoch of lowest val loss, like Keras' EarlyStopping
+    patience: int = knob(whole(0))  # stop after this many epochs without a lower val loss; 0: every epoch
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    method: str = knob(one_of(*DECODE_METHODS))
+    beam_size: int = knob(POSITIVE)
+    length_penalty: float = knob(number(0))
+    rerank: str = knob(one_of(*RERANKS))
+    no_repeat_ngram: int = knob(whole(0))
+    max_length: int = knob(POSITIVE)
+    batch_size: int = knob(POSITIVE)
+
+    def as_kwargs(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    n_samples: int = knob(POSITIVE)
+    grid_size: int = knob(POSITIVE)
+
+
+SECTIONS = {"data": DataParams, "demo": DemoParams, "split": SplitParams, "features": FeatureParams,
+            "train": TrainConfig, "decode": DecodeSettings, "plot": PlotParams}
+SCHEMA: dict[str, dict[str, Rule]] = {name: {f.name: f.metadata["rule"] for f in fields(cls)}
+                                      for name, cls in SECTIONS.items()}
+
+
+def read_section(name: str, path: str | Path = PARAMS_FILE):
+    """One whole section of params.yaml, checked, as its frozen dataclass (e.g. TrainConfig)."""
+    return SECTIONS[name](**read_params(name, path=path)[name])
 
 
 def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[str, Any]]:

@@ -35,9 +35,7 @@ def official_split(split_dir: str | Path, images: list[str]) -> tuple[dict[str, 
 
 
 def seeded_split(images: list[str], seed: int, train_fraction: float, dev_fraction: float) -> tuple[dict, dict]:
-    if not (0 < train_fraction < 1 and 0 <= dev_fraction < 1 and train_fraction + dev_fraction < 1):
-        raise UserError("split.train_fraction and split.dev_fraction must be in (0, 1) and sum to less "
-                        f"than 1 (the test split gets the rest); got {train_fraction} and {dev_fraction}.")
+    """Shuffle the images with `seed` and cut them by the fractions (checked in params.SplitParams)."""
     order = np.random.default_rng(seed).permutation(sorted(images))
     n_train = int(round(len(order) * train_fraction))
     n_dev = int(round(len(order) * dev_fraction))

@@ -30,26 +30,9 @@ from captioning.distribute import NullLive, check_agreement, make_placement, out
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
+from captioning.params import TrainConfig
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int
-    epochs: int
-    batch_size: int
-    units: int
-    l1: float
-    dropout: float
-    optimizer: str
-    learning_rate: float
-    clipnorm: float
-    min_count: int
-    max_length: int
-    strategy: str = "default"  # default | mirrored | multi_worker
-    restore_best_weights: bool = True  # end with the epoch of lowest val loss, as Keras' EarlyStopping does
-    patience: int = 0  # stop after this many epochs without a lower val loss; 0: run every epoch
-
 
 @dataclass
 class CaptionSet:

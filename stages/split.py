@@ -3,19 +3,19 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.errors import run_stage
-from captioning.params import read_params
+from captioning.params import read_params, read_section
 from captioning.split import official_split, seeded_split
 
 
 def main() -> None:
-    params = read_params("data.split_dir", "split")
-    split_dir, options = params["data"]["split_dir"], params["split"]
+    split_dir = read_params("data.split_dir")["data"]["split_dir"]
+    options = read_section("split")
     layout.require(layout.CAPTIONS_TABLE)
     images = sorted(pd.read_parquet(layout.CAPTIONS_TABLE, columns=["image"])["image"].unique())
     if split_dir:
         splits, report = official_split(split_dir, images)
     else:
-        splits, report = seeded_split(images, options["seed"], options["train_fraction"], options["dev_fraction"])
+        splits, report = seeded_split(images, options.seed, options.train_fraction, options.dev_fraction)
     for name in layout.SPLITS:
         files.write_lines(layout.split_file(name), splits[name])
     files.write_json(layout.SPLIT_REPORT, report)

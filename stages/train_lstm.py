@@ -3,18 +3,18 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.errors import run_stage
-from captioning.params import read_params
+from captioning.params import read_section
 
 
 def main() -> None:
-    options = read_params("train")["train"]
+    config = read_section("train")
     inputs = [layout.CAPTIONS_TABLE, *(layout.split_file(n) for n in ("train", "dev")),
               layout.FEATURES_DIR / "features.npy", layout.FEATURES_DIR / "index.parquet"]
     layout.require(*inputs)
-    from captioning.train import TrainConfig, TrainPaths, train  # TensorFlow only past the checks above
+    from captioning.train import TrainPaths, train  # TensorFlow only past the checks above
 
     paths = TrainPaths(layout.FEATURES_DIR, layout.MODEL_DIR, layout.CHECKPOINT_DIR, layout.LIVE_DIR, tuple(inputs))
-    metrics = train(TrainConfig(**options), pd.read_parquet(layout.CAPTIONS_TABLE), layout.read_split("train"),
+    metrics = train(config, pd.read_parquet(layout.CAPTIONS_TABLE), layout.read_split("train"),
                     layout.read_split("dev"), paths)
     if metrics is not None:  # None on a multi_worker worker that is not the chief: it writes nothing
         files.write_json(layout.TRAIN_METRICS, metrics)

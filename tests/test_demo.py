@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from captioning.demo import (COLOURS, COUNTS, GENERATOR_VERSION, MANIFEST, NUMBER_WORDS, SHAPE_ADJECTIVES, SHAPES,
@@ -157,10 +158,14 @@ def test_stale_demo_data_is_refused_with_the_command_to_remake_it(tmp_path):
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
-    with pytest.raises(UserError):
-        generate_demo(tmp_path, n_images=0, image_size=SIZE, seed=SEED)
-    with pytest.raises(UserError):
-        generate_demo(tmp_path, n_images=5, image_size=8, seed=SEED)
+    # Checked once, where params.yaml is read (`python -m captioning demo` reads its section so).
+    from captioning.params import read_section
+
+    for bad in ({"n_images": 0}, {"image_size": 8}):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+            {"demo": {"out_dir": "d", "n_images": 5, "image_size": SIZE, "seed": SEED, **bad}}))
+        with pytest.raises(UserError):
+            read_section("demo", path=tmp_path / "params.yaml")
 
 
 def test_generator_does_not_import_tensorflow():

@@ -23,7 +23,8 @@ from conftest import PROJECT, tool_env
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
 TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,
-              "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10}
+              "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10,
+              "strategy": "default", "restore_best_weights": True, "patience": 0}
 
 # Runs the real train_lstm stage, and also saves the final weights of every worker (the non-chief one
 # writes nothing of its own) by wrapping save_bundle, which every worker calls.

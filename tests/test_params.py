@@ -70,3 +70,23 @@ def test_a_misspelt_key_is_named_with_the_likely_one(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"train\.epoch"):  # also when a stage reads only one key of it
         read_params("train.seed", path=write(tmp_path, params))
     assert read_params("decode", path=write(tmp_path, params))["decode"]  # other sections are unaffected
+
+
+def test_split_fractions_must_leave_a_test_split(tmp_path):
+    from captioning.params import read_section
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"split": {"seed": 1, "train_fraction": 0.8,
+                                                                    "dev_fraction": 0.3}}))
+    with pytest.raises(UserError, match="must be below 1"):
+        read_section("split", path=tmp_path / "params.yaml")
+
+
+def test_each_section_is_a_frozen_dataclass_of_its_knobs():
+    from dataclasses import FrozenInstanceError
+
+    from captioning.params import read_section
+
+    config = read_section("train", path=PROJECT / "params.yaml")
+    assert config.epochs == yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
+    with pytest.raises(FrozenInstanceError):
+        config.epochs = 1
