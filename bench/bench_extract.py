@@ -1,10 +1,11 @@
 """Feature extraction: the real path (JPEG files -> features written) against the network alone,
-and mixed bfloat16 against float32.
+mixed bfloat16 against float32, and the two backbones (EfficientNet-Lite0 against ResNet-50).
 
 Three measurements per repeat, in rotating order so drifting machine load hits each alike:
   e2e   compute_features(): tf.data + Pillow decoding, the backbone, rows written to a .npy memmap
   fp32  the same float32 backbone on the same images already decoded into uint8 tensors in memory
   bf16  the mixed_bfloat16 backbone (same seed, so the same weights) on those tensors
+  lite0 EfficientNet-Lite0 (float32, the package's ImageNet weights) on those tensors
 Same images, same batch size (features.batch_size), same image size. Every side wraps the
 backbone in a fresh tf.function with the same signature, as compute_features does; its first batch
 (the tracing, first use of the kernels) is left out of the rate, and the rest are counted at the
@@ -65,8 +66,10 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     batches = [tf.constant(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
     backbones = {precision: build_backbone(make_spec("random", options["seed"], size, precision))
                  for precision in ("float32", "mixed_bfloat16")}
+    lite0 = build_backbone(make_spec("imagenet", 0, size, "float32", backbone="efficientnet_lite0"))
     dim = backbones["float32"].output_shape[-1]
     outputs = {key: np.zeros((len(paths), dim), np.float32) for key in ("e2e", "fp32", "bf16")}
+    lite0_out = np.zeros((len(paths), lite0.output_shape[-1]), np.float32)
     memmap = np.lib.format.open_memmap(workdir / "features.npy", mode="w+", dtype=np.float32, shape=(len(paths), dim))
 
     def e2e():
@@ -78,15 +81,17 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
 
     sides = {"e2e": e2e,
              "fp32": lambda: forward(backbones["float32"], batches, outputs["fp32"]),
-             "bf16": lambda: forward(backbones["mixed_bfloat16"], batches, outputs["bf16"])}
+             "bf16": lambda: forward(backbones["mixed_bfloat16"], batches, outputs["bf16"]),
+             "lite0": lambda: forward(lite0, batches, lite0_out)}
     raw = {key: [] for key in sides}
     names = list(sides)
     for r in range(repeats):
-        for key in names[r % 3:] + names[:r % 3]:
+        for key in names[r % len(names):] + names[:r % len(names)]:
             raw[key].append(sides[key]())
     steady = {key: [figures["steady"] for figures in raw[key]] for key in raw}
     extract = [e / f for e, f in zip(steady["e2e"], steady["fp32"])]
     bf16 = [b / f for b, f in zip(steady["bf16"], steady["fp32"])]
+    lite = [e / f for e, f in zip(steady["lite0"], steady["fp32"])]
     per_cpu = {key: [figures["steady_per_cpu_second"] for figures in raw[key]] for key in raw}
     a, b = outputs["fp32"], outputs["bf16"]
     cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -105,6 +110,12 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
             "cpu_time_value": median([b / f for b, f in zip(per_cpu["bf16"], per_cpu["fp32"])]),
             "images_per_second": {"mixed_bfloat16": median(steady["bf16"]), "float32": median(steady["fp32"])},
             "raw": {"speedup_per_repeat": bf16, "mixed_bfloat16": raw["bf16"], "float32": raw["fp32"], **common},
+        },
+        "efficientnet_speedup": {
+            "value": median(lite),
+            "cpu_time_value": median([e / f for e, f in zip(per_cpu["lite0"], per_cpu["fp32"])]),
+            "images_per_second": {"efficientnet_lite0": median(steady["lite0"]), "resnet50": median(steady["fp32"])},
+            "raw": {"speedup_per_repeat": lite, "efficientnet_lite0": raw["lite0"], "resnet50": raw["fp32"], **common},
         },
         "bf16_cosine": {
             "value": float(np.mean(cosine)),

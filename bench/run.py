@@ -40,6 +40,7 @@ SIZES = {  # run in this order, each by bench/bench_<name>.py
 }
 GOALS = {  # key: (comparison, threshold)
     "extract_ratio": (">=", 0.9), "bf16_speedup": (">=", 1.4), "bf16_cosine": (">=", 0.999),
+    "efficientnet_speedup": (">=", 1.5),
     "train_speedup": (">=", 7.0), "beam_speedup": (">=", 10.0), "rss_growth": ("<=", 1.25),
     "noop_repro_s": ("<", 3.0), "split_imports_tensorflow": ("==", False),
     "serve_throughput_ratio": (">=", 0.7), "serve_errors": ("==", 0), "serve_rss_growth": ("<=", 1.1),
