@@ -16,7 +16,9 @@ as locally (never an exception, so never retried). Ray is imported only here, on
 """
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from captioning.errors import UserError
 
 MAX_RESTARTS = 4      # per actor: a worker killed or lost this often ends the run, with a message
 MAX_TASK_RETRIES = 3  # per batch: one that keeps killing its worker (a crashing decoder) is not retried forever
+CONNECT_TIMEOUT_S = 5
 START_HINT = ("start a cluster with `ray start --head` (see README, Scaling out), or set "
               "features.ray_address: null to start a private local Ray")
 
@@ -67,6 +70,8 @@ class RayEngine:
         self.spec, self.batch_size, self.address, self.progress = spec, batch_size, address, progress
         self.rows_by_worker: Counter = Counter()
         self.workers = 0
+        self.actor_restarts: int | None = None
+        self.rows_done = 0  # images received so far (what the progress bar shows)
 
     def __call__(self, paths: list[str], out: np.ndarray) -> dict[int, str]:
         import ray
@@ -75,6 +80,7 @@ class RayEngine:
         try:
             return self._run(ray, paths, out)
         finally:
+            self.actor_restarts = _actor_restarts(ray)
             ray.shutdown()
 
     def _run(self, ray, paths: list[str], out: np.ndarray) -> dict[int, str]:
@@ -86,10 +92,13 @@ class RayEngine:
         absolute = [str(Path(path).resolve()) for path in paths]
         batches = [{"start": start, "paths": absolute[start:start + self.batch_size]}
                    for start in range(0, len(absolute), self.batch_size)]
+        # One block per batch: Ray hands the next batch to whichever actor is free (faster machines
+        # take more), and a lost actor costs only the batches it held.
         dataset = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
-            BackboneActor, batch_size=1, batch_format="numpy", concurrency=self.workers, num_cpus=1,
+            BackboneActor, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
             fn_constructor_kwargs={"spec": asdict(_portable(self.spec)), "batch_size": self.batch_size},
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+            ray_remote_args_fn=lambda: {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
         done = np.zeros(len(paths), dtype=bool)
         errors: dict[int, str] = {}
         with tqdm(total=len(paths), desc=f"ResNet-50 features (Ray, {self.workers} workers)", unit="img",
@@ -103,6 +112,7 @@ class RayEngine:
                 out[rows] = block["feature"]
                 errors.update((int(row), str(error)) for row, error in zip(rows, block["error"]) if error)
                 self.rows_by_worker.update(str(worker) for worker in block["worker"])
+                self.rows_done += len(rows)
                 bar.update(len(rows))
         if not done.all():
             missing = int((~done).sum())
@@ -111,14 +121,28 @@ class RayEngine:
         return errors
 
     def summary(self) -> dict:
-        """Workers seen and restarts: a restarted actor keeps its actor id and gets a new process."""
+        """Workers, restarts (Ray's count), and the images each worker process computed (a restarted
+        actor keeps its actor id and gets a new process, so it shows up as a second entry)."""
         pids_per_actor = Counter(worker.split(":")[0] for worker in self.rows_by_worker)
         return {
             "name": "ray",
             "workers": self.workers,
-            "actor_restarts_seen": sum(count - 1 for count in pids_per_actor.values()),
+            "actor_restarts": self.actor_restarts,
+            "restarted_actors_that_computed_again": sum(count - 1 for count in pids_per_actor.values()),
             "images_per_worker_process": dict(sorted(self.rows_by_worker.items())),
         }
+
+
+def _actor_restarts(ray) -> int | None:
+    """Restarts of this run's actors, from the GCS actor table (ray.util.state would need the
+    dashboard, which a minimal cluster does not run); None if Ray cannot say."""
+    try:
+        from ray._private.state import actors
+
+        table = actors(job_id=ray.get_runtime_context().job_id)
+        return sum(actor["NumRestarts"] for actor in table.values() if "BackboneActor" in actor["ActorClassName"])
+    except Exception:  # noqa: BLE001 - a private API: the report says "unknown" rather than fail a finished run
+        return None
 
 
 def _portable(spec):
@@ -131,13 +155,26 @@ def _portable(spec):
 def _connect(ray, address: str | None) -> None:
     """Join the cluster, shipping this package (workers have the same venv, not our code)."""
     package = str(Path(captioning.__file__).parent)
+    where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+    _check_reachable(address or os.environ.get("RAY_ADDRESS"), where)
     try:
         ray.init(address=address, runtime_env={"py_modules": [package]}, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False)
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's INFO lines would bury the progress bar
     except (ConnectionError, RuntimeError, ValueError) as err:
-        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise UserError(f"could not connect to the Ray cluster at {where} ({str(err).splitlines()[0]}): "
                         f"{START_HINT}.") from None
+
+
+def _check_reachable(address: str | None, where: str) -> None:
+    """Fail in seconds on a `host:port` nobody listens on: ray.init would keep retrying for minutes."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # None, "auto" or ray://: ray.init's own checks apply
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(f"could not connect to the Ray cluster at {where} ({err}): {START_HINT}.") from None
 
 
 def _stream(ray, dataset):

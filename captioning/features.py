@@ -150,13 +150,12 @@ ComputeRows = Callable[[list[str], np.ndarray], dict[int, str]]
 
 
 def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: BackboneSpec,
-                     batch_size: int, allow_all_failed: bool = False, compute_rows: ComputeRows | None = None,
+                     batch_size: int, compute_rows: ComputeRows | None = None,
                      engine_report: Callable[[], dict] | None = None) -> dict:
     """Extract features for `images` (names inside `images_dir`) into `out_dir`; return the report.
 
     Images that fail to decode are left out of the index and listed in the report with the reason.
-    When none decodes, that is an error, unless `allow_all_failed` (a shard of a larger run, see
-    shards.py, may hold only bad images: the other shards have the good ones).
+    When none decodes, that is an error.
     `compute_rows` computes the rows elsewhere (extract_ray.py); by default this process builds the
     backbone and computes them. Its `engine_report()` (what happened on the cluster) joins the report.
     """
@@ -179,7 +178,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         raw.flush()
         seconds = time.perf_counter() - start
         good = [row for row in range(len(paths)) if row not in errors]
-        if not good and not allow_all_failed:
+        if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
         if errors:

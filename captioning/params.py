@@ -18,6 +18,7 @@ from captioning.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 PRECISIONS = ("float32", "mixed_bfloat16")
+ENGINES = ("local", "ray")  # features.engine: this process, or a Ray cluster (captioning/extract_ray.py)
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DECODE_METHODS = ("greedy", "beam")
 RERANKS = ("none", "consensus")
@@ -119,7 +120,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "split": {"seed": SEED, "train_fraction": number(0, 1, open_low=True, open_high=True),
               "dev_fraction": number(0, 1, open_high=True)},
     "features": {"weights": backbone_weights, "seed": SEED, "image_size": whole(MIN_IMAGE_SIZE),
-                 "precision": one_of(*PRECISIONS), "batch_size": POSITIVE},
+                 "precision": one_of(*PRECISIONS), "batch_size": POSITIVE,
+                 "engine": one_of(*ENGINES), "ray_address": optional_text},
     "train": {"seed": SEED, "epochs": POSITIVE, "batch_size": POSITIVE, "units": POSITIVE, "l1": number(0),
               "dropout": number(0, 1, open_high=True), "optimizer": one_of(*OPTIMIZERS),
               "learning_rate": number(0, open_low=True), "clipnorm": number(0, open_low=True),
