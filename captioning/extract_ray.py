@@ -139,7 +139,7 @@ def _actor_restarts(ray) -> int | None:
     try:
         from ray._private.state import actors
 
-        table = actors(job_id=ray.get_runtime_context().job_id)
+        table = actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
         return sum(actor["NumRestarts"] for actor in table.values() if "BackboneActor" in actor["ActorClassName"])
     except Exception:  # noqa: BLE001 - a private API: the report says "unknown" rather than fail a finished run
         return None
@@ -157,10 +157,10 @@ def _connect(ray, address: str | None) -> None:
     package = str(Path(captioning.__file__).parent)
     where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
     _check_reachable(address or os.environ.get("RAY_ADDRESS"), where)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines would bury the progress bar
     try:
         ray.init(address=address, runtime_env={"py_modules": [package]}, include_dashboard=False,
-                 log_to_driver=False)
-        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's INFO lines would bury the progress bar
+                 log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(f"could not connect to the Ray cluster at {where} ({str(err).splitlines()[0]}): "
                         f"{START_HINT}.") from None
