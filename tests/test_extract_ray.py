@@ -73,12 +73,14 @@ def test_ray_writes_the_files_a_local_run_writes(cluster, tmp_path):
 
 
 def kill_one_worker_when(engine: RayEngine, rows: int, killed: list) -> None:
-    """Once `rows` images have come back, SIGKILL one actor process (found by its process title)."""
+    """Once `rows` images have come back, SIGKILL one actor process of this test's cluster (found by
+    its process title; the cluster's raylets, and so its workers, descend from this process)."""
     deadline = time.monotonic() + 300
     while engine.rows_done < rows and time.monotonic() < deadline:
         time.sleep(0.05)
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if ACTOR_TITLE in " ".join(process.info["cmdline"] or []):
+        if ACTOR_TITLE in " ".join(process.info["cmdline"] or []) and \
+                os.getpid() in [parent.pid for parent in process.parents()]:
             os.kill(process.info["pid"], signal.SIGKILL)
             killed.append(process.info["pid"])
             return
