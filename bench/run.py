@@ -29,11 +29,13 @@ from bench.common import ROOT  # noqa: E402
 SIZES = {  # run in this order, each by bench/bench_<name>.py
     "quick": {"pipeline": dict(n_images=40, repeats=1, noop_repeats=3),
               "extract": dict(n_images=64, repeats=2),
+              "engine": dict(n_images=128, repeats=1),
               "train": dict(n_images=100, pairs=3),
               "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2),
               "serve": dict(n_images=32, lone=20, burst=48, rss_early=100, rss_total=300, repeats=2)},
     "full": {"pipeline": dict(n_images=150, repeats=3, noop_repeats=5),
              "extract": dict(n_images=192, repeats=4),
+             "engine": dict(n_images=384, repeats=2),
              "train": dict(n_images=200, pairs=8),
              "beam": dict(n_images=500, loop_images=100, train_epochs=3, repeats=5, loop_chunks=5),
              "serve": dict(n_images=64, lone=100, burst=320, rss_early=100, rss_total=2000, repeats=3)},
@@ -41,6 +43,7 @@ SIZES = {  # run in this order, each by bench/bench_<name>.py
 GOALS = {  # key: (comparison, threshold)
     "extract_ratio": (">=", 0.9), "bf16_speedup": (">=", 1.4), "bf16_cosine": (">=", 0.999),
     "efficientnet_speedup": (">=", 1.5),
+    "ray_engine_ratio": (">=", 0.85),
     "train_speedup": (">=", 7.0), "beam_speedup": (">=", 10.0), "rss_growth": ("<=", 1.25),
     "noop_repro_s": ("<", 3.0), "split_imports_tensorflow": ("==", False),
     "serve_throughput_ratio": (">=", 0.7), "serve_errors": ("==", 0), "serve_rss_growth": ("<=", 1.1),

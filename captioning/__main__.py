@@ -1,6 +1,5 @@
-"""Command line: `python -m captioning caption IMG ...`, `python -m captioning serve`, `python -m captioning demo`,
-`python -m captioning plots-template`, and `extract-shard` / `merge-features` (feature extraction
-split across machines, see captioning/shards.py)."""
+"""Command line: `python -m captioning caption IMG|URL ...`, `python -m captioning serve`,
+`python -m captioning demo` and `python -m captioning plots-template`."""
 from __future__ import annotations
 
 import argparse
@@ -57,20 +56,6 @@ def _parser() -> argparse.ArgumentParser:
                     "`dvc config --local plots.html_template plots/offline.html` (scripts/setup.sh does both).")
     template.add_argument("--out", type=Path, default=None,
                           help="where to write it (default: .dvc/plots/offline.html)")
-    shard = commands.add_parser(
-        "extract-shard", help="extract the features of one shard of the images (one machine's part)",
-        description="Extract ResNet-50 features for shard INDEX of COUNT (every COUNT-th image of data/images.txt) "
-                    "with the features.* settings of params.yaml, into OUT. Merge all shards with merge-features.")
-    shard.add_argument("--index", type=int, required=True, help="this shard, 0 to COUNT-1")
-    shard.add_argument("--count", type=int, required=True, help="number of shards")
-    shard.add_argument("--out", type=Path, required=True, help="folder for this shard's files")
-    merge = commands.add_parser(
-        "merge-features", help="join shard folders into the features folder one extraction writes",
-        description="Join the folders of shards 0..COUNT-1 into exactly the files one extract_resnet_features run "
-                    "writes. Then `dvc commit extract_resnet_features` records them as that stage's output.")
-    merge.add_argument("shards", nargs="+", type=Path, help="every shard folder, once each, in any order")
-    merge.add_argument("--out", type=Path, default=layout.FEATURES_DIR,
-                       help="the features folder to write (default: %(default)s)")
     return parser
 
 
@@ -151,41 +136,10 @@ def plots_template_command(args) -> int:
     return 0
 
 
-def extract_shard_command(args) -> int:
-    params = read_params("data.images", "features")
-    options = params["features"]
-    layout.require(layout.IMAGE_LIST)
-    from captioning.shards import extract_shard, shard_images
-
-    images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
-    shard_images(images, args.index, args.count)  # a bad --index/--count fails before TensorFlow loads
-    from captioning.backbones import make_spec
-
-    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"],
-                     options["backbone"])
-    report = extract_shard(images, params["data"]["images"], args.out, spec, options["batch_size"],
-                           args.index, args.count)
-    print(f"shard {args.index} of {args.count}: {report['images_extracted']} images -> {args.out} "
-          f"({report['images_per_second']} images/s); {report['failed_count']} failed")
-    return 0
-
-
-def merge_features_command(args) -> int:
-    from captioning.shards import merge_shards
-
-    layout.require(layout.IMAGE_LIST)
-    settings = ("backbone", "weights", "seed", "image_size", "precision")  # what decides a feature (BackboneSpec)
-    expected = read_params(*(f"features.{key}" for key in settings))["features"] if PARAMS_FILE.exists() else None
-    report = merge_shards(args.shards, layout.IMAGE_LIST.read_text(encoding="utf-8").split(), args.out, expected)
-    print(f"{len(args.shards)} shards -> {args.out}: {report['images_extracted']} images, "
-          f"{report['failed_count']} failed")
-    return 0
-
-
 def main() -> None:
     args = _parser().parse_args()
-    commands = {"caption": caption_command, "serve": serve_command, "demo": demo_command, "plots-template": plots_template_command,
-                "extract-shard": extract_shard_command, "merge-features": merge_features_command}
+    commands = {"caption": caption_command, "serve": serve_command, "demo": demo_command,
+                "plots-template": plots_template_command}
     status = commands[args.command](args)
     sys.exit(status)
 

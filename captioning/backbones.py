@@ -33,6 +33,11 @@ def make_spec(weights: str, seed: int, image_size: int, precision: str,
                         weights_sha256=digest, backbone=backbone)
 
 
+def feature_dim(spec: BackboneSpec) -> int:
+    """Numbers per image, known without building the network (a Ray driver never builds it)."""
+    return {"resnet50": 2048, "efficientnet_lite0": efficientnet_lite.HEAD_CHANNELS}[spec.backbone]
+
+
 def build_backbone(spec: BackboneSpec) -> keras.Model:
     """uint8 RGB pixels (n, size, size, 3) -> float32 pooled features, preprocessing included."""
     _check_weights_unchanged(spec)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from captioning import files
-from captioning.backbones import build_backbone
+from captioning.backbones import build_backbone, feature_dim
 from captioning.errors import UserError
 from captioning.feature_files import BackboneSpec
 from captioning.images import ImageError, load_image
@@ -49,48 +50,61 @@ def _image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     )
 
 
-def feature_function(backbone: keras.Model, image_size: int):
-    """uint8 pixels (n, size, size, 3) -> feature tensor (n, dim): the one forward pass that every
-    caller (extraction, the caption command, the server) runs images through."""
-    # A fixed signature with any batch size: traced once, not again for the smaller last batch.
-    signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)]
-    traced = tf.function(lambda x: backbone(x, training=False), input_signature=signature)
+class FeatureComputer:
+    """The backbone traced once for any batch size, and the loop that fills feature rows.
 
-    def forward(images):
+    Built once per process (a local run, or each Ray actor in extract_ray.py), so that every
+    engine computes a batch the same way and gets the same bytes.
+    """
+
+    def __init__(self, backbone: keras.Model, image_size: int):
+        # A fixed signature with any batch size: traced once, not again for the smaller last batch.
+        signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)]
+        self.traced = tf.function(lambda x: backbone(x, training=False), input_signature=signature)
+        self.image_size, self.name, self.dim = image_size, backbone.name, backbone.output_shape[-1]
+
+    def forward(self, images):
         # oneDNN picks other kernels for a batch of one, which shifts features by ~1e-5: enough to
         # flip a close beam decision. Batches of 2+ agree bit for bit, so a lone image gets a twin,
         # and the caption command then reproduces evaluate's captions exactly.
         if len(images) == 1:
-            return traced(tf.concat([images, images], axis=0))[:1]
-        return traced(images)
+            return self.traced(tf.concat([images, images], axis=0))[:1]
+        return self.traced(images)
 
-    return forward
+    def fill(self, paths: list[str], batch_size: int, out: np.ndarray, progress: bool = True) -> dict[int, str]:
+        """Write one feature row per path into `out` (an array or memmap); return {row: error}."""
+        errors: dict[int, str] = {}
+        row = 0
+        with tqdm(total=len(paths), desc=f"{self.name}", unit="img", disable=not progress) as bar:
+            for images, batch_errors in _image_dataset(paths, self.image_size, batch_size):
+                out[row:row + len(images)] = self.forward(images).numpy()
+                for offset, error in enumerate(batch_errors.numpy()):
+                    if error:
+                        errors[row + offset] = error.decode()
+                row += len(images)
+                bar.update(len(images))
+        return errors
 
 
 def compute_features(backbone: keras.Model, paths: list[str], image_size: int, batch_size: int,
                      out: np.ndarray, progress: bool = True) -> dict[int, str]:
     """Write one feature row per path into `out` (an array or memmap); return {row: error}."""
-    forward = feature_function(backbone, image_size)
-    errors: dict[int, str] = {}
-    row = 0
-    with tqdm(total=len(paths), desc=f"{backbone.name} features", unit="img", disable=not progress) as bar:
-        for images, batch_errors in _image_dataset(paths, image_size, batch_size):
-            out[row:row + len(images)] = forward(images).numpy()
-            for offset, error in enumerate(batch_errors.numpy()):
-                if error:
-                    errors[row + offset] = error.decode()
-            row += len(images)
-            bar.update(len(images))
-    return errors
+    return FeatureComputer(backbone, image_size).fill(paths, batch_size, out, progress)
+
+
+# (paths, out) -> {row: error}: fills `out` with one feature row per path, on whichever engine.
+ComputeRows = Callable[[list[str], np.ndarray], dict[int, str]]
 
 
 def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: BackboneSpec,
-                     batch_size: int, allow_all_failed: bool = False) -> dict:
+                     batch_size: int, compute_rows: ComputeRows | None = None,
+                     engine_report: Callable[[], dict] | None = None) -> dict:
     """Extract features for `images` (names inside `images_dir`) into `out_dir`; return the report.
 
     Images that fail to decode are left out of the index and listed in the report with the reason.
-    When none decodes, that is an error, unless `allow_all_failed` (a shard of a larger run, see
-    shards.py, may hold only bad images: the other shards have the good ones).
+    When none decodes, that is an error.
+    `compute_rows` computes the rows elsewhere (extract_ray.py); by default this process builds the
+    backbone and computes them. Its `engine_report()` (what happened on the cluster) joins the report.
     """
     if not images:
         raise UserError("no images to extract features for: the captions table is empty.")
@@ -99,17 +113,19 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
                         "folder holding the photos named in the captions file.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(spec)
+    if compute_rows is None:
+        computer = FeatureComputer(build_backbone(spec), spec.image_size)
+        compute_rows = lambda paths, out: computer.fill(paths, batch_size, out)  # noqa: E731
     paths = [str(Path(images_dir) / name) for name in images]
     start = time.perf_counter()
     raw_path = out_dir / ".features.raw.npy.tmp"
     try:
-        raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(len(paths), backbone.output_shape[-1]))
-        errors = compute_features(backbone, paths, spec.image_size, batch_size, raw)
+        raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(len(paths), feature_dim(spec)))
+        errors = compute_rows(paths, raw)
         raw.flush()
         seconds = time.perf_counter() - start
         good = [row for row in range(len(paths)) if row not in errors]
-        if not good and not allow_all_failed:
+        if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
         if errors:
@@ -130,6 +146,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         "backbone": spec.to_json(),
         "seconds": round(seconds, 2),
         "images_per_second": round(len(images) / seconds, 2),
+        **({"engine": engine_report()} if engine_report else {}),
     }
     files.write_json(out_dir / "report.json", report)
     return report

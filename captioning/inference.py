@@ -2,8 +2,8 @@
 
 `LoadedCaptioner` holds the backbone rebuilt from the model bundle's backbone.json (same weights
 setting, seed, precision and image size as extraction), the decoder and the decode settings
-`evaluate` used. Images are loaded by `images.load_image` and run through `features.feature_function`,
-the very forward pass extraction uses, so a test image gets the caption `evaluate` wrote for it.
+`evaluate` used. Images are loaded by `images.load_image` and run through
+`features.FeatureComputer.forward`, the very forward pass extraction uses, so a test image gets the caption `evaluate` wrote for it.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from captioning import files
+from captioning.backbones import build_backbone
 from captioning.bundle import check_bundle
 from captioning.decode import NEG_INF, Captioner
-from captioning.features import BackboneSpec, build_backbone, feature_function
+from captioning.feature_files import BackboneSpec
+from captioning.features import FeatureComputer
 from captioning.fetch import FetchError, FetchLimits, fetch, is_url
 from captioning.images import ImageError, load_image
 
@@ -41,7 +43,7 @@ class LoadedCaptioner:
         self.model_dir = Path(model_dir)
         self.settings = dict(settings)
         self.backbone, self.spec = load_backbone(model_dir)
-        self._forward = feature_function(self.backbone, self.spec.image_size)
+        self._forward = FeatureComputer(self.backbone, self.spec.image_size).forward
         self.captioner = Captioner.load(model_dir)
 
     @property
@@ -65,7 +67,7 @@ class LoadedCaptioner:
     def decode(self, features: np.ndarray, settings: dict) -> list[Decoded]:
         """One batched decode; the caption is the one `Captioner.caption_ids` picks, the beams beside it."""
         lone = len(features) == 1
-        if lone:  # as in feature_function: a batch of one may take other kernels than evaluate's batches
+        if lone:  # as in FeatureComputer.forward: a batch of one may take other kernels than evaluate's batches
             features = np.concatenate([features, features])
         if settings["method"] == "greedy":
             ids = self.captioner.caption_ids(features, method="greedy", max_length=settings["max_length"],

@@ -20,6 +20,7 @@ from captioning.errors import UserError
 PARAMS_FILE = Path("params.yaml")
 PRECISIONS = ("float32", "mixed_bfloat16")
 BACKBONES = ("resnet50", "efficientnet_lite0")  # features.backbone, see captioning/backbones.py
+ENGINES = ("local", "ray")  # features.engine: this process, or a Ray cluster (captioning/extract_ray.py)
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DECODE_METHODS = ("greedy", "beam")
 RERANKS = ("none", "consensus")
@@ -161,6 +162,8 @@ class FeatureParams:
     image_size: int = knob(whole(MIN_IMAGE_SIZE))
     precision: str = knob(one_of(*PRECISIONS))
     batch_size: int = knob(POSITIVE)
+    engine: str = knob(one_of(*ENGINES))  # local | ray (captioning/extract_ray.py)
+    ray_address: str | None = knob(optional_text)  # null: $RAY_ADDRESS, else a private local Ray
 
 
 @dataclass(frozen=True)

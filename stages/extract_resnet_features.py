@@ -15,8 +15,15 @@ def main() -> None:
     spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"],
                      options["backbone"])
     images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
-    report = extract_features(images, params["data"]["images"], layout.FEATURES_DIR, spec, options["batch_size"])
-    print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s, "
+    engine = None
+    if options["engine"] == "ray":
+        from captioning.extract_ray import RayEngine
+
+        engine = RayEngine(spec, options["batch_size"], options["ray_address"])
+    report = extract_features(images, params["data"]["images"], layout.FEATURES_DIR, spec, options["batch_size"],
+                              compute_rows=engine, engine_report=engine.summary if engine else None)
+    on = f", on Ray: {report['engine']['workers']} workers" if engine else ""
+    print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s{on}, "
           f"{spec.backbone}, weights: {spec.weights}); {report['failed_count']} failed (listed in "
           f"{layout.FEATURES_DIR / 'report.json'})")
 

@@ -1,0 +1,123 @@
+"""features.engine: ray on a local two-node Ray cluster (one CPU each, so two workers): the same
+files as a local run, byte for byte; a worker killed mid-run loses and duplicates no image; and
+`dvc repro` runs the stage on the cluster. Tiny images at 64 px, random weights."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from captioning import files
+from captioning.errors import UserError
+from captioning.extract_ray import RayEngine
+from captioning.backbones import make_spec
+from captioning.features import extract_features
+from tests.conftest import make_project, set_params, tool_env
+
+pytestmark = pytest.mark.slow
+SPEC = make_spec("random", 0, 64, "float32")
+TIMING = {"seconds", "images_per_second", "engine"}
+ACTOR_TITLE = "MapWorker(MapBatches(BackboneActor))"  # Ray names each actor process ray::<this>
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on this machine, always shut down (also when a test fails)."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        nodes.shutdown()
+
+
+def write_images(folder, count: int) -> list[str]:
+    """`count` photos of mixed sizes, plus a file that is not an image and one that is missing."""
+    folder.mkdir(parents=True)
+    names = []
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 256, (40 + i % 7, 60 - i % 5, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.jpg", quality=90)
+        names.append(f"img{i:03d}.jpg")
+    (folder / "notes.jpg").write_text("not a photo\n")
+    return names[:3] + ["notes.jpg"] + names[3:] + ["gone.jpg"]
+
+
+def same_files(local, remote) -> None:
+    for name in ("features.npy", "index.parquet", "backbone.json"):
+        assert (remote / name).read_bytes() == (local / name).read_bytes(), name
+    one, other = files.read_json(local / "report.json"), files.read_json(remote / "report.json")
+    assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in one.items() if k not in TIMING}
+
+
+def test_ray_writes_the_files_a_local_run_writes(cluster, tmp_path):
+    images = write_images(tmp_path / "images", 21)
+    extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
+    engine = RayEngine(SPEC, 4, cluster.address, progress=False)
+    report = extract_features(images, tmp_path / "images", tmp_path / "ray", SPEC, batch_size=4,
+                              compute_rows=engine, engine_report=engine.summary)
+    same_files(tmp_path / "local", tmp_path / "ray")
+    assert [f["image"] for f in report["failed"]] == ["notes.jpg", "gone.jpg"]  # reported as locally
+    assert report["engine"]["workers"] == 2 and report["engine"]["actor_restarts"] == 0
+    assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
+    assert np.load(tmp_path / "ray/features.npy").std() > 0  # real features, not zeros
+
+
+def kill_one_worker_when(engine: RayEngine, rows: int, killed: list) -> None:
+    """Once `rows` images have come back, SIGKILL one actor process of this test's cluster (found by
+    its process title; the cluster's raylets, and so its workers, descend from this process)."""
+    deadline = time.monotonic() + 300
+    while engine.rows_done < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if ACTOR_TITLE in " ".join(process.info["cmdline"] or []) and \
+                os.getpid() in [parent.pid for parent in process.parents()]:
+            os.kill(process.info["pid"], signal.SIGKILL)
+            killed.append(process.info["pid"])
+            return
+
+
+def test_a_killed_worker_loses_and_repeats_no_image(cluster, tmp_path):
+    images = write_images(tmp_path / "images", 158)  # 40 batches of 4: the kill lands mid-run
+    extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
+    engine = RayEngine(SPEC, 4, cluster.address, progress=False)
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one_worker_when, args=(engine, 12, killed), daemon=True)
+    killer.start()
+    report = extract_features(images, tmp_path / "images", tmp_path / "ray", SPEC, batch_size=4,
+                              compute_rows=engine, engine_report=engine.summary)
+    killer.join(timeout=10)
+    assert killed, "no worker process was found to kill"
+    assert engine.rows_done == len(images)  # every image came back once (a repeat is a UserError)
+    same_files(tmp_path / "local", tmp_path / "ray")
+    assert report["engine"]["actor_restarts"] >= 1
+    assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
+
+
+def test_no_cluster_at_the_address_is_a_user_error(tmp_path):
+    images = write_images(tmp_path / "images", 2)
+    engine = RayEngine(SPEC, 4, "127.0.0.1:1", progress=False)
+    with pytest.raises(UserError, match="could not connect to the Ray cluster at 127.0.0.1:1"):
+        extract_features(images, tmp_path / "images", tmp_path / "ray", SPEC, batch_size=4, compute_rows=engine)
+    assert not (tmp_path / "ray" / "features.npy").exists()
+
+
+def test_dvc_repro_on_the_cluster_matches_the_local_pipeline(cluster, demo_run, tmp_path):
+    """The stage with features.engine: ray and RAY_ADDRESS writes the local run's data/features."""
+    project = make_project(tmp_path / "project")
+    set_params(project, {"features": {"engine": "ray"}})
+    result = subprocess.run(["dvc", "repro", "extract_resnet_features"], cwd=project, capture_output=True,
+                            text=True, timeout=600, env={**tool_env(), "RAY_ADDRESS": cluster.address})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on Ray: 2 workers" in result.stdout
+    same_files(demo_run / "data/features", project / "data/features")
