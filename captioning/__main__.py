@@ -144,5 +144,11 @@ def main() -> None:
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `captioning` console script (pyproject.toml): the same commands, output and one-line errors
+    with exit status 2 as `python -m captioning`."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,7 +6,6 @@ is imported, so each takes about a second. The caption cases reuse the session's
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import PROJECT, tool_env
+from captioning.tiny_project import PROJECT
+from helpers import stages_env
 
 
 def run_cli(args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = tool_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
-    env["KERAS_HOME"] = str(tmp_path / "keras_home")  # no cached ImageNet weights: offline for real
+    env = stages_env(KERAS_HOME=str(tmp_path / "keras_home"))  # no cached ImageNet weights: offline for real
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from captioning import files
-from conftest import PROJECT, tool_env
+from helpers import stages_env
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
 TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,
@@ -76,8 +76,8 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     processes = []
     for index, project in enumerate(projects):
         write_inputs(project, "multi_worker")
-        env = {**tool_env(), "PYTHONPATH": str(PROJECT), "CUDA_VISIBLE_DEVICES": "",
-               "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
         log = open(project / "log.txt", "w")
         processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
                                           cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -171,7 +171,7 @@ def test_mirrored_with_two_replicas_learns_like_one(default_run, tmp_path):
     params["train"].update(epochs=1, dropout=0.0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, "-c", TWO_REPLICAS], cwd=tmp_path, capture_output=True, text=True,
-                            env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=150)
+                            env=stages_env(), timeout=150)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "strategy mirrored: 2 local replica(s); global batch 16" in result.stdout
     metrics, expected = json.loads((tmp_path / "metrics/train.json").read_text()), default_run[0]

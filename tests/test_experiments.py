@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import run
+from captioning.tiny_project import run
 
 EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
 SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view

@@ -16,14 +16,12 @@ from PIL import Image
 
 from captioning.demo import draw_scene, plan_scenes
 from captioning.scoring import METRIC_KEYS
-from conftest import make_project, run, set_params, tool_env
+from captioning.tiny_project import make_project, run, set_params, tool_env
+from helpers import copy_project, stages_run
 
 STAGES = ("parse_pickle", "split", "extract_resnet_features", "train_lstm", "evaluate", "plot")
 TIMING_KEYS = ("train_seconds", "decode_images_per_second")
-
-
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+pytestmark = pytest.mark.slow  # every test here runs or reads a whole `dvc repro`
 
 
 def metrics_without_timing(project: Path) -> dict:
@@ -32,11 +30,6 @@ def metrics_without_timing(project: Path) -> dict:
         data = json.loads((project / "metrics" / f"{name}.json").read_text())
         values[name] = {k: v for k, v in data.items() if k not in TIMING_KEYS}
     return values
-
-
-def copy_project(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest, symlinks=True)
-    return dest
 
 
 def test_outputs_of_a_full_run(demo_run):

@@ -15,8 +15,8 @@ import pickle
 import pandas as pd
 import pytest
 
-from conftest import make_project, run, set_params
-from test_pipeline import stages_run
+from captioning.tiny_project import make_project, run, set_params
+from helpers import stages_run
 
 LINES, NAMES, PHOTOS = 40460, 8092, 809
 BOGUS = "2258277193_586949ec62.jpg.1"
@@ -74,6 +74,7 @@ def test_parse_stage_on_every_pickle_shape(real_project, name):
     assert len(table) == PHOTOS * 5 and table["image"].nunique() == PHOTOS
 
 
+@pytest.mark.slow
 def test_full_pipeline_on_real_photos(real_project):
     set_params(real_project, {"data": {"captions": "data/real/lines.pkl"}})
     result = run(["dvc", "repro"], real_project, check=False)

@@ -16,7 +16,7 @@ from PIL import Image
 from captioning import files
 from captioning.errors import UserError
 from captioning.shards import SHARD_FILE, merge_shards, shard_images
-from conftest import PROJECT, tool_env
+from captioning.tiny_project import tool_env
 
 SIZE = 32
 SETTINGS = {"weights": "random", "seed": 0, "image_size": SIZE, "precision": "float32"}
@@ -59,7 +59,7 @@ def project_with(root, images) -> None:
 
 def merge_command(root, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captioning", "merge-features", *map(str, args)], cwd=root,
-                          capture_output=True, text=True, env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=120)
+                          capture_output=True, text=True, env=tool_env(), timeout=120)
 
 
 def test_two_shards_merged_equal_one_run(runs):
@@ -130,7 +130,7 @@ def test_extract_shard_command_reads_the_project(runs, tmp_path):
         {"data": {"images": str(root / "images")}, "features": {**SETTINGS, "batch_size": 4}}))
     result = subprocess.run([sys.executable, "-m", "captioning", "extract-shard", "--index", "1", "--count", "2",
                              "--out", "part"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=300)
+                            env=tool_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "shard 1 of 2: 5 images" in result.stdout
     assert files.read_json(tmp_path / "part" / SHARD_FILE)["index"] == 1
