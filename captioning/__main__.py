@@ -22,14 +22,19 @@ def _parser() -> argparse.ArgumentParser:
     caption = commands.add_parser(
         "caption", help="caption new images with the trained model",
         description="Caption images with the trained model; prints 'path<TAB>caption' per image. "
-                    "Unreadable images get a one-line error on stderr and exit status 2; the others are still captioned.")
+                    "Unreadable images get a one-line error on stderr and exit status 2; "
+                    "the others are still captioned.")
     caption.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
-    caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR, help="trained model bundle (default: %(default)s)")
-    caption.add_argument("--beam", type=int, default=None, help="beam width; 1 = greedy (default: decode.* in params.yaml)")
+    caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR,
+                         help="trained model bundle (default: %(default)s)")
+    caption.add_argument("--beam", type=int, default=None,
+                         help="beam width; 1 = greedy (default: decode.* in params.yaml)")
     caption.add_argument("--out", type=Path, default=None,
-                         help="write the image with its caption under it to this PNG (with several images: FILE-<n>.png)")
-    demo = commands.add_parser("demo", help="generate the offline demo dataset from params.yaml's demo section",
-                               description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
+                         help="write the image with its caption under it to this PNG "
+                              "(with several images: FILE-<n>.png)")
+    demo = commands.add_parser(
+        "demo", help="generate the offline demo dataset from params.yaml's demo section",
+        description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
     demo.add_argument("--params", type=Path, default=Path("params.yaml"))
     template = commands.add_parser(
         "plots-template", help="write the offline HTML template for `dvc plots show`",

@@ -103,5 +103,6 @@ def consensus_index(captions: list[str], log_probs: np.ndarray, statistics: Ngra
     weights = np.exp(log_probs - log_probs.max())
     weights /= weights.sum()
     vectors = [statistics.vector(c) for c in captions]
-    gains = [sum(w * statistics.similarity(v, other) for w, other in zip(weights, vectors)) for v in vectors]
+    gains = [sum(w * statistics.similarity(v, other) for w, other in zip(weights, vectors, strict=True))
+             for v in vectors]
     return min(range(len(captions)), key=lambda k: (-round(gains[k], 9), -log_probs[k]))

@@ -128,7 +128,7 @@ class Captioner:
                 else:
                     beams, scores = self._beam(chunk, tf.constant(beam_size), tf.constant(max_length),
                                                tf.constant(length_penalty, tf.float32))
-                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy())]
+                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams.numpy(), scores.numpy(), strict=True)]
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results

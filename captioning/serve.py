@@ -24,7 +24,7 @@ def caption_files(paths: list[Path], model_dir: Path, settings: dict, out: Path 
     errors = compute_features(backbone, [str(p) for p in paths], spec.image_size, batch_size, features, progress=False)
     good = [i for i in range(len(paths)) if i not in errors]
     captions = Captioner.load(model_dir).captions(features[good], **settings) if good else []
-    results = [(paths[i], caption) for i, caption in zip(good, captions)]
+    results = [(paths[i], caption) for i, caption in zip(good, captions, strict=True)]
     if out is not None:
         from captioning.plots import captioned_image
 

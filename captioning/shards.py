@@ -68,7 +68,8 @@ def merge_shards(shard_dirs: list[Path], images: list[str], out_dir: Path, expec
     made_with = shards[0]["backbone"]
     differ = sorted(key for key, value in (expected or {}).items() if made_with.get(key) != value)
     if differ:
-        raise UserError("the shards were extracted with " + ", ".join(f"features.{k}={made_with.get(k)!r}" for k in differ)
+        made = ", ".join(f"features.{k}={made_with.get(k)!r}" for k in differ)
+        raise UserError(f"the shards were extracted with {made}"
                         + " but params.yaml has " + ", ".join(f"{expected[k]!r}" for k in differ)
                         + ": extract the shards again with the current params.yaml.")
     count = len(shards)
@@ -84,7 +85,7 @@ def merge_shards(shard_dirs: list[Path], images: list[str], out_dir: Path, expec
             for shard in range(count):
                 picked = [(offset, row) for offset, (_, s, row) in enumerate(block) if s == shard]
                 if picked:
-                    offsets, source = map(list, zip(*picked))
+                    offsets, source = map(list, zip(*picked, strict=True))
                     out[[start + o for o in offsets]] = shards[shard]["matrix"][source]
         out.flush()
         del out
@@ -127,7 +128,7 @@ def _read_shards(dirs: list[Path], images: list[str], out_dir: Path) -> list[dic
         matrix = np.load(folder / "features.npy", mmap_mode="r")
         shards[info["index"]] = {
             "folder": folder, "info": info, "report": report, "matrix": matrix, "dim": matrix.shape[1],
-            "row_of": dict(zip(index["image"], index["row"].astype(int))),
+            "row_of": dict(zip(index["image"], index["row"].astype(int), strict=True)),
             "backbone": files.read_json(folder / "backbone.json"),
         }
     ordered = [shards[i] for i in range(len(dirs))]

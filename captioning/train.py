@@ -175,8 +175,8 @@ class EpochEnd(keras.callbacks.Callback):
         files.write_json(self.checkpoint_dir / CHECKPOINT_STATE, self.state)
         if previous and previous != model_file:
             (self.checkpoint_dir / previous).unlink(missing_ok=True)
-        print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {record.get('val_loss', float('nan')):.4f}, "
-              f"{seconds:.1f} s", flush=True)
+        print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, "
+              f"val loss {record.get('val_loss', float('nan')):.4f}, {seconds:.1f} s", flush=True)
 
 
 def log_epoch(live, record: dict) -> None:
@@ -201,7 +201,7 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
     variables = _seed_variables(model)
     if len(variables) != len(values):
         raise RuntimeError("checkpoint RNG state does not match the model's layers")
-    for variable, value in zip(variables, values):
+    for variable, value in zip(variables, values, strict=True):
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 

@@ -93,7 +93,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
                 process.kill()
                 process.wait()
     logs = [(project / "log.txt").read_text() for project in projects]
-    for process, log in zip(processes, logs):
+    for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-4000:]
     assert "worker 0 of 2 workers (chief), 2 replicas in all" in logs[0]
     assert "worker 1 of 2 workers, 2 replicas in all" in logs[1]
@@ -101,7 +101,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     chief, other = ([np.load(project / "weights.npz")[f"arr_{i}"] for i in range(len(np.load(project / "weights.npz")))]
                     for project in projects)
     assert len(chief) == len(other) > 10
-    for mine, theirs in zip(chief, other):
+    for mine, theirs in zip(chief, other, strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
     chief_dir, other_dir = projects
@@ -115,7 +115,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
 
     from captioning.model import keras  # registers the custom loss and metric the model file names
     saved = keras.models.load_model(chief_dir / "data/model/model.keras").get_weights()
-    for mine, theirs in zip(chief, saved):
+    for mine, theirs in zip(chief, saved, strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
 
@@ -146,7 +146,7 @@ def test_mirrored_on_cpu_trains_exactly_like_default(default_run, tmp_path):
     metrics, weights = run_in_process(tmp_path, "mirrored")
     assert metrics["epochs"] == 1
     assert without_timing(metrics) == without_timing(default_run[0])
-    for mine, theirs in zip(weights, default_run[1]):
+    for mine, theirs in zip(weights, default_run[1], strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
 

@@ -93,7 +93,10 @@ def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
     vocab = captioner.vocab
     with pytest.raises(UserError, match="rerank: none"):  # no n-gram statistics: say so, don't guess
         captioner.caption_ids(features, method="beam", rerank="consensus")
-    ids = lambda text: ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
+
+    def ids(text: str) -> list[int]:
+        return ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
+
     beams = np.array([ids("a red square"),         # most probable, shares little with the others
                       ids("a red circle"),         # the caption the others agree with
                       ids("a red circle circle"),

@@ -77,7 +77,7 @@ def test_caption_command_gives_evaluates_caption(demo_run):
     images = [str(demo_run / "data/demo/images" / name) for name in predictions["image"]]
     result = run([sys.executable, "-m", "captioning", "caption", *images], demo_run)
     printed = dict(line.split("\t") for line in result.stdout.splitlines())
-    assert printed == dict(zip(images, predictions["generated"]))
+    assert printed == dict(zip(images, predictions["generated"], strict=True))
 
 
 def test_caption_command_on_new_and_bad_images(demo_run, tmp_path):
