@@ -137,6 +137,27 @@ def test_caption_before_any_model(tmp_path):
     assert_clear_failure(result, "no trained model in data/model", "dvc repro", "--model-dir")
 
 
+CONSOLE_SCRIPT = Path(sys.executable).parent / "captioning"  # installed by pyproject.toml's [project.scripts]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["caption", "a.jpg"], "no trained model in data/model"),
+    (["demo", "--params", "absent.yaml"], "absent.yaml"),
+    (["--help"], None),
+])
+def test_console_script_is_python_m_captioning(tmp_path, args, error):
+    """`captioning ...` prints and exits exactly like `python -m captioning ...`, one-line errors included."""
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    results = [subprocess.run([*command, *args], cwd=tmp_path, env=stages_env(), capture_output=True, text=True,
+                              timeout=120) for command in ([str(CONSOLE_SCRIPT)], [sys.executable, "-m", "captioning"])]
+    script, module = results
+    assert (script.returncode, script.stdout, script.stderr) == (module.returncode, module.stdout, module.stderr)
+    if error:
+        assert_clear_failure(script, error)
+    else:
+        assert script.returncode == 0 and "caption" in script.stdout
+
+
 @pytest.mark.slow
 def test_caption_bad_files_are_reported_and_the_others_captioned(demo_run, tmp_path):
     good = sorted((demo_run / "data" / "demo" / "images").glob("*.jpg"))[:2]
