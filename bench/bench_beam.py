@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_train import OPTIONS, decoder_data, new_decoder, new_optimizer
 from common import PARAMS, median
+
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner
 from captioning.model import compile_decoder

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import PARAMS, demo_data, median
+
 from captioning.features import FEATURE_DIM, build_backbone, compute_features, make_spec
 from captioning.images import load_image
 from captioning.tf_setup import tf

@@ -15,9 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import median
+
 from captioning.tiny_project import make_project
 from captioning.tiny_project import run as run_command
-from common import median
 
 HEAVY_STAGES = ("extract_resnet_features", "train_lstm")
 PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "

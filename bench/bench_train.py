@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import FEATURE_DIM, PARAMS, demo_data, median, random_feature_dir
+
 from captioning.features import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf

@@ -48,7 +48,7 @@ class Captioner:
                                                                   tf.TensorSpec([], tf.float32)])
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "Captioner":
+    def load(cls, model_dir: str | Path) -> Captioner:
         import captioning.model  # noqa: F401  registers the custom loss and metric
 
         model_dir = Path(model_dir)

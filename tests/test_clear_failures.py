@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import stages_env
 from PIL import Image
 
 from captioning.tiny_project import PROJECT
-from helpers import stages_env
 
 
 def run_cli(args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:

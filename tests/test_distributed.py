@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import stages_env
 
 from captioning import files
-from helpers import stages_env
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
 TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import copy_project
 
 from captioning.tiny_project import run
-from helpers import copy_project
 
 EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
 SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view

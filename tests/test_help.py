@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from helpers import stages_env
 
 from captioning.__main__ import _parser
 from captioning.scoring import score_captions
 from captioning.tiny_project import PROJECT
-from helpers import stages_env
 
 STAGE_MODULES = sorted(stage["cmd"].split()[-1] for stage in
                        yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].values())

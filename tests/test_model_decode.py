@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from captioning.decode import Captioner
-from captioning.model import MaskedAccuracy, NUM_LSTM_LAYERS, build_decoder, compile_decoder, make_optimizer, masked_loss
+from captioning.model import (
+    NUM_LSTM_LAYERS,
+    MaskedAccuracy,
+    build_decoder,
+    compile_decoder,
+    make_optimizer,
+    masked_loss,
+)
 from captioning.tf_setup import keras, seed_everything
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 

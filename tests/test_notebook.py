@@ -5,10 +5,10 @@ import shutil
 
 import nbformat
 import pytest
+from helpers import copy_project
 from nbclient import NotebookClient
 
 from captioning.tiny_project import PROJECT
-from helpers import copy_project
 
 NOTEBOOK = PROJECT / "notebooks" / "captioning.ipynb"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import copy_project, stages_run
 from PIL import Image
 
 from captioning.demo import draw_scene, plan_scenes
 from captioning.scoring import METRIC_KEYS
 from captioning.tiny_project import make_project, run, set_params, tool_env
-from helpers import copy_project, stages_run
 
 STAGES = ("parse_pickle", "split", "extract_resnet_features", "train_lstm", "evaluate", "plot")
 TIMING_KEYS = ("train_seconds", "decode_images_per_second")

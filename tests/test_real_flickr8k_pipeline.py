@@ -14,9 +14,9 @@ import pickle
 
 import pandas as pd
 import pytest
+from helpers import stages_run
 
 from captioning.tiny_project import make_project, run, set_params
-from helpers import stages_run
 
 LINES, NAMES, PHOTOS = 40460, 8092, 809
 BOGUS = "2258277193_586949ec62.jpg.1"

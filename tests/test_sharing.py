@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from helpers import copy_project, stages_run
 
 from captioning.tiny_project import run
-from helpers import copy_project, stages_run
 
 PULLED = ("data/model/model.keras", "data/features/features.npy", "data/predictions.parquet", "plots/predictions.png")
 
