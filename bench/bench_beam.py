@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_train import OPTIONS, decoder_data, new_decoder, new_optimizer
+from common import PARAMS, median
 
-from bench.bench_train import OPTIONS, decoder_data, new_decoder, new_optimizer
-from bench.common import PARAMS, median
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner
 from captioning.model import compile_decoder
@@ -90,7 +90,9 @@ def run(workdir: Path, n_images: int, loop_images: int, train_epochs: int, repea
     compiled = tf.function(lambda inputs: captioner.step(inputs, training=False), reduce_retracing=True)
     loop_beam(captioner, compiled, looped[0], **SETTINGS)  # trace
     loop_compiled, _ = loop_rates(captioner, compiled, looped, loop_chunks)
-    same = np.mean([vocab.decode(a) == vocab.decode(b) for a, b in zip(batched, loop_ids)])
+    # The loop captions only the first images: compare those.
+    same = np.mean([vocab.decode(a) == vocab.decode(b)
+                    for a, b in zip(batched[:len(looped)], loop_ids, strict=True)])
     return {"beam_speedup": {
         "value": median(batched_rates) / median(loop),
         "captions_per_second": {"batched": median(batched_rates), "loop": median(loop)},

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import PARAMS, demo_data, median
 
-from bench.common import PARAMS, demo_data, median
-from captioning.extract_ray import RayEngine
 from captioning.backbones import build_backbone, make_spec
+from captioning.extract_ray import RayEngine
 from captioning.features import FeatureComputer, extract_features
 
 
@@ -87,12 +87,13 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
         cluster.shutdown()
     same = all((workdir / "local" / f).read_bytes() == (workdir / "ray" / f).read_bytes()
                for f in ("features.npy", "index.parquet", "backbone.json"))
-    ratios = [r["steady"] / l["steady"] for r, l in zip(raw["ray"], raw["local"])]
+    ratios = [r["steady"] / loc["steady"] for r, loc in zip(raw["ray"], raw["local"], strict=True)]
     return {"ray_engine_ratio": {
         "value": median(ratios),
         "images_per_second": {"ray_steady": median([r["steady"] for r in raw["ray"]]),
-                              "local_steady": median([l["steady"] for l in raw["local"]])},
-        "whole_call_ratio": median([r["whole_call"] / l["whole_call"] for r, l in zip(raw["ray"], raw["local"])]),
+                              "local_steady": median([loc["steady"] for loc in raw["local"]])},
+        "whole_call_ratio": median([r["whole_call"] / loc["whole_call"]
+                                    for r, loc in zip(raw["ray"], raw["local"], strict=True)]),
         "raw": {"ratio_per_repeat": ratios, "ray": raw["ray"], "local": raw["local"], "images": len(images),
                 "batch_size": batch_size, "image_size": spec.image_size, "workers": engines["ray"].workers,
                 "identical_files": same, "repeats": repeats},

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import PARAMS, demo_data, median
 
-from bench.common import PARAMS, demo_data, median
 from captioning.backbones import build_backbone, make_spec
 from captioning.features import compute_features
 from captioning.images import load_image
@@ -89,9 +89,9 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
         for key in names[r % len(names):] + names[:r % len(names)]:
             raw[key].append(sides[key]())
     steady = {key: [figures["steady"] for figures in raw[key]] for key in raw}
-    extract = [e / f for e, f in zip(steady["e2e"], steady["fp32"])]
-    bf16 = [b / f for b, f in zip(steady["bf16"], steady["fp32"])]
-    lite = [e / f for e, f in zip(steady["lite0"], steady["fp32"])]
+    extract = [e / f for e, f in zip(steady["e2e"], steady["fp32"], strict=True)]
+    bf16 = [b / f for b, f in zip(steady["bf16"], steady["fp32"], strict=True)]
+    lite = [e / f for e, f in zip(steady["lite0"], steady["fp32"], strict=True)]
     per_cpu = {key: [figures["steady_per_cpu_second"] for figures in raw[key]] for key in raw}
     a, b = outputs["fp32"], outputs["bf16"]
     cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -100,20 +100,20 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     return {
         "extract_ratio": {
             "value": median(extract),
-            "cpu_time_value": median([e / f for e, f in zip(per_cpu["e2e"], per_cpu["fp32"])]),
+            "cpu_time_value": median([e / f for e, f in zip(per_cpu["e2e"], per_cpu["fp32"], strict=True)]),
             "images_per_second": {"end_to_end": median(steady["e2e"]), "forward_only": median(steady["fp32"])},
             "raw": {"ratio_per_repeat": extract, "end_to_end": raw["e2e"], "forward_only": raw["fp32"],
                     "e2e_equals_forward_max_abs_diff": float(np.max(np.abs(outputs["e2e"] - a))), **common},
         },
         "bf16_speedup": {
             "value": median(bf16),
-            "cpu_time_value": median([b / f for b, f in zip(per_cpu["bf16"], per_cpu["fp32"])]),
+            "cpu_time_value": median([b / f for b, f in zip(per_cpu["bf16"], per_cpu["fp32"], strict=True)]),
             "images_per_second": {"mixed_bfloat16": median(steady["bf16"]), "float32": median(steady["fp32"])},
             "raw": {"speedup_per_repeat": bf16, "mixed_bfloat16": raw["bf16"], "float32": raw["fp32"], **common},
         },
         "efficientnet_speedup": {
             "value": median(lite),
-            "cpu_time_value": median([e / f for e, f in zip(per_cpu["lite0"], per_cpu["fp32"])]),
+            "cpu_time_value": median([e / f for e, f in zip(per_cpu["lite0"], per_cpu["fp32"], strict=True)]),
             "images_per_second": {"efficientnet_lite0": median(steady["lite0"]), "resnet50": median(steady["fp32"])},
             "raw": {"speedup_per_repeat": lite, "efficientnet_lite0": raw["lite0"], "resnet50": raw["fp32"], **common},
         },

@@ -1,4 +1,4 @@
-"""The real pipeline in tiny project copies (tests/conftest.make_project: 64 px images, 16-unit
+"""The real pipeline in tiny project copies (captioning.tiny_project.make_project: 64 px images, 16-unit
 LSTMs, 2 epochs): peak memory of the heavy stages at 1x and 4x the demo data, the time of a
 `dvc repro` with nothing to do, and whether the light stages import TensorFlow.
 
@@ -15,10 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import ROOT, median
+from common import median
 
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_project, run as run_command  # noqa: E402
+from captioning.tiny_project import make_project
+from captioning.tiny_project import run as run_command
 
 HEAVY_STAGES = ("extract_resnet_features", "train_lstm")
 PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "

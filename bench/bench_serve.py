@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench_train import decoder_data, new_decoder
+from common import PARAMS, ROOT, Stopwatch, demo_data, median
 
-from bench.common import PARAMS, ROOT, Stopwatch, demo_data, median
-from bench.bench_train import decoder_data, new_decoder
 from captioning import files
-from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.backbones import make_spec
 from captioning.bundle import save_decode_settings
+from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.features import compute_features
 
 CLIENTS = 16

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import FEATURE_DIM, PARAMS, demo_data, median, random_feature_dir
 
-from bench.common import FEATURE_DIM, PARAMS, demo_data, median, random_feature_dir
 from captioning.feature_files import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
@@ -145,10 +145,10 @@ def run(workdir: Path, n_images: int, pairs: int) -> dict:
             seconds, cpu_seconds = sides[name]()
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
-    per_pair = [e / o for o, e in zip(wall["ours"], wall["expansion"])]
+    per_pair = [e / o for o, e in zip(wall["ours"], wall["expansion"], strict=True)]
     return {"train_speedup": {
         "value": median(per_pair),
-        "cpu_time_value": median([e / o for o, e in zip(cpu["ours"], cpu["expansion"])]),
+        "cpu_time_value": median([e / o for o, e in zip(cpu["ours"], cpu["expansion"], strict=True)]),
         "seconds_per_epoch": {"ours": median(wall["ours"]), "expansion": median(wall["expansion"])},
         "raw": {"epoch_seconds": wall, "speedup_per_pair": per_pair, "first_epoch_seconds": first_epoch,
                 "ratio_of_median_epochs": median(wall["expansion"]) / median(wall["ours"]),

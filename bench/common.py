@@ -6,21 +6,17 @@ the benchmarks measure the configuration the pipeline actually runs, never one t
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from captioning import files  # noqa: E402
-from captioning.captions import load_captions  # noqa: E402
-from captioning.demo import CAPTIONS, generate_demo  # noqa: E402
-from captioning.params import load_params  # noqa: E402
+from captioning import files
+from captioning.captions import load_captions
+from captioning.demo import CAPTIONS, generate_demo
+from captioning.params import load_params
+from captioning.tiny_project import PROJECT as ROOT
 
 PARAMS = load_params(ROOT / "params.yaml")
 FEATURE_DIM = 2048  # ResNet-50's pooled feature size (captioning.features.FEATURE_DIM, without importing TF)

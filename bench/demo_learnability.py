@@ -27,11 +27,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from captioning.demo import BACKGROUNDS, COLOURS, COUNTS, SHAPES, generate_demo, plan_scenes  # noqa: E402
 from captioning.files import write_json  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
 
 ATTRIBUTES = {"count": COUNTS, "colour": tuple(COLOURS), "shape": SHAPES,
               "background": tuple(BACKGROUNDS)}
@@ -133,7 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="further seeded splits to average over")
     parser.add_argument("--cache", help="optional .npz to keep features in, for re-running the probe only "
                         "(keyed by n, image size and seed: delete it after changing the generator)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "demo_learnability.json"))
+    parser.add_argument("--out", default=str(BENCH / "demo_learnability.json"))
     args = parser.parse_args()
 
     scenes = plan_scenes(args.n, args.seed)

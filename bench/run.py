@@ -17,13 +17,10 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import ROOT  # noqa: E402
+from common import ROOT  # bench/ is this script's folder, so Python finds its modules
 
 # Sizes per mode; the hyper-parameters themselves come from params.yaml.
 SIZES = {  # run in this order, each by bench/bench_<name>.py
@@ -84,7 +81,7 @@ def main() -> None:
     for name in sizes:  # the pipeline first: TensorFlow is not imported in this process before it ends
         start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        module = importlib.import_module(f"bench.bench_{name}")
+        module = importlib.import_module(f"bench_{name}")
         results.update(module.run(workdir / name, **sizes[name]))
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"[bench] {name} done in {seconds[name]} s", flush=True)

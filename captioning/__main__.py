@@ -10,7 +10,7 @@ from captioning import layout
 from captioning.bundle import check_bundle, decode_settings, with_overrides
 from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
-from captioning.params import PARAMS_FILE, read_params, read_section
+from captioning.params import read_section
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,20 +19,24 @@ def _parser() -> argparse.ArgumentParser:
     caption = commands.add_parser(
         "caption", help="caption new images with the trained model",
         description="Caption images with the trained model; prints 'path<TAB>caption' per image. "
-                    "Unreadable images get a one-line error on stderr and exit status 2; the others are still captioned.")
+                    "Unreadable images get a one-line error on stderr and exit status 2; "
+                    "the others are still captioned.")
     caption.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or http(s) image URLs")
-    caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR, help="trained model bundle (default: %(default)s)")
+    caption.add_argument("--model-dir", type=Path, default=layout.MODEL_DIR,
+                         help="trained model bundle (default: %(default)s)")
     caption.add_argument("--beam", type=int, default=None,
                          help="beam width; 1 = greedy (default: the settings evaluate used, see --decode-settings)")
     _decode_argument(caption)
     caption.add_argument("--out", type=Path, default=None,
-                         help="write the image with its caption under it to this PNG (with several images: FILE-<n>.png)")
+                         help="write the image with its caption under it to this PNG "
+                              "(with several images: FILE-<n>.png)")
     _fetch_arguments(caption)
     serve = commands.add_parser(
         "serve", help="serve captions over HTTP: a web page, POST /caption, GET /health",
         description="Start the captioning server (FastAPI on uvicorn). The model is loaded once; requests that "
                     "arrive together share one batched pass. Ctrl-C or SIGTERM stops it.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
     serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
                        help="trained model bundle (default: %(default)s)")
@@ -46,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="width x height limit of one image (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     _fetch_arguments(serve)
-    demo = commands.add_parser("demo", help="generate the offline demo dataset from params.yaml's demo section",
-                               description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
+    demo = commands.add_parser(
+        "demo", help="generate the offline demo dataset from params.yaml's demo section",
+        description="Generate the deterministic demo dataset (shape scenes with 5 captions each).")
     demo.add_argument("--params", type=Path, default=Path("params.yaml"))
     template = commands.add_parser(
         "plots-template", help="write the offline HTML template for `dvc plots show`",
@@ -144,5 +149,11 @@ def main() -> None:
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `captioning` console script (pyproject.toml): the same commands, output and one-line errors
+    with exit status 2 as `python -m captioning`."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

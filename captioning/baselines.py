@@ -32,7 +32,7 @@ def consensus_captions(captions: pd.DataFrame) -> dict[str, str]:
             res[key], gts[key], owner[key] = [text], texts[:i] + texts[i + 1:], image
     _, scores = Cider().compute_score(gts, res)
     best: dict[str, tuple[float, str]] = {}
-    for key, score in zip(res, scores):  # Cider keeps the order of the dict it was given
+    for key, score in zip(res, scores, strict=True):  # Cider keeps the order of the dict it was given
         image = owner[key]
         if image not in best or score > best[image][0]:
             best[image] = (float(score), res[key][0])

@@ -9,8 +9,9 @@ the next batch, so under load batches fill by themselves and the wait hardly mat
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # run_batch(items, settings per item) -> one result per item, in order; one call per batch.
 BatchFunction = Callable[[Sequence[Any], Sequence[dict]], Sequence[Any]]
@@ -60,7 +61,7 @@ class DynamicBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return batch
 
@@ -79,6 +80,6 @@ class DynamicBatcher:
                 continue
             self.batches += 1
             self.items += len(batch)
-            for (_, _, future), result in zip(batch, results):
+            for (_, _, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

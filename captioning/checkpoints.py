@@ -115,7 +115,7 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
     variables = _seed_variables(model)
     if len(variables) != len(values):
         raise RuntimeError("checkpoint RNG state does not match the model's layers")
-    for variable, value in zip(variables, values):
+    for variable, value in zip(variables, values, strict=True):
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 

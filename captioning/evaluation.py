@@ -33,7 +33,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
     started = time.perf_counter()
     generated = captioner.captions(store.get(test_images), progress=True, **settings.as_kwargs())
     decode_seconds = time.perf_counter() - started
-    candidates = dict(zip(test_images, generated))
+    candidates = dict(zip(test_images, generated, strict=True))
     metrics, per_image = score_captions(candidates, references, progress="scoring the model")
 
     train_images = sorted(name for name in train_images if name in store.row_of)
@@ -43,7 +43,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
                                         progress="scoring the frequent baseline")
     consensus = consensus_captions(train_captions)
     neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])
-    nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour)}
+    nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
     nearest_scores, _ = score_captions(nearest, references, progress="scoring the nearest baseline")
 
     metrics.update(

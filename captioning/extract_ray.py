@@ -53,7 +53,7 @@ class BackboneActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, features, errors = [], [], []
-        for start, paths in zip(batch["start"], batch["paths"]):
+        for start, paths in zip(batch["start"], batch["paths"], strict=True):
             paths = [str(path) for path in paths]
             out = np.empty((len(paths), self.feature_dim), np.float32)
             failed = self.computer.fill(paths, self.batch_size, out, progress=False)
@@ -112,7 +112,7 @@ class RayEngine:
                                     "rerun the stage (nothing was written).")
                 done[rows] = True
                 out[rows] = block["feature"]
-                errors.update((int(row), str(error)) for row, error in zip(rows, block["error"]) if error)
+                errors.update((int(row), str(error)) for row, error in zip(rows, block["error"], strict=True) if error)
                 self.rows_by_worker.update(str(worker) for worker in block["worker"])
                 self.rows_done += len(rows)
                 bar.update(len(rows))

@@ -37,7 +37,7 @@ class FeatureStore:
         folder = Path(folder)
         self.matrix = np.load(folder / "features.npy", mmap_mode="r")
         index = pd.read_parquet(folder / "index.parquet")
-        self.row_of = dict(zip(index["image"], index["row"].astype(int)))
+        self.row_of = dict(zip(index["image"], index["row"].astype(int), strict=True))
         self.spec = BackboneSpec(**files.read_json(folder / "backbone.json"))
 
     def rows(self, images) -> np.ndarray:

@@ -3,7 +3,8 @@
 `LoadedCaptioner` holds the backbone rebuilt from the model bundle's backbone.json (same weights
 setting, seed, precision and image size as extraction), the decoder and the decode settings
 `evaluate` used. Images are loaded by `images.load_image` and run through
-`features.FeatureComputer.forward`, the very forward pass extraction uses, so a test image gets the caption `evaluate` wrote for it.
+`features.FeatureComputer.forward`, the very forward pass extraction uses, so a test image gets the
+caption `evaluate` wrote for it.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class LoadedCaptioner:
         else:
             beams, scores = self.captioner.final_beams(features, settings["beam_size"], settings["max_length"],
                                                        settings["length_penalty"], settings["no_repeat_ngram"])
-            out = [self._with_beams(b, s, settings["rerank"]) for b, s in zip(beams, scores)]
+            out = [self._with_beams(b, s, settings["rerank"]) for b, s in zip(beams, scores, strict=True)]
         return out[:1] if lone else out
 
     def _with_beams(self, beams: np.ndarray, scores: np.ndarray, rerank: str) -> Decoded:
@@ -97,7 +98,7 @@ class LoadedCaptioner:
             groups.setdefault(tuple(sorted(options.items())), []).append(row)
         results: list[Decoded | None] = [None] * len(pixels)
         for key, rows in groups.items():
-            for row, decoded in zip(rows, self.decode(features[rows], dict(key))):
+            for row, decoded in zip(rows, self.decode(features[rows], dict(key)), strict=True):
                 results[row] = decoded
         return results
 
@@ -112,9 +113,11 @@ def read_source(source: str | Path, image_size: int, fetch_limits: FetchLimits,
 
 
 def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | None = None,
-                  batch_size: int = 32, fetch_limits: FetchLimits = FetchLimits()
+                  batch_size: int = 32, fetch_limits: FetchLimits | None = None
                   ) -> tuple[list[tuple[object, str]], list[tuple[object, str]]]:
-    """Return ([(source, caption)], [(source, error)]) for file paths and image URLs."""
+    """Return ([(source, caption)], [(source, error)]) for file paths and image URLs (fetched within
+    `fetch_limits`, default FetchLimits())."""
+    fetch_limits = fetch_limits or FetchLimits()
     loaded = LoadedCaptioner(model_dir, settings)
     results, errors, shown = [], [], []
     for start in range(0, len(sources), batch_size):
@@ -129,11 +132,12 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
             pixels.append(array)
             shown.append(io.BytesIO(data) if data is not None else source)
         if good:
-            results += [(source, decoded.caption) for source, decoded in zip(good, loaded.caption(np.stack(pixels)))]
+            decoded = loaded.caption(np.stack(pixels))
+            results += [(source, d.caption) for source, d in zip(good, decoded, strict=True)]
     if out is not None:
         from captioning.plots import captioned_image
 
-        for n, (image, (_, caption)) in enumerate(zip(shown, results)):
+        for n, (image, (_, caption)) in enumerate(zip(shown, results, strict=True)):
             target = out if len(results) == 1 else out.with_name(f"{out.stem}-{n + 1}{out.suffix or '.png'}")
             captioned_image(image, caption, target)
     return results, errors

@@ -47,7 +47,7 @@ def image_grid(items: list[tuple[Path, str]], path: Path, columns: int = 3, titl
                              layout="constrained")
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, (image, _), text in zip(axes.flat, items, texts):
+    for ax, (image, _), text in zip(axes.flat, items, texts, strict=False):  # a grid may have spare cells
         _show(ax, image, text)
     if title:
         fig.suptitle(title)

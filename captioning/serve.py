@@ -171,7 +171,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
         decoded = await asyncio.gather(*(batcher.submit(p, settings) for p in pixels))
         return {"model": loaded.describe(), "decode": settings,
                 "images": [{"name": name, "caption": d.caption, "beams": d.beams}
-                           for (name, _), d in zip(images, decoded)]}
+                           for (name, _), d in zip(images, decoded, strict=True)]}
 
     return app
 
@@ -185,7 +185,8 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or --host") from None
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+                        "choose another --port or --host") from None
     return sock
 
 

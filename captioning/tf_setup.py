@@ -33,8 +33,8 @@ def _quiet_stderr():
 
 with _quiet_stderr():
     import absl.logging
-    import tensorflow as tf  # noqa: F401
     import keras  # noqa: F401
+    import tensorflow as tf  # noqa: F401
 
 absl.logging.set_verbosity(absl.logging.ERROR)
 

@@ -85,7 +85,7 @@ def _rebuild_tensor(storage, offset, shape, stride, requires_grad=False, hooks=N
     if len(shape) != len(stride):
         raise pickle.UnpicklingError(f"tensor size {shape} and stride {stride} differ in length")
     offset = _whole(offset, "storage offset")
-    last = offset + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else offset - 1
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else offset - 1
     if last >= storage.numel:
         raise pickle.UnpicklingError(f"tensor of size {shape} runs past its storage of {storage.numel} elements")
     return _TensorRef(storage, offset, shape, stride)

@@ -23,8 +23,15 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
-from captioning.checkpoints import (EpochEnd, clear_checkpoints, fingerprint, log_epoch, new_state, restore_rng_state,
-                                    resume_state)
+from captioning.checkpoints import (
+    EpochEnd,
+    clear_checkpoints,
+    fingerprint,
+    log_epoch,
+    new_state,
+    restore_rng_state,
+    resume_state,
+)
 from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
@@ -33,6 +40,7 @@ from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
+
 
 @dataclass
 class CaptionSet:
@@ -236,8 +244,9 @@ def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingD
 
 def open_live(live_dir: Path):
     """DVCLive logger that leaves dvc.yaml alone (our dvc.yaml declares its files itself)."""
-    from dvclive import Live
     from scmrepo.exceptions import SCMError
+
+    from dvclive import Live
 
     try:
         return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, monitor_system=False)

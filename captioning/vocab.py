@@ -6,8 +6,8 @@ frequency, then alphabetically, so the same captions always give the same ids.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class Vocabulary:
         return len(self.itos)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int) -> Vocabulary:
         """Keep words seen at least `min_count` times; rarer ones become <unk>."""
         counts = Counter(word for caption in captions for word in tokenize(caption))
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
@@ -66,5 +66,5 @@ class Vocabulary:
         files.write_json(path, {"words": self.itos})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         return cls(files.read_json(path)["words"])

@@ -2,7 +2,7 @@
 # One-time (and idempotent) set-up on a fresh Debian machine with Python 3.11:
 #   a local virtual environment from the pinned requirements, Java for METEOR where it can be
 #   installed, the offline demo dataset, and the offline page template for `dvc plots show`.
-#   `--dev` adds the test tools (and Chromium, which the offline-plots test renders pages in).
+#   `--dev` adds the test and lint tools (and Chromium, which the offline-plots test renders pages in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +21,13 @@ fi
 [ -n "$python" ] || { echo "error: Python 3.11 is needed (apt-get install python3.11 python3.11-venv, or set PYTHON=...)" >&2; exit 2; }
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-# Reinstall only when the pinned requirements change.
-stamp=".venv/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$(basename $requirements .txt)"
+# Reinstall only when the pinned requirements or the package's metadata change. The package itself is
+# installed editable (the `captioning` command, importable from anywhere) with --no-deps: its
+# dependencies are exactly the pinned requirements just installed.
+stamp=".venv/.installed-$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)-$(basename $requirements .txt)"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   touch "$stamp"
 fi
 

@@ -11,7 +11,8 @@ from captioning.plots import image_grid, learning_curves, read_live_history, wit
 
 def main() -> None:
     params = read_params("data.images", "plot")
-    images_dir, n_samples, grid = Path(params["data"]["images"]), params["plot"]["n_samples"], params["plot"]["grid_size"]
+    images_dir = Path(params["data"]["images"])
+    n_samples, grid = params["plot"]["n_samples"], params["plot"]["grid_size"]
     layout.require(layout.CAPTIONS_TABLE, layout.PREDICTIONS, layout.LIVE_DIR)
 
     captions = pd.read_parquet(layout.CAPTIONS_TABLE)
@@ -31,7 +32,8 @@ def main() -> None:
     shown = [(images_dir / row.image,
               with_references(row.generated, list(row.references), f"  (CIDEr {row.cider:.2f})"))
              for row in extremes.itertuples()]
-    image_grid(shown, layout.PLOTS_DIR / "best_worst.png", columns=6, title="6 best (top) and 6 worst (bottom) test images by CIDEr")
+    image_grid(shown, layout.PLOTS_DIR / "best_worst.png", columns=6,
+               title="6 best (top) and 6 worst (bottom) test images by CIDEr")
     print(f"plots written to {layout.PLOTS_DIR}/")
 
 

@@ -1,78 +1,33 @@
-"""Shared fixtures: a tiny copy of the project to run the real `dvc repro` in, and the real data."""
+"""Shared fixtures: a tiny `dvc repro` of the demo project and the real data. The helpers the tests and
+benchmarks share are in tests/helpers.py and captioning/tiny_project.py, not here."""
 from __future__ import annotations
 
+import inspect
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "captioning", ".dvcignore")
+from captioning.tiny_project import make_project, run
 
-# Small enough for CI on 2 cores: 64 px images, 16-unit LSTMs, 2 epochs.
-TINY_PARAMS = {
-    "demo": {"n_images": 60, "image_size": 64},
-    "features": {"image_size": 64, "batch_size": 16},
-    "train": {"epochs": 2, "batch_size": 16, "units": 16, "min_count": 1},
-    "decode": {"batch_size": 64},
-    "plot": {"n_samples": 2, "grid_size": 4},
-}
+# A test that runs a whole `dvc repro` (no stage named), itself or through a fixture (even indirectly),
+# must be marked slow.
+REPRO_FIXTURES = ("demo_run",)
+WHOLE_REPRO = '["dvc", "repro"]'
 
 
-def tool_env() -> dict:
-    """The environment with this interpreter's bin folder first, so `dvc` and `python` are the venv's."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+def runs_whole_repro(item) -> bool:
+    if any(name in REPRO_FIXTURES for name in item.fixturenames):
+        return True
+    function = getattr(item, "function", None)
+    return function is not None and WHOLE_REPRO in inspect.getsource(function)
 
 
-def run(args, cwd, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
-                             f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
-    return result
-
-
-def merge(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
-def make_project(dest: Path, params: dict | None = None, demo: bool = True) -> Path:
-    """Copy the pipeline into `dest` as its own git + DVC repo with tiny params; generate the demo."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        source = PROJECT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, dest / name)
-    values = merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
-    values = merge(values, params or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    (dest / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
-    run(["git", "init", "-q"], dest)
-    run(["git", "config", "user.email", "tests@example.com"], dest)
-    run(["git", "config", "user.name", "tests"], dest)
-    run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "core.analytics", "false"], dest)
-    if demo:
-        run([sys.executable, "-m", "captioning", "demo"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "tiny project"], dest)
-    return dest
-
-
-def set_params(project: Path, changes: dict) -> None:
-    path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), changes), sort_keys=False))
+def pytest_collection_modifyitems(items):
+    """Refuse to run a test that needs a whole `dvc repro` without the `slow` marker."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None and runs_whole_repro(item)]
+    if unmarked:
+        raise pytest.UsageError(f"mark these @pytest.mark.slow, they run a whole `dvc repro`: {', '.join(unmarked)}")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ class Recorder:
         self.threads.add(threading.get_ident())
         if self.fail:
             raise RuntimeError("model broke")
-        return [(item * 10, options["beam"]) for item, options in zip(items, settings)]
+        return [(item * 10, options["beam"]) for item, options in zip(items, settings, strict=True)]
 
 
 def run_burst(recorder, n: int, max_batch: int, max_wait_s: float):

@@ -6,7 +6,7 @@ import yaml
 
 from captioning.bundle import decode_settings, save_decode_settings, with_overrides
 from captioning.errors import UserError
-from conftest import PROJECT
+from captioning.tiny_project import PROJECT
 
 
 @pytest.fixture

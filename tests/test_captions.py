@@ -45,7 +45,7 @@ def token_file(folder: Path, lines, name: str = "captions.token.txt") -> Path:
 
 
 def rows(table: pd.DataFrame) -> list[tuple]:
-    return list(zip(table["image"], table["caption_number"], table["raw_caption"]))
+    return list(zip(table["image"], table["caption_number"], table["raw_caption"], strict=True))
 
 
 def assert_counts_add_up(report: dict) -> None:

@@ -83,7 +83,7 @@ def check(path, images, good: dict, n_lines: int, n_skipped: int):
             load_captions(path, images, max_skipped_fraction=1.0)
         return None
     table, report = load_captions(path, images, max_skipped_fraction=1.0)
-    assert list(zip(table["image"], table["caption_number"], table["raw_caption"])) == \
+    assert list(zip(table["image"], table["caption_number"], table["raw_caption"], strict=True)) == \
         [(image, number, raw) for (image, number), raw in sorted(kept.items())]
     assert list(table["caption"]) == [clean_caption(raw) for _, raw in sorted(kept.items())]
     assert report["lines_read"] == n_lines

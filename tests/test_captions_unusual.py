@@ -38,7 +38,7 @@ def parse(tmp_path: Path, images: Path, name: str, data: bytes, **options):
 
 
 def captions_of(table) -> list[tuple]:
-    return list(zip(table["image"], table["caption_number"], table["raw_caption"]))
+    return list(zip(table["image"], table["caption_number"], table["raw_caption"], strict=True))
 
 
 # ----------------------------------------------------------------------------------------- encodings
@@ -66,7 +66,8 @@ def test_a_whole_cp1252_kaggle_file_keeps_every_caption(tmp_path, images):
     text = 'image,caption\na.jpg,A dog in a café .\na.jpg,"A long caption\nthat goes on, naïvely ."\nb.jpg,A cat .\n'
     table, report = parse(tmp_path, images, "captions.txt", text.encode("cp1252"))
     assert report["format"] == "kaggle_csv" and report["skipped"] == []
-    assert captions_of(table) == [("a.jpg", 0, "A dog in a café ."), ("a.jpg", 1, "A long caption\nthat goes on, naïvely ."),
+    assert captions_of(table) == [("a.jpg", 0, "A dog in a café ."),
+                                  ("a.jpg", 1, "A long caption\nthat goes on, naïvely ."),
                                   ("b.jpg", 0, "A cat .")]
     # a row spanning lines is listed by its first line, even when only a later line needed the fallback
     assert report["decoded_as_cp1252"] == {"count": 2, "lines": ["line 2", "line 3"]}
@@ -128,7 +129,8 @@ def linked_lists_pickle(depth: int) -> bytes:
 
 def test_a_deep_chain_the_nesting_check_cannot_see_is_a_skipped_item(tmp_path, images):
     table, report = parse(tmp_path, images, "c.pkl", linked_lists_pickle(100_000))
-    assert captions_of(table) == [("a.jpg", 0, "A dog runs ."), ("a.jpg", 1, "A brown dog ."), ("b.jpg", 0, "A cat sleeps .")]
+    assert captions_of(table) == [("a.jpg", 0, "A dog runs ."), ("a.jpg", 1, "A brown dog ."),
+                                  ("b.jpg", 0, "A cat sleeps .")]
     assert [s["line"] for s in report["skipped"]] == ["item 0"]
     assert len(report["skipped"][0]["text"]) <= 200
 

@@ -6,22 +6,20 @@ is imported, so each takes about a second. The caption cases reuse the session's
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import stages_env
 from PIL import Image
 
-from conftest import PROJECT, tool_env
+from captioning.tiny_project import PROJECT
 
 
 def run_cli(args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = tool_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
-    env["KERAS_HOME"] = str(tmp_path / "keras_home")  # no cached ImageNet weights: offline for real
+    env = stages_env(KERAS_HOME=str(tmp_path / "keras_home"))  # no cached ImageNet weights: offline for real
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -137,6 +135,27 @@ def test_caption_before_any_model(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
     result = run_cli(["captioning", "caption", "a.jpg"], tmp_path, tmp_path)
     assert_clear_failure(result, "no trained model in data/model", "dvc repro", "--model-dir")
+
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "captioning"  # installed by pyproject.toml's [project.scripts]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["caption", "a.jpg"], "no trained model in data/model"),
+    (["demo", "--params", "absent.yaml"], "absent.yaml"),
+    (["--help"], None),
+])
+def test_console_script_is_python_m_captioning(tmp_path, args, error):
+    """`captioning ...` prints and exits exactly like `python -m captioning ...`, one-line errors included."""
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    results = [subprocess.run([*command, *args], cwd=tmp_path, env=stages_env(), capture_output=True, text=True,
+                              timeout=120) for command in ([str(CONSOLE_SCRIPT)], [sys.executable, "-m", "captioning"])]
+    script, module = results
+    assert (script.returncode, script.stdout, script.stderr) == (module.returncode, module.stdout, module.stderr)
+    if error:
+        assert_clear_failure(script, error)
+    else:
+        assert script.returncode == 0 and "caption" in script.stdout
 
 
 @pytest.mark.slow

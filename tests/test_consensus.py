@@ -7,7 +7,8 @@ from captioning.consensus import NgramStatistics, consensus_index
 REFERENCES = {
     "a.jpg": ["a red circle .", "a picture of a red circle .", "there is a red circle on a white background ."],
     "b.jpg": ["two blue squares .", "a pair of blue square shapes .", "two blue squares on a black background ."],
-    "c.jpg": ["three green triangles .", "a photo of three green triangles .", "three green triangles on a white background ."],
+    "c.jpg": ["three green triangles .", "a photo of three green triangles .",
+              "three green triangles on a white background ."],
 }
 CANDIDATES = {"a.jpg": "a red circle on a white background", "b.jpg": "two blue squares",
               "c.jpg": "a picture of three green triangles"}
@@ -47,7 +48,8 @@ def test_consensus_picks_the_caption_the_others_agree_with():
     log_probs = np.log([0.3, 0.25, 0.25, 0.2])
     chosen = consensus_index(captions, log_probs, statistics)
     assert captions[chosen] != captions[0]
-    gains = [sum(p * statistics.cider(c, [o]) for p, o in zip(np.exp(log_probs), captions)) for c in captions]
+    probabilities = np.exp(log_probs)
+    gains = [sum(p * statistics.cider(c, [o]) for p, o in zip(probabilities, captions, strict=True)) for c in captions]
     assert chosen == int(np.argmax(gains))  # the definition: highest probability-weighted CIDEr-D
     # Identical captions tie: the more probable one wins, as in plain beam search.
     assert consensus_index(["a red circle", "a red circle"], np.log([0.4, 0.6]), statistics) == 1

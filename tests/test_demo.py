@@ -11,8 +11,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from captioning.demo import (COLOURS, COUNTS, GENERATOR_VERSION, MANIFEST, NUMBER_WORDS, SHAPE_ADJECTIVES, SHAPES,
-                             captions_for, check_not_stale, generate_demo, plan_scenes)
+from captioning.demo import (
+    COLOURS,
+    COUNTS,
+    GENERATOR_VERSION,
+    MANIFEST,
+    NUMBER_WORDS,
+    SHAPE_ADJECTIVES,
+    SHAPES,
+    captions_for,
+    check_not_stale,
+    generate_demo,
+    plan_scenes,
+)
 from captioning.errors import UserError
 from captioning.text import tokenize
 

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import stages_env
 
 from captioning import files
-from conftest import PROJECT, tool_env
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
 TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,
@@ -77,8 +77,8 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     processes = []
     for index, project in enumerate(projects):
         write_inputs(project, "multi_worker")
-        env = {**tool_env(), "PYTHONPATH": str(PROJECT), "CUDA_VISIBLE_DEVICES": "",
-               "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
         log = open(project / "log.txt", "w")
         processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
                                           cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -94,7 +94,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
                 process.kill()
                 process.wait()
     logs = [(project / "log.txt").read_text() for project in projects]
-    for process, log in zip(processes, logs):
+    for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-4000:]
     assert "worker 0 of 2 workers (chief), 2 replicas in all" in logs[0]
     assert "worker 1 of 2 workers, 2 replicas in all" in logs[1]
@@ -102,7 +102,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     chief, other = ([np.load(project / "weights.npz")[f"arr_{i}"] for i in range(len(np.load(project / "weights.npz")))]
                     for project in projects)
     assert len(chief) == len(other) > 10
-    for mine, theirs in zip(chief, other):
+    for mine, theirs in zip(chief, other, strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
     chief_dir, other_dir = projects
@@ -116,7 +116,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
 
     from captioning.model import keras  # registers the custom loss and metric the model file names
     saved = keras.models.load_model(chief_dir / "data/model/model.keras").get_weights()
-    for mine, theirs in zip(chief, saved):
+    for mine, theirs in zip(chief, saved, strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
 
@@ -148,7 +148,7 @@ def test_mirrored_on_cpu_trains_exactly_like_default(default_run, tmp_path):
     metrics, weights = run_in_process(tmp_path, "mirrored")
     assert metrics["epochs"] == 1
     assert without_timing(metrics) == without_timing(default_run[0])
-    for mine, theirs in zip(weights, default_run[1]):
+    for mine, theirs in zip(weights, default_run[1], strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
 
@@ -173,7 +173,7 @@ def test_mirrored_with_two_replicas_learns_like_one(default_run, tmp_path):
     params["train"].update(epochs=1, dropout=0.0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, "-c", TWO_REPLICAS], cwd=tmp_path, capture_output=True, text=True,
-                            env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=150)
+                            env=stages_env(), timeout=150)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "strategy mirrored: 2 local replica(s); global batch 16" in result.stdout
     metrics, expected = json.loads((tmp_path / "metrics/train.json").read_text()), default_run[0]

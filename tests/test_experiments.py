@@ -8,11 +8,11 @@ DVC's cache: otherwise every experiment shows `!` for its metrics and nothing to
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
+from helpers import copy_project
 
-from conftest import run
+from captioning.tiny_project import run
 
 EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
 SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view
@@ -29,8 +29,7 @@ def experiments_by_name(show: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_queued_experiments_are_compared(demo_run, tmp_path):
-    project = tmp_path / "project"
-    shutil.copytree(demo_run, project, symlinks=True)  # the shared run stays untouched
+    project = copy_project(demo_run, tmp_path / "project")  # the shared run stays untouched
     # Experiments start from a commit: commit the finished `dvc repro` (dvc.lock, metrics, curves).
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from captioning import files
+from captioning.backbones import make_spec
 from captioning.errors import UserError
 from captioning.extract_ray import RayEngine
-from captioning.backbones import make_spec
 from captioning.features import extract_features
-from tests.conftest import make_project, set_params, tool_env
+from captioning.tiny_project import make_project, set_params, tool_env
 
 pytestmark = pytest.mark.slow
 SPEC = make_spec("random", 0, 64, "float32")

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from helpers import stages_env
 
 from captioning.__main__ import _parser
 from captioning.scoring import score_captions
-from conftest import PROJECT
+from captioning.tiny_project import PROJECT
 
 STAGE_MODULES = sorted(stage["cmd"].split()[-1] for stage in
                        yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].values())
@@ -26,8 +27,8 @@ def no_tensorflow(tmp_path_factory):
     fake = tmp_path_factory.mktemp("fake_modules")
     (fake / "tensorflow").mkdir()
     (fake / "tensorflow" / "__init__.py").write_text("raise ImportError('--help imported TensorFlow')\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(fake), str(PROJECT)])
+    env = stages_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), env["PYTHONPATH"]])
     return env
 
 

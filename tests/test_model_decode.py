@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from captioning.decode import Captioner
-from captioning.model import MaskedAccuracy, NUM_LSTM_LAYERS, build_decoder, compile_decoder, make_optimizer, masked_loss
+from captioning.model import (
+    NUM_LSTM_LAYERS,
+    MaskedAccuracy,
+    build_decoder,
+    compile_decoder,
+    make_optimizer,
+    masked_loss,
+)
 from captioning.tf_setup import keras, seed_everything
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
@@ -93,7 +100,10 @@ def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
     vocab = captioner.vocab
     with pytest.raises(UserError, match="rerank: none"):  # no n-gram statistics: say so, don't guess
         captioner.caption_ids(features, method="beam", rerank="consensus")
-    ids = lambda text: ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
+
+    def ids(text: str) -> list[int]:
+        return ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
+
     beams = np.array([ids("a red square"),         # most probable, shares little with the others
                       ids("a red circle"),         # the caption the others agree with
                       ids("a red circle circle"),

@@ -5,9 +5,10 @@ import shutil
 
 import nbformat
 import pytest
+from helpers import copy_project
 from nbclient import NotebookClient
 
-from conftest import PROJECT
+from captioning.tiny_project import PROJECT
 
 NOTEBOOK = PROJECT / "notebooks" / "captioning.ipynb"
 
@@ -23,7 +24,7 @@ def test_notebook_is_stored_without_outputs():
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom(demo_run, tmp_path):
     project = tmp_path / "project"
-    shutil.copytree(demo_run, project, symlinks=True)  # the shared run stays untouched
+    copy_project(demo_run, project)  # the shared run stays untouched
     (project / "notebooks").mkdir()
     shutil.copy2(NOTEBOOK, project / "notebooks")
     notebook = nbformat.read(project / "notebooks" / NOTEBOOK.name, as_version=4)

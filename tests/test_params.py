@@ -6,7 +6,7 @@ import yaml
 
 from captioning.errors import UserError
 from captioning.params import SCHEMA, read_params
-from conftest import PROJECT
+from captioning.tiny_project import PROJECT
 
 
 def write(tmp_path, params: dict):

@@ -12,18 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import copy_project, stages_run
 from PIL import Image
 
 from captioning.demo import draw_scene, plan_scenes
 from captioning.scoring import METRIC_KEYS
-from conftest import make_project, run, set_params, tool_env
+from captioning.tiny_project import make_project, run, set_params, tool_env
 
 STAGES = ("parse_pickle", "split", "extract_resnet_features", "train_lstm", "evaluate", "plot")
 TIMING_KEYS = ("train_seconds", "decode_images_per_second")
-
-
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+pytestmark = pytest.mark.slow  # every test here runs or reads a whole `dvc repro`
 
 
 def metrics_without_timing(project: Path) -> dict:
@@ -32,11 +30,6 @@ def metrics_without_timing(project: Path) -> dict:
         data = json.loads((project / "metrics" / f"{name}.json").read_text())
         values[name] = {k: v for k, v in data.items() if k not in TIMING_KEYS}
     return values
-
-
-def copy_project(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest, symlinks=True)
-    return dest
 
 
 def test_outputs_of_a_full_run(demo_run):
@@ -84,7 +77,7 @@ def test_caption_command_gives_evaluates_caption(demo_run):
     images = [str(demo_run / "data/demo/images" / name) for name in predictions["image"]]
     result = run([sys.executable, "-m", "captioning", "caption", *images], demo_run)
     printed = dict(line.split("\t") for line in result.stdout.splitlines())
-    assert printed == dict(zip(images, predictions["generated"]))
+    assert printed == dict(zip(images, predictions["generated"], strict=True))
 
 
 def test_caption_command_on_new_and_bad_images(demo_run, tmp_path):

@@ -29,7 +29,7 @@ from PIL import Image
 
 from captioning.errors import UserError
 from captioning.offline_plots import CONFIG_VALUE, TEMPLATE_PATH, render_template
-from conftest import run
+from captioning.tiny_project import run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg"}
 LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")

@@ -47,7 +47,7 @@ def token_parse(data, images):
 
 
 def key_rows(table: pd.DataFrame) -> list[tuple]:
-    return list(zip(table["image"], table["caption_number"], table["raw_caption"], table["caption"]))
+    return list(zip(table["image"], table["caption_number"], table["raw_caption"], table["caption"], strict=True))
 
 
 def assert_token_counts(report: dict, table: pd.DataFrame, bogus_sources: list[str]) -> None:
@@ -104,7 +104,7 @@ def _by_image(lines: list[str]) -> dict[str, list[str]]:
 
 
 def _dataframe(lines: list[str]) -> pd.DataFrame:
-    keys, captions = zip(*(line.split("\t") for line in lines))
+    keys, captions = zip(*(line.split("\t") for line in lines), strict=True)
     return pd.DataFrame({"image": [key.rpartition("#")[0] for key in keys], "caption": captions})
 
 

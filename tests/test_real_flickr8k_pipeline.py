@@ -17,9 +17,9 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from helpers import stages_run
 
-from conftest import PROJECT, make_project, run, set_params
-from test_pipeline import stages_run
+from captioning.tiny_project import PROJECT, make_project, run, set_params
 
 LINES, NAMES, PHOTOS = 40460, 8092, 809
 BOGUS = "2258277193_586949ec62.jpg.1"

@@ -6,10 +6,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import PROJECT, run, tool_env
+from captioning.tiny_project import PROJECT, run, tool_env
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -85,7 +85,7 @@ def test_health_names_the_model(server, demo_run):
 
 def test_gives_evaluates_caption_alone_and_in_one_request(server, demo_run, test_images):
     paths = [demo_run / "data/demo/images" / name for name in test_images["image"]]
-    for path, expected in zip(paths, test_images["generated"]):
+    for path, expected in zip(paths, test_images["generated"], strict=True):
         answer = post_files(server[0], [path]).json()
         (image,) = answer["images"]
         assert image["caption"] == expected

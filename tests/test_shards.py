@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from captioning.shards import SHARD_FILE, merge_shards, shard_images
 from PIL import Image
 
 from captioning import files
 from captioning.errors import UserError
-from captioning.shards import SHARD_FILE, merge_shards, shard_images
-from conftest import PROJECT, tool_env
+from captioning.tiny_project import tool_env
 
 SIZE = 32
 SETTINGS = {"weights": "random", "seed": 0, "image_size": SIZE, "precision": "float32", "backbone": "resnet50"}
@@ -39,9 +39,10 @@ def write_images(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One extraction of all images, and the same images as two shards (with another batch size)."""
+    from captioning.shards import extract_shard
+
     from captioning.backbones import make_spec
     from captioning.features import extract_features
-    from captioning.shards import extract_shard
 
     root = tmp_path_factory.mktemp("shards")
     images = write_images(root / "images")
@@ -60,7 +61,7 @@ def project_with(root, images) -> None:
 
 def merge_command(root, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captioning", "merge-features", *map(str, args)], cwd=root,
-                          capture_output=True, text=True, env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=120)
+                          capture_output=True, text=True, env=tool_env(), timeout=120)
 
 
 def test_two_shards_merged_equal_one_run(runs):
@@ -106,8 +107,9 @@ def test_merge_refuses_an_incomplete_or_mixed_set(runs, tmp_path):
 
 
 def test_a_shard_of_only_bad_images_still_merges(runs, tmp_path):
-    from captioning.backbones import make_spec
     from captioning.shards import extract_shard
+
+    from captioning.backbones import make_spec
 
     root, _ = runs
     images = ["img00.jpg", "notes.jpg", "img01.jpg"]  # shard 1 of 2 is notes.jpg alone
@@ -131,7 +133,7 @@ def test_extract_shard_command_reads_the_project(runs, tmp_path):
         {"data": {"images": str(root / "images")}, "features": {**SETTINGS, "batch_size": 4}}))
     result = subprocess.run([sys.executable, "-m", "captioning", "extract-shard", "--index", "1", "--count", "2",
                              "--out", "part"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**tool_env(), "PYTHONPATH": str(PROJECT)}, timeout=300)
+                            env=tool_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "shard 1 of 2: 5 images" in result.stdout
     assert files.read_json(tmp_path / "part" / SHARD_FILE)["index"] == 1

@@ -18,7 +18,8 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from err
     except RecursionError as err:
-        raise UserError(f"{path}: the JSON nests arrays or objects too deep to read; COCO captions need 3 levels.") from err
+        raise UserError(f"{path}: the JSON nests arrays or objects too deep to read; "
+                        "COCO captions need 3 levels.") from err
     if _deeper_than(document, MAX_NESTING):  # json.dumps of a part, below, would recurse as deep
         raise UserError(f"{path}: the JSON nests arrays or objects more than {MAX_NESTING} levels deep; "
                         "COCO captions need 3.")

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from captioning.captions.records import (NAME_WITH_NUMBER, Record, as_text, byte_lines, fallback_encoding,
-                                         pair_record, short_repr, str_lines)
+from captioning.captions.records import (
+    NAME_WITH_NUMBER,
+    Record,
+    as_text,
+    byte_lines,
+    fallback_encoding,
+    pair_record,
+    short_repr,
+    str_lines,
+)
 from captioning.captions.token_text import text_records, token_record
 from captioning.errors import UserError
 
@@ -138,7 +146,7 @@ def _dataframe_records(frame, path: Path) -> list[Record]:
     numbers = frame[number_column].tolist() if number_column is not None else [None] * len(frame)
     records = []
     for i, (image, caption, number) in enumerate(zip(frame[image_column].tolist(),
-                                                     frame[caption_column].tolist(), numbers)):
+                                                     frame[caption_column].tolist(), numbers, strict=True)):
         text = {"image": image, "caption": caption}
         if number is not None and not _is_whole_number(number):
             problem = f"caption number {number!r} is not a non-negative integer"
