@@ -244,9 +244,8 @@ def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingD
 
 def open_live(live_dir: Path):
     """DVCLive logger that leaves dvc.yaml alone (our dvc.yaml declares its files itself)."""
-    from scmrepo.exceptions import SCMError
-
     from dvclive import Live
+    from scmrepo.exceptions import SCMError
 
     try:
         return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, monitor_system=False)
