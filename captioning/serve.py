@@ -176,13 +176,20 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     return app
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's own default
+
+
 def listen(host: str, port: int) -> socket.socket:
-    """Bind before loading anything, so a taken port fails at once with one line; port 0 = any free one."""
+    """Bind before loading anything, so a taken port fails at once with one line; port 0 = any free one.
+
+    The socket listens at once: a client that connects after the "serving" line but before uvicorn's
+    event loop has started waits in the kernel's queue instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError as err:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); "

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -214,6 +215,19 @@ def test_a_missing_model_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no trained model in {tmp_path / 'none'}: run "
                                                   "`dvc repro` first (or pass --model-dir)."]
+
+
+def test_the_port_takes_connections_as_soon_as_it_is_announced():
+    """The "serving" line comes before uvicorn's loop runs; a client that connects then must be queued, not
+    refused (CI once saw ECONNREFUSED on the first request)."""
+    from captioning.serve import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname(), timeout=5):
+            pass  # nobody has called accept(): only a listening socket lets this through
+    finally:
+        sock.close()
 
 
 def test_sigterm_stops_it_cleanly(server):
