@@ -2,25 +2,24 @@
 (features.backbone: ResNet-50 by default, or EfficientNet-Lite0)."""
 from captioning import layout
 from captioning.errors import run_stage
-from captioning.params import read_params
+from captioning.params import read_params, read_section
 
 
 def main() -> None:
-    params = read_params("data.images", "features")
-    options = params["features"]
+    images_dir = read_params("data.images")["data"]["images"]
+    options = read_section("features")
     layout.require(layout.IMAGE_LIST)
     from captioning.backbones import make_spec  # TensorFlow only past the checks above
     from captioning.features import extract_features
 
-    spec = make_spec(options["weights"], options["seed"], options["image_size"], options["precision"],
-                     options["backbone"])
+    spec = make_spec(options.weights, options.seed, options.image_size, options.precision, options.backbone)
     images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
     engine = None
-    if options["engine"] == "ray":
+    if options.engine == "ray":
         from captioning.extract_ray import RayEngine
 
-        engine = RayEngine(spec, options["batch_size"], options["ray_address"])
-    report = extract_features(images, params["data"]["images"], layout.FEATURES_DIR, spec, options["batch_size"],
+        engine = RayEngine(spec, options.batch_size, options.ray_address)
+    report = extract_features(images, images_dir, layout.FEATURES_DIR, spec, options.batch_size,
                               compute_rows=engine, engine_report=engine.summary if engine else None)
     on = f", on Ray: {report['engine']['workers']} workers" if engine else ""
     print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s{on}, "
