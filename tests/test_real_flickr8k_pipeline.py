@@ -1,6 +1,6 @@
 """The real pipeline (`dvc repro`) on real Flickr8k files from $FLICKR8K_DIR: pickles of the real token
 file, the official split files, the 809 real photos, EfficientNet-Lite0 with its ImageNet weights and
-the default decoder: the product as a user with real photos runs it offline.
+the README's "Real photos" settings: the product as a user with real photos runs it offline.
 
 Facts checked (shared/flickr8k/SOURCES.md): 40460 lines, 8092 image names including the bogus
 `2258277193_586949ec62.jpg.1` (lines 6731-6735, no photo), 809 photos found, and every caption of a
@@ -42,12 +42,13 @@ SHAPES = {  # file name -> object pickled from the token file's lines
 
 
 DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
-# The README's "Real photos" settings (a wider decoder with more dropout, the best epoch kept, early stop).
+# The README's "Real photos" settings (a wider decoder with more dropout, the best epoch kept, early stop,
+# no word pair twice in a caption).
 REAL_TRAIN = {**DEFAULTS["train"], "units": 256, "dropout": 0.5, "epochs": 15, "patience": 4}
 REAL_PHOTOS = {
     "features": {**DEFAULTS["features"], "backbone": "efficientnet_lite0", "weights": "imagenet"},
     "train": {**REAL_TRAIN, "epochs": 1},  # the official split cannot be evaluated: one epoch will do
-    "decode": DEFAULTS["decode"],
+    "decode": {**DEFAULTS["decode"], "no_repeat_ngram": 2},
 }
 
 
