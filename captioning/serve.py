@@ -176,7 +176,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     return app
 
 
-LISTEN_BACKLOG = 2048  # uvicorn's own default
+LISTEN_BACKLOG = 2048  # queued connections; uvicorn is given the same value, as it listens on the socket again
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -206,5 +206,6 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
           flush=True)
-    config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log)
+    config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log,
+                            backlog=LISTEN_BACKLOG)
     uvicorn.Server(config).run(sockets=[sock])
