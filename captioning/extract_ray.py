@@ -103,7 +103,7 @@ class RayEngine:
             ray_remote_args_fn=lambda: {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
         done = np.zeros(len(paths), dtype=bool)
         errors: dict[int, str] = {}
-        with tqdm(total=len(paths), desc=f"ResNet-50 features (Ray, {self.workers} workers)", unit="img",
+        with tqdm(total=len(paths), desc=f"{self.spec.backbone} features (Ray, {self.workers} workers)", unit="img",
                   disable=not self.progress) as bar:
             for block in _stream(ray, dataset):
                 rows = block["row"].astype(np.int64)
