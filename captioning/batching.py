@@ -83,3 +83,24 @@ class DynamicBatcher:
             for (_, _, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+def allowed_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The few batch sizes a pass runs at (TF Serving's `allowed_batch_sizes`): powers of two from 2,
+    then `max_batch`. TensorFlow and oneDNN keep kernels and buffers for every input shape they meet,
+    so a server fed each size from 1 to 16 grows by ~200 MB as it meets them; padded to these
+    sizes, and each met once at start, it stays flat. 1 is left out: a batch of one takes other
+    kernels than evaluate's batches (see features.FeatureComputer.forward)."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    sizes = {max(max_batch, 2)}
+    size = 2
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def padded_size(n: int, sizes: Sequence[int]) -> int:
+    """The smallest allowed size that holds n rows; n itself when n is over them all."""
+    return next((size for size in sizes if size >= n), n)

@@ -16,6 +16,7 @@ import numpy as np
 
 from captioning import files
 from captioning.backbones import build_backbone
+from captioning.batching import allowed_batch_sizes, padded_size
 from captioning.bundle import check_bundle
 from captioning.decode import NEG_INF, Captioner
 from captioning.feature_files import BackboneSpec
@@ -37,12 +38,18 @@ class Decoded:
 
 
 class LoadedCaptioner:
-    """Backbone + Captioner + decode settings, loaded once; `caption(pixels)` any number of times."""
+    """Backbone + Captioner + decode settings, loaded once; `caption(pixels)` any number of times.
 
-    def __init__(self, model_dir: Path, settings: dict):
+    Every pass is padded to one of `batch_sizes` (batching.allowed_batch_sizes(max_batch)), so a long
+    running server meets only those shapes and its memory stays flat; padding rows are repeats of the
+    last image, and batches of 2 or more give every row the same bits whatever the batch size.
+    """
+
+    def __init__(self, model_dir: Path, settings: dict, max_batch: int = 16):
         check_bundle(model_dir)
         self.model_dir = Path(model_dir)
         self.settings = dict(settings)
+        self.batch_sizes = allowed_batch_sizes(max_batch)
         self.backbone, self.spec = load_backbone(model_dir)
         self._forward = FeatureComputer(self.backbone, self.spec.image_size).forward
         self.captioner = Captioner.load(model_dir)
@@ -56,20 +63,25 @@ class LoadedCaptioner:
         return {"model_dir": str(self.model_dir), "backbone": self.spec.to_json(), "decode": self.settings}
 
     def warm_up(self) -> None:
-        """Trace the forward pass and the decoder once, so the first request is not the slow one; a
-        model that cannot decode with its settings (consensus without statistics) fails here."""
-        pixels = np.zeros((2, self.image_size, self.image_size, 3), np.uint8)
-        self.captioner.caption_ids(self.features(pixels), **self.settings)
-        self.decode(self.features(pixels[:1]), self.settings)
+        """Run the forward pass and the decoder once at every allowed batch size, so no request is the
+        slow first one and memory is at its plateau from the start; a model that cannot decode with its
+        settings (consensus without statistics) fails here."""
+        for size in self.batch_sizes:
+            pixels = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
+            self.decode(self.features(pixels), self.settings)
+
+    def _padded(self, rows: np.ndarray) -> np.ndarray:
+        extra = padded_size(len(rows), self.batch_sizes) - len(rows)
+        return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)]) if extra else rows
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        return self._forward(np.asarray(pixels, np.uint8)).numpy()
+        pixels = np.asarray(pixels, np.uint8)
+        return self._forward(self._padded(pixels)).numpy()[:len(pixels)]
 
     def decode(self, features: np.ndarray, settings: dict) -> list[Decoded]:
         """One batched decode; the caption is the one `Captioner.caption_ids` picks, the beams beside it."""
-        lone = len(features) == 1
-        if lone:  # as in FeatureComputer.forward: a batch of one may take other kernels than evaluate's batches
-            features = np.concatenate([features, features])
+        count = len(features)
+        features = self._padded(features)
         if settings["method"] == "greedy":
             ids = self.captioner.caption_ids(features, method="greedy", max_length=settings["max_length"],
                                              no_repeat_ngram=settings["no_repeat_ngram"])
@@ -79,7 +91,7 @@ class LoadedCaptioner:
             beams, scores = self.captioner.final_beams(features, settings["beam_size"], settings["max_length"],
                                                        settings["length_penalty"], settings["no_repeat_ngram"])
             out = [self._with_beams(b, s, settings["rerank"]) for b, s in zip(beams, scores, strict=True)]
-        return out[:1] if lone else out
+        return out[:count]
 
     def _with_beams(self, beams: np.ndarray, scores: np.ndarray, rerank: str) -> Decoded:
         chosen = self.captioner.vocab.decode(self.captioner.choose_beam(beams, scores, rerank))
@@ -118,7 +130,7 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
     """Return ([(source, caption)], [(source, error)]) for file paths and image URLs (fetched within
     `fetch_limits`, default FetchLimits())."""
     fetch_limits = fetch_limits or FetchLimits()
-    loaded = LoadedCaptioner(model_dir, settings)
+    loaded = LoadedCaptioner(model_dir, settings, max_batch=batch_size)
     results, errors, shown = [], [], []
     for start in range(0, len(sources), batch_size):
         good, pixels = [], []

@@ -201,7 +201,7 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     import uvicorn
 
     sock = listen(host, port)
-    loaded = LoadedCaptioner(model_dir, settings)
+    loaded = LoadedCaptioner(model_dir, settings, limits.max_batch)
     loaded.warm_up()
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from captioning.batching import DynamicBatcher
+from captioning.batching import DynamicBatcher, allowed_batch_sizes, padded_size
 
 
 class Recorder:
@@ -59,3 +59,12 @@ def test_a_failing_batch_fails_each_of_its_callers():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch=0)
+
+
+def test_allowed_batch_sizes_are_powers_of_two_then_the_maximum():
+    assert allowed_batch_sizes(16) == (2, 4, 8, 16)
+    assert allowed_batch_sizes(12) == (2, 4, 8, 12)
+    assert allowed_batch_sizes(1) == (2,)  # never 1: a lone image takes other kernels
+    assert [padded_size(n, (2, 4, 8, 16)) for n in (1, 2, 3, 5, 9, 16, 40)] == [2, 2, 4, 8, 16, 16, 40]
+    with pytest.raises(ValueError):
+        allowed_batch_sizes(0)

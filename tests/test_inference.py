@@ -1,0 +1,32 @@
+"""The loaded captioner in-process: every pass runs at an allowed batch size, and padding changes no caption."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from captioning.bundle import decode_settings
+from captioning.images import load_image
+from captioning.inference import LoadedCaptioner
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_pass_is_padded_to_an_allowed_size_and_keeps_evaluates_captions(demo_run):
+    model_dir = demo_run / "data/model"
+    loaded = LoadedCaptioner(model_dir, decode_settings(model_dir, demo_run / "data/decode.json"), max_batch=8)
+    seen = []
+    forward, final_beams = loaded._forward, loaded.captioner.final_beams
+    loaded._forward = lambda pixels: seen.append(("backbone", len(pixels))) or forward(pixels)
+    loaded.captioner.final_beams = lambda features, *args: seen.append(("decode", len(features))) or \
+        final_beams(features, *args)
+    predictions = pd.read_parquet(demo_run / "data/predictions.parquet")
+    assert len(predictions) >= 5, "the tiny demo's test split is too small for this test"
+    pixels = [load_image(demo_run / "data/demo/images" / name, loaded.image_size) for name in predictions["image"]]
+    expected = list(predictions["generated"])
+    for count in (1, 3, 5):  # none of them an allowed size
+        decoded = loaded.caption_many(pixels[:count], [loaded.settings] * count)
+        assert [d.caption for d in decoded] == expected[:count]
+    assert {size for _, size in seen} == {2, 4, 8}
+    assert [kind for kind, _ in seen] == ["backbone", "decode"] * 3
+    assert np.array_equal(loaded.features(np.stack(pixels[:3])), loaded.features(np.stack(pixels[:4]))[:3])
