@@ -122,10 +122,7 @@ class Captioner:
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
                     rerank: str = "none", no_repeat_ngram: int = 0, progress: bool = False) -> list[np.ndarray]:
-        if method == "beam" and rerank == "consensus" and self.statistics is None:
-            raise UserError(f"decode.rerank: consensus needs the training captions' n-gram statistics "
-                            f"({consensus.FILE_NAME} beside the model), and this model has none. Retrain it "
-                            "with `dvc repro`, or set decode.rerank: none.")
+        self.require_rerank_support(method, rerank)
         results = []
         with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
             for start in range(0, len(features), batch_size):
@@ -138,6 +135,13 @@ class Captioner:
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results
+
+    def require_rerank_support(self, method: str, rerank: str) -> None:
+        """Stop with one line, before any decoding, when these settings need statistics the model lacks."""
+        if method == "beam" and rerank == "consensus" and self.statistics is None:
+            raise UserError(f"decode.rerank: consensus needs the training captions' n-gram statistics "
+                            f"({consensus.FILE_NAME} beside the model), and this model has none. Retrain it "
+                            "with `dvc repro`, or set decode.rerank: none.")
 
     def final_beams(self, features, beam_size: int, max_length: int, length_penalty: float,
                     no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:

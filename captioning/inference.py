@@ -80,6 +80,7 @@ class LoadedCaptioner:
 
     def decode(self, features: np.ndarray, settings: dict) -> list[Decoded]:
         """One batched decode; the caption is the one `Captioner.caption_ids` picks, the beams beside it."""
+        self.captioner.require_rerank_support(settings["method"], settings["rerank"])
         count = len(features)
         features = self._padded(features)
         if settings["method"] == "greedy":

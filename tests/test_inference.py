@@ -1,6 +1,8 @@
 """The loaded captioner in-process: every pass runs at an allowed batch size, and padding changes no caption."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,3 +32,19 @@ def test_every_pass_is_padded_to_an_allowed_size_and_keeps_evaluates_captions(de
     assert {size for _, size in seen} == {2, 4, 8}
     assert [kind for kind, _ in seen] == ["backbone", "decode"] * 3
     assert np.array_equal(loaded.features(np.stack(pixels[:3])), loaded.features(np.stack(pixels[:4]))[:3])
+
+
+def test_consensus_without_statistics_stops_at_warm_up_with_one_line(demo_run, tmp_path):
+    from captioning.consensus import FILE_NAME
+    from captioning.errors import UserError
+
+    source = demo_run / "data/model"
+    settings = decode_settings(source, demo_run / "data/decode.json")
+    assert settings["rerank"] == "consensus"
+    model_dir = shutil.copytree(source, tmp_path / "model")
+    (model_dir / FILE_NAME).unlink()  # a model trained before the statistics were saved
+    loaded = LoadedCaptioner(model_dir, settings, max_batch=4)
+    with pytest.raises(UserError, match="rerank: none"):
+        loaded.warm_up()
+    pixels = np.zeros((1, loaded.image_size, loaded.image_size, 3), np.uint8)
+    assert loaded.caption(pixels, {**settings, "rerank": "none"})[0].caption  # the way out it names works
