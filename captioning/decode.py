@@ -41,13 +41,15 @@ class Captioner:
         no_end = np.zeros(len(vocab), np.float32)
         no_end[END_ID] = NEG_INF
         self.no_end = tf.constant(no_end)
-        # Fixed signatures with an unknown batch size: one trace serves every batch, and no loop
-        # variable changes its static shape between iterations.
+        # Fixed signatures with an unknown batch size: one trace serves every batch. The loops are
+        # explicit tf.while_loops and AutoGraph is off: AutoGraph rewrites Python loops from the source
+        # file, and when that fails (it did once in CI) it runs the loop unconverted, which cannot work.
         features = tf.TensorSpec([None, self.encoder.input_shape[-1]], tf.float32)
         scalar = tf.TensorSpec([], tf.int32)
-        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar, scalar])
+        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar, scalar], autograph=False)
         self._beam = tf.function(self._beam_ids, input_signature=[features, scalar, scalar,
-                                                                  tf.TensorSpec([], tf.float32), scalar])
+                                                                  tf.TensorSpec([], tf.float32), scalar],
+                                 autograph=False)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Captioner:
@@ -68,35 +70,26 @@ class Captioner:
         return tf.where(repeats, NEG_INF, log_probs), list(outputs[1:])
 
     def _greedy_ids(self, features, max_length: int, no_repeat_ngram: int):
-        states = self.encoder(features, training=False)
         batch = tf.shape(features)[0]
-        tokens = tf.fill([batch], START_ID)
-        done = tf.zeros([batch], tf.bool)
-        history = tf.zeros([batch, 0], tf.int32)
-        for t in tf.range(max_length):
-            tf.autograph.experimental.set_loop_options(shape_invariants=[(history, tf.TensorShape([None, None]))])
+
+        def step(t, tokens, states, done, history):
             log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0), history, no_repeat_ngram)
             tokens = tf.where(done, PAD_ID, tf.argmax(log_probs, axis=-1, output_type=tf.int32))
             history = tf.concat([history, tokens[:, None]], axis=1)
-            done = done | tf.equal(tokens, END_ID)
+            return t + 1, tokens, states, done | tf.equal(tokens, END_ID), history
+
+        start = (tf.constant(0), tf.fill([batch], START_ID), list(self.encoder(features, training=False)),
+                 tf.zeros([batch], tf.bool), tf.zeros([batch, 0], tf.int32))
+        *_, history = _repeat(step, start, max_length)
         return history
 
     def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int):
         batch = tf.shape(features)[0]
         vocab = len(self.vocab)
-        states = [tf.repeat(s, beam_size, axis=0) for s in self.encoder(features, training=False)]
-        # Only the first beam is live at the start, so the first expansion is not k copies of one word.
-        first = tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], axis=0)
-        scores = tf.tile(first[None, :], [batch, 1])  # (batch, beam) summed log-probs
-        tokens = tf.fill([batch * beam_size], START_ID)
-        done = tf.zeros([batch, beam_size], tf.bool)
-        lengths = tf.zeros([batch, beam_size], tf.float32)
-        history = tf.zeros([batch, beam_size, 0], tf.int32)
         # A finished beam may only continue with <pad> at no cost, so it keeps its score.
         pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
-        for t in tf.range(max_length):
-            tf.autograph.experimental.set_loop_options(
-                shape_invariants=[(history, tf.TensorShape([None, None, None]))])
+
+        def step(t, tokens, states, scores, done, lengths, history):
             log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0),
                                                 tf.reshape(history, [batch * beam_size, -1]), no_repeat_ngram)
             log_probs = tf.reshape(log_probs, [batch, beam_size, vocab])
@@ -111,7 +104,16 @@ class Captioner:
             done = was_done | tf.equal(word, END_ID)
             rows = tf.reshape(tf.range(batch)[:, None] * beam_size + parent, [-1])
             states = [tf.gather(s, rows) for s in states]
-            tokens = tf.reshape(word, [-1])
+            return t + 1, tf.reshape(word, [-1]), states, scores, done, lengths, history
+
+        # Only the first beam is live at the start, so the first expansion is not k copies of one word.
+        first = tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], axis=0)
+        start = (tf.constant(0), tf.fill([batch * beam_size], START_ID),
+                 [tf.repeat(s, beam_size, axis=0) for s in self.encoder(features, training=False)],
+                 tf.tile(first[None, :], [batch, 1]),  # (batch, beam) summed log-probs
+                 tf.zeros([batch, beam_size], tf.bool), tf.zeros([batch, beam_size], tf.float32),
+                 tf.zeros([batch, beam_size, 0], tf.int32))
+        _, _, _, scores, done, lengths, history = _repeat(step, start, max_length)
         # Score by length-normalised log-probability; when any beam finished, unfinished ones are out.
         # The pick among the final beams happens in `choose_beam` (plain argmax, or consensus).
         normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
@@ -166,6 +168,15 @@ class Captioner:
             return beams[int(np.argmax(scores))]
         captions = [self.vocab.decode(beams[i]) for i in live]
         return beams[live[consensus.consensus_index(captions, scores[live], self.statistics)]]
+
+
+def _repeat(step, start: tuple, times) -> tuple:
+    """Run `step(t, *state) -> (t + 1, *new state)` `times` times from `start` (t = 0 first) in one
+    tf.while_loop. The last loop variable, the word history, gains a column each step, so only its last
+    dimension is left open; every other variable keeps its shape."""
+    invariants = [tf.nest.map_structure(lambda v: v.shape, value) for value in start]
+    invariants[-1] = start[-1].shape[:-1] + [None]
+    return tf.while_loop(lambda t, *_: t < times, step, start, shape_invariants=tuple(invariants))
 
 
 def repeated_ngram_mask(history, n, vocab_size: int):

@@ -61,6 +61,22 @@ def test_model_learns_and_decodes(trained):
     for size in (1, 3):  # any batch size, one image included, through the same compiled function
         assert captioner.captions(features[:size], method="beam", beam_size=3, max_length=10) == CAPTIONS[:size]
 
+def test_decoding_does_not_need_autograph(trained, monkeypatch):
+    """CI once saw AutoGraph fail to convert the beam loop and run it as plain Python, which cannot
+    iterate a symbolic tensor. Blinding AutoGraph to every source file reproduces that failure in the
+    old `for t in tf.range(...)` loops; the explicit while-loops must not care."""
+    from tensorflow.python.autograph.pyct import inspect_utils  # private: the one place AutoGraph reads source
+
+    def no_source(*_args, **_kwargs):
+        raise OSError("source code not available")
+
+    monkeypatch.setattr(inspect_utils, "getimmediatesource", no_source)
+    captioner, features, model = trained
+    fresh = Captioner(model, captioner.vocab)  # new tf.functions, traced with AutoGraph blind
+    assert fresh.captions(features, method="greedy", max_length=10) == CAPTIONS
+    assert fresh.captions(features, method="beam", beam_size=3, max_length=10) == CAPTIONS
+
+
 
 def test_beam_width_one_equals_greedy(trained):
     captioner, features, _ = trained
