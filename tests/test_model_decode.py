@@ -61,6 +61,7 @@ def test_model_learns_and_decodes(trained):
     for size in (1, 3):  # any batch size, one image included, through the same compiled function
         assert captioner.captions(features[:size], method="beam", beam_size=3, max_length=10) == CAPTIONS[:size]
 
+
 def test_decoding_does_not_need_autograph(trained, monkeypatch):
     """CI once saw AutoGraph fail to convert the beam loop and run it as plain Python, which cannot
     iterate a symbolic tensor. Blinding AutoGraph to every source file reproduces that failure in the
@@ -75,7 +76,6 @@ def test_decoding_does_not_need_autograph(trained, monkeypatch):
     fresh = Captioner(model, captioner.vocab)  # new tf.functions, traced with AutoGraph blind
     assert fresh.captions(features, method="greedy", max_length=10) == CAPTIONS
     assert fresh.captions(features, method="beam", beam_size=3, max_length=10) == CAPTIONS
-
 
 
 def test_beam_width_one_equals_greedy(trained):
