@@ -36,7 +36,7 @@ from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
-from captioning.model import build_decoder, compile_decoder, make_optimizer
+from captioning.model import build_model, compile_decoder, make_optimizer, members_of
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
@@ -78,45 +78,56 @@ def feature_moments(matrix: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> 
 def _batches(data: CaptionSet, matrix: np.ndarray, order: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
     """Turn a dataset of caption indices into ({features, tokens}, targets) batches.
 
-    Each batch is cut to its longest caption, so short captions do not pay for max_length.
+    An element of `order` is one caption index, or for an ensemble one per member (shape (K,)); the
+    batches then carry a member axis after the batch axis, and member k reads column k. Each batch is
+    cut to its longest caption, so short captions do not pay for max_length.
     """
+    members = tuple(order.element_spec.shape)
 
     def gather(index: np.ndarray):
         sequences = data.sequences[index]
-        length = int(np.max(np.count_nonzero(sequences, axis=1)))
-        sequences = sequences[:, :length]
+        length = int(np.max(np.count_nonzero(sequences, axis=-1)))
+        sequences = sequences[..., :length]
         features = np.asarray(matrix[data.feature_rows[index]], dtype=np.float32)
-        return features, sequences[:, :-1], sequences[:, 1:]
+        return features, sequences[..., :-1], sequences[..., 1:]
 
     def to_inputs(index):
         features, tokens, targets = tf.numpy_function(gather, [index], (tf.float32, tf.int32, tf.int32))
-        features.set_shape((None, matrix.shape[1]))
-        tokens.set_shape((None, None))
-        targets.set_shape((None, None))
+        features.set_shape((None, *members, matrix.shape[1]))
+        tokens.set_shape((None, *members, None))
+        targets.set_shape((None, *members, None))
         return {"features": features, "tokens": tokens}, targets
 
     return order.batch(batch_size).map(to_inputs).prefetch(tf.data.AUTOTUNE)
 
 
 def training_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, seed: int,
-                     first_epoch: int) -> tf.data.Dataset:
+                     first_epoch: int, members: int = 1) -> tf.data.Dataset:
     """Epochs from first_epoch on, each shuffled by a permutation drawn from (seed, epoch).
 
+    An ensemble's member k (0-based) gets its own order, drawn from (seed + k, epoch): the order a
+    single decoder with `train.seed: seed + k` sees, so members do not learn in lockstep.
     The stream is open-ended (fit's steps_per_epoch and epochs decide where it stops), which also
     keeps Keras from warning that the data ran out after the last epoch.
     """
 
     def permutation(epoch):
-        return np.random.default_rng([seed, int(epoch)]).permutation(len(data)).astype(np.int64)
+        orders = [np.random.default_rng([seed + k, int(epoch)]).permutation(len(data)) for k in range(members)]
+        return (orders[0] if members == 1 else np.stack(orders, axis=1)).astype(np.int64)
 
+    shape = [None] if members == 1 else [None, members]
     order = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(
-        lambda epoch: tf.data.Dataset.from_tensor_slices(tf.numpy_function(permutation, [epoch], tf.int64))
+        lambda epoch: tf.data.Dataset.from_tensor_slices(tf.ensure_shape(
+            tf.numpy_function(permutation, [epoch], tf.int64), shape))
     )
     return _batches(data, matrix, order, batch_size)
 
 
-def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    return _batches(data, matrix, tf.data.Dataset.range(len(data)), batch_size)
+def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, members: int = 1) -> tf.data.Dataset:
+    """Every dev caption once; an ensemble's members all score the same captions."""
+    indices = np.arange(len(data))
+    return _batches(data, matrix, tf.data.Dataset.from_tensor_slices(
+        indices if members == 1 else np.repeat(indices[:, None], members, axis=1)), batch_size)
 
 
 @dataclass(frozen=True)
@@ -150,11 +161,20 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
     model, state = resume_or_build(config, data, store, placement, paths)
-    model.summary()
+    print_summary(model)
     kept = fit(model, state, config, data, store, placement, paths)
     with output_dir(placement, paths.model) as model_out:
         save_bundle(model, data.vocab, store, config, model_out, data.train_captions)
     return training_metrics(model, state, kept, data, store) if placement.is_chief else None
+
+
+def print_summary(model: keras.Model) -> None:
+    """The model's layers; for an ensemble, its members and then the layers of one member (all alike)."""
+    model.summary()
+    members = members_of(model)
+    if len(members) > 1:
+        print(f"each of the {len(members)} members:", flush=True)
+        members[0].summary()
 
 
 def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
@@ -190,7 +210,7 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         if placement.is_chief:
             clear_checkpoints(paths.checkpoints)
         mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)
-        model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
+        model = build_model(config.ensemble, len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
         return model, new_state(print_fingerprint)
 
@@ -207,9 +227,9 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
         if not state["stopped_early"]:
             model.fit(
                 shard_by_data(training_batches(data.train_set, store.matrix, config.batch_size, config.seed,
-                                               state["epoch"]), placement),
-                validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size),
-                                              placement),
+                                               state["epoch"], config.ensemble), placement),
+                validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size,
+                                                                 config.ensemble), placement),
                 epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
                 callbacks=[EpochEnd(live, checkpoint_out, state, config.patience)], verbose=2, shuffle=False,
             )
@@ -237,6 +257,7 @@ def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingD
         "vocab_size": len(data.vocab), "train_captions": len(data.train_set), "dev_captions": len(data.dev_set),
         "truncated_captions": data.truncated,
         "parameters": int(model.count_params()),
+        "ensemble": len(members_of(model)),
         "features_backbone": store.spec.backbone,
         "features_weights": store.spec.weights,
     }

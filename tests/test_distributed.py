@@ -22,7 +22,7 @@ from helpers import stages_env
 from captioning import files
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
-TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3,
+TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3, "ensemble": 1,
               "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10,
               "strategy": "default", "restore_best_weights": True, "patience": 0}
 

@@ -72,6 +72,31 @@ def test_changing_epochs_reruns_only_training_and_after(demo_run, tmp_path):
     assert "metrics/train.json" in json.loads(diff.stdout)
 
 
+def test_ensemble_resumes_exactly_and_captions_like_evaluate(demo_run, tmp_path):
+    """train.ensemble: 2 through the real stages: resuming (here after a change of train.epochs) ends as an
+    uninterrupted run does, and the caption command decodes the ensemble exactly as evaluate did."""
+    straight = copy_project(demo_run, tmp_path / "straight")
+    set_params(straight, {"train": {"ensemble": 2, "epochs": 3}})
+    assert "resuming" not in run(["dvc", "repro"], straight).stdout  # the single decoder's checkpoints don't fit
+
+    resumed = copy_project(demo_run, tmp_path / "resumed")
+    set_params(resumed, {"train": {"ensemble": 2, "epochs": 2}})
+    run(["dvc", "repro"], resumed)
+    set_params(resumed, {"train": {"epochs": 3}})
+    assert "resuming from the checkpoint after epoch 2" in run(["dvc", "repro"], resumed).stdout
+    assert metrics_without_timing(resumed) == metrics_without_timing(straight)
+    assert pd.read_parquet(resumed / "data/predictions.parquet").equals(
+        pd.read_parquet(straight / "data/predictions.parquet"))
+    train = json.loads((resumed / "metrics/train.json").read_text())
+    single = json.loads((demo_run / "metrics/train.json").read_text())
+    assert train["ensemble"] == 2 and train["parameters"] == 2 * single["parameters"]
+
+    predictions = pd.read_parquet(resumed / "data/predictions.parquet").head(3)
+    images = [str(resumed / "data/demo/images" / name) for name in predictions["image"]]
+    printed = run([sys.executable, "-m", "captioning", "caption", *images], resumed).stdout.splitlines()
+    assert [line.split("\t")[1] for line in printed] == list(predictions["generated"])
+
+
 def test_caption_command_gives_evaluates_caption(demo_run):
     predictions = pd.read_parquet(demo_run / "data/predictions.parquet").head(3)
     images = [str(demo_run / "data/demo/images" / name) for name in predictions["image"]]
