@@ -16,11 +16,10 @@ Design choices (the README repeats them):
   conditioning, which would compound across the 5 layers and all time steps.
 - Linear output (logits) with a masked sparse categorical cross-entropy computed from logits:
   numerically stabler than softmax followed by log, and padding positions do not count.
-- `train.ensemble: K` > 1 trains K such decoders side by side, each from its own initialisation and
-  with its own loss, and decodes with the mean of their next-word probabilities (the ensembling of
-  Show and Tell, Vinyals et al. 2016). On a few hundred photos one decoder's captions depend on its
-  initialisation; the mean of K is steadier and scores higher on real photos' dev split (README).
-  Each member is exactly the decoder above; K = 1 is that decoder alone, unchanged.
+- `train.ensemble: K` > 1 trains K such decoders, one after another, member k exactly as a single run
+  with seed `train.seed + k - 1` (train.py), and decodes with the mean of their next-word probabilities
+  (the ensembling of Show and Tell, Vinyals et al. 2016). On a few hundred photos one decoder's
+  captions depend on its seed; the mean of K is steadier and scores higher on real photos (README).
 """
 from __future__ import annotations
 
@@ -36,18 +35,9 @@ ops = keras.ops
 
 @keras.saving.register_keras_serializable(package="captioning")
 def masked_loss(y_true, logits):
-    """Mean cross-entropy over real tokens only (padding id 0 is ignored).
-
-    For an ensemble's (batch, K, time) targets and (batch, K, time, vocab) logits, where member k reads
-    its own captions in column k: the sum of the members' own mean losses, so each member gets exactly
-    the gradient it would get alone (a mean over members would scale it by 1/K against its own L1
-    penalty, which Keras adds at full weight, and against the optimizer's clipnorm).
-    """
+    """Mean cross-entropy over real tokens only (padding id 0 is ignored)."""
     mask = ops.cast(ops.not_equal(y_true, PAD_ID), "float32")
     loss = keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
-    if len(logits.shape) == 4:
-        per_member = ops.sum(loss * mask, axis=(0, 2)) / ops.maximum(ops.sum(mask, axis=(0, 2)), 1.0)
-        return _replica_share(ops.sum(per_member))
     return _replica_share(ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0))
 
 
@@ -62,8 +52,7 @@ def _replica_share(loss):
 
 @keras.saving.register_keras_serializable(package="captioning")
 class MaskedAccuracy(keras.metrics.Metric):
-    """Next-token accuracy over real tokens, accumulated exactly (correct / total over the epoch);
-    for an ensemble (a member axis on both arguments), over every member's tokens."""
+    """Next-token accuracy over real tokens, accumulated exactly (correct / total over the epoch)."""
 
     def __init__(self, name="accuracy", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -80,20 +69,22 @@ class MaskedAccuracy(keras.metrics.Metric):
         return self.correct / ops.maximum(self.total, 1.0)
 
 
-def build_model(members: int, vocab_size: int, units: int, l1: float, dropout: float,
-                feature_mean: np.ndarray, feature_variance: np.ndarray) -> keras.Model:
-    """The training model: one decoder (members = 1), or an ensemble of decoders whose inputs and
-    logits have a member axis after the batch axis (batch, K, ...), so that every member reads its
-    own batch of captions (train.training_batches) and is scored on it alone."""
-    args = (vocab_size, units, l1, dropout, feature_mean, feature_variance)
-    if members == 1:
-        return build_decoder(*args)
-    features = keras.Input((members, feature_mean.shape[-1]), name="features")
-    tokens = keras.Input((members, None), dtype="int32", name="tokens")
-    logits = [build_decoder(*args, name=f"{MEMBER_PREFIX}{k + 1}")({"features": features[:, k], "tokens": tokens[:, k]})
-              for k in range(members)]
+def ensemble_of(decoders: list[keras.Model]) -> keras.Model:
+    """One model holding trained decoders as members `member_1` .. `member_K` (one decoder: itself).
+
+    Its output stacks the members' logits as (batch, K, time, vocab); decoding uses the members
+    through `inference_models`, which averages their next-word probabilities.
+    """
+    if len(decoders) == 1:
+        return decoders[0]
+    features = keras.Input(decoders[0].get_layer("feature_norm").input.shape[1:], name="features")
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    logits = []
+    for k, decoder in enumerate(decoders):
+        decoder.name = f"{MEMBER_PREFIX}{k + 1}"
+        logits.append(decoder({"features": features, "tokens": tokens}))
     return keras.Model({"features": features, "tokens": tokens}, ops.stack(logits, axis=1),
-                       name=f"caption_ensemble_of_{members}")
+                       name=f"caption_ensemble_of_{len(decoders)}")
 
 
 def members_of(model: keras.Model) -> list[keras.Model]:

@@ -175,7 +175,7 @@ class TrainConfig:
     units: int = knob(POSITIVE)
     l1: float = knob(number(0))
     dropout: float = knob(number(0, 1, open_high=True))
-    ensemble: int = knob(POSITIVE)  # decoders trained side by side, their probabilities averaged (model.py)
+    ensemble: int = knob(POSITIVE)  # decoders of seeds seed, seed+1, ..., their probabilities averaged (train.py)
     optimizer: str = knob(one_of(*OPTIMIZERS))
     learning_rate: float = knob(number(0, open_low=True))
     clipnorm: float = knob(number(0, open_low=True))

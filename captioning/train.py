@@ -16,7 +16,7 @@ only the chief writes outputs; `default` runs exactly as without a strategy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
-from captioning.model import build_model, compile_decoder, make_optimizer, members_of
+from captioning.model import MEMBER_PREFIX, build_decoder, compile_decoder, ensemble_of, make_optimizer
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
@@ -78,56 +78,45 @@ def feature_moments(matrix: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> 
 def _batches(data: CaptionSet, matrix: np.ndarray, order: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
     """Turn a dataset of caption indices into ({features, tokens}, targets) batches.
 
-    An element of `order` is one caption index, or for an ensemble one per member (shape (K,)); the
-    batches then carry a member axis after the batch axis, and member k reads column k. Each batch is
-    cut to its longest caption, so short captions do not pay for max_length.
+    Each batch is cut to its longest caption, so short captions do not pay for max_length.
     """
-    members = tuple(order.element_spec.shape)
 
     def gather(index: np.ndarray):
         sequences = data.sequences[index]
-        length = int(np.max(np.count_nonzero(sequences, axis=-1)))
-        sequences = sequences[..., :length]
+        length = int(np.max(np.count_nonzero(sequences, axis=1)))
+        sequences = sequences[:, :length]
         features = np.asarray(matrix[data.feature_rows[index]], dtype=np.float32)
-        return features, sequences[..., :-1], sequences[..., 1:]
+        return features, sequences[:, :-1], sequences[:, 1:]
 
     def to_inputs(index):
         features, tokens, targets = tf.numpy_function(gather, [index], (tf.float32, tf.int32, tf.int32))
-        features.set_shape((None, *members, matrix.shape[1]))
-        tokens.set_shape((None, *members, None))
-        targets.set_shape((None, *members, None))
+        features.set_shape((None, matrix.shape[1]))
+        tokens.set_shape((None, None))
+        targets.set_shape((None, None))
         return {"features": features, "tokens": tokens}, targets
 
     return order.batch(batch_size).map(to_inputs).prefetch(tf.data.AUTOTUNE)
 
 
 def training_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, seed: int,
-                     first_epoch: int, members: int = 1) -> tf.data.Dataset:
+                     first_epoch: int) -> tf.data.Dataset:
     """Epochs from first_epoch on, each shuffled by a permutation drawn from (seed, epoch).
 
-    An ensemble's member k (0-based) gets its own order, drawn from (seed + k, epoch): the order a
-    single decoder with `train.seed: seed + k` sees, so members do not learn in lockstep.
     The stream is open-ended (fit's steps_per_epoch and epochs decide where it stops), which also
     keeps Keras from warning that the data ran out after the last epoch.
     """
 
     def permutation(epoch):
-        orders = [np.random.default_rng([seed + k, int(epoch)]).permutation(len(data)) for k in range(members)]
-        return (orders[0] if members == 1 else np.stack(orders, axis=1)).astype(np.int64)
+        return np.random.default_rng([seed, int(epoch)]).permutation(len(data)).astype(np.int64)
 
-    shape = [None] if members == 1 else [None, members]
     order = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(
-        lambda epoch: tf.data.Dataset.from_tensor_slices(tf.ensure_shape(
-            tf.numpy_function(permutation, [epoch], tf.int64), shape))
+        lambda epoch: tf.data.Dataset.from_tensor_slices(tf.numpy_function(permutation, [epoch], tf.int64))
     )
     return _batches(data, matrix, order, batch_size)
 
 
-def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, members: int = 1) -> tf.data.Dataset:
-    """Every dev caption once; an ensemble's members all score the same captions."""
-    indices = np.arange(len(data))
-    return _batches(data, matrix, tf.data.Dataset.from_tensor_slices(
-        indices if members == 1 else np.repeat(indices[:, None], members, axis=1)), batch_size)
+def validation_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    return _batches(data, matrix, tf.data.Dataset.range(len(data)), batch_size)
 
 
 @dataclass(frozen=True)
@@ -152,29 +141,40 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
           paths: TrainPaths) -> dict | None:
     """Train (or resume) and save the model bundle; return the metrics for metrics/train.json.
 
+    With train.ensemble K > 1 the members are trained one after another, member k exactly as a single
+    run with seed train.seed + k - 1 (member_run), then saved as one model that decodes with their mean.
     Under train.strategy multi_worker, a worker that is not the chief writes nothing and returns None.
     """
     placement = make_placement(config.strategy)  # first: a multi-worker strategy must precede other TF work
-    seed_everything(config.seed)
     store = FeatureStore(paths.features)
     data = prepare_data(config, captions, train_images, dev_images, store)
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
-    model, state = resume_or_build(config, data, store, placement, paths)
-    print_summary(model)
-    kept = fit(model, state, config, data, store, placement, paths)
+    runs = []
+    for member in range(config.ensemble):
+        member_config, member_paths = member_run(config, paths, member)
+        if config.ensemble > 1:
+            print(f"ensemble member {member + 1} of {config.ensemble} (seed {member_config.seed})", flush=True)
+        seed_everything(member_config.seed)
+        model, state = resume_or_build(member_config, data, store, placement, member_paths)
+        if member == 0:
+            model.summary()
+        kept = fit(model, state, member_config, data, store, placement, member_paths, log_curves=member == 0)
+        runs.append((model, state, kept))
+    model = ensemble_of([run[0] for run in runs])
     with output_dir(placement, paths.model) as model_out:
         save_bundle(model, data.vocab, store, config, model_out, data.train_captions)
-    return training_metrics(model, state, kept, data, store) if placement.is_chief else None
+    return training_metrics(model, runs, data, store) if placement.is_chief else None
 
 
-def print_summary(model: keras.Model) -> None:
-    """The model's layers; for an ensemble, its members and then the layers of one member (all alike)."""
-    model.summary()
-    members = members_of(model)
-    if len(members) > 1:
-        print(f"each of the {len(members)} members:", flush=True)
-        members[0].summary()
+def member_run(config: TrainConfig, paths: TrainPaths, member: int) -> tuple[TrainConfig, TrainPaths]:
+    """The config and checkpoint folder of ensemble member `member` (from 0): a single decoder's run with
+    seed train.seed + member. Member 0 is the single decoder of these params and shares its checkpoints,
+    so turning an ensemble on reuses a finished single run; the others checkpoint in member_<k>/."""
+    member_config = replace(config, seed=config.seed + member, ensemble=1)
+    if member == 0:
+        return member_config, paths
+    return member_config, replace(paths, checkpoints=paths.checkpoints / f"{MEMBER_PREFIX}{member + 1}")
 
 
 def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
@@ -210,16 +210,17 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         if placement.is_chief:
             clear_checkpoints(paths.checkpoints)
         mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)
-        model = build_model(config.ensemble, len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
+        model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
         return model, new_state(print_fingerprint)
 
 
 def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData, store: FeatureStore,
-        placement, paths: TrainPaths) -> int:
+        placement, paths: TrainPaths, log_curves: bool = True) -> int:
     """Run the remaining epochs (checkpointing each), then keep the best epoch's weights if asked;
-    return the epoch whose weights the model now holds."""
-    live = open_live(paths.live) if placement.is_chief else NullLive()
+    return the epoch whose weights the model now holds. `log_curves`: DVCLive's curves (an ensemble
+    logs its first member's, the single decoder of its params; the others print theirs)."""
+    live = open_live(paths.live) if placement.is_chief and log_curves else NullLive()
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
     steps = math.ceil(len(data.train_set) / config.batch_size)
@@ -227,9 +228,9 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
         if not state["stopped_early"]:
             model.fit(
                 shard_by_data(training_batches(data.train_set, store.matrix, config.batch_size, config.seed,
-                                               state["epoch"], config.ensemble), placement),
-                validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size,
-                                                                 config.ensemble), placement),
+                                               state["epoch"]), placement),
+                validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size),
+                                              placement),
                 epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
                 callbacks=[EpochEnd(live, checkpoint_out, state, config.patience)], verbose=2, shuffle=False,
             )
@@ -244,8 +245,29 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
     return kept
 
 
-def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingData, store: FeatureStore) -> dict:
-    """metrics/train.json: the numbers of the epoch whose weights were saved, and how training went."""
+def training_metrics(model: keras.Model, runs: list[tuple[keras.Model, dict, int]], data: TrainingData,
+                     store: FeatureStore) -> dict:
+    """metrics/train.json: the numbers of the epoch whose weights were saved, and how training went. For
+    an ensemble the losses and accuracies are its members' means, and `members` has each member's."""
+    members = [member_metrics(state, kept) for _, state, kept in runs]
+    metrics = members[0] if len(members) == 1 else {
+        **{key: float(np.mean([m[key] for m in members])) if all(m[key] is not None for m in members) else None
+           for key in ("loss", "val_loss", "accuracy", "val_accuracy", "final_val_loss")},
+        "train_seconds": round(sum(m["train_seconds"] for m in members), 2), "members": members,
+    }
+    return {
+        **metrics,
+        "vocab_size": len(data.vocab), "train_captions": len(data.train_set), "dev_captions": len(data.dev_set),
+        "truncated_captions": data.truncated,
+        "parameters": int(model.count_params()),
+        "ensemble": len(runs),
+        "features_backbone": store.spec.backbone,
+        "features_weights": store.spec.weights,
+    }
+
+
+def member_metrics(state: dict, kept: int) -> dict:
+    """One decoder's training: its kept epoch's numbers, how many epochs ran, whether it stopped early."""
     history = state["history"]
     record = history[kept - 1] if history else {}
     return {
@@ -254,12 +276,6 @@ def training_metrics(model: keras.Model, state: dict, kept: int, data: TrainingD
         "kept_epoch": kept, "epochs": state["epoch"], "stopped_early": state["stopped_early"],
         "final_val_loss": history[-1].get("val_loss") if history else None,
         "train_seconds": round(state["train_seconds"], 2),
-        "vocab_size": len(data.vocab), "train_captions": len(data.train_set), "dev_captions": len(data.dev_set),
-        "truncated_captions": data.truncated,
-        "parameters": int(model.count_params()),
-        "ensemble": len(members_of(model)),
-        "features_backbone": store.spec.backbone,
-        "features_weights": store.spec.weights,
     }
 
 

@@ -29,6 +29,8 @@ def metrics_without_timing(project: Path) -> dict:
     for name in ("train", "eval"):
         data = json.loads((project / "metrics" / f"{name}.json").read_text())
         values[name] = {k: v for k, v in data.items() if k not in TIMING_KEYS}
+        if "members" in data:  # an ensemble's: each member's training time too
+            values[name]["members"] = [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in data["members"]]
     return values
 
 
@@ -72,28 +74,31 @@ def test_changing_epochs_reruns_only_training_and_after(demo_run, tmp_path):
     assert "metrics/train.json" in json.loads(diff.stdout)
 
 
-def test_ensemble_resumes_exactly_and_captions_like_evaluate(demo_run, tmp_path):
-    """train.ensemble: 2 through the real stages: resuming (here after a change of train.epochs) ends as an
-    uninterrupted run does, and the caption command decodes the ensemble exactly as evaluate did."""
-    straight = copy_project(demo_run, tmp_path / "straight")
-    set_params(straight, {"train": {"ensemble": 2, "epochs": 3}})
-    assert "resuming" not in run(["dvc", "repro"], straight).stdout  # the single decoder's checkpoints don't fit
+def test_ensemble_reuses_the_single_run_and_captions_like_evaluate(demo_run, tmp_path):
+    """train.ensemble: 2 through the real stages. Member 1 is the single decoder of the same params, so it
+    resumes the demo's finished run (here for one more epoch) and ends exactly as a clean ensemble run
+    does; the caption command decodes the ensemble exactly as evaluate did."""
+    clean = copy_project(demo_run, tmp_path / "clean")
+    shutil.rmtree(clean / "checkpoints")
+    set_params(clean, {"train": {"ensemble": 2, "epochs": 3}})
+    assert "resuming" not in run(["dvc", "repro"], clean).stdout
 
-    resumed = copy_project(demo_run, tmp_path / "resumed")
-    set_params(resumed, {"train": {"ensemble": 2, "epochs": 2}})
-    run(["dvc", "repro"], resumed)
-    set_params(resumed, {"train": {"epochs": 3}})
-    assert "resuming from the checkpoint after epoch 2" in run(["dvc", "repro"], resumed).stdout
-    assert metrics_without_timing(resumed) == metrics_without_timing(straight)
-    assert pd.read_parquet(resumed / "data/predictions.parquet").equals(
-        pd.read_parquet(straight / "data/predictions.parquet"))
-    train = json.loads((resumed / "metrics/train.json").read_text())
+    reused = copy_project(demo_run, tmp_path / "reused")
+    set_params(reused, {"train": {"ensemble": 2, "epochs": 3}})
+    result = run(["dvc", "repro"], reused)
+    assert result.stdout.count("resuming from the checkpoint after epoch 2") == 1  # member 1 only
+    assert "ensemble member 2 of 2 (seed 2)" in result.stdout
+    assert metrics_without_timing(reused) == metrics_without_timing(clean)
+    assert pd.read_parquet(reused / "data/predictions.parquet").equals(
+        pd.read_parquet(clean / "data/predictions.parquet"))
+    train = json.loads((reused / "metrics/train.json").read_text())
     single = json.loads((demo_run / "metrics/train.json").read_text())
     assert train["ensemble"] == 2 and train["parameters"] == 2 * single["parameters"]
+    assert [member["epochs"] for member in train["members"]] == [3, 3]
 
-    predictions = pd.read_parquet(resumed / "data/predictions.parquet").head(3)
-    images = [str(resumed / "data/demo/images" / name) for name in predictions["image"]]
-    printed = run([sys.executable, "-m", "captioning", "caption", *images], resumed).stdout.splitlines()
+    predictions = pd.read_parquet(reused / "data/predictions.parquet").head(3)
+    images = [str(reused / "data/demo/images" / name) for name in predictions["image"]]
+    printed = run([sys.executable, "-m", "captioning", "caption", *images], reused).stdout.splitlines()
     assert [line.split("\t")[1] for line in printed] == list(predictions["generated"])
 
 
