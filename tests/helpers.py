@@ -26,3 +26,27 @@ def copy_project(source: Path, dest: Path) -> Path:
     """A copy of a finished project (DVC's cache links kept as links), so the source stays untouched."""
     shutil.copytree(source, dest, symlinks=True)
     return dest
+
+
+TOY_CAPTIONS = ["a red circle", "two blue squares", "three green triangles", "a red square"]
+
+
+def fit_toy_decoder(seed: int, epochs: int):
+    """A tiny decoder trained with `seed` on TOY_CAPTIONS, whose caption is readable from the features'
+    first column; returns (decoder, vocabulary, one feature row per caption)."""
+    import numpy as np
+
+    from captioning.model import build_decoder, compile_decoder, make_optimizer
+    from captioning.tf_setup import seed_everything
+    from captioning.vocab import Vocabulary
+
+    seed_everything(seed)
+    vocab = Vocabulary.build(TOY_CAPTIONS, 1)
+    sequences, _ = vocab.encode_all(TOY_CAPTIONS * 8, 10)
+    features = np.random.default_rng(0).normal(size=(len(sequences), 32)).astype("float32")
+    features[:, 0] = np.tile(np.arange(4), 8)
+    decoder = build_decoder(len(vocab), 16, 1e-6, 0.2, features.mean(0), features.var(0))
+    compile_decoder(decoder, make_optimizer("adam", 1e-2, 1.0))
+    decoder.fit({"features": features, "tokens": sequences[:, :-1]}, sequences[:, 1:], epochs=epochs, batch_size=8,
+                verbose=0)
+    return decoder, vocab, features[:len(TOY_CAPTIONS)]

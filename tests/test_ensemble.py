@@ -1,27 +1,26 @@
 """`train.ensemble`: K decoders, member k trained exactly as a single run with seed train.seed + k - 1,
 saved as one model and decoded with the mean of their next-word probabilities (tiny sizes)."""
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import TOY_CAPTIONS, fit_toy_decoder
 
 from captioning.decode import Captioner
 from captioning.model import (
     NUM_LSTM_LAYERS,
     build_decoder,
-    compile_decoder,
     ensemble_of,
     inference_models,
-    make_optimizer,
     members_of,
 )
 from captioning.params import read_section
-from captioning.tf_setup import keras, seed_everything
+from captioning.tf_setup import keras
 from captioning.tiny_project import PROJECT
 from captioning.train import TrainPaths, member_run
-from captioning.vocab import START_ID, Vocabulary
+from captioning.vocab import START_ID
 
-CAPTIONS = ["a red circle", "two blue squares", "three green triangles", "a red square"]
+CAPTIONS = TOY_CAPTIONS
 MEMBERS = 3
 
 
@@ -29,21 +28,13 @@ MEMBERS = 3
 def trained(tmp_path_factory):
     """An ensemble of decoders trained with seeds 0, 1, 2, saved and loaded back as the caption command
     loads it; and the decoders themselves."""
-    vocab = Vocabulary.build(CAPTIONS, 1)
-    sequences, _ = vocab.encode_all(CAPTIONS * 8, 10)
-    features = np.random.default_rng(0).normal(size=(len(sequences), 32)).astype("float32")
-    features[:, 0] = np.tile(np.arange(4), 8)  # the caption is readable from the features
     decoders = []
     for seed in range(MEMBERS):
-        seed_everything(seed)
-        decoder = build_decoder(len(vocab), 16, 1e-6, 0.2, features.mean(0), features.var(0))
-        compile_decoder(decoder, make_optimizer("adam", 1e-2, 1.0))
-        decoder.fit({"features": features, "tokens": sequences[:, :-1]}, sequences[:, 1:], epochs=30, batch_size=8,
-                    verbose=0)
+        decoder, vocab, features = fit_toy_decoder(seed, epochs=30)
         decoders.append(decoder)
     path = tmp_path_factory.mktemp("ensemble") / "model.keras"
     ensemble_of(decoders).save(path)
-    return keras.models.load_model(path, compile=False), vocab, features[:4], decoders
+    return keras.models.load_model(path, compile=False), vocab, features, decoders
 
 
 def test_one_decoder_is_its_own_ensemble():
@@ -95,6 +86,6 @@ def test_member_k_is_the_single_run_of_seed_plus_k(tmp_path):
     paths = TrainPaths(tmp_path / "f", tmp_path / "m", tmp_path / "checkpoints", tmp_path / "live", ())
     first, first_paths = member_run(config, paths, 0)
     assert first == config and first_paths == paths  # the single decoder of these params, its checkpoints
-    third, third_paths = member_run(config.__class__(**{**vars(config), "ensemble": 3}), paths, 2)
-    assert third == config.__class__(**{**vars(config), "seed": config.seed + 2})
-    assert third_paths.checkpoints == Path(tmp_path / "checkpoints/member_3") and third_paths.model == paths.model
+    third, third_paths = member_run(replace(config, ensemble=3), paths, 2)
+    assert third == replace(config, seed=config.seed + 2)
+    assert third_paths.checkpoints == tmp_path / "checkpoints/member_3" and third_paths.model == paths.model

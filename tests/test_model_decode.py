@@ -1,33 +1,24 @@
 """The decoder's structure, its masked loss and metric, and the decoding rules (tiny sizes)."""
 import numpy as np
 import pytest
+from helpers import TOY_CAPTIONS, fit_toy_decoder
 
 from captioning.decode import Captioner
 from captioning.model import (
     NUM_LSTM_LAYERS,
     MaskedAccuracy,
-    build_decoder,
-    compile_decoder,
-    make_optimizer,
     masked_loss,
 )
-from captioning.tf_setup import keras, seed_everything
-from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+from captioning.tf_setup import keras
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
-CAPTIONS = ["a red circle", "two blue squares", "three green triangles", "a red square"]
+CAPTIONS = TOY_CAPTIONS
 
 
 @pytest.fixture(scope="module")
 def trained():
-    seed_everything(0)
-    vocab = Vocabulary.build(CAPTIONS, 1)
-    sequences, _ = vocab.encode_all(CAPTIONS * 8, 10)
-    features = np.random.default_rng(0).normal(size=(len(sequences), 32)).astype("float32")
-    features[:, 0] = np.tile(np.arange(4), 8)  # the caption is readable from the features
-    model = build_decoder(len(vocab), 16, 1e-6, 0.2, features.mean(0), features.var(0))
-    compile_decoder(model, make_optimizer("adam", 1e-2, 1.0))
-    model.fit({"features": features, "tokens": sequences[:, :-1]}, sequences[:, 1:], epochs=40, batch_size=8, verbose=0)
-    return Captioner(model, vocab), features[:4], model
+    model, vocab, features = fit_toy_decoder(seed=0, epochs=40)
+    return Captioner(model, vocab), features, model
 
 
 def test_architecture_five_lstms_l1_one_dropout(trained):
