@@ -6,8 +6,9 @@ then the state file that names them (`state.json`, written atomically). A kill a
 state that matches its files, so a rerun with the same inputs and params continues from the last
 finished epoch and ends with exactly the numbers of an uninterrupted run.
 
-A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, every input
-file, the training code (train_lstm's code deps in dvc.yaml), and the number of replicas.
+A checkpoint is resumed only when its fingerprint matches: every param but `epochs` and the `scst_*`
+ones, every input file, the training code (train_lstm's code deps in dvc.yaml), and the number of
+replicas.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ STATE_FILE = "state.json"  # written last: names the files of the last finished 
 # The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
 # tests/test_layout.py checks that this is exactly the code train_lstm lists among its deps in dvc.yaml.
 TRAINING_CODE = [Path(__file__).with_name(name) for name in (
-    "checkpoints.py", "consensus.py", "distribute.py", "errors.py", "feature_files.py", "files.py", "layout.py",
-    "model.py", "params.py", "text.py", "tf_setup.py", "train.py", "vocab.py")]
+    "checkpoints.py", "consensus.py", "decode.py", "distribute.py", "errors.py", "feature_files.py", "files.py",
+    "layout.py", "model.py", "params.py", "scst.py", "text.py", "tf_setup.py", "train.py", "vocab.py")]
+# The self-critical stage's knobs do not change the cross-entropy run it starts from (scst.py has its own
+# checkpoint), so turning it on or retuning it resumes a finished run instead of training it again.
+SCST_KNOBS = ("scst_epochs", "scst_learning_rate", "scst_samples", "scst_batch_images")
 
 
 def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:
     """What a checkpoint must match to be resumed (see the module docstring)."""
-    digest = hashlib.sha256(json.dumps({**asdict(config), "epochs": None, "replicas": replicas},
-                                       sort_keys=True).encode())
+    knobs = {**asdict(config), "epochs": None, "replicas": replicas, **dict.fromkeys(SCST_KNOBS)}
+    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
     for path in [*inputs, *TRAINING_CODE]:
         digest.update(files.sha256(path).encode())
     return digest.hexdigest()

@@ -90,8 +90,11 @@ class NgramStatistics:
 
     def cider(self, candidate: str, references: list[str]) -> float:
         """Mean CIDEr-D of `candidate` against `references`, as pycocoevalcap scores one image."""
-        vector = self.vector(candidate)
-        return float(np.mean([self.similarity(vector, self.vector(r)) for r in references]))
+        return self.cider_of_vector(self.vector(candidate), [self.vector(r) for r in references])
+
+    def cider_of_vector(self, candidate: tuple, references: list[tuple]) -> float:
+        """`cider` from vectors: references that are scored against many times are vectorised once."""
+        return float(np.mean([self.similarity(candidate, reference) for reference in references]))
 
 
 def consensus_index(captions: list[str], log_probs: np.ndarray, statistics: NgramStatistics) -> int:

@@ -35,18 +35,15 @@ class Captioner:
         self.vocab = vocab
         self.statistics = statistics
         self.encoder, self.step = inference_models(model)
-        banned = np.zeros(len(vocab), np.float32)
-        banned[[PAD_ID, START_ID, UNK_ID]] = NEG_INF
-        self.banned = tf.constant(banned)
-        no_end = np.zeros(len(vocab), np.float32)
-        no_end[END_ID] = NEG_INF
-        self.no_end = tf.constant(no_end)
+        self.banned, self.no_end = (tf.constant(mask) for mask in word_rules(len(vocab)))
         # Fixed signatures with an unknown batch size: one trace serves every batch. The loops are
         # explicit tf.while_loops and AutoGraph is off: AutoGraph rewrites Python loops from the source
         # file, and when that fails (it did once in CI) it runs the loop unconverted, which cannot work.
         features = tf.TensorSpec([None, self.encoder.input_shape[-1]], tf.float32)
         scalar = tf.TensorSpec([], tf.int32)
         self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar, scalar], autograph=False)
+        self._sample = tf.function(self._sampled_ids, autograph=False,
+                                   input_signature=[features, tf.TensorSpec([None, 2], tf.int32)])
         self._beam = tf.function(self._beam_ids, input_signature=[features, scalar, scalar,
                                                                   tf.TensorSpec([], tf.float32), scalar],
                                  autograph=False)
@@ -70,11 +67,24 @@ class Captioner:
         return tf.where(repeats, NEG_INF, log_probs), list(outputs[1:])
 
     def _greedy_ids(self, features, max_length: int, no_repeat_ngram: int):
+        return self._one_path(features, max_length, no_repeat_ngram,
+                              lambda t, log_probs: tf.argmax(log_probs, axis=-1, output_type=tf.int32))
+
+    def _sampled_ids(self, features, seeds):
+        """One caption per row drawn word by word from the model's distribution (under the rules above,
+        without n-gram blocking): what self-critical training (scst.py) learns from. Word t is drawn with
+        the stateless seed `seeds[t]`, so the same seeds give the same captions; len(seeds) is the
+        maximum length."""
+        return self._one_path(features, tf.shape(seeds)[0], 0, lambda t, log_probs: tf.random.stateless_categorical(
+            log_probs, 1, seed=seeds[t], dtype=tf.int32)[:, 0])
+
+    def _one_path(self, features, max_length, no_repeat_ngram, choose):
+        """Greedy or sampled decoding: one word per row and step, `choose(t, log_probs)` picks it."""
         batch = tf.shape(features)[0]
 
         def step(t, tokens, states, done, history):
             log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0), history, no_repeat_ngram)
-            tokens = tf.where(done, PAD_ID, tf.argmax(log_probs, axis=-1, output_type=tf.int32))
+            tokens = tf.where(done, PAD_ID, choose(t, log_probs))
             history = tf.concat([history, tokens[:, None]], axis=1)
             return t + 1, tokens, states, done | tf.equal(tokens, END_ID), history
 
@@ -82,6 +92,11 @@ class Captioner:
                  tf.zeros([batch], tf.bool), tf.zeros([batch, 0], tf.int32))
         *_, history = _repeat(step, start, max_length)
         return history
+
+    def sample_ids(self, features: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """(rows, len(seeds)) word ids of sampled captions, <pad> after <end> (see `_sampled_ids`)."""
+        return self._sample(tf.constant(np.asarray(features, np.float32)),
+                            tf.constant(np.asarray(seeds, np.int32))).numpy()
 
     def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int):
         batch = tf.shape(features)[0]
@@ -168,6 +183,16 @@ class Captioner:
             return beams[int(np.argmax(scores))]
         captions = [self.vocab.decode(beams[i]) for i in live]
         return beams[live[consensus.consensus_index(captions, scores[live], self.statistics)]]
+
+
+def word_rules(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Additive logit masks of the rules every decoder follows: `banned` (<pad>, <start> and <unk>,
+    never emitted) and `no_end` (added at the first word only: no empty captions)."""
+    banned = np.zeros(vocab_size, np.float32)
+    banned[[PAD_ID, START_ID, UNK_ID]] = NEG_INF
+    no_end = np.zeros(vocab_size, np.float32)
+    no_end[END_ID] = NEG_INF
+    return banned, no_end
 
 
 def _repeat(step, start: tuple, times) -> tuple:

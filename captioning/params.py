@@ -184,6 +184,11 @@ class TrainConfig:
     strategy: str = knob(one_of(*STRATEGIES))  # default | mirrored | multi_worker
     restore_best_weights: bool = knob(flag)  # end with the epoch of lowest val loss, like Keras' EarlyStopping
     patience: int = knob(whole(0))  # stop after this many epochs without a lower val loss; 0: every epoch
+    # Self-critical fine-tuning on CIDEr-D after cross-entropy (captioning/scst.py); 0 epochs: off
+    scst_epochs: int = knob(whole(0))
+    scst_learning_rate: float = knob(number(0, open_low=True))
+    scst_samples: int = knob(whole(2))  # captions sampled per image; each is judged against the others' mean
+    scst_batch_images: int = knob(POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Reproducible and kill-safe: the shuffle order of epoch e depends only on (seed, 
 checkpointed (checkpoints.py), so a rerun continues from the last finished epoch with the same numbers.
 Like Keras' EarlyStopping(restore_best_weights=True), the saved model is the epoch with the lowest dev
 loss (`train.restore_best_weights`), and `train.patience` stops a run that no longer improves.
+With `train.scst_epochs` > 0 that model is then fine-tuned on CIDEr-D itself (self-critical training,
+scst.py), checkpointed and resumable the same way.
 
 Scaling out (train.strategy, see distribute.py): the model is built inside the strategy's scope and
 only the chief writes outputs; `default` runs exactly as without a strategy.
@@ -38,6 +40,7 @@ from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
 from captioning.model import MEMBER_PREFIX, build_decoder, compile_decoder, ensemble_of, make_optimizer
 from captioning.params import TrainConfig
+from captioning.scst import RewardSet, fine_tune
 from captioning.tf_setup import keras, seed_everything, tf
 from captioning.vocab import Vocabulary
 
@@ -145,9 +148,14 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     run with seed train.seed + k - 1 (member_run), then saved as one model that decodes with their mean.
     Under train.strategy multi_worker, a worker that is not the chief writes nothing and returns None.
     """
+    if config.scst_epochs and config.strategy != "default":
+        raise UserError(f"train.scst_epochs runs on one machine only, and train.strategy is {config.strategy}. "
+                        "Set train.strategy: default, or train.scst_epochs: 0.")
     placement = make_placement(config.strategy)  # first: a multi-worker strategy must precede other TF work
     store = FeatureStore(paths.features)
     data = prepare_data(config, captions, train_images, dev_images, store)
+    statistics = NgramStatistics.from_table(data.train_captions[data.train_captions["image"].isin(store.row_of)])
+    rewards = RewardSet.build(data.train_captions, store, statistics) if config.scst_epochs else None
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
     runs = []
@@ -160,11 +168,25 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
         if member == 0:
             model.summary()
         kept = fit(model, state, member_config, data, store, placement, member_paths, log_curves=member == 0)
-        runs.append((model, state, kept))
-    model = ensemble_of([run[0] for run in runs])
+        scst = None
+        if rewards is not None:
+            origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
+            scst = fine_tune(model, data.vocab, rewards, store.matrix, member_config, member_paths.checkpoints, origin)
+        runs.append(MemberRun(model, state, kept, scst))
+    model = ensemble_of([run.model for run in runs])
     with output_dir(placement, paths.model) as model_out:
-        save_bundle(model, data.vocab, store, config, model_out, data.train_captions)
+        save_bundle(model, data.vocab, store, config, model_out, statistics)
     return training_metrics(model, runs, data, store) if placement.is_chief else None
+
+
+@dataclass
+class MemberRun:
+    """One trained decoder: its cross-entropy checkpoint state, the epoch it kept and its SCST history."""
+
+    model: keras.Model
+    state: dict
+    kept: int
+    scst: dict | None
 
 
 def member_run(config: TrainConfig, paths: TrainPaths, member: int) -> tuple[TrainConfig, TrainPaths]:
@@ -245,11 +267,10 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
     return kept
 
 
-def training_metrics(model: keras.Model, runs: list[tuple[keras.Model, dict, int]], data: TrainingData,
-                     store: FeatureStore) -> dict:
+def training_metrics(model: keras.Model, runs: list[MemberRun], data: TrainingData, store: FeatureStore) -> dict:
     """metrics/train.json: the numbers of the epoch whose weights were saved, and how training went. For
     an ensemble the losses and accuracies are its members' means, and `members` has each member's."""
-    members = [member_metrics(state, kept) for _, state, kept in runs]
+    members = [member_metrics(run) for run in runs]
     metrics = members[0] if len(members) == 1 else {
         **{key: float(np.mean([m[key] for m in members])) if all(m[key] is not None for m in members) else None
            for key in ("loss", "val_loss", "accuracy", "val_accuracy", "final_val_loss")},
@@ -266,16 +287,19 @@ def training_metrics(model: keras.Model, runs: list[tuple[keras.Model, dict, int
     }
 
 
-def member_metrics(state: dict, kept: int) -> dict:
-    """One decoder's training: its kept epoch's numbers, how many epochs ran, whether it stopped early."""
-    history = state["history"]
-    record = history[kept - 1] if history else {}
+def member_metrics(run: MemberRun) -> dict:
+    """One decoder's training: its kept epoch's numbers, how many epochs ran, whether it stopped early,
+    and after SCST its epochs and mean sampled-caption reward per epoch (`train_seconds` counts both)."""
+    history = run.state["history"]
+    record = history[run.kept - 1] if history else {}
+    scst_seconds = run.scst["seconds"] if run.scst else 0.0
     return {
         "loss": record.get("loss"), "val_loss": record.get("val_loss"),
         "accuracy": record.get("accuracy"), "val_accuracy": record.get("val_accuracy"),
-        "kept_epoch": kept, "epochs": state["epoch"], "stopped_early": state["stopped_early"],
+        "kept_epoch": run.kept, "epochs": run.state["epoch"], "stopped_early": run.state["stopped_early"],
         "final_val_loss": history[-1].get("val_loss") if history else None,
-        "train_seconds": round(state["train_seconds"], 2),
+        "train_seconds": round(run.state["train_seconds"] + scst_seconds, 2),
+        **({"scst_epochs": run.scst["epochs"], "scst_rewards": run.scst["rewards"]} if run.scst else {}),
     }
 
 
@@ -292,12 +316,11 @@ def open_live(live_dir: Path):
 
 
 def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, config: TrainConfig, model_dir: Path,
-                train_captions: pd.DataFrame) -> None:
+                statistics: NgramStatistics) -> None:
     """Everything the caption command needs: model, vocabulary, how features were made, and the
     training captions' n-gram statistics that the consensus rerank weighs n-grams by."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    seen = train_captions[train_captions["image"].isin(store.row_of)]
-    NgramStatistics.from_table(seen).save(model_dir / FILE_NAME)
+    statistics.save(model_dir / FILE_NAME)
     with files.atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
         model.save(tmp)
     vocab.save(model_dir / "vocab.json")

@@ -1,0 +1,170 @@
+"""Self-critical sequence training (SCST): after cross-entropy, fine-tune the decoder on CIDEr-D itself.
+
+Why: cross-entropy teaches the next word of one reference at a time, always from the reference's own
+previous words (teacher forcing), while captions are then written from the model's own words and judged
+whole by CIDEr-D. SCST (Rennie et al. 2017, the usual second training stage of captioners since) samples
+captions from the model and makes those that score above a baseline more probable and those below less
+(REINFORCE). The baseline is the mean reward of the image's other samples (Luo 2020, "A better variant
+of self-critical sequence training"): no extra greedy decode, and it does not depend on the sample it
+judges. The reward is CIDEr-D against the image's training references, n-grams weighted by the training
+captions' document frequencies: `consensus.NgramStatistics`, the utility the consensus rerank uses.
+
+Dropout is off while sampling and in the gradient (training=False), so the probabilities that move are
+those of the distribution the captions were drawn from; L1 stays in the loss. Samples follow the
+decoding rules (no <pad>/<start>/<unk>, no empty caption; decode.word_rules) and the gradient uses the
+same masked distribution.
+
+Kill-safe like cross-entropy training (checkpoints.py): after every epoch the weights, the optimizer's
+state and the history are written to `scst/` in the run's checkpoint folder, the state file last. The
+image order of epoch e comes from (seed, e) and the samples of its batch b from (seed, e, b), so a
+resumed run ends with the numbers of an uninterrupted one. A checkpoint is resumed only when it grew
+from the same cross-entropy run (its fingerprint, epochs and kept epoch) with the same SCST params.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from captioning import files
+from captioning.checkpoints import STATE_FILE, clear_checkpoints
+from captioning.consensus import NgramStatistics
+from captioning.decode import Captioner, word_rules
+from captioning.feature_files import FeatureStore
+from captioning.params import TrainConfig
+from captioning.tf_setup import keras, tf
+from captioning.vocab import PAD_ID, START_ID, Vocabulary
+
+SCST_DIR = "scst"  # inside a run's checkpoint folder
+
+
+@dataclass
+class RewardSet:
+    """The training images SCST samples for: their feature rows and references as CIDEr-D vectors."""
+
+    feature_rows: np.ndarray  # int64 (images,)
+    references: list[list[tuple]]  # per image, NgramStatistics.vector of each reference
+    statistics: NgramStatistics
+
+    @classmethod
+    def build(cls, train_captions: pd.DataFrame, store: FeatureStore, statistics: NgramStatistics) -> RewardSet:
+        seen = train_captions[train_captions["image"].isin(store.row_of.keys())]
+        groups = list(seen.groupby("image", sort=True)["caption"])
+        return cls(store.rows([image for image, _ in groups]),
+                   [[statistics.vector(caption) for caption in captions] for _, captions in groups], statistics)
+
+    def __len__(self) -> int:
+        return len(self.feature_rows)
+
+    def rewards(self, captions: list[str], images: np.ndarray) -> np.ndarray:
+        """CIDEr-D of each caption against the references of its image (an index into this set)."""
+        return np.array([self.statistics.cider_of_vector(self.statistics.vector(caption), self.references[image])
+                         for caption, image in zip(captions, images, strict=True)], np.float32)
+
+
+def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix: np.ndarray, config: TrainConfig,
+              checkpoint_dir: Path, origin: dict) -> dict:
+    """Run `config.scst_epochs` epochs of SCST on `model` in place, resuming a checkpoint of this very run;
+    return the history ({"epochs", "rewards": mean sample reward per epoch, "seconds"}).
+
+    `origin` identifies the cross-entropy run the model comes from (fingerprint, epochs, kept epoch).
+    """
+    folder = checkpoint_dir / SCST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    optimizer = keras.optimizers.Adam(learning_rate=config.scst_learning_rate, clipnorm=config.clipnorm)
+    optimizer.build(model.trainable_variables)
+    print_fingerprint = _fingerprint(config, origin)
+    state = _resume(folder, print_fingerprint, config.scst_epochs)
+    if state:
+        model.load_weights(folder / state["weights_file"])
+        with np.load(folder / state["optimizer_file"]) as stored:
+            for variable, value in zip(optimizer.variables, (stored[f"arr_{i}"] for i in range(len(stored))),
+                                       strict=True):
+                variable.assign(value)
+        print(f"SCST: resuming from the checkpoint after epoch {state['epoch']}", flush=True)
+    else:
+        clear_checkpoints(folder)
+        state = {"fingerprint": print_fingerprint, "epoch": 0, "rewards": [], "seconds": 0.0}
+    captioner = Captioner(model, vocab)  # shares the model's layers: every update is sampled from at once
+    step = _gradient_step(model, optimizer, len(vocab))
+    samples = config.scst_samples
+    for epoch in range(state["epoch"], config.scst_epochs):
+        started = time.perf_counter()
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(rewards))
+        epoch_rewards = []
+        for batch, first in enumerate(range(0, len(order), config.scst_batch_images)):
+            images = np.repeat(order[first:first + config.scst_batch_images], samples)
+            features = np.asarray(matrix[rewards.feature_rows[images]], np.float32)
+            seeds = np.random.default_rng([config.seed, epoch, batch]).integers(0, 2**31 - 1, (config.max_length, 2))
+            ids = captioner.sample_ids(features, seeds)
+            reward = rewards.rewards([vocab.decode(row) for row in ids], images).reshape(-1, samples)
+            baseline = (reward.sum(axis=1, keepdims=True) - reward) / (samples - 1)
+            step(tf.constant(features), tf.constant(ids), tf.constant((reward - baseline).reshape(-1)))
+            epoch_rewards.append(reward.ravel())
+        seconds = time.perf_counter() - started
+        state["epoch"] = epoch + 1
+        state["rewards"].append(float(np.mean(np.concatenate(epoch_rewards))))
+        state["seconds"] += seconds
+        _checkpoint(folder, state, model, optimizer)
+        print(f"SCST epoch {epoch + 1}: mean sampled caption CIDEr-D {state['rewards'][-1]:.4f} on the training "
+              f"images, {seconds:.1f} s", flush=True)
+    print(f"SCST: {state['epoch']} epochs, {state['seconds']:.1f} s", flush=True)
+    return {"epochs": state["epoch"], "rewards": state["rewards"], "seconds": round(state["seconds"], 2)}
+
+
+def _gradient_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, vocab_size: int):
+    """One REINFORCE step: minimise -mean(advantage * log p(sampled caption)) + L1."""
+    banned, no_end = (tf.constant(mask) for mask in word_rules(vocab_size))
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def step(features, ids, advantages):
+        tokens = tf.concat([tf.fill([tf.shape(ids)[0], 1], START_ID), ids[:, :-1]], axis=1)
+        first_word = tf.one_hot(0, tf.shape(ids)[1])[:, None] * no_end[None, :]  # (time, vocab)
+        with tf.GradientTape() as tape:
+            logits = model({"features": features, "tokens": tokens}, training=False)
+            log_probs = tf.nn.log_softmax(logits + banned + first_word)
+            chosen = tf.gather(log_probs, ids[:, :, None], batch_dims=2)[:, :, 0]
+            caption_log_prob = tf.reduce_sum(chosen * tf.cast(tf.not_equal(ids, PAD_ID), tf.float32), axis=1)
+            loss = tf.add_n([-tf.reduce_mean(advantages * caption_log_prob), *model.losses])
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+
+    return step
+
+
+def _fingerprint(config: TrainConfig, origin: dict) -> str:
+    knobs = {"learning_rate": config.scst_learning_rate, "samples": config.scst_samples,
+             "batch_images": config.scst_batch_images}
+    return hashlib.sha256(json.dumps({"origin": origin, "scst": knobs}, sort_keys=True).encode()).hexdigest()
+
+
+def _resume(folder: Path, print_fingerprint: str, epochs: int) -> dict | None:
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        return None
+    state = files.read_json(state_path)
+    if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
+        return None
+    if not all((folder / state.get(name, "")).is_file() for name in ("weights_file", "optimizer_file")):
+        return None
+    return state
+
+
+def _checkpoint(folder: Path, state: dict, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """This epoch's weights and optimizer state under new names, then the state file that names them."""
+    stale = [state.get("weights_file"), state.get("optimizer_file")]
+    state["weights_file"] = f"epoch-{state['epoch']:04d}.weights.h5"
+    with files.atomic_path(folder / state["weights_file"], suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+    state["optimizer_file"] = f"epoch-{state['epoch']:04d}.optimizer.npz"
+    with files.atomic_path(folder / state["optimizer_file"], suffix=".npz") as tmp:
+        np.savez(tmp, *[variable.numpy() for variable in optimizer.variables])
+    files.write_json(folder / STATE_FILE, state)  # the commit point
+    for name in stale:
+        if name and name not in (state["weights_file"], state["optimizer_file"]):
+            (folder / name).unlink(missing_ok=True)

@@ -1,0 +1,105 @@
+"""`train.scst_epochs`: self-critical fine-tuning on CIDEr-D after cross-entropy (tiny sizes).
+
+Sampling is seeded and follows the decoding rules, fine-tuning raises the reward it optimises, a run
+killed between epochs resumes to exactly the weights of an uninterrupted one, and the knobs neither
+invalidate the cross-entropy checkpoint nor run under a distribution strategy."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import TOY_CAPTIONS, fit_toy_decoder
+
+from captioning.checkpoints import fingerprint
+from captioning.consensus import NgramStatistics
+from captioning.decode import Captioner
+from captioning.errors import UserError
+from captioning.params import read_section
+from captioning.scst import RewardSet, fine_tune
+from captioning.tiny_project import PROJECT
+from captioning.train import TrainPaths, train
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+
+ORIGIN = {"fingerprint": "cross-entropy run", "epochs": 2, "kept_epoch": 2}
+
+
+def config(**knobs):
+    base = read_section("train", PROJECT / "params.yaml")
+    toy = {"seed": 3, "max_length": 10, "clipnorm": 1.0, "scst_learning_rate": 1e-2, "scst_samples": 8,
+           "scst_batch_images": 3}
+    return replace(base, **{**toy, **knobs})
+
+
+@pytest.fixture
+def toy():
+    """A decoder trained too briefly to caption the toy set well, and its rewards: each toy image's
+    reference is its own caption."""
+    decoder, vocab, features = fit_toy_decoder(seed=0, epochs=2)
+    statistics = NgramStatistics.from_captions([[c] for c in TOY_CAPTIONS])
+    rewards = RewardSet(np.arange(len(TOY_CAPTIONS)), [[statistics.vector(c)] for c in TOY_CAPTIONS], statistics)
+    return decoder, vocab, features, rewards
+
+
+def test_sampling_is_seeded_and_follows_the_decoding_rules(toy):
+    decoder, vocab, features, _ = toy
+    captioner = Captioner(decoder, vocab)
+    rows = np.repeat(features, 8, axis=0)
+    seeds = np.random.default_rng(0).integers(0, 2**31 - 1, (6, 2))
+    ids = captioner.sample_ids(rows, seeds)
+    np.testing.assert_array_equal(ids, captioner.sample_ids(rows, seeds))
+    assert ids.shape == (len(rows), 6)
+    assert len({tuple(row) for row in ids}) > len(features)  # draws, not one caption per image
+    assert not np.array_equal(ids, captioner.sample_ids(rows, seeds + 1))
+    assert (ids[:, 0] != END_ID).all()
+    for row in ids:
+        end = list(row).index(END_ID) if END_ID in row else len(row)
+        assert not set(row[:end]) & {PAD_ID, START_ID, UNK_ID}
+        assert (row[end + 1:] == PAD_ID).all()
+
+
+def test_fine_tuning_raises_the_reward_it_optimises(toy, tmp_path):
+    decoder, vocab, features, rewards = toy
+    captioner = Captioner(decoder, vocab)
+
+    def greedy_reward():
+        captions = captioner.captions(features, method="greedy", max_length=10)
+        return rewards.rewards(captions, np.arange(len(captions))).mean()
+
+    before = greedy_reward()
+    history = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=40), tmp_path, ORIGIN)
+    assert history["epochs"] == 40 and len(history["rewards"]) == 40
+    assert np.mean(history["rewards"][-5:]) > 2 * np.mean(history["rewards"][:5]), history["rewards"]
+    assert greedy_reward() > before + 1.0  # the captions it writes, not only its samples, score higher
+
+
+def test_a_killed_run_resumes_to_the_same_weights(toy, tmp_path, capsys):
+    decoder, vocab, features, rewards = toy
+    start = decoder.get_weights()
+    whole = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=3), tmp_path / "whole", ORIGIN)
+    expected = decoder.get_weights()
+
+    decoder.set_weights(start)  # the rerun after a kill starts again from the cross-entropy model
+    fine_tune(decoder, vocab, rewards, features, config(scst_epochs=1), tmp_path / "killed", ORIGIN)
+    decoder.set_weights(start)
+    capsys.readouterr()
+    resumed = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=3), tmp_path / "killed", ORIGIN)
+    assert "SCST: resuming from the checkpoint after epoch 1" in capsys.readouterr().out
+    assert resumed == {**whole, "seconds": resumed["seconds"]}
+    for got, want in zip(decoder.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    decoder.set_weights(start)  # another cross-entropy run: its checkpoint is not resumed
+    other = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=3), tmp_path / "killed",
+                      {**ORIGIN, "kept_epoch": 1})
+    assert "resuming" not in capsys.readouterr().out and other["rewards"] == whole["rewards"]
+
+
+def test_scst_knobs_keep_the_cross_entropy_checkpoint(tmp_path):
+    inputs = [PROJECT / "params.yaml"]
+    assert fingerprint(config(scst_epochs=5, scst_samples=7), inputs) == fingerprint(config(), inputs)
+    assert fingerprint(config(units=7), inputs) != fingerprint(config(), inputs)
+
+
+def test_scst_under_a_distribution_strategy_stops_with_a_clear_message(tmp_path):
+    paths = TrainPaths(tmp_path, tmp_path / "model", tmp_path / "checkpoints", tmp_path / "live", ())
+    with pytest.raises(UserError, match="train.scst_epochs runs on one machine only.*train.strategy: default"):
+        train(config(scst_epochs=1, strategy="mirrored"), None, [], [], paths)
