@@ -43,11 +43,13 @@ SHAPES = {  # file name -> object pickled from the token file's lines
 
 DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
 # The README's "Real photos" settings (a wider decoder with more dropout, the best epoch kept, early stop,
-# no word pair twice in a caption).
-REAL_TRAIN = {**DEFAULTS["train"], "units": 256, "dropout": 0.5, "epochs": 15, "patience": 4}
+# self-critical fine-tuning, no word pair twice in a caption), with one decoder instead of three and
+# 2 instead of 6 self-critical epochs to keep CI short.
+REAL_TRAIN = {**DEFAULTS["train"], "units": 256, "dropout": 0.5, "epochs": 15, "patience": 4, "scst_epochs": 2}
 REAL_PHOTOS = {
     "features": {**DEFAULTS["features"], "backbone": "efficientnet_lite0", "weights": "imagenet"},
-    "train": {**REAL_TRAIN, "epochs": 1},  # the official split cannot be evaluated: one epoch will do
+    # the official split cannot be evaluated: one epoch will do
+    "train": {**REAL_TRAIN, "epochs": 1, "scst_epochs": 0},
     "decode": {**DEFAULTS["decode"], "no_repeat_ngram": 2},
 }
 
@@ -104,7 +106,8 @@ def test_full_pipeline_on_real_photos(real_project):
     assert train["train_captions"] == 763 * 5 and train["dev_captions"] == 37 * 5
 
     # A seeded split reuses the features and runs to the end on the real photos, with the README's settings.
-    set_params(real_project, {"data": {"split_dir": None}, "train": {"epochs": REAL_TRAIN["epochs"]}})
+    set_params(real_project, {"data": {"split_dir": None},
+                              "train": {key: REAL_TRAIN[key] for key in ("epochs", "scst_epochs")}})
     result = run(["dvc", "repro"], real_project)
     assert stages_run(result.stdout) == ["split", "train_lstm", "evaluate", "plot"]
     evaluation = json.loads((real_project / "metrics/eval.json").read_text())
@@ -114,6 +117,7 @@ def test_full_pipeline_on_real_photos(real_project):
         assert evaluation[metric] > evaluation["baseline_frequent"][metric], metric
     train = json.loads((real_project / "metrics/train.json").read_text())
     assert (train["features_backbone"], train["features_weights"]) == ("efficientnet_lite0", "imagenet")
+    assert train["scst_epochs"] == 2 and len(train["scst_rewards"]) == 2
 
     # No train/serve skew with this backbone: the caption command prints evaluate's caption.
     predictions = pd.read_parquet(real_project / "data/predictions.parquet").head(3)
