@@ -123,15 +123,18 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
-def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int) -> dict | None:
-    """The checkpoint state to resume from, or None when there is none that fits this run."""
+def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, required=("model_file",),
+                 optional=("best_file",)) -> dict | None:
+    """The checkpoint state to resume from, or None when there is none that fits this run: same
+    fingerprint, no more epochs than asked for, and the files its `required` keys name (and its
+    `optional` ones, when set) all there. The keys are the cross-entropy run's unless given (scst.py)."""
     state_path = checkpoint_dir / STATE_FILE
     if not state_path.exists():
         return None
     state = files.read_json(state_path)
     if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
         return None
-    needed = [state.get("model_file") or "", *([state["best_file"]] if state.get("best_file") else [])]
+    needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
     if not all((checkpoint_dir / name).is_file() for name in needed):
         return None
     return state

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
-from captioning.checkpoints import STATE_FILE, clear_checkpoints
+from captioning.checkpoints import STATE_FILE, clear_checkpoints, resume_state
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
 from captioning.feature_files import FeatureStore
@@ -79,7 +79,8 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
     optimizer = keras.optimizers.Adam(learning_rate=config.scst_learning_rate, clipnorm=config.clipnorm)
     optimizer.build(model.trainable_variables)
     print_fingerprint = _fingerprint(config, origin)
-    state = _resume(folder, print_fingerprint, config.scst_epochs)
+    state = resume_state(folder, print_fingerprint, config.scst_epochs,
+                         required=("weights_file", "optimizer_file"), optional=())
     if state:
         model.load_weights(folder / state["weights_file"])
         with np.load(folder / state["optimizer_file"]) as stored:
@@ -141,18 +142,6 @@ def _fingerprint(config: TrainConfig, origin: dict) -> str:
     knobs = {"learning_rate": config.scst_learning_rate, "samples": config.scst_samples,
              "batch_images": config.scst_batch_images}
     return hashlib.sha256(json.dumps({"origin": origin, "scst": knobs}, sort_keys=True).encode()).hexdigest()
-
-
-def _resume(folder: Path, print_fingerprint: str, epochs: int) -> dict | None:
-    state_path = folder / STATE_FILE
-    if not state_path.exists():
-        return None
-    state = files.read_json(state_path)
-    if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
-        return None
-    if not all((folder / state.get(name, "")).is_file() for name in ("weights_file", "optimizer_file")):
-        return None
-    return state
 
 
 def _checkpoint(folder: Path, state: dict, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
