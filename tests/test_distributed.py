@@ -20,9 +20,12 @@ import yaml
 from helpers import stages_env
 
 from captioning import files
+from captioning.tiny_project import PROJECT
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
-TINY_TRAIN = {"seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3, "ensemble": 1,
+# The project's train params (so every knob is there, e.g. scst_epochs: 0), at tiny sizes.
+TINY_TRAIN = {**yaml.safe_load((PROJECT / "params.yaml").read_text())["train"],
+              "seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3, "ensemble": 1,
               "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10,
               "strategy": "default", "restore_best_weights": True, "patience": 0}
 
