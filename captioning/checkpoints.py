@@ -70,31 +70,39 @@ class EpochEnd(keras.callbacks.Callback):
         state["epoch"] = epoch + 1
         log_epoch(self.live, record)
         stale = [state.get("model_file")]
-        state["model_file"] = self._save(f"epoch-{epoch + 1:04d}.keras", self.model.save)
+        state["model_file"] = save_file(self.checkpoint_dir, f"epoch-{epoch + 1:04d}.keras", self.model.save)
         val_loss = record.get("val_loss", math.inf)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             stale.append(state["best_file"])
             state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
-                         best_file=self._save(f"best-{epoch + 1:04d}.weights.h5", self.model.save_weights))
+                         best_file=save_file(self.checkpoint_dir, f"best-{epoch + 1:04d}.weights.h5",
+                                             self.model.save_weights))
         if self.patience and state["epoch"] - state["best_epoch"] >= self.patience:
             state["stopped_early"] = True
             self.model.stop_training = True
         state["rng_state"] = rng_state(self.model)
         files.write_json(self.checkpoint_dir / STATE_FILE, state)  # the commit point
-        for name in stale:
-            if name and name not in (state["model_file"], state["best_file"]):
-                (self.checkpoint_dir / name).unlink(missing_ok=True)
+        remove_stale(self.checkpoint_dir, stale, keep=(state["model_file"], state["best_file"]))
         print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {val_loss:.4f}, {seconds:.1f} s"
               f"{' (best so far)' if state['best_epoch'] == epoch + 1 else ''}", flush=True)
         if state["stopped_early"]:
             print(f"stopping early: val loss has not improved for {self.patience} epochs "
                   f"(best: epoch {state['best_epoch']})", flush=True)
 
-    def _save(self, name: str, save) -> str:
-        """Write one file of this epoch under its own name (never over the file the state names)."""
-        with files.atomic_path(self.checkpoint_dir / name, suffix="." + name.split(".", 1)[1]) as tmp:
-            save(tmp)
-        return name
+
+def save_file(folder: Path, name: str, save) -> str:
+    """Write one checkpoint file with `save(path)` under its own name (never over the file the state
+    names), atomically; return the name for the state file."""
+    with files.atomic_path(folder / name, suffix="." + name.split(".", 1)[1]) as tmp:
+        save(tmp)
+    return name
+
+
+def remove_stale(folder: Path, names, keep) -> None:
+    """After the state file names the new files: delete the files it named before (not those in `keep`)."""
+    for name in names:
+        if name and name not in keep:
+            (folder / name).unlink(missing_ok=True)
 
 
 def log_epoch(live, record: dict) -> None:

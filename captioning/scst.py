@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
-from captioning.checkpoints import STATE_FILE, clear_checkpoints, resume_state
+from captioning.checkpoints import STATE_FILE, clear_checkpoints, remove_stale, resume_state, save_file
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
 from captioning.feature_files import FeatureStore
@@ -52,9 +52,9 @@ class RewardSet:
     statistics: NgramStatistics
 
     @classmethod
-    def build(cls, train_captions: pd.DataFrame, store: FeatureStore, statistics: NgramStatistics) -> RewardSet:
-        seen = train_captions[train_captions["image"].isin(store.row_of.keys())]
-        groups = list(seen.groupby("image", sort=True)["caption"])
+    def build(cls, seen_captions: pd.DataFrame, store: FeatureStore, statistics: NgramStatistics) -> RewardSet:
+        """From the training captions of images that have features (the corpus of `statistics`)."""
+        groups = list(seen_captions.groupby("image", sort=True)["caption"])
         return cls(store.rows([image for image, _ in groups]),
                    [[statistics.vector(caption) for caption in captions] for _, captions in groups], statistics)
 
@@ -147,13 +147,9 @@ def _fingerprint(config: TrainConfig, origin: dict) -> str:
 def _checkpoint(folder: Path, state: dict, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     """This epoch's weights and optimizer state under new names, then the state file that names them."""
     stale = [state.get("weights_file"), state.get("optimizer_file")]
-    state["weights_file"] = f"epoch-{state['epoch']:04d}.weights.h5"
-    with files.atomic_path(folder / state["weights_file"], suffix=".weights.h5") as tmp:
-        model.save_weights(tmp)
-    state["optimizer_file"] = f"epoch-{state['epoch']:04d}.optimizer.npz"
-    with files.atomic_path(folder / state["optimizer_file"], suffix=".npz") as tmp:
-        np.savez(tmp, *[variable.numpy() for variable in optimizer.variables])
+    epoch = state["epoch"]
+    state["weights_file"] = save_file(folder, f"epoch-{epoch:04d}.weights.h5", model.save_weights)
+    state["optimizer_file"] = save_file(folder, f"epoch-{epoch:04d}.optimizer.npz",
+                                        lambda path: np.savez(path, *[v.numpy() for v in optimizer.variables]))
     files.write_json(folder / STATE_FILE, state)  # the commit point
-    for name in stale:
-        if name and name not in (state["weights_file"], state["optimizer_file"]):
-            (folder / name).unlink(missing_ok=True)
+    remove_stale(folder, stale, keep=(state["weights_file"], state["optimizer_file"]))

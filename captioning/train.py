@@ -154,8 +154,9 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     placement = make_placement(config.strategy)  # first: a multi-worker strategy must precede other TF work
     store = FeatureStore(paths.features)
     data = prepare_data(config, captions, train_images, dev_images, store)
-    statistics = NgramStatistics.from_table(data.train_captions[data.train_captions["image"].isin(store.row_of)])
-    rewards = RewardSet.build(data.train_captions, store, statistics) if config.scst_epochs else None
+    seen_captions = data.train_captions[data.train_captions["image"].isin(store.row_of)]
+    statistics = NgramStatistics.from_table(seen_captions)  # CIDEr-D's n-gram weights: rerank and SCST reward
+    rewards = RewardSet.build(seen_captions, store, statistics) if config.scst_epochs else None
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
     runs = []
