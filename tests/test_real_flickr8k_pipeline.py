@@ -102,7 +102,7 @@ def test_full_pipeline_on_real_photos(real_project):
     assert split["images_in_no_split"]["count"] == 9
     features = json.loads((real_project / "data/features/report.json").read_text())
     assert features["images_extracted"] == PHOTOS and features["failed_count"] == 0
-    assert features["backbone"]["image_size"] == 288
+    assert features["backbone"]["image_size"] == REAL_PHOTOS["features"]["image_size"]  # the README's 288
     train = json.loads((real_project / "metrics/train.json").read_text())
     assert train["train_captions"] == 763 * 5 and train["dev_captions"] == 37 * 5
 
