@@ -39,7 +39,7 @@ SIZES = {  # run in this order, each by bench/bench_<name>.py
 }
 GOALS = {  # key: (comparison, threshold)
     "extract_ratio": (">=", 0.9), "bf16_speedup": (">=", 1.4), "bf16_cosine": (">=", 0.999),
-    "efficientnet_speedup": (">=", 1.5),
+    "efficientnet_speedup": (">=", 1.5), "efficientnet_288_speedup": (">=", 1.5),
     "ray_engine_ratio": (">=", 0.85),
     "train_speedup": (">=", 7.0), "beam_speedup": (">=", 10.0), "rss_growth": ("<=", 1.25),
     "noop_repro_s": ("<", 3.0), "split_imports_tensorflow": ("==", False),
