@@ -67,14 +67,19 @@ def to_batches(paths: list[str], size: int, batch_size: int) -> list:
     return [tf.constant(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
 
 
-def against_resnet50(side: str, steady: dict, per_cpu: dict, raw: dict, common: dict) -> dict:
-    """EfficientNet-Lite0's steady rate over float32 ResNet-50's (at features.image_size), per repeat."""
-    ratios = [e / f for e, f in zip(steady[side], steady["fp32"], strict=True)]
+def against_fp32(raw: dict, side: str, labels: tuple[str, str], ratio_key: str, extra: dict) -> dict:
+    """One side's steady rate over the float32 ResNet-50 forward pass's, per repeat, in wall clock and in
+    CPU seconds; `labels` name the two sides in the JSON, `extra` joins the raw figures."""
+    def per_repeat(figure: str) -> list[float]:
+        return [s[figure] / f[figure] for s, f in zip(raw[side], raw["fp32"], strict=True)]
+
+    ratios = per_repeat("steady")
     return {
         "value": median(ratios),
-        "cpu_time_value": median([e / f for e, f in zip(per_cpu[side], per_cpu["fp32"], strict=True)]),
-        "images_per_second": {"efficientnet_lite0": median(steady[side]), "resnet50": median(steady["fp32"])},
-        "raw": {"speedup_per_repeat": ratios, "efficientnet_lite0": raw[side], "resnet50": raw["fp32"], **common},
+        "cpu_time_value": median(per_repeat("steady_per_cpu_second")),
+        "images_per_second": {label: median([figures["steady"] for figures in raw[key]])
+                              for label, key in zip(labels, (side, "fp32"), strict=True)},
+        "raw": {ratio_key: ratios, labels[0]: raw[side], labels[1]: raw["fp32"], **extra},
     }
 
 
@@ -110,31 +115,18 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     for r in range(repeats):
         for key in names[r % len(names):] + names[:r % len(names)]:
             raw[key].append(sides[key]())
-    steady = {key: [figures["steady"] for figures in raw[key]] for key in raw}
-    extract = [e / f for e, f in zip(steady["e2e"], steady["fp32"], strict=True)]
-    bf16 = [b / f for b, f in zip(steady["bf16"], steady["fp32"], strict=True)]
-    per_cpu = {key: [figures["steady_per_cpu_second"] for figures in raw[key]] for key in raw}
     a, b = outputs["fp32"], outputs["bf16"]
     cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     common = {"images": len(paths), "batch_size": batch_size, "image_size": size, "repeats": repeats,
               "weights": "random"}
+    lite0_labels = ("efficientnet_lite0", "resnet50")
     return {
-        "extract_ratio": {
-            "value": median(extract),
-            "cpu_time_value": median([e / f for e, f in zip(per_cpu["e2e"], per_cpu["fp32"], strict=True)]),
-            "images_per_second": {"end_to_end": median(steady["e2e"]), "forward_only": median(steady["fp32"])},
-            "raw": {"ratio_per_repeat": extract, "end_to_end": raw["e2e"], "forward_only": raw["fp32"],
-                    "e2e_equals_forward_max_abs_diff": float(np.max(np.abs(outputs["e2e"] - a))), **common},
-        },
-        "bf16_speedup": {
-            "value": median(bf16),
-            "cpu_time_value": median([b / f for b, f in zip(per_cpu["bf16"], per_cpu["fp32"], strict=True)]),
-            "images_per_second": {"mixed_bfloat16": median(steady["bf16"]), "float32": median(steady["fp32"])},
-            "raw": {"speedup_per_repeat": bf16, "mixed_bfloat16": raw["bf16"], "float32": raw["fp32"], **common},
-        },
-        "efficientnet_speedup": against_resnet50("lite0", steady, per_cpu, raw, common),
-        "efficientnet_288_speedup": against_resnet50("lite0_288", steady, per_cpu, raw,
-                                                     {**common, "efficientnet_image_size": REAL_PHOTOS_SIZE}),
+        "extract_ratio": against_fp32(raw, "e2e", ("end_to_end", "forward_only"), "ratio_per_repeat", {
+            "e2e_equals_forward_max_abs_diff": float(np.max(np.abs(outputs["e2e"] - a))), **common}),
+        "bf16_speedup": against_fp32(raw, "bf16", ("mixed_bfloat16", "float32"), "speedup_per_repeat", common),
+        "efficientnet_speedup": against_fp32(raw, "lite0", lite0_labels, "speedup_per_repeat", common),
+        "efficientnet_288_speedup": against_fp32(raw, "lite0_288", lite0_labels, "speedup_per_repeat",
+                                                 {**common, "efficientnet_image_size": REAL_PHOTOS_SIZE}),
         "bf16_cosine": {
             "value": float(np.mean(cosine)),
             "raw": {"min": float(np.min(cosine)), "images": len(paths),
