@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pandas as pd
 from pycocoevalcap.cider.cider import Cider
 
@@ -37,22 +36,3 @@ def consensus_captions(captions: pd.DataFrame) -> dict[str, str]:
         if image not in best or score > best[image][0]:
             best[image] = (float(score), res[key][0])
     return {image: text for image, (_, text) in best.items()}
-
-
-def nearest_neighbours(query: np.ndarray, pool: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Index in `pool` of each query row's cosine-nearest row, scanning the pool in chunks."""
-
-    def unit(rows):
-        rows = np.asarray(rows, dtype=np.float32)
-        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
-    query = unit(query)
-    best_score = np.full(len(query), -np.inf, np.float32)
-    best_index = np.zeros(len(query), np.int64)
-    for start in range(0, len(pool), chunk):
-        similarity = query @ unit(pool[start:start + chunk]).T
-        index = similarity.argmax(axis=1)
-        score = similarity[np.arange(len(query)), index]
-        better = score > best_score
-        best_score[better], best_index[better] = score[better], index[better] + start
-    return best_index

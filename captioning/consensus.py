@@ -108,4 +108,17 @@ def consensus_index(captions: list[str], log_probs: np.ndarray, statistics: Ngra
     vectors = [statistics.vector(c) for c in captions]
     gains = [sum(w * statistics.similarity(v, other) for w, other in zip(weights, vectors, strict=True))
              for v in vectors]
-    return min(range(len(captions)), key=lambda k: (-round(gains[k], 9), -log_probs[k]))
+    return _best(gains, log_probs)
+
+
+def neighbour_consensus_index(captions: list[str], log_probs: np.ndarray, references: list[str],
+                              statistics: NgramStatistics) -> int:
+    """Index of the caption with the highest CIDEr-D against `references`, the captions of the training
+    photos nearest the image (see `captioning.neighbours`); ties go to the more probable caption."""
+    vectors = [statistics.vector(r) for r in references]
+    return _best([statistics.cider_of_vector(statistics.vector(c), vectors) for c in captions], log_probs)
+
+
+def _best(gains: list[float], log_probs: np.ndarray) -> int:
+    # Rounded, so gains equal up to float noise count as a tie.
+    return min(range(len(gains)), key=lambda k: (-round(gains[k], 9), -log_probs[k]))

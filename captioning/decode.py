@@ -17,6 +17,8 @@ from tqdm import tqdm
 from captioning import consensus
 from captioning.errors import UserError
 from captioning.model import inference_models
+from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
+from captioning.neighbours import NeighbourIndex
 from captioning.tf_setup import keras, tf
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
@@ -26,14 +28,16 @@ NEG_INF = -1e9
 class Captioner:
     """A trained decoder plus its vocabulary, turning feature vectors into captions.
 
-    `statistics` (the training captions' n-gram document frequencies) is what the consensus rerank
-    weighs n-grams by; without it only `rerank: none` is possible.
+    `statistics` (the training captions' n-gram document frequencies) is what both reranks weigh
+    n-grams by, and `neighbour_index` (the training photos' features and captions) is what the
+    `neighbours` rerank compares with; without them only `rerank: none` is possible.
     """
 
     def __init__(self, model: keras.Model, vocab: Vocabulary,
-                 statistics: consensus.NgramStatistics | None = None):
+                 statistics: consensus.NgramStatistics | None = None, neighbour_index: NeighbourIndex | None = None):
         self.vocab = vocab
         self.statistics = statistics
+        self.neighbour_index = neighbour_index
         self.encoder, self.step = inference_models(model)
         self.banned, self.no_end = (tf.constant(mask) for mask in word_rules(len(vocab)))
         # Fixed signatures with an unknown batch size: one trace serves every batch. The loops are
@@ -56,7 +60,9 @@ class Captioner:
         model = keras.models.load_model(model_dir / "model.keras", compile=False)
         statistics_file = model_dir / consensus.FILE_NAME
         statistics = consensus.NgramStatistics.load(statistics_file) if statistics_file.is_file() else None
-        return cls(model, Vocabulary.load(model_dir / "vocab.json"), statistics)
+        index_file = model_dir / NEIGHBOURS_FILE
+        neighbour_index = NeighbourIndex.load(index_file) if index_file.is_file() else None
+        return cls(model, Vocabulary.load(model_dir / "vocab.json"), statistics, neighbour_index)
 
     def _log_probs(self, tokens, states, first_step, history, no_repeat_ngram):
         """Next-word log-probabilities of each row, after the rules above; `history` is (rows, words so far)."""
@@ -130,7 +136,7 @@ class Captioner:
                  tf.zeros([batch, beam_size, 0], tf.int32))
         _, _, _, scores, done, lengths, history = _repeat(step, start, max_length)
         # Score by length-normalised log-probability; when any beam finished, unfinished ones are out.
-        # The pick among the final beams happens in `choose_beam` (plain argmax, or consensus).
+        # The pick among the final beams happens in `choose_beams` (plain argmax, or a rerank).
         normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
         any_done = tf.reduce_any(done, axis=1, keepdims=True)
         normalised = tf.where(any_done & ~done, NEG_INF * 10.0, normalised)
@@ -138,7 +144,8 @@ class Captioner:
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
-                    rerank: str = "none", no_repeat_ngram: int = 0, progress: bool = False) -> list[np.ndarray]:
+                    rerank: str = "none", neighbours: int = 1, no_repeat_ngram: int = 0,
+                    progress: bool = False) -> list[np.ndarray]:
         self.require_rerank_support(method, rerank)
         results = []
         with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
@@ -148,17 +155,23 @@ class Captioner:
                     ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
                 else:
                     beams, scores = self.final_beams(chunk, beam_size, max_length, length_penalty, no_repeat_ngram)
-                    ids = [self.choose_beam(b, sc, rerank) for b, sc in zip(beams, scores, strict=True)]
+                    ids = self.choose_beams(chunk.numpy(), beams, scores, rerank, neighbours)
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results
 
     def require_rerank_support(self, method: str, rerank: str) -> None:
         """Stop with one line, before any decoding, when these settings need statistics the model lacks."""
-        if method == "beam" and rerank == "consensus" and self.statistics is None:
-            raise UserError(f"decode.rerank: consensus needs the training captions' n-gram statistics "
-                            f"({consensus.FILE_NAME} beside the model), and this model has none. Retrain it "
-                            "with `dvc repro`, or set decode.rerank: none.")
+        if method != "beam" or rerank == "none":
+            return
+        needed = {consensus.FILE_NAME: self.statistics}
+        if rerank == "neighbours":
+            needed[NEIGHBOURS_FILE] = self.neighbour_index
+        missing = [name for name, loaded in needed.items() if loaded is None]
+        if missing:
+            raise UserError(f"decode.rerank: {rerank} needs {' and '.join(missing)} beside the model (written by "
+                            "train_lstm), and this model has none. Retrain it with `dvc repro`, or set "
+                            "decode.rerank: none.")
 
     def final_beams(self, features, beam_size: int, max_length: int, length_penalty: float,
                     no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -172,16 +185,31 @@ class Captioner:
     def captions(self, features: np.ndarray, **settings) -> list[str]:
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]
 
-    def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str = "none") -> np.ndarray:
+    def choose_beams(self, features: np.ndarray, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
+                     neighbours: int = 1) -> list[np.ndarray]:
+        """Each image's pick among its final beams (`final_beams`' output for the rows of `features`)."""
+        if rerank == "neighbours":
+            references = self.neighbour_index.nearest_captions(features, neighbours)
+        else:
+            references = [None] * len(beams)
+        return [self.choose_beam(b, s, rerank, r) for b, s, r in zip(beams, scores, references, strict=True)]
+
+    def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
+                    references: list[str] | None = None) -> np.ndarray:
         """Pick one of an image's final beams (rows of `beams`, scored by `scores`).
 
         `none`: the highest score. `consensus`: minimum Bayes risk with CIDEr-D as the utility over
-        the live beams, weighted by their probabilities (see `captioning.consensus`).
+        the live beams, weighted by their probabilities (see `captioning.consensus`). `neighbours`: the
+        highest CIDEr-D against `references`, the captions of the training photos nearest the image
+        (see `captioning.neighbours`).
         """
         live = np.flatnonzero(scores > NEG_INF)
         if rerank == "none" or len(live) < 2:
             return beams[int(np.argmax(scores))]
         captions = [self.vocab.decode(beams[i]) for i in live]
+        if rerank == "neighbours":
+            return beams[live[consensus.neighbour_consensus_index(captions, scores[live], references,
+                                                                  self.statistics)]]
         return beams[live[consensus.consensus_index(captions, scores[live], self.statistics)]]
 
 

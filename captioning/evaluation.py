@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from captioning.baselines import consensus_captions, most_frequent_caption, nearest_neighbours
+from captioning.baselines import consensus_captions, most_frequent_caption
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
+from captioning.neighbours import nearest_neighbours
 from captioning.params import DecodeSettings
 from captioning.scoring import score_captions
 
@@ -42,7 +43,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
     frequent_scores, _ = score_captions({k: frequent for k in test_images}, references,
                                         progress="scoring the frequent baseline")
     consensus = consensus_captions(train_captions)
-    neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])
+    neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])[:, 0]
     nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
     nearest_scores, _ = score_captions(nearest, references, progress="scoring the nearest baseline")
 

@@ -91,14 +91,19 @@ class LoadedCaptioner:
         else:
             beams, scores = self.captioner.final_beams(features, settings["beam_size"], settings["max_length"],
                                                        settings["length_penalty"], settings["no_repeat_ngram"])
-            out = [self._with_beams(b, s, settings["rerank"]) for b, s in zip(beams, scores, strict=True)]
+            beams, scores = beams[:count], scores[:count]
+            # Settings saved before the neighbours rerank existed have no `neighbours`, and do not need it.
+            chosen = self.captioner.choose_beams(features[:count], beams, scores, settings["rerank"],
+                                                 settings.get("neighbours"))
+            out = [self._with_beams(b, s, c) for b, s, c in zip(beams, scores, chosen, strict=True)]
         return out[:count]
 
-    def _with_beams(self, beams: np.ndarray, scores: np.ndarray, rerank: str) -> Decoded:
-        chosen = self.captioner.vocab.decode(self.captioner.choose_beam(beams, scores, rerank))
+    def _with_beams(self, beams: np.ndarray, scores: np.ndarray, chosen: np.ndarray) -> Decoded:
+        """The chosen caption, with every live beam beside it, most probable first."""
         live = [i for i in np.argsort(-scores, kind="stable") if scores[i] > NEG_INF]
-        return Decoded(chosen, [{"caption": self.captioner.vocab.decode(beams[i]), "score": round(float(scores[i]), 4)}
-                                for i in live])
+        decode = self.captioner.vocab.decode
+        return Decoded(decode(chosen), [{"caption": decode(beams[i]), "score": round(float(scores[i]), 4)}
+                                        for i in live])
 
     def caption(self, pixels: np.ndarray, settings: dict | None = None) -> list[Decoded]:
         return self.decode(self.features(pixels), settings or self.settings)

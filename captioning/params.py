@@ -24,7 +24,7 @@ BACKBONES = ("resnet50", "efficientnet_lite0")  # features.backbone, see caption
 ENGINES = ("local", "ray")  # features.engine: this process, or a Ray cluster (captioning/extract_ray.py)
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DECODE_METHODS = ("greedy", "beam")
-RERANKS = ("none", "consensus")
+RERANKS = ("none", "consensus", "neighbours")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # train.strategy, see captioning/distribute.py
 MAX_SEED = 2**32 - 1  # NumPy's limit, which keras.utils.set_random_seed inherits
 MIN_IMAGE_SIZE = 32   # the smallest input ResNet-50 accepts
@@ -197,6 +197,7 @@ class DecodeSettings:
     beam_size: int = knob(POSITIVE)
     length_penalty: float = knob(number(0))
     rerank: str = knob(one_of(*RERANKS))
+    neighbours: int = knob(POSITIVE)  # with rerank neighbours: how many nearest training photos judge
     no_repeat_ngram: int = knob(whole(0))
     max_length: int = knob(POSITIVE)
     batch_size: int = knob(POSITIVE)

@@ -39,6 +39,8 @@ from captioning.distribute import NullLive, check_agreement, make_placement, out
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
 from captioning.model import MEMBER_PREFIX, build_decoder, compile_decoder, ensemble_of, make_optimizer
+from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
+from captioning.neighbours import NeighbourIndex
 from captioning.params import TrainConfig
 from captioning.scst import RewardSet, fine_tune
 from captioning.tf_setup import keras, seed_everything, tf
@@ -176,7 +178,8 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
         runs.append(MemberRun(model, state, kept, scst))
     model = ensemble_of([run.model for run in runs])
     with output_dir(placement, paths.model) as model_out:
-        save_bundle(model, data.vocab, store, config, model_out, statistics)
+        save_bundle(model, data.vocab, store, config, model_out, statistics,
+                    NeighbourIndex.from_table(seen_captions, store))
     return training_metrics(model, runs, data, store) if placement.is_chief else None
 
 
@@ -317,11 +320,13 @@ def open_live(live_dir: Path):
 
 
 def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, config: TrainConfig, model_dir: Path,
-                statistics: NgramStatistics) -> None:
-    """Everything the caption command needs: model, vocabulary, how features were made, and the
-    training captions' n-gram statistics that the consensus rerank weighs n-grams by."""
+                statistics: NgramStatistics, neighbour_index: NeighbourIndex) -> None:
+    """Everything the caption command needs: model, vocabulary, how features were made, the training
+    captions' n-gram statistics that both reranks weigh n-grams by, and the training photos' features and
+    captions that the neighbours rerank compares with."""
     model_dir.mkdir(parents=True, exist_ok=True)
     statistics.save(model_dir / FILE_NAME)
+    neighbour_index.save(model_dir / NEIGHBOURS_FILE)
     with files.atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
         model.save(tmp)
     vocab.save(model_dir / "vocab.json")

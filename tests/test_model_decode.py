@@ -122,3 +122,27 @@ def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
     assert list(reranking.choose_beam(beams, scores, "consensus")) == list(beams[1])
     assert list(reranking.choose_beam(beams[:1], scores[:1], "consensus")) == list(beams[0])  # width 1: greedy's pick
     assert len(reranking.captions(features, method="beam", rerank="consensus")) == len(features)
+
+
+def test_neighbours_rerank_picks_the_beam_the_nearest_photos_captions_agree_with(trained):
+    from captioning.consensus import NgramStatistics
+    from captioning.errors import UserError
+    from captioning.neighbours import NeighbourIndex
+
+    captioner, features, model = trained
+    statistics = NgramStatistics.from_captions([[c] for c in CAPTIONS])
+    without_index = Captioner(model, captioner.vocab, statistics)
+    with pytest.raises(UserError, match="neighbours.npz"):  # a model saved before the index existed
+        without_index.caption_ids(features, method="beam", rerank="neighbours", neighbours=1)
+    # Each toy photo's nearest "training photo" is itself, described with the wording of its second most
+    # probable beam: the rerank must pick that beam, where plain beam search picks the first.
+    beams, scores = without_index.final_beams(features, 4, 10, 0.0)
+    offered = [[captioner.vocab.decode(ids) for ids in image_beams[np.argsort(-image_scores, kind="stable")]]
+               for image_beams, image_scores in zip(beams, scores, strict=True)]
+    reranking = Captioner(model, captioner.vocab, statistics, NeighbourIndex(features, [[o[1]] for o in offered]))
+    chosen = [reranking.vocab.decode(ids) for ids in reranking.choose_beams(features, beams, scores, "neighbours", 1)]
+    assert chosen == [o[1] for o in offered]
+    assert [reranking.vocab.decode(ids) for ids in reranking.choose_beams(features, beams, scores)] == \
+        [o[0] for o in offered]
+    assert reranking.captions(features, method="beam", beam_size=4, max_length=10, rerank="neighbours",
+                              neighbours=1) == chosen
