@@ -144,7 +144,7 @@ class Captioner:
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
-                    rerank: str = "none", neighbours: int = 1, no_repeat_ngram: int = 0,
+                    rerank: str = "none", neighbours: int | None = None, no_repeat_ngram: int = 0,
                     progress: bool = False) -> list[np.ndarray]:
         self.require_rerank_support(method, rerank)
         results = []
@@ -186,9 +186,12 @@ class Captioner:
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]
 
     def choose_beams(self, features: np.ndarray, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
-                     neighbours: int = 1) -> list[np.ndarray]:
-        """Each image's pick among its final beams (`final_beams`' output for the rows of `features`)."""
+                     neighbours: int | None = None) -> list[np.ndarray]:
+        """Each image's pick among its final beams (`final_beams`' output for the rows of `features`);
+        `neighbours` (decode.neighbours) is how many nearest training photos the `neighbours` rerank asks."""
         if rerank == "neighbours":
+            if not neighbours:
+                raise ValueError("rerank 'neighbours' needs the number of neighbours (decode.neighbours)")
             references = self.neighbour_index.nearest_captions(features, neighbours)
         else:
             references = [None] * len(beams)

@@ -146,3 +146,5 @@ def test_neighbours_rerank_picks_the_beam_the_nearest_photos_captions_agree_with
         [o[0] for o in offered]
     assert reranking.captions(features, method="beam", beam_size=4, max_length=10, rerank="neighbours",
                               neighbours=1) == chosen
+    with pytest.raises(ValueError, match="decode.neighbours"):  # how many to ask has no silent default
+        reranking.choose_beams(features, beams, scores, "neighbours")
