@@ -111,12 +111,12 @@ def consensus_index(captions: list[str], log_probs: np.ndarray, statistics: Ngra
     return _best(gains, log_probs)
 
 
-def neighbour_consensus_index(captions: list[str], log_probs: np.ndarray, references: list[str],
+def neighbour_consensus_index(captions: list[str], log_probs: np.ndarray, references: list[tuple],
                               statistics: NgramStatistics) -> int:
-    """Index of the caption with the highest CIDEr-D against `references`, the captions of the training
-    photos nearest the image (see `captioning.neighbours`); ties go to the more probable caption."""
-    vectors = [statistics.vector(r) for r in references]
-    return _best([statistics.cider_of_vector(statistics.vector(c), vectors) for c in captions], log_probs)
+    """Index of the caption with the highest CIDEr-D against `references` (from `statistics.vector`), the
+    captions of the training photos nearest the image (see `captioning.neighbours`); ties go to the more
+    probable caption."""
+    return _best([statistics.cider_of_vector(statistics.vector(c), references) for c in captions], log_probs)
 
 
 def _best(gains: list[float], log_probs: np.ndarray) -> int:

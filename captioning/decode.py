@@ -38,6 +38,7 @@ class Captioner:
         self.vocab = vocab
         self.statistics = statistics
         self.neighbour_index = neighbour_index
+        self._photo_vectors: dict[int, list[tuple]] = {}  # see _caption_vectors
         self.encoder, self.step = inference_models(model)
         self.banned, self.no_end = (tf.constant(mask) for mask in word_rules(len(vocab)))
         # Fixed signatures with an unknown batch size: one trace serves every batch. The loops are
@@ -150,12 +151,13 @@ class Captioner:
         results = []
         with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
             for start in range(0, len(features), batch_size):
-                chunk = tf.constant(np.asarray(features[start:start + batch_size], np.float32))
+                rows = np.asarray(features[start:start + batch_size], np.float32)
+                chunk = tf.constant(rows)
                 if method == "greedy":
                     ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
                 else:
                     beams, scores = self.final_beams(chunk, beam_size, max_length, length_penalty, no_repeat_ngram)
-                    ids = self.choose_beams(chunk.numpy(), beams, scores, rerank, neighbours)
+                    ids = self.choose_beams(rows, beams, scores, rerank, neighbours)
                 results.extend(np.asarray(ids))
                 bar.update(len(chunk))
         return results
@@ -192,19 +194,28 @@ class Captioner:
         if rerank == "neighbours":
             if not neighbours:
                 raise ValueError("rerank 'neighbours' needs the number of neighbours (decode.neighbours)")
-            references = self.neighbour_index.nearest_captions(features, neighbours)
+            references = [[v for photo in photos for v in self._caption_vectors(int(photo))]
+                          for photos in self.neighbour_index.nearest_photos(features, neighbours)]
         else:
             references = [None] * len(beams)
         return [self.choose_beam(b, s, rerank, r) for b, s, r in zip(beams, scores, references, strict=True)]
 
+    def _caption_vectors(self, photo: int) -> list[tuple]:
+        """CIDEr-D vectors of training photo `photo`'s captions. Vectorising is most of the neighbours
+        rerank's cost, and the same photos are neighbours of many images, so each is done once; the cache
+        holds at most every training photo, as the index itself does."""
+        if photo not in self._photo_vectors:
+            self._photo_vectors[photo] = [self.statistics.vector(c) for c in self.neighbour_index.captions[photo]]
+        return self._photo_vectors[photo]
+
     def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
-                    references: list[str] | None = None) -> np.ndarray:
+                    references: list[tuple] | None = None) -> np.ndarray:
         """Pick one of an image's final beams (rows of `beams`, scored by `scores`).
 
         `none`: the highest score. `consensus`: minimum Bayes risk with CIDEr-D as the utility over
         the live beams, weighted by their probabilities (see `captioning.consensus`). `neighbours`: the
-        highest CIDEr-D against `references`, the captions of the training photos nearest the image
-        (see `captioning.neighbours`).
+        highest CIDEr-D against `references`, the vectors (`NgramStatistics.vector`) of the captions of the
+        training photos nearest the image (see `captioning.neighbours`).
         """
         live = np.flatnonzero(scores > NEG_INF)
         if rerank == "none" or len(live) < 2:

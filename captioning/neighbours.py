@@ -75,7 +75,6 @@ class NeighbourIndex:
             bounds = np.concatenate([[0], np.cumsum(counts)])
             return cls(stored["features"], [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
-    def nearest_captions(self, features: np.ndarray, k: int) -> list[list[str]]:
-        """For each row of `features`, the captions of its k cosine-nearest training photos."""
-        return [[text for row in rows for text in self.captions[row]]
-                for rows in nearest_neighbours(features, self.features, k)]
+    def nearest_photos(self, features: np.ndarray, k: int) -> np.ndarray:
+        """For each row of `features`, the indices of its k cosine-nearest training photos, nearest first."""
+        return nearest_neighbours(features, self.features, k)

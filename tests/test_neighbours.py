@@ -45,9 +45,13 @@ def test_index_survives_a_save_and_load_without_pickle(tmp_path):
     loaded = NeighbourIndex.load(tmp_path / "neighbours.npz")
     np.testing.assert_array_equal(loaded.features, index.features)
     assert [sorted(texts) for texts in loaded.captions] == [sorted(REFERENCES[k][:kept[k]]) for k in sorted(kept)]
-    near_a = loaded.nearest_captions(np.array([[0.9, 0.2]]), k=1)[0]
+    def nearest_captions(features, k):
+        return [[text for photo in photos for text in loaded.captions[photo]]
+                for photos in loaded.nearest_photos(np.array(features), k)]
+
+    near_a = nearest_captions([[0.9, 0.2]], k=1)[0]
     assert sorted(near_a) == sorted(REFERENCES["a.jpg"][:2])
-    assert len(loaded.nearest_captions(np.array([[0.9, 0.2], [-1.0, 0.0]]), k=2)[1]) == 5  # c's 3 + a's 2
+    assert len(nearest_captions([[0.9, 0.2], [-1.0, 0.0]], k=2)[1]) == 5  # c's 3 + a's 2
 
 
 def test_neighbour_consensus_picks_what_the_neighbours_wrote():
@@ -55,11 +59,11 @@ def test_neighbour_consensus_picks_what_the_neighbours_wrote():
     captions = ["a red circle", "two blue squares on a black background", "three green triangles"]
     log_probs = np.log([0.5, 0.3, 0.2])
     references = REFERENCES["b.jpg"]
-    chosen = neighbour_consensus_index(captions, log_probs, references, statistics)
+    chosen = neighbour_consensus_index(captions, log_probs, [statistics.vector(r) for r in references], statistics)
     assert chosen == 1  # not the most probable: the one the neighbours' captions agree with
     assert chosen == int(np.argmax([statistics.cider(c, references) for c in captions]))
     # Nothing in common with any beam: every gain is 0, and the most probable beam stays.
-    assert neighbour_consensus_index(captions, log_probs, ["an orange hexagon"], statistics) == 0
+    assert neighbour_consensus_index(captions, log_probs, [statistics.vector("an orange hexagon")], statistics) == 0
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 3)), np.zeros((4, 3))])
