@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from captioning.bundle import decode_settings
+from captioning.consensus import FILE_NAME as STATISTICS_FILE
 from captioning.images import load_image
 from captioning.inference import LoadedCaptioner
+from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +36,17 @@ def test_every_pass_is_padded_to_an_allowed_size_and_keeps_evaluates_captions(de
     assert np.array_equal(loaded.features(np.stack(pixels[:3])), loaded.features(np.stack(pixels[:4]))[:3])
 
 
-def test_consensus_without_statistics_stops_at_warm_up_with_one_line(demo_run, tmp_path):
-    from captioning.consensus import FILE_NAME
+@pytest.mark.parametrize(("rerank", "missing"), [("consensus", STATISTICS_FILE), ("neighbours", STATISTICS_FILE),
+                                                ("neighbours", NEIGHBOURS_FILE)])
+def test_a_rerank_without_its_files_stops_at_warm_up_with_one_line(demo_run, tmp_path, rerank, missing):
     from captioning.errors import UserError
 
     source = demo_run / "data/model"
-    settings = decode_settings(source, demo_run / "data/decode.json")
-    assert settings["rerank"] == "consensus"
+    settings = {**decode_settings(source, demo_run / "data/decode.json"), "rerank": rerank}
     model_dir = shutil.copytree(source, tmp_path / "model")
-    (model_dir / FILE_NAME).unlink()  # a model trained before the statistics were saved
+    (model_dir / missing).unlink()  # a model trained before the file was saved
     loaded = LoadedCaptioner(model_dir, settings, max_batch=4)
-    with pytest.raises(UserError, match="rerank: none"):
+    with pytest.raises(UserError, match=f"rerank: {rerank} needs {missing}.*rerank: none"):
         loaded.warm_up()
     pixels = np.zeros((1, loaded.image_size, loaded.image_size, 3), np.uint8)
     assert loaded.caption(pixels, {**settings, "rerank": "none"})[0].caption  # the way out it names works
