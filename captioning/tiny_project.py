@@ -7,6 +7,7 @@ tools, so `bench/` can use it right after README command 1.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,18 @@ TINY_PARAMS = {
     "decode": {"batch_size": 64},
     "plot": {"n_samples": 2, "grid_size": 4},
 }
+
+
+def readme_real_photos() -> tuple[dict, dict]:
+    """The README's "Real photos" settings, as its params block says them (without `data`: each caller
+    brings its own paths) and as its `dvc exp run -S key=value` line does ({dotted key: value}). The real-photo
+    CI test runs them and the extraction benchmark times their image size, so the README is their one source."""
+    section = (PROJECT / "README.md").read_text(encoding="utf-8").split("\n## Real photos\n", 1)[1]
+    block = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    block.pop("data")
+    line = section.split("`dvc exp run ", 1)[1].split("`", 1)[0]
+    overrides = {key: yaml.safe_load(value) for key, value in re.findall(r"-S ([\w.]+)=(\S+)", line)}
+    return block, overrides
 
 
 def tool_env() -> dict:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import stages_run
 
-from captioning.tiny_project import PROJECT, make_project, run, set_params
+from captioning.tiny_project import PROJECT, make_project, readme_real_photos, run, set_params
 
 LINES, NAMES, PHOTOS = 40460, 8092, 809
 BOGUS = "2258277193_586949ec62.jpg.1"
@@ -42,17 +42,29 @@ SHAPES = {  # file name -> object pickled from the token file's lines
 
 
 DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
-# The README's "Real photos" settings (288-pixel photos, a wider decoder with more dropout, the best
-# epoch kept, early stop, self-critical fine-tuning, no word pair twice in a caption, the beam the nearest
-# training photos' captions agree with), with one decoder
-# instead of three and 2 instead of 6 self-critical epochs to keep CI short.
-REAL_TRAIN = {**DEFAULTS["train"], "units": 256, "dropout": 0.5, "epochs": 15, "patience": 4, "scst_epochs": 2}
+# The README's "Real photos" settings, read from the README (288-pixel photos, a wider decoder with more
+# dropout, the best epoch kept, early stop, self-critical fine-tuning, no word pair twice in a caption, the
+# beam the nearest training photos' captions agree with), with one decoder instead of three and 2 instead
+# of 6 self-critical epochs to keep CI short.
+README_BLOCK, README_OVERRIDES = readme_real_photos()
+CI_SHORTER = {"ensemble": 1, "scst_epochs": 2}
+REAL_TRAIN = {**DEFAULTS["train"], **README_BLOCK["train"], **CI_SHORTER}
 REAL_PHOTOS = {
-    "features": {**DEFAULTS["features"], "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 288},
+    "features": {**DEFAULTS["features"], **README_BLOCK["features"]},
     # the official split cannot be evaluated: one epoch will do
     "train": {**REAL_TRAIN, "epochs": 1, "scst_epochs": 0},
-    "decode": {**DEFAULTS["decode"], "no_repeat_ngram": 2, "rerank": "neighbours"},
+    "decode": {**DEFAULTS["decode"], **README_BLOCK["decode"]},
 }
+
+
+def test_readme_real_photos_settings_are_one_set_of_real_knobs():
+    """The block and the `-S` line say the same, and every key they name is a knob of params.yaml."""
+    flat = {f"{section}.{key}": value for section, knobs in README_BLOCK.items() for key, value in knobs.items()}
+    assert flat == README_OVERRIDES
+    assert all(key in DEFAULTS[section] for section, knobs in README_BLOCK.items() for key in knobs)
+    assert (README_BLOCK["features"]["backbone"], README_BLOCK["features"]["weights"]) == ("efficientnet_lite0",
+                                                                                        "imagenet")  # offline
+    assert set(CI_SHORTER) <= set(README_BLOCK["train"])
 
 
 @pytest.fixture(scope="module")
