@@ -22,31 +22,23 @@ import numpy as np
 from bench_train import decoder_data, new_decoder
 from common import PARAMS, ROOT, Stopwatch, demo_data, median
 
-from captioning import files
-from captioning.backbones import make_spec
 from captioning.bundle import save_decode_settings
-from captioning.consensus import FILE_NAME, NgramStatistics
+from captioning.consensus import NgramStatistics
 from captioning.features import compute_features
-from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 from captioning.neighbours import NeighbourIndex
+from captioning.params import TrainConfig
+from captioning.train import save_bundle
 
 CLIENTS = 16
 
 
 def write_bundle(workdir: Path, n_images: int) -> Path:
-    """A model folder as train_lstm writes it (decoder, vocabulary, n-gram statistics, the training photos'
-    neighbours index, backbone.json), and the decode settings evaluate would save for it (params.yaml's),
-    in workdir/decode.json."""
+    """A model folder written by train_lstm's own `save_bundle` (an untrained decoder on random features),
+    and the decode settings evaluate would save for it (params.yaml's), in workdir/decode.json."""
     table, store, vocab, data = decoder_data(workdir / "decoder", n_images)
     model_dir = workdir / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    new_decoder(vocab, store, data).save(model_dir / "model.keras")
-    vocab.save(model_dir / "vocab.json")
-    NgramStatistics.from_table(table).save(model_dir / FILE_NAME)
-    NeighbourIndex.from_table(table, store).save(model_dir / NEIGHBOURS_FILE)
-    options = PARAMS["features"]
-    spec = make_spec("random", options["seed"], options["image_size"], options["precision"])
-    files.write_json(model_dir / "backbone.json", spec.to_json())
+    save_bundle(new_decoder(vocab, store, data), vocab, store, TrainConfig(**PARAMS["train"]), model_dir,
+                NgramStatistics.from_table(table), NeighbourIndex.from_table(table, store))
     save_decode_settings(workdir / "decode.json", model_dir, PARAMS["decode"])
     return model_dir
 

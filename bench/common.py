@@ -15,6 +15,7 @@ import pandas as pd
 from captioning import files
 from captioning.captions import load_captions
 from captioning.demo import CAPTIONS, generate_demo
+from captioning.feature_files import BackboneSpec
 from captioning.params import load_params
 from captioning.tiny_project import PROJECT as ROOT
 
@@ -49,12 +50,16 @@ def random_feature_dir(folder: Path, images: list[str], seed: int = 0) -> Path:
     """A features folder in the pipeline's layout holding seeded random rows.
 
     Training and decoding speed do not depend on the feature values, so the decoder benchmarks
-    skip the slow ResNet pass; both sides of each comparison read the very same rows.
+    skip the slow ResNet pass; both sides of each comparison read the very same rows. The folder says
+    it was made by params.yaml's randomly initialised ResNet-50 (the network whose rows have this
+    size), so a model trained on it is served with that backbone.
     """
     folder.mkdir(parents=True, exist_ok=True)
     rows = np.abs(np.random.default_rng(seed).normal(size=(len(images), FEATURE_DIM))).astype(np.float32)
     np.save(folder / "features.npy", rows)
     files.write_parquet(folder / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(len(images))}))
-    files.write_json(folder / "backbone.json", {"weights": "random", "seed": seed, "image_size": 224,
-                                                "precision": "float32", "weights_sha256": None})
+    options = PARAMS["features"]
+    spec = BackboneSpec(weights="random", seed=options["seed"], image_size=options["image_size"],
+                        precision=options["precision"], backbone="resnet50")
+    files.write_json(folder / "backbone.json", spec.to_json())
     return folder
