@@ -1,5 +1,6 @@
 """The README and docs/ link to files and sections that exist (the tuning log moved out of the README once;
 a moved or renamed file must not leave dead links behind)."""
+import functools
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+@functools.cache  # a page is parsed once, however many links point into it
 def anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower-case, punctuation dropped, spaces to hyphens (a `# comment` inside
     a fenced code block is not a heading)."""
