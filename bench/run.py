@@ -26,7 +26,7 @@ from common import ROOT  # bench/ is this script's folder, so Python finds its m
 SIZES = {  # run in this order, each by bench/bench_<name>.py
     "quick": {"pipeline": dict(n_images=40, repeats=1, noop_repeats=3),
               "extract": dict(n_images=64, repeats=2),
-              "engine": dict(n_images=128, repeats=1),
+              "engine": dict(n_images=256, repeats=1),  # 8 batches; with 4 the ratio swung 0.64-1.34
               "train": dict(n_images=100, pairs=3),
               "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2),
               "serve": dict(n_images=32, lone=20, burst=48, rss_early=100, rss_total=300, repeats=2)},
