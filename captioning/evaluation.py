@@ -11,7 +11,7 @@ from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
 from captioning.neighbours import nearest_neighbours
 from captioning.params import DecodeSettings
-from captioning.scoring import score_captions
+from captioning.scoring import CaptionScorer
 
 
 def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[str]]:
@@ -35,17 +35,18 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
     generated = captioner.captions(store.get(test_images), progress=True, **settings.as_kwargs())
     decode_seconds = time.perf_counter() - started
     candidates = dict(zip(test_images, generated, strict=True))
-    metrics, per_image = score_captions(candidates, references, progress="scoring the model")
 
     train_images = sorted(name for name in train_images if name in store.row_of)
     train_captions = captions[captions["image"].isin(set(train_images))]
     frequent = most_frequent_caption(train_captions["caption"])
-    frequent_scores, _ = score_captions({k: frequent for k in test_images}, references,
-                                        progress="scoring the frequent baseline")
     consensus = consensus_captions(train_captions)
     neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])[:, 0]
     nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
-    nearest_scores, _ = score_captions(nearest, references, progress="scoring the nearest baseline")
+    with CaptionScorer() as scorer:  # one METEOR process for the model and both baselines
+        metrics, per_image = scorer.score(candidates, references, progress="scoring the model")
+        frequent_scores, _ = scorer.score({k: frequent for k in test_images}, references,
+                                          progress="scoring the frequent baseline")
+        nearest_scores, _ = scorer.score(nearest, references, progress="scoring the nearest baseline")
 
     metrics.update(
         test_images=len(test_images),

@@ -9,10 +9,11 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from captioning.scoring import METRIC_KEYS, score_captions
+from captioning.scoring import METRIC_KEYS, CaptionScorer, score_captions
 from captioning.text import clean_caption
 
 IMAGES = 1500  # of the 8091 real images: enough for CIDEr's document frequencies, quick for METEOR
+SECOND_SET = 400  # of those, scored again another way
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +30,61 @@ def real_references(flickr8k):
     return candidates, references
 
 
-def test_same_numbers_as_pycocoevalcap_on_real_references(real_references):
+def test_same_numbers_as_pycocoevalcap_on_real_references(real_references, monkeypatch):
+    """Two sets scored by one scorer, as evaluate scores the model and its baselines: one Java start,
+    and each set's numbers equal direct pycocoevalcap calls, METEOR's from a fresh Java process."""
     candidates, references = real_references
-    corpus, per_image = score_captions(candidates, references, meteor=shutil.which("java") is not None)
-    res = {k: [clean_caption(v)] for k, v in candidates.items()}
-    gts = {k: [clean_caption(r) for r in v] for k, v in references.items()}
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, rouge_each = Rouge().compute_score(gts, res)
-    cider, cider_each = Cider().compute_score(gts, res)
-    for n in range(4):
-        assert corpus[f"bleu{n + 1}"] == bleu[n]
-    assert corpus["rouge_l"] == rouge and corpus["cider"] == cider
-    assert list(per_image["image"]) == sorted(candidates)
-    assert list(per_image["bleu4"]) == list(bleu_each[3])
-    assert list(per_image["cider"]) == list(cider_each)
-    assert list(per_image["rouge_l"]) == list(rouge_each)
-    if shutil.which("java"):
-        meteor, meteor_each = Meteor().compute_score(gts, res)
-        assert corpus["meteor"] == pytest.approx(meteor, abs=1e-12)
-        assert list(per_image["meteor"]) == pytest.approx(meteor_each, abs=1e-12)
-    # Human captions against each other: a sanity range, far from a degenerate 0 or 1.
-    assert 0.1 < corpus["bleu4"] < 0.5 and 0.3 < corpus["cider"] < 1.5
+    # The second set, smaller: caption #1 as the candidate, #0 and the other three as references.
+    some = sorted(candidates)[:SECOND_SET]
+    swapped = {image: references[image][0] for image in some}
+    swapped_references = {image: [candidates[image], *references[image][1:]] for image in some}
+    java = shutil.which("java") is not None
+    starts = []
+    start = Meteor.__init__
+    monkeypatch.setattr(Meteor, "__init__", lambda self: starts.append(1) or start(self))
+    with CaptionScorer(meteor=java) as scorer:
+        scored = [scorer.score(candidates, references), scorer.score(swapped, swapped_references)]
+    assert len(starts) == int(java)
+    monkeypatch.undo()
+    assert scored[0][0] != scored[1][0]
+    sets = [(candidates, references), (swapped, swapped_references)]
+    for (corpus, per_image), (candidate_set, reference_set) in zip(scored, sets, strict=True):
+        res = {k: [clean_caption(v)] for k, v in candidate_set.items()}
+        gts = {k: [clean_caption(r) for r in v] for k, v in reference_set.items()}
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+        rouge, rouge_each = Rouge().compute_score(gts, res)
+        cider, cider_each = Cider().compute_score(gts, res)
+        for n in range(4):
+            assert corpus[f"bleu{n + 1}"] == bleu[n]
+        assert corpus["rouge_l"] == rouge and corpus["cider"] == cider
+        assert list(per_image["image"]) == sorted(candidate_set)
+        assert list(per_image["bleu4"]) == list(bleu_each[3])
+        assert list(per_image["cider"]) == list(cider_each)
+        assert list(per_image["rouge_l"]) == list(rouge_each)
+        if java:
+            meteor, meteor_each = Meteor().compute_score(gts, res)
+            assert corpus["meteor"] == pytest.approx(meteor, abs=1e-12)
+            assert list(per_image["meteor"]) == pytest.approx(meteor_each, abs=1e-12)
+        # Human captions against each other: a sanity range, far from a degenerate 0 or 1.
+        assert 0.1 < corpus["bleu4"] < 0.5 and 0.3 < corpus["cider"] < 1.5
+
+
+def test_a_meteor_failure_is_reported_and_scoring_goes_on(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(Meteor, "__init__", lambda self: None)  # no Java started
+    monkeypatch.setattr(Meteor, "__del__", lambda self: None)
+
+    def broken(self, gts, res):
+        raise BrokenPipeError("the Java process died")
+
+    monkeypatch.setattr(Meteor, "compute_score", broken)
+    with CaptionScorer() as scorer:
+        for _ in range(2):  # the broken process is not asked again; the reason is kept
+            corpus, per_image = scorer.score({"a": "a dog runs"}, {"a": ["a dog runs"]})
+            assert corpus["meteor"] is None and per_image["meteor"].isna().all()
+            assert corpus["bleu1"] == pytest.approx(1.0)
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["METEOR not computed: METEOR's Java scorer failed (BrokenPipeError: the Java process died)"] * 2
 
 
 def test_meteor_is_null_with_a_reason_without_java(monkeypatch, capsys):
