@@ -74,15 +74,19 @@ def test_a_meteor_failure_is_reported_and_scoring_goes_on(monkeypatch, capsys):
     monkeypatch.setattr(Meteor, "__init__", lambda self: None)  # no Java started
     monkeypatch.setattr(Meteor, "__del__", lambda self: None)
 
+    asked = []
+
     def broken(self, gts, res):
+        asked.append(1)
         raise BrokenPipeError("the Java process died")
 
     monkeypatch.setattr(Meteor, "compute_score", broken)
     with CaptionScorer() as scorer:
-        for _ in range(2):  # the broken process is not asked again; the reason is kept
+        for _ in range(2):
             corpus, per_image = scorer.score({"a": "a dog runs"}, {"a": ["a dog runs"]})
             assert corpus["meteor"] is None and per_image["meteor"].isna().all()
             assert corpus["bleu1"] == pytest.approx(1.0)
+    assert len(asked) == 1  # the broken process is not asked again; its failure is still given as the reason
     errors = capsys.readouterr().err.splitlines()
     assert errors == ["METEOR not computed: METEOR's Java scorer failed (BrokenPipeError: the Java process died)"] * 2
 
