@@ -21,8 +21,6 @@ def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[s
 
 def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_images: list[str],
              test_images: list[str], settings: DecodeSettings) -> tuple[dict, pd.DataFrame]:
-    from captioning.decode import Captioner
-
     store = FeatureStore(features_dir)
     test_images = sorted(name for name in test_images if name in store.row_of)
     if not test_images:
@@ -30,19 +28,17 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
                         "With data.split_dir set, the official test list must name images you have; "
                         "or set data.split_dir: null for a seeded split.")
     references = references_of(captions, test_images)
-    captioner = Captioner.load(model_dir)
-    started = time.perf_counter()
-    generated = captioner.captions(store.get(test_images), progress=True, **settings.as_kwargs())
-    decode_seconds = time.perf_counter() - started
-    candidates = dict(zip(test_images, generated, strict=True))
-
-    train_images = sorted(name for name in train_images if name in store.row_of)
-    train_captions = captions[captions["image"].isin(set(train_images))]
-    frequent = most_frequent_caption(train_captions["caption"])
-    consensus = consensus_captions(train_captions)
-    neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])[:, 0]
-    nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
-    with CaptionScorer() as scorer:  # one METEOR process for the model and both baselines
+    # One METEOR process for the model and both baselines; its Java loads while the baselines are chosen
+    # and TensorFlow and the model load.
+    with CaptionScorer() as scorer:
+        train_images = sorted(name for name in train_images if name in store.row_of)
+        train_captions = captions[captions["image"].isin(set(train_images))]
+        frequent = most_frequent_caption(train_captions["caption"])
+        consensus = consensus_captions(train_captions)
+        neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])[:, 0]
+        nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
+        generated, decode_seconds = _caption(model_dir, store.get(test_images), settings, scorer)
+        candidates = dict(zip(test_images, generated, strict=True))
         metrics, per_image = scorer.score(candidates, references, progress="scoring the model")
         frequent_scores, _ = scorer.score({k: frequent for k in test_images}, references,
                                           progress="scoring the frequent baseline")
@@ -62,3 +58,15 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
         baseline_nearest=[nearest[k] for k in per_image["image"]],
     )[["image", "generated", "references", "bleu4", "cider", "meteor", "rouge_l", "baseline_nearest"]]
     return metrics, predictions
+
+
+def _caption(model_dir: Path, features, settings: DecodeSettings, scorer: CaptionScorer) -> tuple[list[str], float]:
+    """The test images' captions and the seconds decoding them took (with METEOR's Java loaded first, so
+    that it does not share the CPU with the timed decoding)."""
+    from captioning.decode import Captioner  # TensorFlow: only once there is something to caption
+
+    captioner = Captioner.load(model_dir)
+    scorer.wait_until_ready()
+    started = time.perf_counter()
+    generated = captioner.captions(features, progress=True, **settings.as_kwargs())
+    return generated, time.perf_counter() - started

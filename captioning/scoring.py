@@ -68,6 +68,11 @@ class CaptionScorer:
         if self._meteor is not None:
             self._meteor.close()
 
+    def wait_until_ready(self) -> None:
+        """Block until METEOR's Java has loaded (by scoring one word), so that timings taken next leave it out."""
+        if self._meteor is not None:
+            self._meteor.score({"probe": ["ready"]}, {"probe": ["ready"]})
+
     def score(self, candidates: dict[str, str], references: dict[str, list[str]],
               progress: str | None = None) -> tuple[dict, pd.DataFrame]:
         """Corpus scores under METRIC_KEYS and a per-image table (image, bleu4, meteor, rouge_l, cider).

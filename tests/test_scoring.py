@@ -82,6 +82,7 @@ def test_a_meteor_failure_is_reported_and_scoring_goes_on(monkeypatch, capsys):
 
     monkeypatch.setattr(Meteor, "compute_score", broken)
     with CaptionScorer() as scorer:
+        scorer.wait_until_ready()  # as evaluate does before decoding: the process fails here
         for _ in range(2):
             corpus, per_image = scorer.score({"a": "a dog runs"}, {"a": ["a dog runs"]})
             assert corpus["meteor"] is None and per_image["meteor"].isna().all()
