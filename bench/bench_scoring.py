@@ -8,10 +8,9 @@ Java runs in its own process, so only wall clock means anything here (no CPU-tim
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
-from common import median
+from common import Stopwatch, median
 
 from captioning.demo import captions_for, plan_scenes
 from captioning.scoring import CaptionScorer, score_captions
@@ -31,14 +30,13 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     score_captions(*sets[0])  # warm-up: Java's first start reads its jar and tables from disk
     one_process, process_per_set = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        separate = [score_captions(candidates, references) for candidates, references in sets]
-        process_per_set.append(time.perf_counter() - start)
+        with Stopwatch() as watch:
+            separate = [score_captions(candidates, references) for candidates, references in sets]
+        process_per_set.append(watch.seconds)
 
-        start = time.perf_counter()
-        with CaptionScorer() as scorer:
+        with Stopwatch() as watch, CaptionScorer() as scorer:
             shared = [scorer.score(candidates, references) for candidates, references in sets]
-        one_process.append(time.perf_counter() - start)
+        one_process.append(watch.seconds)
         assert [corpus for corpus, _ in shared] == [corpus for corpus, _ in separate], "the scores differ"
     return {
         "meteor_reuse_speedup": {

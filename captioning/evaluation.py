@@ -28,6 +28,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
                         "With data.split_dir set, the official test list must name images you have; "
                         "or set data.split_dir: null for a seeded split.")
     references = references_of(captions, test_images)
+    test_features = store.get(test_images)
     # One METEOR process for the model and both baselines; its Java loads while the baselines are chosen
     # and TensorFlow and the model load.
     with CaptionScorer() as scorer:
@@ -35,9 +36,9 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
         train_captions = captions[captions["image"].isin(set(train_images))]
         frequent = most_frequent_caption(train_captions["caption"])
         consensus = consensus_captions(train_captions)
-        neighbour = nearest_neighbours(store.get(test_images), store.matrix[store.rows(train_images)])[:, 0]
+        neighbour = nearest_neighbours(test_features, store.matrix[store.rows(train_images)])[:, 0]
         nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
-        generated, decode_seconds = _caption(model_dir, store.get(test_images), settings, scorer)
+        generated, decode_seconds = _caption(model_dir, test_features, settings, scorer)
         candidates = dict(zip(test_images, generated, strict=True))
         metrics, per_image = scorer.score(candidates, references, progress="scoring the model")
         frequent_scores, _ = scorer.score({k: frequent for k in test_images}, references,
