@@ -93,6 +93,17 @@ def members_of(model: keras.Model) -> list[keras.Model]:
     return members or [model]
 
 
+def save_for_decoding(model: keras.Model, path) -> None:
+    """Save the layers and weights that decoding needs, without the optimizer. Keras' .keras format keeps a
+    compiled model's optimizer state (Adam: two moments per weight, every ensemble member's), which would
+    triple the file the caption command and the server load. Checkpoints keep it: resuming needs it."""
+
+    def uncompiled(decoder: keras.Model) -> keras.Model:  # the same layers and weights, never compiled
+        return keras.Model(decoder.input, decoder.output, name=decoder.name)
+
+    ensemble_of([uncompiled(member) for member in members_of(model)]).save(path)
+
+
 def build_decoder(vocab_size: int, units: int, l1: float, dropout: float,
                   feature_mean: np.ndarray, feature_variance: np.ndarray,
                   name: str = "caption_decoder") -> keras.Model:

@@ -38,7 +38,14 @@ from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
-from captioning.model import MEMBER_PREFIX, build_decoder, compile_decoder, ensemble_of, make_optimizer
+from captioning.model import (
+    MEMBER_PREFIX,
+    build_decoder,
+    compile_decoder,
+    ensemble_of,
+    make_optimizer,
+    save_for_decoding,
+)
 from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 from captioning.neighbours import NeighbourIndex
 from captioning.params import TrainConfig
@@ -328,7 +335,7 @@ def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, conf
     statistics.save(model_dir / FILE_NAME)
     neighbour_index.save(model_dir / NEIGHBOURS_FILE)
     with files.atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
-        model.save(tmp)
+        save_for_decoding(model, tmp)
     vocab.save(model_dir / "vocab.json")
     files.write_json(model_dir / "backbone.json", store.spec.to_json())
     files.write_json(model_dir / "train_config.json", asdict(config))

@@ -50,3 +50,16 @@ def fit_toy_decoder(seed: int, epochs: int):
     decoder.fit({"features": features, "tokens": sequences[:, :-1]}, sequences[:, 1:], epochs=epochs, batch_size=8,
                 verbose=0)
     return decoder, vocab, features[:len(TOY_CAPTIONS)]
+
+
+def saved_weight_paths(model_file: Path) -> list[str]:
+    """The paths of every array stored in a .keras file (its model.weights.h5), e.g. layers/lstm_1/..."""
+    import zipfile
+
+    import h5py
+
+    paths = []
+    with zipfile.ZipFile(model_file) as archive, archive.open("model.weights.h5") as weights, \
+            h5py.File(weights, "r") as h5:
+        h5.visititems(lambda name, item: paths.append(name) if isinstance(item, h5py.Dataset) else None)
+    return paths

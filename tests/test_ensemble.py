@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder
+from helpers import TOY_CAPTIONS, fit_toy_decoder, saved_weight_paths
 
 from captioning.decode import Captioner
 from captioning.model import (
@@ -13,6 +13,7 @@ from captioning.model import (
     ensemble_of,
     inference_models,
     members_of,
+    save_for_decoding,
 )
 from captioning.params import read_section
 from captioning.tf_setup import keras
@@ -26,15 +27,15 @@ MEMBERS = 3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An ensemble of decoders trained with seeds 0, 1, 2, saved and loaded back as the caption command
-    loads it; and the decoders themselves."""
+    """An ensemble of decoders trained with seeds 0, 1, 2, saved as the model bundle saves it and loaded
+    back as the caption command loads it; the decoders themselves; and the saved file."""
     decoders = []
     for seed in range(MEMBERS):
         decoder, vocab, features = fit_toy_decoder(seed, epochs=30)
         decoders.append(decoder)
     path = tmp_path_factory.mktemp("ensemble") / "model.keras"
-    ensemble_of(decoders).save(path)
-    return keras.models.load_model(path, compile=False), vocab, features, decoders
+    save_for_decoding(ensemble_of(decoders), path)
+    return keras.models.load_model(path, compile=False), vocab, features, decoders, path
 
 
 def test_one_decoder_is_its_own_ensemble():
@@ -44,7 +45,7 @@ def test_one_decoder_is_its_own_ensemble():
 
 
 def test_members_are_the_trained_decoders(trained):
-    model, _, features, decoders = trained
+    model, _, features, decoders, _ = trained
     members = members_of(model)
     assert [m.name for m in members] == [f"member_{k}" for k in range(1, MEMBERS + 1)]
     for member, decoder in zip(members, decoders, strict=True):
@@ -56,8 +57,18 @@ def test_members_are_the_trained_decoders(trained):
     assert not np.allclose(embeddings[0], embeddings[1])  # other seeds, other decoders
 
 
+def test_the_saved_ensemble_holds_no_optimizer_state(trained, tmp_path):
+    """Every member was compiled and trained with Adam; the bundle keeps only their layers' weights."""
+    *_, decoders, path = trained
+    stored = saved_weight_paths(path)
+    assert len(stored) == MEMBERS * len(decoders[0].weights)
+    assert not [name for name in stored if "optimizer" in name]
+    ensemble_of(decoders).save(tmp_path / "with_training_state.keras")  # what plain Keras saving keeps
+    assert any("optimizer" in name for name in saved_weight_paths(tmp_path / "with_training_state.keras"))
+
+
 def test_decoding_step_scores_the_members_mean_probability(trained):
-    model, _, features, _ = trained
+    model, _, features, _, _ = trained
     encoder, step = inference_models(model)
     states = encoder(features)
     assert len(states) == MEMBERS * 2 * NUM_LSTM_LAYERS
@@ -75,7 +86,7 @@ def test_decoding_step_scores_the_members_mean_probability(trained):
 
 
 def test_ensemble_captions(trained):
-    model, vocab, features, _ = trained
+    model, vocab, features, _, _ = trained
     captioner = Captioner(model, vocab)
     assert captioner.captions(features, method="greedy", max_length=10) == CAPTIONS
     assert captioner.captions(features, method="beam", beam_size=3, max_length=10) == CAPTIONS

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import saved_weight_paths
 
 from captioning.bundle import decode_settings
 from captioning.consensus import FILE_NAME as STATISTICS_FILE
@@ -50,3 +51,17 @@ def test_a_rerank_without_its_files_stops_at_warm_up_with_one_line(demo_run, tmp
         loaded.warm_up()
     pixels = np.zeros((1, loaded.image_size, loaded.image_size, 3), np.uint8)
     assert loaded.caption(pixels, {**settings, "rerank": "none"})[0].caption  # the way out it names works
+
+
+def test_the_bundle_holds_the_decoders_weights_and_no_optimizer_state(demo_run):
+    """train_lstm compiles and trains with Adam, whose two moments per weight are resume state: they stay
+    in the checkpoints and would triple model.keras (see model.save_for_decoding)."""
+    from captioning.tf_setup import keras
+
+    stored = saved_weight_paths(demo_run / "data/model/model.keras")
+    checkpointed = saved_weight_paths(next((demo_run / "checkpoints").glob("*.keras")))
+    assert not [name for name in stored if "optimizer" in name]
+    assert [name for name in checkpointed if "optimizer" in name]
+    assert sorted(stored) == sorted(name for name in checkpointed if "optimizer" not in name)
+    model = keras.models.load_model(demo_run / "data/model/model.keras", compile=False)
+    assert len(stored) == len(model.weights)
