@@ -23,6 +23,8 @@ Design choices (the README repeats them):
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from captioning.tf_setup import keras, tf
@@ -93,7 +95,7 @@ def members_of(model: keras.Model) -> list[keras.Model]:
     return members or [model]
 
 
-def save_for_decoding(model: keras.Model, path) -> None:
+def save_for_decoding(model: keras.Model, path: Path) -> None:
     """Save the layers and weights that decoding needs, without the optimizer. Keras' .keras format keeps a
     compiled model's optimizer state (Adam: two moments per weight, every ensemble member's), which would
     triple the file the caption command and the server load. Checkpoints keep it: resuming needs it."""
