@@ -36,7 +36,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
         train_captions = captions[captions["image"].isin(set(train_images))]
         frequent = most_frequent_caption(train_captions["caption"])
         consensus = consensus_captions(train_captions)
-        neighbour = nearest_neighbours(test_features, store.matrix[store.rows(train_images)])[:, 0]
+        neighbour = nearest_neighbours(test_features, store.get(train_images))[:, 0]
         nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
         generated, decode_seconds = _caption(model_dir, test_features, settings, scorer)
         candidates = dict(zip(test_images, generated, strict=True))
