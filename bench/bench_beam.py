@@ -14,7 +14,6 @@ bench image, as a training set would: the features are random, so only the timin
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from captioning.model import compile_decoder
 from captioning.neighbours import NeighbourIndex
 from captioning.params import RERANKS
 from captioning.tf_setup import tf
+from captioning.timing import Stopwatch
 from captioning.train import training_batches
 from captioning.vocab import END_ID, START_ID
 
@@ -63,9 +63,9 @@ def loop_beam(captioner: Captioner, step, features: np.ndarray, beam_size: int, 
 def loop_rates(captioner: Captioner, step, features: np.ndarray, chunks: int) -> tuple[list, list]:
     rates, ids = [], []
     for chunk in np.array_split(np.arange(len(features)), chunks):
-        start = time.perf_counter()
-        ids += [loop_beam(captioner, step, features[i], **SETTINGS) for i in chunk]
-        rates.append(len(chunk) / (time.perf_counter() - start))
+        with Stopwatch() as watch:
+            ids += [loop_beam(captioner, step, features[i], **SETTINGS) for i in chunk]
+        rates.append(len(chunk) / watch.seconds)
     return rates, ids
 
 
@@ -83,13 +83,13 @@ def run(workdir: Path, n_images: int, loop_images: int, train_epochs: int, repea
 
     batched_rates, reranked_rates = [], {rerank: [] for rerank in TIMED_RERANKS}
     for _ in range(repeats):
-        start = time.perf_counter()
-        batched = captioner.caption_ids(features, method="beam", **SETTINGS)
-        batched_rates.append(len(features) / (time.perf_counter() - start))
+        with Stopwatch() as watch:
+            batched = captioner.caption_ids(features, method="beam", **SETTINGS)
+        batched_rates.append(len(features) / watch.seconds)
         for rerank, rates in reranked_rates.items():
-            start = time.perf_counter()
-            captioner.caption_ids(features, method="beam", rerank=rerank, **SETTINGS, **RERANK_SETTINGS)
-            rates.append(len(features) / (time.perf_counter() - start))
+            with Stopwatch() as watch:
+                captioner.caption_ids(features, method="beam", rerank=rerank, **SETTINGS, **RERANK_SETTINGS)
+            rates.append(len(features) / watch.seconds)
     looped = features[:loop_images]
     loop, loop_ids = loop_rates(captioner, lambda inputs: captioner.step(inputs, training=False), looped, loop_chunks)
     # Not the tutorial way, for scale: the same loop with the step compiled once by tf.function.

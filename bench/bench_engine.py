@@ -21,6 +21,7 @@ from common import PARAMS, demo_data, median
 from captioning.backbones import build_backbone, make_spec
 from captioning.extract_ray import RayEngine
 from captioning.features import FeatureComputer, extract_features
+from captioning.timing import Stopwatch
 
 
 class LandingTimes:
@@ -49,12 +50,11 @@ def timed(call) -> dict:
         landed.append(LandingTimes(array))
         return landed[-1]
 
-    start = time.perf_counter()
-    call(wrap)
-    end = time.perf_counter()
+    with Stopwatch() as watch:
+        call(wrap)
     marks = landed[-1].marks
     (t1, n1), (t_end, n_end) = marks[0], marks[-1]
-    return {"steady": (n_end - n1) / (t_end - t1), "whole_call": n_end / (end - start), "seconds": end - start}
+    return {"steady": (n_end - n1) / (t_end - t1), "whole_call": n_end / watch.seconds, "seconds": watch.seconds}
 
 
 def run(workdir: Path, n_images: int, repeats: int) -> dict:

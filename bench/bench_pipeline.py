@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import median
 
+from captioning.timing import Stopwatch
 from captioning.tiny_project import make_project
 from captioning.tiny_project import run as run_command
 
@@ -64,9 +64,9 @@ def run(workdir: Path, n_images: int, repeats: int, noop_repeats: int) -> dict:
     run_command(["dvc", "repro"], small)  # warm-up (re-checks the outputs the import check rewrote)
     noop = []
     for _ in range(noop_repeats):
-        start = time.perf_counter()
-        output = run_command(["dvc", "repro"], small).stdout
-        noop.append(time.perf_counter() - start)
+        with Stopwatch() as watch:
+            output = run_command(["dvc", "repro"], small).stdout
+        noop.append(watch.seconds)
         assert "Running stage" not in output, output
     return {
         "rss_growth": {

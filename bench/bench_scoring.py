@@ -10,10 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common import Stopwatch, median
+from common import median
 
 from captioning.demo import captions_for, plan_scenes
 from captioning.scoring import CaptionScorer, score_captions
+from captioning.timing import Stopwatch
 
 SETS = 3  # the model, the frequent baseline, the nearest baseline
 

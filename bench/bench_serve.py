@@ -14,19 +14,19 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from bench_train import decoder_data, new_decoder
-from common import PARAMS, ROOT, Stopwatch, demo_data, median
+from common import PARAMS, ROOT, demo_data, median
 
 from captioning.bundle import save_decode_settings
 from captioning.consensus import NgramStatistics
 from captioning.features import compute_features
 from captioning.neighbours import NeighbourIndex
 from captioning.params import TrainConfig
+from captioning.timing import Stopwatch
 from captioning.train import save_bundle
 
 CLIENTS = 16
@@ -58,11 +58,11 @@ class Load:
         self.images, self.sent, self.errors = images, 0, 0
 
     def one(self, n: int) -> float:
-        start = time.perf_counter()
-        answer = self.client.post("/caption", files={"image": (f"{n}.jpg", self.images[n % len(self.images)])})
+        with Stopwatch() as watch:
+            answer = self.client.post("/caption", files={"image": (f"{n}.jpg", self.images[n % len(self.images)])})
         self.sent += 1
         self.errors += answer.status_code != 200
-        return time.perf_counter() - start
+        return watch.seconds
 
     def concurrent(self, count: int) -> float:
         """Seconds for `count` requests from CLIENTS clients at once."""

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the project's params, the demo data, a feature store, timing helpers.
+"""What the benchmarks share: the project's params, the demo data, a feature store, medians.
 
 Sizes come from the caller (quick or full run); every hyper-parameter comes from params.yaml, so
 the benchmarks measure the configuration the pipeline actually runs, never one tuned for them.
@@ -6,7 +6,6 @@ the benchmarks measure the configuration the pipeline actually runs, never one t
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,6 @@ FEATURE_DIM = 2048  # ResNet-50's pooled feature size (captioning.features.FEATU
 
 def median(values) -> float:
     return float(statistics.median(values))
-
-
-class Stopwatch:
-    """`with Stopwatch() as t: ...` then `t.seconds`."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 def demo_data(out_dir: Path, n_images: int, image_size: int | None = None) -> tuple[pd.DataFrame, Path]:

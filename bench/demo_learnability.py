@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # The probe's matrix products are skinny (n x 2048 by 2048 x classes): multi-threaded BLAS only
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from captioning.demo import BACKGROUNDS, COLOURS, COUNTS, SHAPES, generate_demo, plan_scenes  # noqa: E402
 from captioning.files import write_json  # noqa: E402
+from captioning.timing import Stopwatch  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 
@@ -143,13 +143,12 @@ def main() -> None:
         generate_s, extract_s = float(cached["generate_s"]), float(cached["extract_s"])
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            generate_demo(tmp, n_images=args.n, image_size=args.image_size, seed=args.seed)
-            generate_s = time.perf_counter() - start
+            with Stopwatch() as generating:
+                generate_demo(tmp, n_images=args.n, image_size=args.image_size, seed=args.seed)
             paths = [str(Path(tmp) / "images" / s.name) for s in scenes]
-            start = time.perf_counter()
-            features = extract_features(paths)
-            extract_s = time.perf_counter() - start
+            with Stopwatch() as extracting:
+                features = extract_features(paths)
+            generate_s, extract_s = generating.seconds, extracting.seconds
         if args.cache:
             np.savez(args.cache, key=key, features=features, generate_s=generate_s, extract_s=extract_s)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import ROOT  # bench/ is this script's folder, so Python finds its modules
 
+from captioning.timing import Stopwatch
+
 # Sizes per mode; the hyper-parameters themselves come from params.yaml.
 SIZES = {  # run in this order, each by bench/bench_<name>.py
     "quick": {"pipeline": dict(n_images=40, repeats=1, noop_repeats=3),
@@ -81,11 +83,11 @@ def main() -> None:
     results: dict = {}
     seconds: dict = {}
     for name in sizes:  # the pipeline first: TensorFlow is not imported in this process before it ends
-        start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        module = importlib.import_module(f"bench_{name}")
-        results.update(module.run(workdir / name, **sizes[name]))
-        seconds[name] = round(time.perf_counter() - start, 1)
+        with Stopwatch() as watch:
+            module = importlib.import_module(f"bench_{name}")
+            results.update(module.run(workdir / name, **sizes[name]))
+        seconds[name] = round(watch.seconds, 1)
         print(f"[bench] {name} done in {seconds[name]} s", flush=True)
 
     for key, (comparison, threshold) in GOALS.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from captioning import files
 from captioning.tf_setup import keras
+from captioning.timing import Stopwatch
 
 STATE_FILE = "state.json"  # written last: names the files of the last finished epoch
 # The code that decides what a checkpoint means: a change here must not resume an old checkpoint.
@@ -57,13 +57,13 @@ class EpochEnd(keras.callbacks.Callback):
     def __init__(self, live, checkpoint_dir: Path, state: dict, patience: int = 0):
         super().__init__()
         self.live, self.checkpoint_dir, self.state, self.patience = live, checkpoint_dir, state, patience
-        self.started = time.perf_counter()
+        self.epoch_watch = Stopwatch()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
+        self.epoch_watch.restart()
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.started
+        seconds = self.epoch_watch.elapsed
         record = {key: float(value) for key, value in (logs or {}).items()}
         state = self.state
         state["history"].append(record)

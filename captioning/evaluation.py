@@ -1,7 +1,6 @@
 """Caption the test images, score them and the baselines the same way, and build the predictions table."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from captioning.feature_files import FeatureStore
 from captioning.neighbours import nearest_neighbours
 from captioning.params import DecodeSettings
 from captioning.scoring import CaptionScorer
+from captioning.timing import Stopwatch
 
 
 def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[str]]:
@@ -68,6 +68,6 @@ def _caption(model_dir: Path, features, settings: DecodeSettings, scorer: Captio
 
     captioner = Captioner.load(model_dir)
     scorer.wait_until_ready()
-    started = time.perf_counter()
-    generated = captioner.captions(features, progress=True, **settings.as_kwargs())
-    return generated, time.perf_counter() - started
+    with Stopwatch() as watch:
+        generated = captioner.captions(features, progress=True, **settings.as_kwargs())
+    return generated, watch.seconds

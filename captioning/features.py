@@ -10,7 +10,6 @@ Output layout (one folder):
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from captioning.errors import UserError
 from captioning.feature_files import BackboneSpec
 from captioning.images import ImageError, load_image
 from captioning.tf_setup import keras, tf
+from captioning.timing import Stopwatch
 
 
 def _image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
@@ -117,13 +117,13 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         computer = FeatureComputer(build_backbone(spec), spec.image_size)
         compute_rows = lambda paths, out: computer.fill(paths, batch_size, out)  # noqa: E731
     paths = [str(Path(images_dir) / name) for name in images]
-    start = time.perf_counter()
     raw_path = out_dir / ".features.raw.npy.tmp"
     try:
-        raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(len(paths), feature_dim(spec)))
-        errors = compute_rows(paths, raw)
-        raw.flush()
-        seconds = time.perf_counter() - start
+        with Stopwatch() as watch:
+            raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32,
+                                            shape=(len(paths), feature_dim(spec)))
+            errors = compute_rows(paths, raw)
+            raw.flush()
         good = [row for row in range(len(paths)) if row not in errors]
         if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
@@ -144,8 +144,8 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         "failed_count": len(errors),
         "failed": [{"image": images[row], "reason": reason} for row, reason in sorted(errors.items())],
         "backbone": spec.to_json(),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(len(images) / seconds, 2),
+        "seconds": round(watch.seconds, 2),
+        "images_per_second": round(len(images) / watch.seconds, 2),
         **({"engine": engine_report()} if engine_report else {}),
     }
     files.write_json(out_dir / "report.json", report)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from captioning.decode import Captioner, word_rules
 from captioning.feature_files import FeatureStore
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, tf
+from captioning.timing import Stopwatch
 from captioning.vocab import PAD_ID, START_ID, Vocabulary
 
 SCST_DIR = "scst"  # inside a run's checkpoint folder
@@ -95,7 +95,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
     step = _gradient_step(model, optimizer, len(vocab))
     samples = config.scst_samples
     for epoch in range(state["epoch"], config.scst_epochs):
-        started = time.perf_counter()
+        watch = Stopwatch()
         order = np.random.default_rng([config.seed, epoch]).permutation(len(rewards))
         epoch_rewards = []
         for batch, first in enumerate(range(0, len(order), config.scst_batch_images)):
@@ -107,7 +107,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
             baseline = (reward.sum(axis=1, keepdims=True) - reward) / (samples - 1)
             step(tf.constant(features), tf.constant(ids), tf.constant((reward - baseline).reshape(-1)))
             epoch_rewards.append(reward.ravel())
-        seconds = time.perf_counter() - started
+        seconds = watch.elapsed
         state["epoch"] = epoch + 1
         state["rewards"].append(float(np.mean(np.concatenate(epoch_rewards))))
         state["seconds"] += seconds
