@@ -29,7 +29,7 @@ STATE_FILE = "state.json"  # written last: names the files of the last finished 
 # tests/test_layout.py checks that this is exactly the code train_lstm lists among its deps in dvc.yaml.
 TRAINING_CODE = [Path(__file__).with_name(name) for name in (
     "checkpoints.py", "consensus.py", "decode.py", "distribute.py", "errors.py", "feature_files.py", "files.py",
-    "layout.py", "model.py", "neighbours.py", "params.py", "scst.py", "text.py", "tf_setup.py", "train.py",
+    "layout.py", "model.py", "neighbours.py", "params.py", "scst.py", "text.py", "tf_setup.py", "timing.py", "train.py",
     "vocab.py")]
 # The self-critical stage's knobs do not change the cross-entropy run it starts from (scst.py has its own
 # checkpoint), so turning it on or retuning it resumes a finished run instead of training it again.
