@@ -12,7 +12,6 @@ Ray's workers are other processes, so there is no CPU-time ratio for this figure
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,12 @@ class LandingTimes:
     """Wraps `out`: notes (seconds, rows so far) whenever rows are written, by slice or by index."""
 
     def __init__(self, array: np.ndarray):
-        self.array, self.marks, self.rows = array, [], 0
+        self.array, self.watch, self.marks, self.rows = array, Stopwatch(), [], 0
 
     def __setitem__(self, rows, values):
         self.array[rows] = values
         self.rows += len(values)
-        self.marks.append((time.perf_counter(), self.rows))
+        self.marks.append((self.watch.elapsed, self.rows))
 
     def __getattr__(self, name):  # flush(), shape, ... of the memmap
         return getattr(self.array, name)

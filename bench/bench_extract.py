@@ -17,7 +17,6 @@ seconds of the process (all threads), which other jobs on shared cores hardly di
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +26,22 @@ from captioning.backbones import build_backbone, make_spec
 from captioning.features import compute_features
 from captioning.images import load_image
 from captioning.tf_setup import tf
+from captioning.timing import Stopwatch
 from captioning.tiny_project import readme_real_photos
 
 REAL_PHOTOS_SIZE = readme_real_photos()[0]["features"]["image_size"]  # the README's "Real photos" block
 
 
 class TimedRows:
-    """The `out` array handed to compute_features: it notes when each batch of rows lands."""
+    """The `out` array handed to compute_features: it notes when each batch of rows lands (wall and CPU
+    seconds since it was made, rows so far)."""
 
     def __init__(self, array: np.ndarray):
-        self.array, self.marks = array, [(time.perf_counter(), time.process_time(), 0)]
+        self.array, self.watch, self.marks = array, Stopwatch(), [(0.0, 0.0, 0)]
 
     def __setitem__(self, rows: slice, values):
         self.array[rows] = values
-        self.marks.append((time.perf_counter(), time.process_time(), rows.stop))
+        self.marks.append((self.watch.elapsed, self.watch.cpu_elapsed, rows.stop))
 
 
 def rates(marks: list[tuple[float, float, int]]) -> dict:

@@ -19,7 +19,6 @@ it as `cpu_time_value`.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from common import FEATURE_DIM, PARAMS, demo_data, median, random_feature_dir
 from captioning.feature_files import FeatureStore
 from captioning.model import build_decoder, compile_decoder, make_optimizer
 from captioning.tf_setup import keras, seed_everything, tf
+from captioning.timing import Stopwatch
 from captioning.train import caption_set, feature_moments, training_batches
 from captioning.vocab import Vocabulary
 
@@ -56,14 +56,14 @@ def new_optimizer():
 
 class EpochTimes(keras.callbacks.Callback):
     """Wall and CPU seconds from the first batch of a fit to its last epoch's end (opening the data
-    stream is left out). The process's CPU seconds hardly depend on other jobs on shared cores."""
+    stream is left out)."""
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not hasattr(self, "start"):
-            self.start = (time.perf_counter(), time.process_time())
+        if not hasattr(self, "watch"):
+            self.watch = Stopwatch()
 
     def on_train_end(self, logs=None):
-        self.seconds = (time.perf_counter() - self.start[0], time.process_time() - self.start[1])
+        self.seconds = (self.watch.elapsed, self.watch.cpu_elapsed)
 
 
 def epoch_seconds(model, batches, steps: int, epochs: int) -> tuple[float, float]:

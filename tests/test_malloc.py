@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_info")
+
 # 12 threads alive at once, each allocating outside Python's small-object allocator (which has its own
 # memory), then glibc's own report of its arenas: one <heap nr=...> per arena.
 COUNT_ARENAS = r"""
@@ -42,14 +44,12 @@ def arenas_after_threads(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_info")
 def test_capped_arenas_stay_at_two_while_threads_allocate_together():
     capped, arenas = arenas_after_threads("free")
     assert capped == "None" and arenas > 2  # glibc's default: one per thread, up to 8 per core
     assert arenas_after_threads("cap") == ("True", 2)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_info")
 def test_a_users_malloc_arena_max_is_left_as_set():
     capped, arenas = arenas_after_threads("cap", MALLOC_ARENA_MAX="3")
     assert (capped, arenas) == ("False", 3)
