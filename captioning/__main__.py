@@ -10,7 +10,6 @@ from captioning import layout
 from captioning.bundle import check_bundle, decode_settings, with_overrides
 from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
-from captioning.malloc import limit_arenas
 from captioning.params import read_section
 
 
@@ -112,6 +111,8 @@ def serve_command(args) -> int:
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_files < 1 or args.max_pixels < 1:
         raise UserError("--max-batch, --max-files, --max-pixels must be at least 1, --max-body-mb positive, "
                         "--max-wait-ms at least 0")
+    from captioning.malloc import limit_arenas  # ctypes: only the server needs it
+
     limit_arenas()  # before TensorFlow and the request threads start
     from captioning.serve import ServeLimits, serve  # TensorFlow only past the checks above
 
