@@ -95,9 +95,7 @@ class RayEngine:
         batches = [{"start": start, "paths": absolute[start:start + self.batch_size]}
                    for start in range(0, len(absolute), self.batch_size)]
         # One block per batch: Ray hands the next batch to whichever actor is free (faster machines
-        # take more), and a lost actor costs only the batches it held. Ray 2.60 (pinned) warns that
-        # `ray_remote_args_fn` goes in 2.64, as do the plain `**ray_remote_args`; neither has a named
-        # replacement for max_restarts / max_task_retries yet, so an upgrade past 2.63 must revisit this.
+        # take more), and a lost actor costs only the batches it held.
         dataset = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
             BackboneActor, batch_size=1, batch_format="numpy", num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=self.workers),
