@@ -5,7 +5,9 @@ Against a baseline measured in the same run on the same images and model: offlin
   lone latency   one request at a time, each one image: p50 and p99 in ms
   throughput     16 concurrent clients, one image per request: images/s, as a ratio to offline
   errors         requests that did not answer 200, over the whole run
-  rss growth     the server's peak RSS after all requests vs after the first 100
+  rss growth     the server's peak RSS after all requests vs after the first 100. The JSON also has the peak
+                 and the current RSS after the bursts and after each tenth of the rest: a leak raises both
+                 steadily, while a one-off spike raises only the peak.
 The model is an untrained decoder with the pipeline's sizes (params.yaml's train section) and the
 seeded random backbone: decoding always runs all max_length steps, so speed does not depend on training.
 """
@@ -30,6 +32,7 @@ from captioning.timing import Stopwatch
 from captioning.train import save_bundle
 
 CLIENTS = 16
+RSS_STEPS = 10  # RSS readings over the requests after the bursts
 
 
 def write_bundle(workdir: Path, n_images: int) -> Path:
@@ -43,9 +46,10 @@ def write_bundle(workdir: Path, n_images: int) -> Path:
     return model_dir
 
 
-def peak_rss_kb(pid: int) -> int:
+def memory_kb(pid: int, field: str = "VmHWM") -> int:
+    """A process's peak RSS (VmHWM: the highest so far) or, with field="VmRSS", its RSS now."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
 
 
 class Load:
@@ -103,10 +107,19 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
         load = Load(address, jpegs)
         lone_ms = sorted(1000 * load.one(n) for n in range(lone))
         load.concurrent(max(rss_early - load.sent, 0))
-        rss_after_early = peak_rss_kb(server.pid)
+        rss_after_early = memory_kb(server.pid)
+
+        def reading() -> list:  # requests so far, peak and current RSS in MB
+            return [load.sent, *(round(memory_kb(server.pid, field) / 1024, 1) for field in ("VmHWM", "VmRSS"))]
+
+        rss_curve = [reading()]
         server_rates = [burst / load.concurrent(burst) for _ in range(repeats)]
-        load.concurrent(max(rss_total - load.sent, 0))
-        rss_after_all = peak_rss_kb(server.pid)
+        rss_curve.append(reading())
+        after_bursts = load.sent
+        for step in range(1, RSS_STEPS + 1):
+            load.concurrent(max(after_bursts + (rss_total - after_bursts) * step // RSS_STEPS - load.sent, 0))
+            rss_curve.append(reading())
+        rss_after_all = memory_kb(server.pid)
         sent, errors = load.sent, load.errors
     finally:
         server.terminate()
@@ -124,7 +137,8 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
         "serve_errors": {"value": errors, "requests": sent},
         "serve_rss_growth": {"value": round(rss_after_all / rss_after_early, 3), "requests_early": rss_early,
                              "requests_total": sent, "peak_rss_mb_early": round(rss_after_early / 1024, 1),
-                             "peak_rss_mb_total": round(rss_after_all / 1024, 1)},
+                             "peak_rss_mb_total": round(rss_after_all / 1024, 1),
+                             "raw": {"requests_peak_and_current_rss_mb": rss_curve}},
     }
 
 
