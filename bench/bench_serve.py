@@ -46,10 +46,11 @@ def write_bundle(workdir: Path, n_images: int) -> Path:
     return model_dir
 
 
-def memory_kb(pid: int, field: str = "VmHWM") -> int:
-    """A process's peak RSS (VmHWM: the highest so far) or, with field="VmRSS", its RSS now."""
+def memory_kb(pid: int) -> tuple[int, int]:
+    """A process's peak RSS (VmHWM: the highest so far) and its RSS now (VmRSS), in kB, from one read."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+    peak, now = (int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) for field in ("VmHWM", "VmRSS"))
+    return peak, now
 
 
 class Load:
@@ -107,10 +108,9 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
         load = Load(address, jpegs)
         lone_ms = sorted(1000 * load.one(n) for n in range(lone))
         load.concurrent(max(rss_early - load.sent, 0))
-        rss_after_early = memory_kb(server.pid)
 
-        def reading() -> list:  # requests so far, peak and current RSS in MB
-            return [load.sent, *(round(memory_kb(server.pid, field) / 1024, 1) for field in ("VmHWM", "VmRSS"))]
+        def reading() -> tuple[int, int, int]:  # requests so far, peak and current RSS in kB
+            return (load.sent, *memory_kb(server.pid))
 
         rss_curve = [reading()]
         server_rates = [burst / load.concurrent(burst) for _ in range(repeats)]
@@ -119,11 +119,11 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
         for step in range(1, RSS_STEPS + 1):
             load.concurrent(max(after_bursts + (rss_total - after_bursts) * step // RSS_STEPS - load.sent, 0))
             rss_curve.append(reading())
-        rss_after_all = memory_kb(server.pid)
         sent, errors = load.sent, load.errors
     finally:
         server.terminate()
         server.wait(timeout=60)
+    rss_after_early, rss_after_all = rss_curve[0][1], rss_curve[-1][1]
     offline = offline_rate(model_dir, paths, repeats)
     ratio = median(server_rates) / median(offline)
     return {
@@ -138,7 +138,9 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
         "serve_rss_growth": {"value": round(rss_after_all / rss_after_early, 3), "requests_early": rss_early,
                              "requests_total": sent, "peak_rss_mb_early": round(rss_after_early / 1024, 1),
                              "peak_rss_mb_total": round(rss_after_all / 1024, 1),
-                             "raw": {"requests_peak_and_current_rss_mb": rss_curve}},
+                             "raw": {"requests_peak_and_current_rss_mb": [
+                                 [requests, round(peak / 1024, 1), round(now / 1024, 1)]
+                                 for requests, peak, now in rss_curve]}},
     }
 
 
