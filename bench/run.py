@@ -32,8 +32,8 @@ SIZES = {  # run in this order, each by bench/bench_<name>.py
               # images x 2 (one timed batch) extract and bf16 swung 0.94-1.13 and 1.44-1.70 over 4 runs,
               # with these 0.99-1.05 and 1.45-1.53
               "extract": dict(n_images=96, repeats=3),
-              # 24 batches: the rate is timed from the first rows to the last, a window of ~17 s here; with 8
-              # (256 images, a ~5 s window) the ratio swung 0.83-1.32 over 4 runs, with 24 0.83-1.01 over 7
+              # 24 batches: the rate is timed from the first rows to the last, a window of ~18 s here; with 8
+              # (256 images, a ~5 s window) the ratio swung 0.83-1.32 over 4 runs, with 24 0.82-1.01 over 8
               "engine": dict(n_images=768, repeats=1),
               "train": dict(n_images=100, pairs=3),
               "beam": dict(n_images=100, loop_images=20, train_epochs=2, repeats=3, loop_chunks=2),
