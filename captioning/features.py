@@ -5,7 +5,8 @@ Output layout (one folder):
   index.parquet   image -> row
   backbone.json   how the backbone was built (network, weights, seed, precision, image size), so the
                   caption command can rebuild exactly the same one
-  report.json     images requested / extracted / failed (each failure with its reason)
+and a report (returned; the stage writes it beside the folder): images requested / extracted / failed (each
+failure with its reason), and the time taken
 """
 from __future__ import annotations
 
@@ -148,7 +149,6 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         "images_per_second": round(len(images) / watch.seconds, 2),
         **({"engine": engine_report()} if engine_report else {}),
     }
-    files.write_json(out_dir / "report.json", report)
     return report
 
 

@@ -9,6 +9,9 @@ IMAGE_LIST = Path("data/images.txt")  # captioned images that have a file: what 
 SPLIT_DIR = Path("data/split")
 SPLIT_REPORT = Path("data/reports/split_report.json")
 FEATURES_DIR = Path("data/features")
+# Beside, not inside, the features folder: its timings differ every run, and inside they would change the
+# folder's hash, so DVC would retrain after any re-extraction (another engine, `-f`) with identical features.
+EXTRACT_REPORT = Path("data/reports/extract_report.json")
 MODEL_DIR = Path("data/model")
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("dvclive")

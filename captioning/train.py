@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from captioning import files
+from captioning import files, layout
 from captioning.checkpoints import (
     EpochEnd,
     clear_checkpoints,
@@ -219,7 +219,7 @@ def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list
     dev_set, dev_truncated = caption_set(captions, dev_images, store, vocab, config.max_length)
     if len(train_set) == 0 or len(dev_set) == 0:
         raise UserError(f"training needs captions for both splits with features: train has {len(train_set)}, "
-                        f"dev has {len(dev_set)}. Check the split files / fractions and the features report.")
+                        f"dev has {len(dev_set)}. Check the split files / fractions and {layout.EXTRACT_REPORT}.")
     print(f"vocabulary {len(vocab)} words (min count {config.min_count}); {len(train_set)} train and "
           f"{len(dev_set)} dev captions; {truncated + dev_truncated} longer than {config.max_length} words "
           "were truncated", flush=True)

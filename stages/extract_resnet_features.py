@@ -1,6 +1,6 @@
 """Stage extract_resnet_features: every captioned image -> one feature row from the frozen backbone
 (features.backbone: ResNet-50 by default, or EfficientNet-Lite0)."""
-from captioning import layout
+from captioning import files, layout
 from captioning.errors import run_stage
 from captioning.params import read_params, read_section
 
@@ -21,10 +21,11 @@ def main() -> None:
         engine = RayEngine(spec, options.batch_size, options.ray_address)
     report = extract_features(images, images_dir, layout.FEATURES_DIR, spec, options.batch_size,
                               compute_rows=engine, engine_report=engine.summary if engine else None)
+    files.write_json(layout.EXTRACT_REPORT, report)
     on = f", on Ray: {report['engine']['workers']} workers" if engine else ""
     print(f"{report['images_extracted']} images -> features ({report['images_per_second']} images/s{on}, "
           f"{spec.backbone}, weights: {spec.weights}); {report['failed_count']} failed (listed in "
-          f"{layout.FEATURES_DIR / 'report.json'})")
+          f"{layout.EXTRACT_REPORT})")
 
 
 if __name__ == "__main__":

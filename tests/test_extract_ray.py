@@ -12,6 +12,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import yaml
 from PIL import Image
 
 from captioning import files
@@ -53,20 +54,28 @@ def write_images(folder, count: int) -> list[str]:
     return names[:3] + ["notes.jpg"] + names[3:] + ["gone.jpg"]
 
 
-def same_files(local, remote) -> None:
+def same_outputs(local, remote, local_report: dict, remote_report: dict) -> None:
+    """The same feature files byte for byte, and the same report but for timings and the engine's own entry."""
     for name in ("features.npy", "index.parquet", "backbone.json"):
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
-    one, other = files.read_json(local / "report.json"), files.read_json(remote / "report.json")
-    assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in one.items() if k not in TIMING}
+    assert sorted(path.name for path in remote.iterdir()) == sorted(path.name for path in local.iterdir())
+    assert ({k: v for k, v in remote_report.items() if k not in TIMING}
+            == {k: v for k, v in local_report.items() if k not in TIMING})
+
+
+def features_hash(project) -> str:
+    """The hash dvc.lock records for data/features: what decides whether the later stages rerun."""
+    outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["extract_resnet_features"]["outs"]
+    return next(out["md5"] for out in outs if out["path"] == "data/features")
 
 
 def test_ray_writes_the_files_a_local_run_writes(cluster, tmp_path):
     images = write_images(tmp_path / "images", 21)
-    extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
+    local = extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
     engine = RayEngine(SPEC, 4, cluster.address, progress=False)
     report = extract_features(images, tmp_path / "images", tmp_path / "ray", SPEC, batch_size=4,
                               compute_rows=engine, engine_report=engine.summary)
-    same_files(tmp_path / "local", tmp_path / "ray")
+    same_outputs(tmp_path / "local", tmp_path / "ray", local, report)
     assert [f["image"] for f in report["failed"]] == ["notes.jpg", "gone.jpg"]  # reported as locally
     assert report["engine"]["workers"] == 2 and report["engine"]["actor_restarts"] == 0
     assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
@@ -89,7 +98,7 @@ def kill_one_worker_when(engine: RayEngine, rows: int, killed: list) -> None:
 
 def test_a_killed_worker_loses_and_repeats_no_image(cluster, tmp_path):
     images = write_images(tmp_path / "images", 158)  # 40 batches of 4: the kill lands mid-run
-    extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
+    local = extract_features(images, tmp_path / "images", tmp_path / "local", SPEC, batch_size=4)
     engine = RayEngine(SPEC, 4, cluster.address, progress=False)
     killed: list[int] = []
     killer = threading.Thread(target=kill_one_worker_when, args=(engine, 12, killed), daemon=True)
@@ -99,7 +108,7 @@ def test_a_killed_worker_loses_and_repeats_no_image(cluster, tmp_path):
     killer.join(timeout=10)
     assert killed, "no worker process was found to kill"
     assert engine.rows_done == len(images)  # every image came back once (a repeat is a UserError)
-    same_files(tmp_path / "local", tmp_path / "ray")
+    same_outputs(tmp_path / "local", tmp_path / "ray", local, report)
     assert report["engine"]["actor_restarts"] >= 1
     assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
 
@@ -113,11 +122,15 @@ def test_no_cluster_at_the_address_is_a_user_error(tmp_path):
 
 
 def test_dvc_repro_on_the_cluster_matches_the_local_pipeline(cluster, demo_run, tmp_path):
-    """The stage with features.engine: ray and RAY_ADDRESS writes the local run's data/features."""
+    """The stage with features.engine: ray and RAY_ADDRESS writes the local run's data/features, with the
+    same DVC hash, so switching engines does not retrain."""
     project = make_project(tmp_path / "project")
     set_params(project, {"features": {"engine": "ray"}})
     result = subprocess.run(["dvc", "repro", "extract_resnet_features"], cwd=project, capture_output=True,
                             text=True, timeout=600, env={**tool_env(), "RAY_ADDRESS": cluster.address})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on Ray: 2 workers" in result.stdout
-    same_files(demo_run / "data/features", project / "data/features")
+    same_outputs(demo_run / "data/features", project / "data/features",
+                 files.read_json(demo_run / "data/reports/extract_report.json"),
+                 files.read_json(project / "data/reports/extract_report.json"))
+    assert features_hash(project) == features_hash(demo_run)

@@ -79,7 +79,7 @@ def declared_paths_of(stage: str) -> set[str]:
 def test_layout_paths_are_dvc_yaml_outputs():
     outputs = set().union(*(declared_paths_of(stage) for stage in STAGES))
     for name in ("CAPTIONS_TABLE", "IMAGE_LIST", "PARSE_REPORT", "SPLIT_DIR", "SPLIT_REPORT", "FEATURES_DIR",
-                 "MODEL_DIR", "TRAIN_METRICS", "PREDICTIONS", "EVAL_METRICS"):
+                 "EXTRACT_REPORT", "MODEL_DIR", "TRAIN_METRICS", "PREDICTIONS", "EVAL_METRICS"):
         assert str(getattr(layout, name)) in outputs, name
     assert any(path.startswith(f"{layout.LIVE_DIR}/") for path in outputs)
     assert any(path.startswith(f"{layout.PLOTS_DIR}/") for path in outputs)

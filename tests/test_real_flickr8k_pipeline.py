@@ -114,7 +114,7 @@ def test_full_pipeline_on_real_photos(real_project):
     split = json.loads((real_project / "data/reports/split_report.json").read_text())
     assert (split["train"]["available"], split["dev"]["available"], split["test"]["available"]) == (763, 37, 0)
     assert split["images_in_no_split"]["count"] == 9
-    features = json.loads((real_project / "data/features/report.json").read_text())
+    features = json.loads((real_project / "data/reports/extract_report.json").read_text())
     assert features["images_extracted"] == PHOTOS and features["failed_count"] == 0
     assert features["backbone"]["image_size"] == REAL_PHOTOS["features"]["image_size"]  # the README's 288
     train = json.loads((real_project / "metrics/train.json").read_text())
