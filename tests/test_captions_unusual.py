@@ -49,6 +49,7 @@ def test_a_cp1252_line_is_decoded_and_listed_instead_of_skipped(tmp_path, images
     assert report["skipped"] == []
     assert ("b.jpg", 1, "A café “sign” .") in captions_of(table)  # cp1252, not latin-1: the quotes survive
     assert ("b.jpg", 2, "A naïve cat .") in captions_of(table)    # UTF-8 stays UTF-8, and is not listed
+    assert {"a café sign", "a naïve cat"} <= set(table["caption"])  # and the accented words survive cleaning
     assert report["decoded_as_cp1252"] == {"count": 1, "lines": ["line 2"]}
     assert report["decoded_as_latin1"] == {"count": 0, "lines": []}
     json.dumps(report)

@@ -8,6 +8,14 @@ def test_clean_caption_rule():
     assert clean_caption('"Quoted"  text\t') == "quoted text"
 
 
+def test_clean_caption_keeps_the_words_of_every_script():
+    assert clean_caption("Un café près de l’église.") == "un café près de l'église"  # ’ is the apostrophe
+    assert clean_caption("A cafe\u0301 .") == clean_caption("A café .") == "a café"  # decomposed = composed
+    assert clean_caption("Ελληνικά, λόγια!") == "ελληνικά λόγια"
+    assert clean_caption("हिन्दी भाषा") == "हिन्दी भाषा"  # vowel signs are combining marks, kept in their word
+    assert clean_caption("snake_case ﬁsh — ok") == "snake case fish ok"  # "_" and dashes split, ligature unfolds
+
+
 def test_vocabulary_order_min_count_and_specials():
     vocab = Vocabulary.build(["a dog runs", "a dog sits", "a cat"], min_count=2)
     assert vocab.itos[:4] == ["<pad>", "<unk>", "<start>", "<end>"]
