@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FetchLimits()
     parser.add_argument("--fetch-timeout", type=float, default=defaults.timeout_s,
-                        help="seconds one image URL may take, redirects included (default: %(default)s)")
+                        help="seconds one image URL may take in all, DNS and redirects included (default: %(default)s)")
     parser.add_argument("--fetch-max-mb", type=float, default=defaults.max_bytes / 2**20,
                         help="size limit of an image fetched from a URL (default: %(default)s)")
     parser.add_argument("--fetch-max-redirects", type=int, default=defaults.max_redirects,

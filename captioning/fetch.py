@@ -5,24 +5,30 @@ nor hold a worker forever. So: http(s) only; the host is resolved once and every
 (loopback, private, link-local, multicast and reserved ranges are refused unless `allow_private`);
 the connection goes to that checked address (the Host header and TLS name stay the URL's, so
 certificates are still verified), leaving no gap for a second, different DNS answer; redirects are
-followed by hand, each hop checked the same way; and the whole fetch has a time and a byte limit.
+followed by hand, each hop checked the same way; and the whole fetch has a byte limit and a deadline.
+The fetch is a coroutine so that the deadline is one: at it, whatever step is waiting (DNS, connect,
+headers, body) is cancelled, where per-step socket timeouts would let each step take the whole limit.
 Decoding (and Pillow's decompression-bomb guard) is `images.load_image`'s job, as for files.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 
 SCHEMES = ("http", "https")
+# getaddrinfo blocks and cannot be cancelled: its own threads, so that lookups a slow DNS server holds up
+# after their deadline never take the threads the server decodes images in.
+_RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
 
 
 @dataclass(frozen=True)
 class FetchLimits:
-    timeout_s: float = 10.0          # the whole fetch, redirects included
+    timeout_s: float = 10.0          # the whole fetch, DNS and redirects included
     max_bytes: int = 20 * 2**20      # the body of the image
     max_redirects: int = 3
     allow_private: bool = False      # loopback / private / link-local targets (tests on 127.0.0.1 need it)
@@ -47,10 +53,11 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not (address.is_multicast or address.is_reserved)
 
 
-def resolve(host: str, port: int, allow_private: bool) -> str:
+async def resolve(host: str, port: int, allow_private: bool) -> str:
     """The address to connect to, after checking every address the host resolves to."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().run_in_executor(
+            _RESOLVER, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         raise FetchError(f"cannot resolve host {host!r} ({err})") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
@@ -63,12 +70,12 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
     return str(addresses[0])
 
 
-def _pinned_request(client: httpx.Client, url: httpx.URL, address: str, timeout: float) -> httpx.Request:
+def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Request:
     """A GET for `url` sent to `address`, with the URL's own host in the Host header and the TLS name."""
     host_header = url.host if url.port is None else f"{url.host}:{url.port}"
     return client.build_request(
         "GET", url.copy_with(host=address), headers={"Host": host_header, "Accept": "image/*"},
-        timeout=httpx.Timeout(timeout), extensions={"sni_hostname": url.host})
+        extensions={"sni_hostname": url.host})
 
 
 def _checked_url(text: str) -> httpx.URL:
@@ -84,44 +91,51 @@ def _checked_url(text: str) -> httpx.URL:
     return url
 
 
-def _read_body(response: httpx.Response, limits: FetchLimits, deadline: float) -> bytes:
+async def _read_body(response: httpx.Response, limits: FetchLimits) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise FetchError(f"the image is {int(declared)} bytes, over the limit of {limits.max_bytes}", status=413)
     body = bytearray()
-    for chunk in response.iter_bytes():
+    async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > limits.max_bytes:
             raise FetchError(f"the image is over the limit of {limits.max_bytes} bytes", status=413)
-        if time.monotonic() > deadline:
-            raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s")
     return bytes(body)
 
 
-def fetch(text: str, limits: FetchLimits = FetchLimits()) -> bytes:
-    """The body of the image at URL `text`, or FetchError with a one-line reason."""
-    deadline = time.monotonic() + limits.timeout_s
+async def fetch_async(text: str, limits: FetchLimits = FetchLimits()) -> bytes:
+    """The body of the image at URL `text`, or FetchError with a one-line reason; the server awaits this."""
     url = _checked_url(text)
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            return await _follow(url, text, limits)
+    except TimeoutError:
+        raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s") from None
+
+
+def fetch(text: str, limits: FetchLimits = FetchLimits()) -> bytes:
+    """`fetch_async` for code without an event loop (the caption command)."""
+    return asyncio.run(fetch_async(text, limits))
+
+
+async def _follow(url: httpx.URL, text: str, limits: FetchLimits) -> bytes:
     # trust_env=False: an environment proxy would connect elsewhere than the address checked here.
-    with httpx.Client(follow_redirects=False, trust_env=False) as client:
+    # No httpx timeout: fetch_async's deadline covers every step.
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=None) as client:
         for _ in range(limits.max_redirects + 1):
-            address = resolve(url.host, url.port or (443 if url.scheme == "https" else 80), limits.allow_private)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s")
+            address = await resolve(url.host, url.port or (443 if url.scheme == "https" else 80),
+                                    limits.allow_private)
             try:
-                response = client.send(_pinned_request(client, url, address, remaining), stream=True)
+                response = await client.send(_pinned_request(client, url, address), stream=True)
                 try:
                     if response.is_redirect and "location" in response.headers:
                         url = _checked_url(str(url.join(response.headers["location"])))
                         continue
                     if response.status_code != 200:
                         raise FetchError(f"{text} answered HTTP {response.status_code}")
-                    return _read_body(response, limits, deadline)
+                    return await _read_body(response, limits)
                 finally:
-                    response.close()
-            except httpx.TimeoutException:
-                raise FetchError(f"the fetch took longer than {limits.timeout_s:g} s") from None
+                    await response.aclose()
             except httpx.HTTPError as err:
                 raise FetchError(f"cannot fetch {text} ({type(err).__name__}: {err})") from None
     raise FetchError(f"more than {limits.max_redirects} redirects fetching {text}")

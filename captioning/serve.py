@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
 from captioning.errors import UserError, one_line
-from captioning.fetch import FetchError, FetchLimits, fetch
+from captioning.fetch import FetchError, FetchLimits, fetch_async
 from captioning.images import ImageError, ImageTooLarge, load_image
 from captioning.inference import LoadedCaptioner
 
@@ -110,7 +110,7 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
     if url:
         if not isinstance(url, str):
             raise ApiError(400, "url must be a string")
-        images.append((url, await asyncio.to_thread(fetch, url, limits.fetch)))
+        images.append((url, await fetch_async(url, limits.fetch)))
     if not images:
         raise ApiError(400, "no image: send files in the multipart field 'image' or a JSON {\"url\": \"https://...\"}")
     if len(images) > limits.max_files:
