@@ -61,6 +61,7 @@ class CaptionScorer:
 
     def __init__(self, meteor: bool = True):
         self._meteor = _MeteorProcess() if meteor else None
+        self._reasons_told: set[str] = set()  # why METEOR is missing, said once, not once per scoring
 
     def __enter__(self) -> CaptionScorer:
         return self
@@ -101,7 +102,8 @@ class CaptionScorer:
         (bleu, bleu_per_image), (rouge, rouge_per_image), (cider, cider_per_image) = (
             scores["BLEU"], scores["ROUGE-L"], scores["CIDEr"])
         meteor_score, meteor_per_image, why = scores.get("METEOR", (None, None, "not requested"))
-        if self._meteor is not None and why:
+        if self._meteor is not None and why and why not in self._reasons_told:
+            self._reasons_told.add(why)
             print(f"METEOR not computed: {why}", file=sys.stderr)
 
         corpus = {f"bleu{n + 1}": float(bleu[n]) for n in range(4)}
