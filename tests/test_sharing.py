@@ -1,19 +1,19 @@
 """Sharing runs through a DVC remote, as the README's "Sharing runs" section says: `dvc push` in one
-clone, `git clone` + `dvc pull` in another, and there `dvc repro` reruns nothing.
+clone, `git clone` + `dvc pull` in another, and there `dvc repro` reruns nothing. The inputs travel
+the same way, tracked with `dvc add` as a user's own captions and photos would be.
 
 A local folder stands in for the remote (S3, SSH, a shared drive: the same commands). The finished run
 is the session's tiny `dvc repro`, copied, so this costs git, push, pull and a no-op repro.
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 from helpers import copy_project, stages_run
 
 from captioning.tiny_project import run
 
-PULLED = ("data/model/model.keras", "data/features/features.npy", "data/predictions.parquet", "plots/predictions.png")
+PULLED = ("data/demo/captions.pkl", "data/model/model.keras", "data/features/features.npy",
+          "data/predictions.parquet", "plots/predictions.png")
 
 
 @pytest.mark.slow
@@ -21,6 +21,7 @@ def test_push_on_one_clone_pull_on_another_reruns_nothing(demo_run, tmp_path):
     origin = copy_project(demo_run, tmp_path / "origin")  # the shared run stays untouched
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], origin)
+    run(["dvc", "add", "data/demo"], origin)  # the inputs, as your own data under data/ would be tracked
     run(["git", "add", "-A"], origin)
     run(["git", "commit", "-qm", "run, and the shared remote"], origin)
     run(["dvc", "push"], origin)
@@ -28,8 +29,8 @@ def test_push_on_one_clone_pull_on_another_reruns_nothing(demo_run, tmp_path):
 
     other = tmp_path / "other"
     run(["git", "clone", "-q", str(origin), str(other)], tmp_path)
-    run([sys.executable, "-m", "captioning", "demo"], other)  # the input data, as scripts/setup.sh makes it
-    assert not (other / "data/model").exists()
+    assert (other / "data/demo.dvc").is_file()  # committed: .gitignore lets `dvc add`'s pointer into git
+    assert not (other / "data/demo").exists() and not (other / "data/model").exists()
     before = run(["dvc", "status"], other).stdout
     assert "deleted" in before, before  # without the pull there is something to rerun: the check can fail
 
