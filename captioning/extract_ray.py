@@ -157,7 +157,7 @@ def _portable(spec):
 def _connect(ray, address: str | None) -> None:
     """Join the cluster, shipping this package (workers have the same venv, not our code)."""
     package = str(Path(captioning.__file__).parent)
-    where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+    where = address or os.environ.get("RAY_ADDRESS") or "this machine"
     _check_reachable(address or os.environ.get("RAY_ADDRESS"), where)
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines would bury the progress bar
     try:

@@ -35,7 +35,7 @@ class FeatureStore:
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        self.matrix = np.load(folder / "features.npy", mmap_mode="r")
+        self.matrix = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
         index = pd.read_parquet(folder / "index.parquet")
         self.row_of = dict(zip(index["image"], index["row"].astype(int), strict=True))
         self.spec = BackboneSpec(**files.read_json(folder / "backbone.json"))

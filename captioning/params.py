@@ -164,7 +164,8 @@ class FeatureParams:
     precision: str = knob(one_of(*PRECISIONS))
     batch_size: int = knob(POSITIVE)
     engine: str = knob(one_of(*ENGINES))  # local | ray (captioning/extract_ray.py)
-    ray_address: str | None = knob(optional_text)  # null: $RAY_ADDRESS, else a private local Ray
+    # null: $RAY_ADDRESS, else the cluster `ray start` last started here, else a private Ray (Ray's own rule)
+    ray_address: str | None = knob(optional_text)
 
 
 @dataclass(frozen=True)

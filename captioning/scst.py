@@ -83,7 +83,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
                          required=("weights_file", "optimizer_file"), optional=())
     if state:
         model.load_weights(folder / state["weights_file"])
-        with np.load(folder / state["optimizer_file"]) as stored:
+        with np.load(folder / state["optimizer_file"], allow_pickle=False) as stored:
             for variable, value in zip(optimizer.variables, (stored[f"arr_{i}"] for i in range(len(stored))),
                                        strict=True):
                 variable.assign(value)
