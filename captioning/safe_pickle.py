@@ -29,6 +29,11 @@ stack and kills the interpreter, and repr or comparison raise RecursionError. So
 the opcodes (`pickletools.genops` executes nothing), keeps the depth of every object beside pickle's
 own stack, and refuses a file nesting deeper than `MAX_NESTING` before building anything. Captions
 need 1-4 levels; a DataFrame pickle about 20.
+
+Expansion: a shallow pickle can still be a bomb. A tuple of two references to one tuple, 60 times over, is
+a 270-byte file that nests 60 levels, but hashing it as a dict key (which unpickling does) visits 2**60
+items. So the same pass also counts every object's items as if each reference were a copy, and refuses
+one that would expand to more than `MAX_EXPANDED` (a captions file has about 3 per caption).
 """
 from __future__ import annotations
 
@@ -159,6 +164,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 MAX_NESTING = 100
+MAX_EXPANDED = 20_000_000           # 2,000,000 caption records (the records' own limit) need about 6 million
 _MARK = object()                    # stands for pickle's MARK on the stack of depths
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # fill the object below
 _SAME_OBJECT = {"MEMOIZE", "DUP", "READONLY_BUFFER", "STOP"}
@@ -179,35 +185,45 @@ def _pop_arguments(stack: list, before: list) -> list:
 
 
 def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING) -> None:
-    """Raise `UserError` if the objects `data` would build nest deeper than `limit` (see the docstring).
+    """Raise `UserError` if the objects `data` would build nest deeper than `limit`, or expand to more
+    than `MAX_EXPANDED` items (see the docstring).
 
-    A scalar has depth 0, a container one more than its deepest item. Memo references count with
-    the depth their object had when it was stored, so a cycle is not infinitely deep here.
+    Each object on the stack is tracked as (depth, expanded size). A scalar has depth 0 and size 1, a
+    container one more than its deepest item and one more than its items' sizes. Memo references count
+    with what their object had when it was stored, so a cycle is not infinitely deep or large here (a
+    list filled after it was stored counts small, but lists cannot be hashed, and the captions readers
+    bound the records they walk).
     """
     stack: list = []
     memo: dict = {}
     for op, arg, position in pickletools.genops(data):
         popped = _pop_arguments(stack, op.stack_before)
         if op.name in _IN_PLACE:
-            container, *items = popped[::-1]
-            depth = max([container, *(item + 1 for item in items)])
+            (depth, size), *items = popped[::-1]
+            depth = max([depth, *(item_depth + 1 for item_depth, _ in items)])
+            size += sum(item_size for _, item_size in items)
         elif op.name in _SAME_OBJECT:
-            depth = popped[0]
+            depth, size = popped[0]
         elif op.name in _EMPTY:
-            depth = 1
+            depth, size = 1, 1
         elif op.name in _GET:
-            depth = memo[arg]
+            depth, size = memo[arg]
         else:  # builds a new object from what it popped (a tuple, a call's result) or from nothing
-            depth = max(popped) + 1 if popped else 0
+            depth = max(item_depth for item_depth, _ in popped) + 1 if popped else 0
+            size = 1 + sum(item_size for _, item_size in popped)
         if depth > limit:
             raise UserError(f"{source}: the pickle nests containers more than {limit} levels deep (at byte "
                             f"{position}); captions need at most 4. Re-save them as plain data, for example "
                             "a dict image -> list of captions.")
+        if size > MAX_EXPANDED:
+            raise UserError(f"{source}: the pickle repeats references so that one object would expand to more "
+                            f"than {MAX_EXPANDED:,} items (at byte {position}). Re-save the captions as plain "
+                            "data, for example a dict image -> list of captions.")
         if op.name == "MEMOIZE":
-            memo[len(memo)] = depth
+            memo[len(memo)] = (depth, size)
         elif op.name in _PUT:
             memo[arg] = stack[-1]
-        stack.extend(_MARK if item is pickletools.markobject else depth for item in op.stack_after)
+        stack.extend(_MARK if item is pickletools.markobject else (depth, size) for item in op.stack_after)
 
 
 def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") -> object:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from captioning import safe_pickle
 from captioning.captions import load_captions
 from captioning.errors import UserError
 
@@ -157,6 +158,36 @@ def test_a_memo_fan_out_bomb_is_refused_before_building_records(tmp_path, images
     assert len(data) < 100_000
     with pytest.raises(UserError, match=r"3,000,000 caption records, more than the 2,000,000"):
         parse(tmp_path, images, "c.pkl", data)
+
+
+def doubling_tuple_key_pickle(levels: int) -> bytes:
+    """{t: ["A dog ."]} where t = (u, u), u = (v, v), ... `levels` times: a few hundred bytes and only
+    `levels` deep, but hashing the key visits 2**levels items. Written as the list [t, [...]] turned into
+    a dict by its opcodes, because building the dict here would hash the key too."""
+    key = "x"
+    for _ in range(levels):
+        key = (key, key)
+    data = pickle.dumps([key, ["A dog ."]], protocol=2)
+    assert data[2:3] == b"]" and data[-2:] == b"e."  # EMPTY_LIST ... APPENDS STOP
+    return data[:2] + b"}" + data[3:-2] + b"u."      # EMPTY_DICT ... SETITEMS STOP
+
+
+def test_a_hash_bomb_key_is_refused_before_it_is_hashed(tmp_path, images):
+    """In a child process with a time limit, so that a regression fails the test instead of hanging it."""
+    path = tmp_path / "c.pkl"
+    path.write_bytes(doubling_tuple_key_pickle(60))
+    assert path.stat().st_size < 1000
+    code = ("import sys\nfrom captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
+            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "would expand to more than 20,000,000 items" in result.stdout
+    # the same shape, small enough to hash, still loads: the bound is on expansion, not on sharing
+    small = "x"
+    for _ in range(3):
+        small = (small, small)
+    assert safe_pickle.loads(doubling_tuple_key_pickle(3)) == {small: ["A dog ."]}
 
 
 def test_deeply_nested_json_is_a_clear_error(tmp_path, images):
