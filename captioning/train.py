@@ -110,20 +110,28 @@ def _batches(data: CaptionSet, matrix: np.ndarray, order: tf.data.Dataset, batch
     return order.batch(batch_size).map(to_inputs).prefetch(tf.data.AUTOTUNE)
 
 
+def steps_per_epoch(data: CaptionSet, batch_size: int) -> int:
+    return math.ceil(len(data) / batch_size)
+
+
 def training_batches(data: CaptionSet, matrix: np.ndarray, batch_size: int, seed: int,
                      first_epoch: int) -> tf.data.Dataset:
-    """Epochs from first_epoch on, each shuffled by a permutation drawn from (seed, epoch).
+    """The training batches from epoch `first_epoch` (0-based) on, exactly as an uninterrupted run has them.
 
-    The stream is open-ended (fit's steps_per_epoch and epochs decide where it stops), which also
-    keeps Keras from warning that the data ran out after the last epoch.
+    One open-ended stream of caption permutations, each drawn from (seed, epoch index), cut into batches
+    without regard to where a permutation ends, as Keras' `repeat()` with `steps_per_epoch` does (fit's
+    steps_per_epoch and epochs decide where it stops, and Keras never warns that the data ran out). An
+    epoch is `steps_per_epoch` batches, so when the caption count is no multiple of the batch size an
+    epoch starts part-way into a permutation: a resumed run skips what the epochs before it took.
     """
 
     def permutation(epoch):
         return np.random.default_rng([seed, int(epoch)]).permutation(len(data)).astype(np.int64)
 
-    order = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(
+    permutations_done, offset = divmod(first_epoch * steps_per_epoch(data, batch_size) * batch_size, len(data))
+    order = tf.data.Dataset.range(permutations_done, np.iinfo(np.int64).max).flat_map(
         lambda epoch: tf.data.Dataset.from_tensor_slices(tf.numpy_function(permutation, [epoch], tf.int64))
-    )
+    ).skip(offset)
     return _batches(data, matrix, order, batch_size)
 
 
@@ -256,7 +264,7 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
     live = open_live(paths.live) if placement.is_chief and log_curves else NullLive()
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
-    steps = math.ceil(len(data.train_set) / config.batch_size)
+    steps = steps_per_epoch(data.train_set, config.batch_size)
     with output_dir(placement, paths.checkpoints) as checkpoint_out:  # batches are global: a strategy splits them
         if not state["stopped_early"]:
             model.fit(
