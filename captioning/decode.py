@@ -5,7 +5,9 @@ is not allowed as the first word (no empty captions), no n-gram of `no_repeat_ng
 twice in a caption (the "a black shirt and a black shirt" loops a weak language model falls into;
 the same blocking as `no_repeat_ngram_size` in Hugging Face and OpenNMT; 0 turns it off), decoding
 stops at <end> or `max_length` words, and an unfinished caption is returned as it stands. With beam
-width 1 beam search takes exactly the greedy choices (top-k breaks ties towards the lower id, like argmax).
+width 1 beam search takes the greedy choices (top-k breaks ties towards the lower id, like argmax), except
+where two words' log-probabilities differ by less than float32 can tell apart once added to the caption's
+summed score: beam search then takes the lower id.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ from captioning.tf_setup import keras, tf
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 NEG_INF = -1e9
+
+
+def _real(scores):
+    """Beams made only of allowed words: a caption's summed log-probability is far above NEG_INF, and one
+    masked word (NEG_INF) puts it far below."""
+    return scores > NEG_INF / 2
 
 
 class Captioner:
@@ -123,7 +131,9 @@ class Captioner:
             history = tf.concat([tf.gather(history, parent, batch_dims=1), word[:, :, None]], axis=2)
             was_done = tf.gather(done, parent, batch_dims=1)
             lengths = tf.gather(lengths, parent, batch_dims=1) + tf.cast(~was_done, tf.float32)
-            done = was_done | tf.equal(word, END_ID)
+            # A beam wider than the words allowed here fills up with placeholders (a banned or blocked word,
+            # or a start-up beam): they never count as finished, or their <end> would end the real beams.
+            done = was_done | (tf.equal(word, END_ID) & _real(scores))
             rows = tf.reshape(tf.range(batch)[:, None] * beam_size + parent, [-1])
             states = [tf.gather(s, rows) for s in states]
             return t + 1, tf.reshape(word, [-1]), states, scores, done, lengths, history
@@ -140,7 +150,7 @@ class Captioner:
         # The pick among the final beams happens in `choose_beams` (plain argmax, or a rerank).
         normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
         any_done = tf.reduce_any(done, axis=1, keepdims=True)
-        normalised = tf.where(any_done & ~done, NEG_INF * 10.0, normalised)
+        normalised = tf.where((any_done & ~done) | ~_real(scores), NEG_INF * 10.0, normalised)
         return history, normalised
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from helpers import TOY_CAPTIONS, fit_toy_decoder
 
-from captioning.decode import Captioner
+from captioning.decode import NEG_INF, Captioner
 from captioning.model import (
     NUM_LSTM_LAYERS,
     MaskedAccuracy,
@@ -88,6 +88,22 @@ def test_decoding_never_emits_specials_nor_empty(trained, method):
         assert not {PAD_ID, START_ID, UNK_ID} & set(words[: words.index(END_ID)] if END_ID in words else words)
         assert words[0] != END_ID  # never an empty caption
     assert all(captioner.captions(noisy, method=method, beam_size=3, max_length=1))
+
+
+def test_a_beam_wider_than_the_allowed_words_keeps_only_real_beams(trained):
+    """The toy vocabulary allows 10 first words: 16 beams fill up with placeholders, which must neither
+    end the real beams (empty captions) nor show up among the final beams."""
+    captioner, features, _ = trained
+    allowed_first_words = len(captioner.vocab) - 4  # no <pad>, <start>, <unk>, and no <end> first
+    wide = allowed_first_words + 6
+    for max_length in (1, 10):
+        expected = captioner.captions(features, method="beam", beam_size=3, max_length=max_length)
+        assert captioner.captions(features, method="beam", beam_size=wide, max_length=max_length) == expected
+    for length_penalty in (0.0, 1.0):
+        beams, scores = captioner.final_beams(features, wide, 1, length_penalty)  # one word: only 10 can exist
+        real = scores > NEG_INF  # the server lists these as the alternatives
+        assert (real.sum(axis=1) == allowed_first_words).all()
+        assert all(ids[0] not in (PAD_ID, START_ID, UNK_ID, END_ID) for ids in beams[real])
 
 
 def test_unfinished_caption_is_returned_at_max_length(trained):
