@@ -13,17 +13,17 @@ Decoding (and Pillow's decompression-bomb guard) is `images.load_image`'s job, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 
 import httpx
 
 SCHEMES = ("http", "https")
-# getaddrinfo blocks and cannot be cancelled: its own threads, so that lookups a slow DNS server holds up
-# after their deadline never take the threads the server decodes images in.
-_RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+MAX_LOOKUPS = 32  # DNS lookups in progress at once; a slow DNS server can hold each for its own timeout
+_lookup_slots = threading.BoundedSemaphore(MAX_LOOKUPS)
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,37 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not (address.is_multicast or address.is_reserved)
 
 
+async def _getaddrinfo(host: str, port: int) -> list:
+    """socket.getaddrinfo, which blocks and cannot be cancelled, in a daemon thread of its own: a lookup
+    that outlives its fetch's deadline holds up neither the caller nor the process's exit (the threads of
+    a pool are joined at exit), nor the threads the server decodes images in. At most MAX_LOOKUPS at once."""
+    slots = _lookup_slots  # the one this lookup releases, whatever the module's is by then
+    if not slots.acquire(blocking=False):
+        raise FetchError(f"{MAX_LOOKUPS} DNS lookups are already in progress; try again shortly", status=503)
+    loop = asyncio.get_running_loop()
+    answer = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not answer.done():  # the fetch may have given up already
+            answer.set_exception(error) if error else answer.set_result(result)
+
+    def lookup() -> None:
+        try:
+            outcome = (socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), None)
+        except Exception as err:  # handed to the waiting coroutine, which names it
+            outcome = (None, err)
+        slots.release()
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    return await answer
+
+
 async def resolve(host: str, port: int, allow_private: bool) -> str:
     """The address to connect to, after checking every address the host resolves to."""
     try:
-        infos = await asyncio.get_running_loop().run_in_executor(
-            _RESOLVER, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        infos = await _getaddrinfo(host, port)
     except (socket.gaierror, UnicodeError) as err:
         raise FetchError(f"cannot resolve host {host!r} ({err})") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
@@ -72,31 +98,39 @@ async def resolve(host: str, port: int, allow_private: bool) -> str:
 
 def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Request:
     """A GET for `url` sent to `address`, with the URL's own host in the Host header and the TLS name."""
-    host_header = url.host if url.port is None else f"{url.host}:{url.port}"
+    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 literal keeps its brackets
+    host_header = host if url.port is None else f"{host}:{url.port}"
     return client.build_request(
-        "GET", url.copy_with(host=address), headers={"Host": host_header, "Accept": "image/*"},
+        "GET", url.copy_with(host=address),
+        # identity: the byte limit is on what arrives, and a 500 KB gzip body can inflate to gigabytes
+        headers={"Host": host_header, "Accept": "image/*", "Accept-Encoding": "identity"},
         extensions={"sni_hostname": url.host})
 
 
 def _checked_url(text: str) -> httpx.URL:
     try:
         url = httpx.URL(text)
-    except (httpx.InvalidURL, TypeError, ValueError) as err:
+        scheme, host = url.scheme, url.host  # .host decodes an IDNA name (xn--...), which can fail
+    except (httpx.InvalidURL, TypeError, ValueError) as err:  # UnicodeError (a bad IDNA name) is a ValueError
         raise FetchError(f"not a valid URL: {text!r} ({err})", status=400) from None
-    if url.scheme not in SCHEMES:
-        raise FetchError(f"only http and https URLs can be fetched, not {url.scheme or 'no scheme'}: {text}",
+    if scheme not in SCHEMES:
+        raise FetchError(f"only http and https URLs can be fetched, not {scheme or 'no scheme'}: {text}",
                          status=400)
-    if not url.host:
+    if not host:
         raise FetchError(f"the URL has no host: {text}", status=400)
     return url
 
 
 async def _read_body(response: httpx.Response, limits: FetchLimits) -> bytes:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FetchError(f"the server sent the image {encoding}-compressed although asked not to; "
+                         "images are fetched as they are stored")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise FetchError(f"the image is {int(declared)} bytes, over the limit of {limits.max_bytes}", status=413)
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > limits.max_bytes:
             raise FetchError(f"the image is over the limit of {limits.max_bytes} bytes", status=413)

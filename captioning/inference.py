@@ -157,5 +157,8 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
 
         for n, (image, (_, caption)) in enumerate(zip(shown, results, strict=True)):
             target = out if len(results) == 1 else out.with_name(f"{out.stem}-{n + 1}{out.suffix or '.png'}")
-            captioned_image(image, caption, target)
+            try:
+                captioned_image(image, caption, target)
+            except (OSError, ValueError) as err:  # made captions are not lost to an unwritable --out
+                errors.append((target, f"cannot write the captioned image ({err.strerror or err})"))
     return results, errors

@@ -90,6 +90,8 @@ def captioned_image(image: Path, caption: str, path: Path) -> None:
     ax.set_title("")
     fig.text(0.5, 0.02, "\n".join(textwrap.wrap(caption, 48)), ha="center", va="bottom", fontsize=12)
     fig.subplots_adjust(bottom=0.12)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

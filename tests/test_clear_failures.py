@@ -164,13 +164,16 @@ def test_caption_bad_files_are_reported_and_the_others_captioned(demo_run, tmp_p
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo\n")
     missing = tmp_path / "missing.jpg"
-    args = ["captioning", "caption", str(good[0]), str(missing), str(text), str(good[1])]
+    unwritable = text / "out.png"  # a folder that is a file: the captioned images cannot be written
+    args = ["captioning", "caption", str(good[0]), str(missing), str(text), str(good[1]), "--out", str(unwritable)]
     result = run_cli(args, demo_run, tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {missing}: file not found",
-                      f"error: {text}: not an image file Pillow can read (unknown or corrupt format)"]
+    assert errors[:2] == [f"error: {missing}: file not found",
+                          f"error: {text}: not an image file Pillow can read (unknown or corrupt format)"]
+    assert [line.split(": ")[1] for line in errors[2:]] == [str(text / "out-1.png"), str(text / "out-2.png")]
+    assert all("cannot write the captioned image" in line for line in errors[2:])
     captioned = dict(line.split("\t") for line in result.stdout.splitlines() if "\t" in line)
     assert list(captioned) == [str(good[0]), str(good[1])]
     assert all(caption.strip() for caption in captioned.values())

@@ -1,9 +1,12 @@
 """Image URLs: fetched against a real local HTTP server, including ones that misbehave on purpose."""
 from __future__ import annotations
 
+import gzip
 import io
 import ipaddress
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +29,7 @@ def png_bytes(color=(200, 30, 30)) -> bytes:
 
 class Handler(BaseHTTPRequestHandler):
     hosts: list[str] = []
+    encodings: list[str] = []  # the Accept-Encoding of each request
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -42,6 +46,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         Handler.hosts.append(self.headers.get("Host", ""))
+        Handler.encodings.append(self.headers.get("Accept-Encoding", ""))
         path = self.path
         try:
             if path == "/image.png":
@@ -52,6 +57,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(302, Location="/loop")
             elif path == "/to-file":
                 self._send(302, Location="file:///etc/passwd")
+            elif path == "/gzip":  # 100 KB of zeros that inflate to 100 MB, sent although not asked for
+                self._send(200, gzip.compress(bytes(100 * 2**20), compresslevel=1), Content_Encoding="gzip")
             elif path == "/text":
                 self._send(200, b"<html>not an image</html>", "text/html")
             elif path == "/missing":
@@ -89,12 +96,20 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the client gave up, as it should
 
 
+class IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def start(server_class, address: str):
+    httpd = server_class((address, 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    httpd = start(ThreadingHTTPServer, "127.0.0.1")
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -193,10 +208,67 @@ def test_an_error_status_is_named(server):
 
 
 @pytest.mark.parametrize("url,message", [("ftp://example.com/a.jpg", "only http and https"),
-                                         ("http:///a.jpg", "no host|not a valid URL")])
+                                         ("http:///a.jpg", "no host|not a valid URL"),
+                                         ("http://xn--/a.jpg", "not a valid URL")])  # a broken IDNA name
 def test_bad_urls_are_refused_without_a_connection(url, message):
-    with pytest.raises(FetchError, match=message):
+    with pytest.raises(FetchError, match=message) as caught:
         fetch(url, LOCAL)
+    assert caught.value.status == 400
+
+
+def test_a_compressed_body_is_refused_unread(server):
+    """Asked for identity, a server that gzips anyway is refused: the byte limit counts what arrives,
+    and inflating would not be bounded by it."""
+    Handler.encodings.clear()
+    with pytest.raises(FetchError, match="gzip-compressed"):
+        fetch(f"{server}/gzip", LOCAL)
+    assert Handler.encodings == ["identity"]
+
+
+def test_an_ipv6_literal_keeps_its_brackets_in_the_host_header():
+    httpd = start(IPv6Server, "::1")
+    try:
+        port = httpd.server_address[1]
+        Handler.hosts.clear()
+        assert fetch(f"http://[::1]:{port}/image.png", LOCAL) == png_bytes()
+        assert Handler.hosts == [f"[::1]:{port}"]
+    finally:
+        httpd.shutdown()
+
+
+def test_a_hung_dns_lookup_holds_up_neither_the_fetch_nor_the_exit_of_the_process():
+    code = ("import socket, time\nfrom captioning import fetch\n"
+            "socket.getaddrinfo = lambda *args, **kwargs: time.sleep(30)\n"
+            "try:\n    fetch.fetch('http://hung-dns.example.invalid/a.jpg', fetch.FetchLimits(timeout_s=1.0))\n"
+            "except fetch.FetchError as err:\n    print(err)\n")
+    start_time = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "longer than 1 s" in result.stdout, result.stderr[-2000:]
+    assert time.monotonic() - start_time < 15  # Python's start-up and imports, not the 30-s lookup
+
+
+def test_dns_lookups_in_progress_are_bounded(monkeypatch):
+    release = threading.Event()
+    loopback = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80))]
+    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", lambda *args, **kwargs: release.wait(10) and loopback)
+    monkeypatch.setattr(fetch_module, "_lookup_slots", threading.BoundedSemaphore(1))
+    first: list = []
+
+    def first_fetch():
+        try:
+            first.append(fetch("http://a.invalid/x.jpg", FetchLimits(timeout_s=5.0)))
+        except FetchError as err:
+            first.append(err)
+
+    held = threading.Thread(target=first_fetch)
+    held.start()
+    time.sleep(0.5)  # the first lookup now holds the only slot
+    with pytest.raises(FetchError, match="DNS lookups are already in progress") as caught:
+        fetch("http://b.invalid/x.jpg", FetchLimits(timeout_s=5.0))
+    assert caught.value.status == 503
+    release.set()
+    held.join(10)
+    assert len(first) == 1 and first[0].status == 403  # it got its answer (loopback, refused) once released
 
 
 def test_an_unknown_host_is_named():
