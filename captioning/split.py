@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning.encodings import as_utf8, decode
 from captioning.errors import UserError
 
 OFFICIAL_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
@@ -21,7 +22,7 @@ def official_split(split_dir: str | Path, images: list[str]) -> tuple[dict[str, 
         if not path.is_file():
             raise UserError(f"data.split_dir is {split_dir}, but {path} is missing. Put the three "
                             f"Flickr_8k.*Images.txt files there, or set data.split_dir: null for a seeded split.")
-        listed = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        listed = _listed_images(path)
         for image in listed:
             if image in seen and seen[image] != name:
                 raise UserError(f"{image} is listed in both {OFFICIAL_FILES[seen[image]]} and {filename}; "
@@ -32,6 +33,13 @@ def official_split(split_dir: str | Path, images: list[str]) -> tuple[dict[str, 
     unlisted = sorted(available - seen.keys())
     report["images_in_no_split"] = {"count": len(unlisted), "images": unlisted}
     return splits, report
+
+
+def _listed_images(path: Path) -> list[str]:
+    """The image names of a split file, one per line, however it was saved (UTF-8 with or without a
+    byte-order mark, UTF-16, cp1252; LF, CRLF or CR line ends)."""
+    lines = (decode(line)[0].strip() for line in as_utf8(path.read_bytes()).splitlines())
+    return [line for line in lines if line]
 
 
 def seeded_split(images: list[str], seed: int, train_fraction: float, dev_fraction: float) -> tuple[dict, dict]:

@@ -5,18 +5,21 @@ Every input ends in a table or a one-line UserError: never a traceback, a Recurs
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from captioning import safe_pickle
 from captioning.captions import load_captions
+from captioning.captions.records import short_repr
 from captioning.errors import UserError
 
 EXISTING = ("a.jpg", "b.jpg")
@@ -54,6 +57,18 @@ def test_a_cp1252_line_is_decoded_and_listed_instead_of_skipped(tmp_path, images
     assert report["decoded_as_cp1252"] == {"count": 1, "lines": ["line 2"]}
     assert report["decoded_as_latin1"] == {"count": 0, "lines": []}
     json.dumps(report)
+
+
+@pytest.mark.parametrize("encoding,line_end", [("utf-16", "\r\n"), ("utf-16-be", "\n"), ("utf-8", "\r")])
+def test_utf16_files_and_old_mac_line_ends_keep_every_caption(tmp_path, images, encoding, line_end):
+    """Notepad's "Unicode" (UTF-16 with a byte-order mark) and classic Mac CR-only line ends."""
+    data = (line_end.join(GOOD) + line_end).encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    table, report = parse(tmp_path, images, "captions.txt", data)
+    assert captions_of(table) == [("a.jpg", 0, "A dog runs ."), ("a.jpg", 1, "A brown dog ."),
+                                  ("b.jpg", 0, "A cat sleeps .")]
+    assert report["lines_read"] == 3 and report["skipped"] == []
 
 
 def test_bytes_cp1252_cannot_decode_fall_back_to_latin1(tmp_path, images):
@@ -151,6 +166,24 @@ def test_cycles_huge_ints_bytes_keys_and_none_values(tmp_path, images):
     assert report["skipped_count"] == 5 and json.dumps(report)
 
 
+def test_caption_numbers_too_large_for_the_table_are_skipped_records(tmp_path, images):
+    huge = "9" * 5000  # int() of it raises ValueError; 20 nines overflow the int64 column
+    lines = [*GOOD, f"b.jpg#{'9' * 20}\tA cat .", f"b.jpg#{huge}\tA cat .", f"b.jpg#{huge} A cat ."]
+    table, report = parse(tmp_path, images, "captions.txt", "\n".join(lines).encode())
+    assert len(table) == 3 and [s["line"] for s in report["skipped"]] == ["line 4", "line 5", "line 6"]
+    assert all("larger than 9223372036854775807" in s["reason"] for s in report["skipped"])
+    assert "(5000 digits)" in report["skipped"][1]["reason"] and json.dumps(report)
+    pickled = {"a.jpg": ["A dog ."], f"b.jpg#{huge}": "A cat ."}
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(pickled), max_skipped_fraction=1.0)
+    assert len(table) == 1 and [s["line"] for s in report["skipped"]] == [f"key {short_repr(f'b.jpg#{huge}')}"]
+    assert "larger than" in report["skipped"][0]["reason"]
+    frame = pd.DataFrame({"image": ["a.jpg", "b.jpg"], "caption": ["A dog .", "A cat ."],
+                          "caption_number": pd.Series([0, 10 ** 30], dtype=object)})
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(frame), allow_pandas_pickle=True)
+    assert len(table) == 1 and [s["line"] for s in report["skipped"]] == ["row 1"]
+    assert "larger than" in report["skipped"][0]["reason"]
+
+
 def test_a_memo_fan_out_bomb_is_refused_before_building_records(tmp_path, images):
     shared = [f"A caption {i} ." for i in range(1000)]
     bomb = {f"{i}.jpg": shared for i in range(3000)}  # 3 million captions in a small file
@@ -188,6 +221,34 @@ def test_a_hash_bomb_key_is_refused_before_it_is_hashed(tmp_path, images):
     for _ in range(3):
         small = (small, small)
     assert safe_pickle.loads(doubling_tuple_key_pickle(3)) == {small: ["A dog ."]}
+
+
+def test_coco_with_a_huge_number_or_one_id_for_two_images_is_a_clear_error(tmp_path, images):
+    huge = ('{"images": [{"id": ' + "9" * 5000 + ', "file_name": "a.jpg"}], "annotations": []}').encode()
+    with pytest.raises(UserError, match="cannot read the JSON"):
+        parse(tmp_path, images, "c.json", huge)
+    twice = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+             "annotations": [{"image_id": 1, "caption": "A dog ."}]}
+    with pytest.raises(UserError, match="gives id 1 to both 'a.jpg' and 'b.jpg'"):
+        parse(tmp_path, images, "c.json", json.dumps(twice).encode())
+
+
+def test_a_stray_quote_in_kaggle_csv_stops_before_it_swallows_rows(tmp_path, images):
+    text = 'image,caption\na.jpg,"A dog runs .\nb.jpg,A cat sleeps .\nb.jpg,"A cat ."\n'
+    with pytest.raises(UserError, match=r"quote at line 2 opens a caption that runs on over line 3 "
+                                        r"\('b.jpg,A cat sleeps .'\)"):
+        parse(tmp_path, images, "captions.txt", text.encode())
+
+
+def test_a_photo_name_that_is_not_utf8_is_reported_escaped(tmp_path):
+    """A Windows zip unpacked on Linux: the name's bytes are cp1252, so Python holds surrogates."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"")
+    table, report = parse(tmp_path, folder, "captions.txt", GOOD[0].encode())
+    assert len(table) == 1 and report["images_without_captions"]["images"] == ["caf\\xe9.jpg"]
+    json.dumps(report, ensure_ascii=False).encode("utf-8")  # what files.write_json does: no surrogates left
 
 
 def test_deeply_nested_json_is_a_clear_error(tmp_path, images):

@@ -31,7 +31,7 @@ accepted and counted in the report's `separator_repairs`. Without a real TAB, th
 contain spaces.
 
 Encoding: each line of a text file (and each bytes value in a pickle) is decoded alone, as UTF-8,
-else cp1252, else latin-1 (records.ENCODINGS); the report lists the lines that needed a fallback.
+else cp1252, else latin-1 (encodings.ENCODINGS); the report lists the lines that needed a fallback.
 
 Hostile input: `safe_pickle` refuses nesting deeper than 100 levels before unpickling, `pickles`
 refuses more than 2,000,000 records before building them, and skipped items are shown through a
@@ -62,6 +62,7 @@ from captioning.captions.pickles import pickle_records
 from captioning.captions.records import Record, byte_lines
 from captioning.captions.report import check_records, fail_if_unusable, summarise
 from captioning.captions.token_text import text_records
+from captioning.encodings import as_utf8
 from captioning.errors import UserError
 
 __all__ = ["load_captions"]
@@ -115,7 +116,7 @@ def _parse(data: bytes, path: Path, allow_pandas: bool) -> tuple[str, list[Recor
     if path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(data):
         obj = safe_pickle.loads(data, allow_pandas=allow_pandas, source=str(path))
         return pickle_records(obj, path)
-    body = data.removeprefix(b"\xef\xbb\xbf")
+    body = as_utf8(data)
     if path.suffix.lower() == ".json" or body.lstrip()[:1] == b"{":
         return "coco_json", coco_records(body, path)
     if b"\x00" in body[:8192]:

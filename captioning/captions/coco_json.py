@@ -17,6 +17,8 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
         raise UserError(f"{path}: not UTF-8 JSON (byte {err.start}). Re-save it as UTF-8.") from err
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from err
+    except ValueError as err:  # a number of more than 4,300 digits
+        raise UserError(f"{path}: cannot read the JSON ({err}).") from err
     except RecursionError as err:
         raise UserError(f"{path}: the JSON nests arrays or objects too deep to read; "
                         "COCO captions need 3 levels.") from err
@@ -30,7 +32,10 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
     names = {}
     for image in document["images"]:
         if isinstance(image, dict) and "id" in image and "file_name" in image:
-            names.setdefault(_hashable(image["id"]), image["file_name"])
+            known = names.setdefault(_hashable(image["id"]), image["file_name"])
+            if known != image["file_name"]:  # which photo its captions describe cannot be told
+                raise UserError(f"{path}: the 'images' list gives id {image['id']!r} to both {known!r} and "
+                                f"{image['file_name']!r}. Give each image its own id.")
     return [_coco_record(i, annotation, names) for i, annotation in enumerate(document["annotations"])]
 
 

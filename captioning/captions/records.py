@@ -7,14 +7,11 @@ import re
 import reprlib
 from dataclasses import dataclass
 
+from captioning.encodings import decode
+
 EXCERPT_CHARS = 200
-# Captions files are meant to be UTF-8, but many copies were saved by Windows tools in cp1252 (or
-# latin-1). Each line (or pickled bytes value) is decoded alone with the first of these that accepts
-# it, so a cafe\xe9 costs no caption; latin-1 accepts any byte, so no line is ever lost to its encoding.
-# The report lists every line that needed a fallback (`decoded_as_cp1252`, `decoded_as_latin1`).
-ENCODINGS = ("utf-8", "cp1252", "latin-1")
-FALLBACK_ENCODINGS = ENCODINGS[1:]
 NAME_WITH_NUMBER = re.compile(r"(?P<image>.+)#(?P<number>[0-9]+)", re.DOTALL)
+MAX_CAPTION_NUMBER = 2**63 - 1  # what the table's int64 column holds
 
 
 @dataclass
@@ -32,22 +29,13 @@ class Record:
     caption: str = ""
 
 
-def decode(data: bytes) -> tuple[str, str | None]:
-    """The text of `data` and the fallback encoding it needed (None when it is UTF-8)."""
-    for encoding in ENCODINGS[:-1]:
-        try:
-            return data.decode(encoding), (None if encoding == ENCODINGS[0] else encoding)
-        except UnicodeDecodeError:
-            continue
-    return data.decode(ENCODINGS[-1]), ENCODINGS[-1]
-
-
 def byte_lines(data: bytes) -> list[Record]:
     """Split bytes into lines and decode each one alone, so one odd byte only changes its own line.
 
-    The final newline does not start another line; a trailing CR (CRLF files) is dropped silently.
+    The final newline does not start another line; a trailing CR (CRLF files) is dropped silently. A
+    file with CRs but no LF at all has classic Mac line ends, and is split on CR.
     """
-    chunks = data.split(b"\n")
+    chunks = data.split(b"\r" if b"\r" in data and b"\n" not in data else b"\n")
     if chunks[-1] == b"":
         chunks.pop()
     lines = []
@@ -59,10 +47,25 @@ def byte_lines(data: bytes) -> list[Record]:
 
 def str_lines(text: str) -> list[Record]:
     """The same split for text that is already decoded (a pickled str)."""
-    chunks = text.removeprefix("\ufeff").split("\n")
+    text = text.removeprefix("\ufeff")
+    chunks = text.split("\r" if "\r" in text and "\n" not in text else "\n")
     if chunks[-1] == "":
         chunks.pop()
     return [Record(f"line {n}", chunk.removesuffix("\r")) for n, chunk in enumerate(chunks, start=1)]
+
+
+def caption_number(digits: str) -> int | None:
+    """The number a `#<digits>` key spells, or None when the table cannot hold it (int() of more than
+    4,300 digits would even raise)."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_CAPTION_NUMBER)) or int(digits) > MAX_CAPTION_NUMBER:
+        return None
+    return int(digits)
+
+
+def number_too_large(digits: str) -> str:
+    shown = digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits)} digits)"
+    return f"caption number {shown} is larger than {MAX_CAPTION_NUMBER}, the most the table holds"
 
 
 def as_text(value, what: str) -> tuple[str | None, str | None]:
@@ -93,7 +96,9 @@ def pair_record(source: str, text, image, caption, number=None) -> Record:
     image = image.strip()
     named = NAME_WITH_NUMBER.fullmatch(image)
     if named and number is None:
-        image, number = named["image"], int(named["number"])
+        image, number = named["image"], caption_number(named["number"])
+        if number is None:
+            return Record(source, text, problem=number_too_large(named["number"]))
     return Record(source, text, image=image, number=number, raw=caption.strip(), encoding=encoding)
 
 

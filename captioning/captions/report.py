@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from captioning.captions.records import FALLBACK_ENCODINGS, Record, excerpt
+from captioning.captions.records import MAX_CAPTION_NUMBER, Record, excerpt
 from captioning.captions.token_text import SEPARATOR_KINDS
+from captioning.encodings import FALLBACK_ENCODINGS
 from captioning.errors import UserError
 from captioning.text import clean_caption
 
@@ -71,6 +72,8 @@ def _record_problem(record: Record, first_seen: dict) -> str | None:
     problem = _name_problem(record.image) or _surrogate_problem(record)
     if problem:
         return problem
+    if record.number > MAX_CAPTION_NUMBER:  # a pickled int: any size
+        return f"caption number is larger than {MAX_CAPTION_NUMBER}, the most the table holds"
     if not record.raw:
         return "empty caption"
     record.caption = clean_caption(record.raw)
@@ -92,7 +95,8 @@ def summarise(records: list[Record], files: set[str], *, source: str, fmt: str) 
         if record.image not in files:
             missing[record.image].append(record.source)
     named = {record.image for record in valid}
-    unnamed = sorted(name for name in files if name.lower().endswith(IMAGE_SUFFIXES) and name not in named)
+    unnamed = sorted(_shown_name(name) for name in files
+                     if name.lower().endswith(IMAGE_SUFFIXES) and name not in named)
     repairs = Counter(record.separator for record in valid if record.separator)
     report = {
         "source": source,
@@ -116,6 +120,12 @@ def summarise(records: list[Record], files: set[str], *, source: str, fmt: str) 
         sources = [record.source for record in records if record.encoding == encoding]
         report[fallback_key(encoding)] = {"count": len(sources), "lines": sources}
     return _table(kept), report
+
+
+def _shown_name(name: str) -> str:
+    """A file name as the report can store it: one that is not valid UTF-8 (a Windows zip unpacked here,
+    say) holds surrogates, shown as the bytes they stand for (caf\\xe9.jpg)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def fallback_key(encoding: str) -> str:

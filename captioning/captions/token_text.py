@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from captioning.captions.kaggle_csv import is_kaggle_header, kaggle_records
-from captioning.captions.records import Record
+from captioning.captions.records import Record, caption_number, number_too_large
 
 SEPARATOR_KINDS = ("literal_backslash_t", "bare_t", "spaces", "missing")
 
@@ -54,8 +54,10 @@ def _parse_tab_line(line: Record, text: str) -> None:
         line.problem = f"caption number {number!r} is not a non-negative integer"
     elif not image.strip():
         line.problem = "empty image name before '#'"
+    elif caption_number(number) is None:
+        line.problem = number_too_large(number)
     else:
-        line.image, line.number, line.raw = image.strip(), int(number), caption.strip()
+        line.image, line.number, line.raw = image.strip(), caption_number(number), caption.strip()
 
 
 def _parse_repaired_line(line: Record, text: str) -> None:
@@ -64,7 +66,10 @@ def _parse_repaired_line(line: Record, text: str) -> None:
     if match is None:
         line.problem = _why_no_key(text)
         return
-    line.image, line.number = match["image"], int(match["number"])
+    if caption_number(match["number"]) is None:
+        line.problem = number_too_large(match["number"])
+        return
+    line.image, line.number = match["image"], caption_number(match["number"])
     line.raw = (match.groupdict().get("caption") or "").strip()
     line.separator = next((kind for kind in SEPARATOR_KINDS if match.groupdict().get(kind) is not None), None)
 
