@@ -40,7 +40,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and "transparency" in image.info):
+        # (P: a transparent palette entry; RGB and L: a PNG's tRNS colour key)
         # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -13,7 +13,8 @@ def main() -> None:
     from captioning.features import extract_features
 
     spec = make_spec(options.weights, options.seed, options.image_size, options.precision, options.backbone)
-    images = layout.IMAGE_LIST.read_text(encoding="utf-8").split()
+    # one name a line: names may hold spaces (a TAB-separated token file allows them)
+    images = [name for name in layout.IMAGE_LIST.read_text(encoding="utf-8").splitlines() if name]
     engine = None
     if options.engine == "ray":
         from captioning.extract_ray import RayEngine

@@ -5,16 +5,18 @@ image_size 32 (the smallest ResNet-50 accepts) keeps the random-weight backbone 
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from captioning import features
+from captioning import features, files
 from captioning.backbones import build_backbone, make_spec
 from captioning.errors import UserError
 from captioning.features import compute_features, extract_features
+from captioning.tiny_project import make_project, run
 
 SIZE = 32
 SPEC = make_spec("random", 0, SIZE, "float32")
@@ -117,3 +119,18 @@ def test_feature_independent_of_batch_and_order(good_images, backbone):
     assert list(errors) == [1]
     np.testing.assert_array_equal(together[::-1], alone)
     np.testing.assert_array_equal(with_bad[[0, 2]], alone[[2, 0]])
+
+
+def test_the_stage_reads_image_names_with_spaces_whole(tmp_path):
+    """images.txt has one name a line; a TAB-separated token file allows names with spaces."""
+    project = make_project(tmp_path / "project", demo=False,
+                           params={"data": {"images": "photos"}, "features": {"image_size": 32}})
+    (project / "photos").mkdir()
+    write_good(project / "photos", "my photo.jpg", 1)
+    write_good(project / "photos", "b.jpg", 2)
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data/images.txt").write_text("b.jpg\nmy photo.jpg\n")
+    run([sys.executable, "-m", "stages.extract_resnet_features"], project)
+    report = files.read_json(project / "data/reports/extract_report.json")
+    assert (report["images_requested"], report["images_extracted"], report["failed"]) == (2, 2, [])
+    assert sorted(pd.read_parquet(project / "data/features/index.parquet")["image"]) == ["b.jpg", "my photo.jpg"]

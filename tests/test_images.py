@@ -163,6 +163,16 @@ def test_palette_png_with_transparency_is_white(tmp_path):
     assert (array[:, :7] == RED).all() and (array[:, 9:] == WHITE).all()
 
 
+@pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_a_png_colour_key_is_transparent_and_comes_out_white(tmp_path, mode, key):
+    image = Image.new(mode, (16, 16), key)
+    image.paste(RED if mode == "RGB" else 200, (0, 0, 8, 16))
+    image.save(tmp_path / "keyed.png", transparency=key)  # a tRNS chunk: pixels of the key colour are transparent
+    array = load_image(tmp_path / "keyed.png", 16)
+    assert (array[:, 9:] == WHITE).all()
+    assert (array[:, :7] == (RED if mode == "RGB" else (200, 200, 200))).all()
+
+
 def test_16_bit_grayscale_uses_full_range(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
     Image.fromarray(ramp).save(tmp_path / "deep.png")
