@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -41,20 +42,29 @@ STORAGE_TYPES = {
 }
 
 
+class _Inert:
+    """pickle's BUILD opcode would write a file's values straight into an object's __dict__, frozen
+    dataclass or not: a tensor's shape after its bounds were checked, or a storage type shared by every
+    later load. The stand-ins refuse it."""
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("a checkpoint may not set attributes of its tensors or storage types")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Inert):
     name: str
 
 
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Inert):
     key: str
     dtype: np.dtype
     numel: int
 
 
 @dataclass(frozen=True)
-class _TensorRef:
+class _TensorRef(_Inert):
     storage: _StorageRef
     offset: int
     shape: tuple[int, ...]
@@ -84,11 +94,20 @@ def _rebuild_tensor(storage, offset, shape, stride, requires_grad=False, hooks=N
     shape, stride = _ints(shape, "tensor size"), _ints(stride, "tensor stride")
     if len(shape) != len(stride):
         raise pickle.UnpicklingError(f"tensor size {shape} and stride {stride} differ in length")
-    offset = _whole(offset, "storage offset")
-    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else offset - 1
-    if last >= storage.numel:
-        raise pickle.UnpicklingError(f"tensor of size {shape} runs past its storage of {storage.numel} elements")
-    return _TensorRef(storage, offset, shape, stride)
+    tensor = _TensorRef(storage, _whole(offset, "storage offset"), shape, stride)
+    _check_bounds(tensor, storage.numel)
+    return tensor
+
+
+def _check_bounds(tensor: _TensorRef, numel: int) -> None:
+    """Within its storage, and no more elements than the storage has: a zero or overlapping stride would
+    let a few bytes of file describe gigabytes."""
+    shape, stride = tensor.shape, tensor.stride
+    last = tensor.offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else -1
+    if last >= numel:
+        raise pickle.UnpicklingError(f"tensor of size {shape} runs past its storage of {numel} elements")
+    if math.prod(shape) > numel - tensor.offset:
+        raise pickle.UnpicklingError(f"tensor of size {shape} has more elements than its storage holds ({numel})")
 
 
 _ALLOWED = {
@@ -173,6 +192,7 @@ def _read(stream: io.BytesIO, source: str) -> dict[str, np.ndarray]:
 
 def _view(storage: np.ndarray, tensor: _TensorRef) -> np.ndarray:
     """The tensor's elements as a C-ordered array (strides are in elements in the format)."""
+    _check_bounds(tensor, len(storage))  # again, against the bytes actually read
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(storage[tensor.offset:], shape=tensor.shape,
                                            strides=tuple(s * item for s in tensor.stride), writeable=False)

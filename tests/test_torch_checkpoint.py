@@ -42,20 +42,21 @@ class _Storage:
 
 
 class _Tensor:
-    def __init__(self, storage, offset, shape, stride, rebuild):
+    def __init__(self, storage, offset, shape, stride, rebuild, state=None):
         self.args = (storage, offset, shape, stride, False, collections.OrderedDict())
-        self.rebuild = rebuild
+        self.rebuild, self.state = rebuild, state
 
-    def __reduce__(self):
-        return self.rebuild, self.args
+    def __reduce__(self):  # with a state, pickle writes BUILD(state) on the rebuilt tensor
+        return (self.rebuild, self.args) if self.state is None else (self.rebuild, self.args, self.state)
 
 
 def legacy_checkpoint(tensors: dict, transposed: bool = True, extra: bytes = b"", state_override=None,
-                      short_storage: bool = False) -> bytes:
+                      short_storage: bool = False, views: dict | None = None, build: dict | None = None) -> bytes:
     """The bytes torch.save(state_dict, f, _use_new_zipfile_serialization=False) writes for `tensors`.
 
     With `transposed`, 2-d+ arrays are stored with reversed axes and strides that undo it, as the
-    EfficientNet checkpoint stores its kernels. With `short_storage`, each storage lacks its last element."""
+    EfficientNet checkpoint stores its kernels. With `short_storage`, each storage lacks its last element.
+    `views` gives some tensors another (shape, stride); `build` sets attributes of some after they are made."""
     torch, utils, kinds = _fake_torch()
     saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
     sys.modules.update({"torch": torch, "torch._utils": utils})
@@ -71,7 +72,8 @@ def legacy_checkpoint(tensors: dict, transposed: bool = True, extra: bytes = b""
                 stride = tuple(int(np.prod(array.shape[axis + 1:])) for axis in range(array.ndim))
             storage = _Storage(str(1000 + i), kind, data[:-1] if short_storage else data)
             storages.append(storage)
-            state[name] = _Tensor(storage, 0, tuple(array.shape), stride, utils._rebuild_tensor_v2)
+            shape, stride = (views or {}).get(name, (tuple(array.shape), stride))
+            state[name] = _Tensor(storage, 0, shape, stride, utils._rebuild_tensor_v2, (build or {}).get(name))
 
         class Writer(pickle.Pickler):
             def persistent_id(self, obj):
@@ -166,6 +168,36 @@ def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
     path.write_bytes(legacy_checkpoint({"w": np.zeros((2, 2), np.float32)}, short_storage=True))
     with pytest.raises(UserError, match="runs past its storage of 3 elements"):
         read_state_dict(path)
+
+
+def test_a_tiny_storage_cannot_describe_a_huge_tensor(tmp_path):
+    """Zero strides would let one stored number stand for 400 million of them (1.6 GB once copied)."""
+    path = tmp_path / "huge.pth"
+    path.write_bytes(legacy_checkpoint({"w": np.zeros(1, np.float32)}, views={"w": ((20000, 20000), (0, 0))}))
+    with pytest.raises(UserError, match=r"has more elements than its storage holds \(1\)"):
+        read_state_dict(path)
+
+
+def test_a_tensor_changed_after_its_check_is_refused(tmp_path):
+    """BUILD could rewrite a checked tensor's shape, and `as_strided` would then read past the storage."""
+    path = tmp_path / "built.pth"
+    path.write_bytes(legacy_checkpoint({"w": np.zeros(4, np.float32)}, build={"w": {"shape": (50_000_000,)}}))
+    with pytest.raises(UserError, match="may not set attributes"):
+        read_state_dict(path)
+
+
+def test_a_storage_type_cannot_be_changed_for_later_loads(tmp_path):
+    """BUILD on the global `torch.FloatStorage` stand-in would change it for every later checkpoint."""
+    # GLOBAL torch.FloatStorage, then BUILD {"name": "DoubleStorage"} on it, as the state pickle
+    poison = b"\x80\x02ctorch\nFloatStorage\n}X\x04\x00\x00\x00nameX\r\x00\x00\x00DoubleStoragesb."
+    headers = (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True})
+    bad = tmp_path / "poison.pth"
+    bad.write_bytes(b"".join(pickle.dumps(header, protocol=2) for header in headers) + poison)
+    with pytest.raises(UserError, match="may not set attributes"):
+        read_state_dict(bad)
+    good = tmp_path / "ok.pth"
+    good.write_bytes(legacy_checkpoint(KNOWN))
+    np.testing.assert_array_equal(read_state_dict(good)["fc.weight"], KNOWN["fc.weight"])
 
 
 def test_missing_file(tmp_path):
