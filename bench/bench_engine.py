@@ -19,6 +19,7 @@ from common import PARAMS, demo_data, median
 
 from captioning.backbones import build_backbone, make_spec
 from captioning.extract_ray import RayEngine
+from captioning.feature_files import FEATURE_FILES
 from captioning.features import FeatureComputer, extract_features
 from captioning.timing import Stopwatch
 
@@ -85,7 +86,7 @@ def run(workdir: Path, n_images: int, repeats: int) -> dict:
     finally:
         cluster.shutdown()
     same = all((workdir / "local" / f).read_bytes() == (workdir / "ray" / f).read_bytes()
-               for f in ("features.npy", "index.parquet", "backbone.json"))
+               for f in FEATURE_FILES)
     ratios = [r["steady"] / loc["steady"] for r, loc in zip(raw["ray"], raw["local"], strict=True)]
     return {"ray_engine_ratio": {
         "value": median(ratios),

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
+from captioning.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,18 @@ class BackboneSpec:
         return asdict(self)
 
 
+FEATURE_FILES = ("features.npy", "index.parquet", "backbone.json")  # features.npy is written last
+
+
 class FeatureStore:
     """Read-only access to extracted features by image name, through a memory map."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
+        missing = [name for name in FEATURE_FILES if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"{folder} lacks {', '.join(missing)}: feature extraction did not finish. Run "
+                            "`dvc repro` (or `dvc repro -f extract_resnet_features`) to extract them again.")
         self.matrix = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
         index = pd.read_parquet(folder / "index.parquet")
         self.row_of = dict(zip(index["image"], index["row"].astype(int), strict=True))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from captioning import files
 from captioning.backbones import build_backbone, feature_dim
 from captioning.errors import UserError
-from captioning.feature_files import BackboneSpec
+from captioning.feature_files import FEATURE_FILES, BackboneSpec
 from captioning.images import ImageError, load_image
 from captioning.tf_setup import keras, tf
 from captioning.timing import Stopwatch
@@ -114,6 +114,10 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
                         "folder holding the photos named in the captions file.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier run's files go first, and features.npy is written last: a run killed half-way leaves an
+    # incomplete folder (which FeatureStore refuses), never one run's index beside another's features.
+    for name in FEATURE_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     if compute_rows is None:
         computer = FeatureComputer(build_backbone(spec), spec.image_size)
         compute_rows = lambda paths, out: computer.fill(paths, batch_size, out)  # noqa: E731
@@ -129,6 +133,9 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
+        files.write_parquet(out_dir / "index.parquet",
+                            pd.DataFrame({"image": [images[r] for r in good], "row": np.arange(len(good))}))
+        files.write_json(out_dir / "backbone.json", spec.to_json())
         if errors:
             _write_rows(raw, good, out_dir / "features.npy")
         else:
@@ -136,9 +143,6 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
             os.replace(raw_path, out_dir / "features.npy")  # complete, so the rename is the commit
     finally:
         raw_path.unlink(missing_ok=True)
-    files.write_parquet(out_dir / "index.parquet",
-                        pd.DataFrame({"image": [images[r] for r in good], "row": np.arange(len(good))}))
-    files.write_json(out_dir / "backbone.json", spec.to_json())
     report = {
         "images_requested": len(images),
         "images_extracted": len(good),

@@ -15,6 +15,7 @@ from PIL import Image
 from captioning import features, files
 from captioning.backbones import build_backbone, make_spec
 from captioning.errors import UserError
+from captioning.feature_files import FEATURE_FILES, FeatureStore
 from captioning.features import compute_features, extract_features
 from captioning.tiny_project import make_project, run
 
@@ -81,8 +82,7 @@ def test_mixed_folder(tmp_path, good_images):
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     assert matrix.shape == (3, 2048) and matrix.dtype == np.float32
     assert list(index["image"]) == GOOD and list(index["row"]) == [0, 1, 2]
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["backbone.json", "features.npy",
-                                                                          "index.parquet"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(FEATURE_FILES)
     assert (report["images_requested"], report["images_extracted"], report["failed_count"]) == (7, 3, 4)
     listed = [entry["image"] for entry in report["failed"]]
     assert sorted(listed) == sorted(bad) and len(set(listed)) == len(listed)
@@ -92,6 +92,25 @@ def test_mixed_folder(tmp_path, good_images):
     np.testing.assert_array_equal(matrix, alone)
     assert not np.allclose(matrix[0], matrix[1])  # rows really differ: not all zeros or a constant
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_a_run_killed_half_way_leaves_no_mix_of_two_runs(tmp_path, good_images, backbone, monkeypatch):
+    """A second extraction killed while writing its files: FeatureStore refuses the folder instead of
+    pairing the new index with the old features (or the old backbone)."""
+    folder, _ = good_images
+    monkeypatch.setattr(features, "build_backbone", lambda spec: backbone)
+    extract_features(GOOD, folder, tmp_path / "out", SPEC, batch_size=2)
+    assert len(FeatureStore(tmp_path / "out").row_of) == 3
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features.files, "write_json", killed)  # dies writing backbone.json
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(GOOD[:2], folder, tmp_path / "out", SPEC, batch_size=2)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="lacks features.npy, backbone.json: feature extraction did not finish"):
+        FeatureStore(tmp_path / "out")
 
 
 def test_all_bad_is_a_user_error(tmp_path, backbone, monkeypatch):

@@ -19,6 +19,7 @@ from captioning import files
 from captioning.backbones import make_spec
 from captioning.errors import UserError
 from captioning.extract_ray import RayEngine
+from captioning.feature_files import FEATURE_FILES
 from captioning.features import extract_features
 from captioning.tiny_project import make_project, set_params, tool_env
 
@@ -56,7 +57,7 @@ def write_images(folder, count: int) -> list[str]:
 
 def same_outputs(local, remote, local_report: dict, remote_report: dict) -> None:
     """The same feature files byte for byte, and the same report but for timings and the engine's own entry."""
-    for name in ("features.npy", "index.parquet", "backbone.json"):
+    for name in FEATURE_FILES:
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
     assert sorted(path.name for path in remote.iterdir()) == sorted(path.name for path in local.iterdir())
     assert ({k: v for k, v in remote_report.items() if k not in TIMING}
