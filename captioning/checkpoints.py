@@ -133,20 +133,37 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
 
 
 def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, required=("model_file",),
-                 optional=("best_file",)) -> dict | None:
+                 optional=("best_file",), fresh: dict | None = None) -> dict | None:
     """The checkpoint state to resume from, or None when there is none that fits this run: same
     fingerprint, no more epochs than asked for, and the files its `required` keys name (and its
-    `optional` ones, when set) all there. The keys are the cross-entropy run's unless given (scst.py)."""
+    `optional` ones, when set) all there. The keys are the cross-entropy run's unless given (scst.py):
+    `fresh` is the state a new run starts with, whose every key (and type, where not None) a state
+    file must have; one that is unreadable or lacks them (damaged, or edited by hand) does not fit
+    either, and training says so and starts over."""
     state_path = checkpoint_dir / STATE_FILE
     if not state_path.exists():
         return None
-    state = files.read_json(state_path)
-    if state.get("fingerprint") != print_fingerprint or state.get("epoch", 0) > epochs:
+    fresh = new_state(print_fingerprint) if fresh is None else fresh
+    try:
+        state = files.read_json(state_path)
+    except (OSError, ValueError) as err:
+        return starting_over(state_path, f"unreadable: {err}")
+    if not isinstance(state, dict) or any(key not in state or (value is not None
+                                                               and not isinstance(state[key], type(value)))
+                                          for key, value in fresh.items()):
+        return starting_over(state_path, "not the state this project writes")
+    if state["fingerprint"] != print_fingerprint or state["epoch"] > epochs:
         return None
     needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
     if not all((checkpoint_dir / name).is_file() for name in needed):
         return None
     return state
+
+
+def starting_over(path: Path, why: str) -> None:
+    """A checkpoint that cannot be resumed: one line, then training starts from scratch (None)."""
+    print(f"cannot resume from {path} ({why}): training starts over", flush=True)
+    return None
 
 
 def clear_checkpoints(checkpoint_dir: Path) -> None:

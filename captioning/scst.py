@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
-from captioning.checkpoints import STATE_FILE, clear_checkpoints, remove_stale, resume_state, save_file
+from captioning.checkpoints import STATE_FILE, clear_checkpoints, remove_stale, resume_state, save_file, starting_over
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
+from captioning.errors import one_line
 from captioning.feature_files import FeatureStore
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, tf
@@ -67,6 +68,25 @@ class RewardSet:
                          for caption, image in zip(captions, images, strict=True)], np.float32)
 
 
+def _resumed(model: keras.Model, optimizer, folder: Path, state: dict) -> bool:
+    """Load a checkpoint's weights and optimizer state; False (and one line) when its files are damaged,
+    with the model and optimizer as they were (a load may fail half-way)."""
+    before = model.get_weights(), [variable.numpy() for variable in optimizer.variables]
+    try:
+        model.load_weights(folder / state["weights_file"])
+        with np.load(folder / state["optimizer_file"], allow_pickle=False) as stored:
+            for variable, value in zip(optimizer.variables, (stored[f"arr_{i}"] for i in range(len(stored))),
+                                       strict=True):
+                variable.assign(value)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        model.set_weights(before[0])
+        for variable, value in zip(optimizer.variables, before[1], strict=True):
+            variable.assign(value)
+        starting_over(folder / state["weights_file"], one_line(err))
+        return False
+    return True
+
+
 def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix: np.ndarray, config: TrainConfig,
               checkpoint_dir: Path, origin: dict) -> dict:
     """Run `config.scst_epochs` epochs of SCST on `model` in place, resuming a checkpoint of this very run;
@@ -79,18 +99,16 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
     optimizer = keras.optimizers.Adam(learning_rate=config.scst_learning_rate, clipnorm=config.clipnorm)
     optimizer.build(model.trainable_variables)
     print_fingerprint = _fingerprint(config, origin)
+    fresh = {"fingerprint": print_fingerprint, "epoch": 0, "rewards": [], "seconds": 0.0}
     state = resume_state(folder, print_fingerprint, config.scst_epochs,
-                         required=("weights_file", "optimizer_file"), optional=())
+                         required=("weights_file", "optimizer_file"), optional=(), fresh=fresh)
+    if state and not _resumed(model, optimizer, folder, state):
+        state = None
     if state:
-        model.load_weights(folder / state["weights_file"])
-        with np.load(folder / state["optimizer_file"], allow_pickle=False) as stored:
-            for variable, value in zip(optimizer.variables, (stored[f"arr_{i}"] for i in range(len(stored))),
-                                       strict=True):
-                variable.assign(value)
         print(f"SCST: resuming from the checkpoint after epoch {state['epoch']}", flush=True)
     else:
         clear_checkpoints(folder)
-        state = {"fingerprint": print_fingerprint, "epoch": 0, "rewards": [], "seconds": 0.0}
+        state = fresh
     captioner = Captioner(model, vocab)  # shares the model's layers: every update is sampled from at once
     step = _gradient_step(model, optimizer, len(vocab))
     samples = config.scst_samples

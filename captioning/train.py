@@ -33,10 +33,11 @@ from captioning.checkpoints import (
     new_state,
     restore_rng_state,
     resume_state,
+    starting_over,
 )
 from captioning.consensus import FILE_NAME, NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
-from captioning.errors import UserError
+from captioning.errors import UserError, one_line
 from captioning.feature_files import FeatureStore
 from captioning.model import (
     MEMBER_PREFIX,
@@ -244,10 +245,14 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
     check_agreement(placement, print_fingerprint, state["epoch"] if state else 0)
     with placement.scope():
         if state:
-            model = keras.models.load_model(paths.checkpoints / state["model_file"])
-            restore_rng_state(model, state["rng_state"])
-            print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
-            return model, state
+            try:
+                model = keras.models.load_model(paths.checkpoints / state["model_file"])
+                restore_rng_state(model, state["rng_state"])
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # a damaged file
+                starting_over(paths.checkpoints / state["model_file"], one_line(err))
+            else:
+                print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
+                return model, state
         if placement.is_chief:
             clear_checkpoints(paths.checkpoints)
         mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)

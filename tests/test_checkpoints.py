@@ -1,0 +1,42 @@
+"""A checkpoint state that cannot be resumed (damaged, or edited by hand) means starting over with one
+line, never a traceback; a good one is resumed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from captioning.checkpoints import STATE_FILE, new_state, resume_state
+
+FINGERPRINT = "abc"
+
+
+def good_state() -> dict:
+    return {**new_state(FINGERPRINT), "epoch": 2, "train_seconds": 3.5, "history": [{}, {}],
+            "model_file": "epoch-0002.keras", "rng_state": []}
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    (tmp_path / "epoch-0002.keras").write_bytes(b"model")
+    return tmp_path
+
+
+def test_a_good_state_is_resumed(checkpoints):
+    (checkpoints / STATE_FILE).write_text(json.dumps(good_state()))
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) == good_state()
+    assert resume_state(checkpoints, "another run", epochs=5) is None  # another run's: not resumed, no fuss
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[:40],                                              # cut short
+    lambda text: "null",
+    lambda text: json.dumps({**json.loads(text), "epoch": "2"}),         # a number as text
+    lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "history"}),
+    lambda text: "\x00\xff",
+])
+def test_a_damaged_state_means_starting_over_with_one_line(checkpoints, damage, capsys):
+    (checkpoints / STATE_FILE).write_text(damage(json.dumps(good_state())), encoding="latin-1")
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("cannot resume from") and said[0].endswith("training starts over")
