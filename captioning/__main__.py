@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,14 +38,14 @@ def _parser() -> argparse.ArgumentParser:
                     "arrive together share one batched pass. Ctrl-C or SIGTERM stops it.")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: %(default)s, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s; 0 = any free port)")
     serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
                        help="trained model bundle (default: %(default)s)")
     _decode_argument(serve)
     serve.add_argument("--max-batch", type=int, default=16, help="images in one batched pass (default: %(default)s)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+    serve.add_argument("--max-wait-ms", type=_finite, default=5.0,
                        help="how long a request waits for others to share its pass (default: %(default)s)")
-    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=_finite, default=20.0, help="request body limit (default: %(default)s)")
     serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="width x height limit of one image (default: %(default)s)")
@@ -64,11 +65,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finite(text: str) -> float:
+    """A float flag: inf or nan would pass every `> 0` check and then hang a wait or break a conversion."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0 to 65535; 0 = any free one)")
+    return value
+
+
 def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FetchLimits()
-    parser.add_argument("--fetch-timeout", type=float, default=defaults.timeout_s,
+    parser.add_argument("--fetch-timeout", type=_finite, default=defaults.timeout_s,
                         help="seconds one image URL may take in all, DNS and redirects included (default: %(default)s)")
-    parser.add_argument("--fetch-max-mb", type=float, default=defaults.max_bytes / 2**20,
+    parser.add_argument("--fetch-max-mb", type=_finite, default=defaults.max_bytes / 2**20,
                         help="size limit of an image fetched from a URL (default: %(default)s)")
     parser.add_argument("--fetch-max-redirects", type=int, default=defaults.max_redirects,
                         help="redirects followed per URL (default: %(default)s)")
@@ -127,8 +143,12 @@ def demo_command(args) -> int:
     from captioning.demo import generate_demo
 
     options = read_section("demo", path=args.params)  # checked like every stage's params
-    summary = generate_demo(Path(options.out_dir), n_images=options.n_images, image_size=options.image_size,
-                            seed=options.seed)
+    try:
+        summary = generate_demo(Path(options.out_dir), n_images=options.n_images, image_size=options.image_size,
+                                seed=options.seed)
+    except OSError as err:
+        raise UserError(f"cannot write the demo into {options.out_dir} ({err}): set demo.out_dir in "
+                        f"{args.params} to a folder you can write") from None
     state = "up to date" if summary["skipped"] else "written"
     print(f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
           f"{summary['vocab_size']} words -> {options.out_dir}")
@@ -139,7 +159,11 @@ def plots_template_command(args) -> int:
     from captioning.offline_plots import TEMPLATE_PATH, write_template
 
     out = args.out or TEMPLATE_PATH
-    changed = write_template(out)
+    try:
+        changed = write_template(out)
+    except OSError as err:
+        raise UserError(f"cannot write {out} ({err.strerror or err}): pass --out with a file path "
+                        "you can write") from None
     print(f"{'wrote' if changed else 'up to date:'} {out}")
     return 0
 

@@ -39,7 +39,14 @@ def decode_settings(model_dir: Path, path: Path = layout.DECODE_SETTINGS) -> dic
     if not path.is_file():
         raise UserError(f"{path} not found: `evaluate` writes the decode settings it used there. Run `dvc repro` "
                         "(or pass --decode-settings with the file that belongs to this model).")
-    saved = files.read_json(path)
+    try:
+        saved = files.read_json(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not readable decode settings ({err}). Run `dvc repro` to write them again, "
+                        "or pass --decode-settings with the file `evaluate` wrote for this model.") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise UserError(f"{path} is not a decode settings file (it has no 'settings'). Pass --decode-settings "
+                        "with the file `evaluate` wrote for this model (data/decode.json).")
     if saved.get("model_sha256") != files.sha256(Path(model_dir) / "model.keras"):
         raise UserError(f"{path} belongs to another model than {model_dir} (the model changed after evaluate ran): "
                         "run `dvc repro`, or pass the --decode-settings file of this model.")

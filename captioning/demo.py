@@ -233,7 +233,7 @@ def _is_current(out_dir: Path, manifest: dict, scenes: list[Scene]) -> str | Non
         data = (out_dir / CAPTIONS).read_bytes()
     except (OSError, ValueError):
         return None
-    if {k: stored.get(k) for k in manifest} != manifest:
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in manifest} != manifest:
         return None
     digest = hashlib.sha256(data).hexdigest()
     if stored.get("captions_sha256") != digest:

@@ -14,6 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    """What open() gives a new file under this process's umask (os.umask can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -28,6 +38,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)  # mkstemp's 0600 would hide outputs from the other users of a project
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -73,7 +73,7 @@ def number(low: float | None = None, high: float | None = None, *, open_low: boo
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError
             number_ = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int of hundreds of digits
             raise _bad(key, value, f"use {span}") from None
         too_low = low is not None and (number_ <= low if open_low else number_ < low)
         too_high = high is not None and (number_ >= high if open_high else number_ > high)
@@ -190,6 +190,11 @@ class TrainConfig:
     scst_learning_rate: float = knob(number(0, open_low=True))
     scst_samples: int = knob(whole(2))  # captions sampled per image; each is judged against the others' mean
     scst_batch_images: int = knob(POSITIVE)
+
+    def __post_init__(self):
+        if self.seed + self.ensemble - 1 > MAX_SEED:
+            raise UserError(f"params.yaml: train.seed {self.seed} with train.ensemble {self.ensemble} gives the last "
+                            f"decoder seed {self.seed + self.ensemble - 1}, above {MAX_SEED}. Lower train.seed.")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def _show(ax, path: Path, text: str) -> None:
     except OSError:
         ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
     ax.set_axis_off()
-    ax.set_title(text, fontsize=7, loc="left")
+    ax.set_title(text, fontsize=7, loc="left", parse_math=False)  # a caption's "$5" is no TeX
 
 
 def _save(fig, path: Path) -> None:
@@ -88,7 +88,8 @@ def captioned_image(image: Path, caption: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5.6))
     _show(ax, image, "")
     ax.set_title("")
-    fig.text(0.5, 0.02, "\n".join(textwrap.wrap(caption, 48)), ha="center", va="bottom", fontsize=12)
+    fig.text(0.5, 0.02, "\n".join(textwrap.wrap(caption, 48)), ha="center", va="bottom", fontsize=12,
+             parse_math=False)
     fig.subplots_adjust(bottom=0.12)
     try:
         with atomic_path(path, suffix=".png") as tmp:

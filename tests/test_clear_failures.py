@@ -185,3 +185,39 @@ def test_caption_with_an_incomplete_model(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
     result = run_cli(["captioning", "caption", "a.jpg"], tmp_path, tmp_path)
     assert_clear_failure(result, "incomplete", "vocab.json", "backbone.json")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["serve", "--max-wait-ms", "inf"], "argument --max-wait-ms: inf is not a finite number"),
+    (["serve", "--max-body-mb", "nan"], "argument --max-body-mb: nan is not a finite number"),
+    (["serve", "--port", "70000"], "argument --port: 70000 is not a port"),
+    (["caption", "a.jpg", "--fetch-max-mb", "inf"], "argument --fetch-max-mb: inf is not a finite number"),
+    (["caption", "a.jpg", "--fetch-timeout", "nan"], "argument --fetch-timeout: nan is not a finite number"),
+])
+def test_flags_that_are_no_usable_number_are_refused_at_once(tmp_path, args, words):
+    """inf passed every `> 0` check: --max-wait-ms inf made every lone request wait forever."""
+    result = run_cli(["captioning", *args], tmp_path, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and words in result.stderr, result.stderr
+
+
+def test_plots_template_to_a_folder_and_demo_over_a_bad_manifest(tmp_path):
+    assert_clear_failure(run_cli(["captioning", "plots-template", "--out", str(tmp_path)], tmp_path, tmp_path),
+                         "cannot write", "Is a directory")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demo": {"out_dir": "demo", "n_images": 12,
+                                                                   "image_size": 32, "seed": 7}}))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo/demo_manifest.json").write_text("[]")  # not the manifest the demo writes: redone
+    result = run_cli(["captioning", "demo"], tmp_path, tmp_path)
+    assert result.returncode == 0 and "demo written: 12 images" in result.stdout, result.stderr
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demo": {"out_dir": "params.yaml", "n_images": 12,
+                                                                   "image_size": 32, "seed": 7}}))
+    assert_clear_failure(run_cli(["captioning", "demo"], tmp_path, tmp_path), "cannot write the demo into params.yaml")
+
+
+@pytest.mark.slow
+def test_decode_settings_that_are_not_json_are_one_line(demo_run, tmp_path):
+    broken = tmp_path / "decode.json"
+    broken.write_text('{"model_sha256": ')
+    image = next((demo_run / "data/demo/images").glob("*.jpg"))
+    result = run_cli(["captioning", "caption", str(image), "--decode-settings", str(broken)], demo_run, tmp_path)
+    assert_clear_failure(result, "is not readable decode settings")

@@ -46,13 +46,22 @@ def test_values_are_converted(tmp_path, key, given, expected):
 @pytest.mark.parametrize("key, given", [
     ("epochs", True), ("epochs", 2.5), ("epochs", "3"), ("seed", -1), ("seed", 2**32), ("units", None),
     ("learning_rate", 0), ("learning_rate", ".nan"), ("learning_rate", "inf"), ("dropout", 1.0), ("l1", -1e-6),
-    ("optimizer", "Adam"), ("clipnorm", [1.0]), ("strategy", "horovod"),
+    ("optimizer", "Adam"), ("clipnorm", [1.0]), ("strategy", "horovod"), ("l1", 10 ** 400),
 ])
 def test_bad_values_name_key_and_value(tmp_path, key, given):
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["train"][key] = given
     with pytest.raises(UserError, match=rf"^params\.yaml: train\.{key} is .*; use .*\.$"):
         read_params("train", path=write(tmp_path, params))
+
+
+def test_the_last_ensemble_member_needs_a_valid_seed_too(tmp_path):
+    from captioning.params import MAX_SEED, read_section
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["train"].update(seed=MAX_SEED, ensemble=2)
+    with pytest.raises(UserError, match=f"last decoder seed {MAX_SEED + 1}, above {MAX_SEED}"):
+        read_section("train", path=write(tmp_path, params))
 
 
 def test_invalid_yaml(tmp_path):
