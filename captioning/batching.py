@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-# run_batch(items, settings per item) -> one result per item, in order; one call per batch.
+# run_batch(items, settings per item) -> one result per item, in order; one call per batch. A result that is
+# an exception fails that item's request only (say, one request's settings the model cannot decode with).
 BatchFunction = Callable[[Sequence[Any], Sequence[dict]], Sequence[Any]]
 
 
@@ -81,7 +82,11 @@ class DynamicBatcher:
             self.batches += 1
             self.items += len(batch)
             for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
 

@@ -108,16 +108,21 @@ class LoadedCaptioner:
     def caption(self, pixels: np.ndarray, settings: dict | None = None) -> list[Decoded]:
         return self.decode(self.features(pixels), settings or self.settings)
 
-    def caption_many(self, pixels: list[np.ndarray], settings: list[dict]) -> list[Decoded]:
-        """A server batch: one forward pass for all images, one decode per distinct setting."""
+    def caption_many(self, pixels: list[np.ndarray], settings: list[dict]) -> list[Decoded | Exception]:
+        """A server batch: one forward pass for all images, one decode per distinct setting. A setting
+        that fails to decode fails its own images (their result is the exception), not the others'."""
         features = self.features(np.stack(pixels))
         groups: dict[tuple, list[int]] = {}
         for row, options in enumerate(settings):
             groups.setdefault(tuple(sorted(options.items())), []).append(row)
-        results: list[Decoded | None] = [None] * len(pixels)
+        results: list[Decoded | Exception | None] = [None] * len(pixels)
         for key, rows in groups.items():
-            for row, decoded in zip(rows, self.decode(features[rows], dict(key)), strict=True):
-                results[row] = decoded
+            try:
+                decoded = self.decode(features[rows], dict(key))
+            except Exception as err:  # noqa: BLE001 - handed to these images' requests, which answer it
+                decoded = [err] * len(rows)
+            for row, result in zip(rows, decoded, strict=True):
+                results[row] = result
         return results
 
 

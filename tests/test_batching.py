@@ -56,6 +56,17 @@ def test_a_failing_batch_fails_each_of_its_callers():
     assert all(isinstance(result, RuntimeError) for result in results)
 
 
+def test_an_item_that_fails_fails_only_its_own_caller():
+    def run_batch(items, settings):
+        return [ValueError(f"item {item} cannot") if options["beam"] else item * 10
+                for item, options in zip(items, settings, strict=True)]
+
+    results, batcher = run_burst(run_batch, 4, max_batch=8, max_wait_s=0.05)
+    assert results[0::2] == [0, 20]
+    assert [str(result) for result in results[1::2]] == ["item 1 cannot", "item 3 cannot"]
+    assert batcher.batches == 1
+
+
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch=0)

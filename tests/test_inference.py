@@ -37,6 +37,29 @@ def test_every_pass_is_padded_to_an_allowed_size_and_keeps_evaluates_captions(de
     assert np.array_equal(loaded.features(np.stack(pixels[:3])), loaded.features(np.stack(pixels[:4]))[:3])
 
 
+def test_a_setting_that_fails_to_decode_fails_only_its_own_images(demo_run):
+    """The server batches requests with different settings together: one that cannot be decoded with
+    must not fail the requests it happened to share a pass with."""
+    from captioning.errors import UserError
+
+    model_dir = demo_run / "data/model"
+    loaded = LoadedCaptioner(model_dir, decode_settings(model_dir, demo_run / "data/decode.json"), max_batch=8)
+    predictions = pd.read_parquet(demo_run / "data/predictions.parquet")
+    pixels = [load_image(demo_run / "data/demo/images" / name, loaded.image_size) for name in predictions["image"][:3]]
+    broken = {**loaded.settings, "beam_size": 5}
+    real_decode = loaded.decode
+
+    def decode(features, settings):
+        if settings == broken:
+            raise UserError("these settings cannot decode")
+        return real_decode(features, settings)
+
+    loaded.decode = decode
+    results = loaded.caption_many(pixels, [loaded.settings, broken, loaded.settings])
+    assert isinstance(results[1], UserError)
+    assert [results[0].caption, results[2].caption] == list(predictions["generated"].iloc[[0, 2]])
+
+
 @pytest.mark.parametrize(("rerank", "missing"), [("consensus", STATISTICS_FILE), ("neighbours", STATISTICS_FILE),
                                                 ("neighbours", NEIGHBOURS_FILE)])
 def test_a_rerank_without_its_files_stops_at_warm_up_with_one_line(demo_run, tmp_path, rerank, missing):
