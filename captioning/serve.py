@@ -167,8 +167,6 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     async def caption(request: Request) -> dict:
         images, overrides = await _read_request(request, limits)
         settings = with_overrides(loaded.settings, **overrides)
-        # Checked here, not in the shared batch: one request's settings must not fail the others'.
-        loaded.captioner.require_rerank_support(settings["method"], settings["rerank"])
         pixels = [await asyncio.to_thread(_pixels, name, data, loaded.image_size, limits) for name, data in images]
         decoded = await asyncio.gather(*(batcher.submit(p, settings) for p in pixels))
         return {"model": loaded.describe(), "decode": settings,
