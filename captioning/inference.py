@@ -165,5 +165,5 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
             try:
                 captioned_image(image, caption, target)
             except (OSError, ValueError) as err:  # made captions are not lost to an unwritable --out
-                errors.append((target, f"cannot write the captioned image ({err.strerror or err})"))
+                errors.append((target, f"cannot write the captioned image ({getattr(err, 'strerror', None) or err})"))
     return results, errors
