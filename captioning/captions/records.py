@@ -58,9 +58,10 @@ def caption_number(digits: str) -> int | None:
     """The number a `#<digits>` key spells, or None when the table cannot hold it (int() of more than
     4,300 digits would even raise)."""
     digits = digits.lstrip("0") or "0"
-    if len(digits) > len(str(MAX_CAPTION_NUMBER)) or int(digits) > MAX_CAPTION_NUMBER:
+    if len(digits) > len(str(MAX_CAPTION_NUMBER)):
         return None
-    return int(digits)
+    number = int(digits)
+    return number if number <= MAX_CAPTION_NUMBER else None
 
 
 def number_too_large(digits: str) -> str:

@@ -54,10 +54,10 @@ def _parse_tab_line(line: Record, text: str) -> None:
         line.problem = f"caption number {number!r} is not a non-negative integer"
     elif not image.strip():
         line.problem = "empty image name before '#'"
-    elif caption_number(number) is None:
+    elif (parsed := caption_number(number)) is None:
         line.problem = number_too_large(number)
     else:
-        line.image, line.number, line.raw = image.strip(), caption_number(number), caption.strip()
+        line.image, line.number, line.raw = image.strip(), parsed, caption.strip()
 
 
 def _parse_repaired_line(line: Record, text: str) -> None:
@@ -66,10 +66,11 @@ def _parse_repaired_line(line: Record, text: str) -> None:
     if match is None:
         line.problem = _why_no_key(text)
         return
-    if caption_number(match["number"]) is None:
+    number = caption_number(match["number"])
+    if number is None:
         line.problem = number_too_large(match["number"])
         return
-    line.image, line.number = match["image"], caption_number(match["number"])
+    line.image, line.number = match["image"], number
     line.raw = (match.groupdict().get("caption") or "").strip()
     line.separator = next((kind for kind in SEPARATOR_KINDS if match.groupdict().get(kind) is not None), None)
 
