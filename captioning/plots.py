@@ -73,6 +73,26 @@ def with_references(generated: str, references: list[str], scores: str = "") -> 
     return f"model: {generated}{scores}\n{refs}"
 
 
+def best_and_worst(predictions: pd.DataFrame, most: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `most` best and the `most` worst test images by CIDEr (ties by image name), never one image in
+    both: a test split of fewer than 2 * `most` images is halved instead (the best get the odd one), so a
+    small split does not show its images twice, as best and as worst."""
+    ranked = predictions.sort_values(["cider", "image"], ascending=[False, True])
+    best = ranked.head(min(most, -(-len(ranked) // 2)))
+    return best, ranked.iloc[len(best):].tail(most)
+
+
+def best_worst_grid(predictions: pd.DataFrame, images_dir: Path, path: Path, most: int = 6) -> None:
+    """The best images in the top row and the worst in the bottom one, with the counts actually shown."""
+    best, worst = best_and_worst(predictions, most)
+    shown = [(images_dir / row.image,
+              with_references(row.generated, list(row.references), f"  (CIDEr {row.cider:.2f})"))
+             for row in pd.concat([best, worst]).itertuples()]
+    # One row each: as many columns as best images (never fewer than worst ones, see best_and_worst).
+    image_grid(shown, path, columns=max(len(best), 1),
+               title=f"{len(best)} best (top) and {len(worst)} worst (bottom) test images by CIDEr")
+
+
 def read_live_history(live_dir: Path) -> pd.DataFrame:
     """Per-epoch loss/accuracy for train and val from DVCLive's .tsv files."""
     columns = {}

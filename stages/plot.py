@@ -6,7 +6,7 @@ import pandas as pd
 from captioning import layout
 from captioning.errors import run_stage
 from captioning.params import read_params
-from captioning.plots import image_grid, learning_curves, read_live_history, with_references
+from captioning.plots import best_worst_grid, image_grid, learning_curves, read_live_history, with_references
 
 
 def main() -> None:
@@ -27,13 +27,7 @@ def main() -> None:
              for row in predictions.head(grid).itertuples()]
     image_grid(shown, layout.PLOTS_DIR / "predictions.png", title="Test images: model vs references")
 
-    ranked = predictions.sort_values(["cider", "image"], ascending=[False, True])
-    extremes = pd.concat([ranked.head(6), ranked.tail(6)])
-    shown = [(images_dir / row.image,
-              with_references(row.generated, list(row.references), f"  (CIDEr {row.cider:.2f})"))
-             for row in extremes.itertuples()]
-    image_grid(shown, layout.PLOTS_DIR / "best_worst.png", columns=6,
-               title="6 best (top) and 6 worst (bottom) test images by CIDEr")
+    best_worst_grid(predictions, images_dir, layout.PLOTS_DIR / "best_worst.png")
     print(f"plots written to {layout.PLOTS_DIR}/")
 
 
