@@ -12,17 +12,36 @@ import pandas as pd  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from captioning.files import atomic_path  # noqa: E402
+from captioning.images import MAX_PIXELS, ImageTooLarge  # noqa: E402
+
+# Longest side an image is drawn from: a grid cell is 4 in (400 px at the figures' 100 dpi) wide.
+DISPLAY_SIDE = 800
 
 
 def _wrap(text: str, width: int = 42) -> str:
     return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
 
 
+def _picture(path: Path) -> Image.Image:
+    """The image upright and in RGB, shrunk to DISPLAY_SIDE; refused (ImageTooLarge) above the pixel limit
+    extraction refuses too, rather than decoding hundreds of megapixels only to draw them 400 px wide."""
+    with Image.open(path) as image:  # raises DecompressionBombError itself above twice that limit
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ImageTooLarge(f"{width}x{height} pixels")
+        image.draft("RGB", (DISPLAY_SIDE, DISPLAY_SIDE))  # JPEG: decode at a reduced scale, much faster
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+        return image
+
+
 def _show(ax, path: Path, text: str) -> None:
     try:
-        with Image.open(path) as image:
-            ax.imshow(ImageOps.exif_transpose(image).convert("RGB"))
-    except OSError:
+        ax.imshow(_picture(path))
+    except (ImageTooLarge, Image.DecompressionBombError):
+        ax.text(0.5, 0.5, "image too large to show", ha="center", va="center")
+    except Exception:  # noqa: BLE001 - any decoder error (not only OSError): one bad photo among
+        # the samples must not fail the plot stage at the end of a whole run, nor lose the other figures
         ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
     ax.set_axis_off()
     ax.set_title(text, fontsize=7, loc="left", parse_math=False)  # a caption's "$5" is no TeX

@@ -1,6 +1,9 @@
 """The `plot` stage's figures on small and unusual inputs (the stage runs on synthetic outputs, no repro)."""
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,3 +64,50 @@ def test_best_worst_never_shows_an_image_twice_and_says_what_it_shows(tmp_path, 
         assert (len(best), len(worst)) == (6, 6)
     else:  # every image shown (at most one odd image goes to the best row)
         assert len(best) + len(worst) == n_test and len(best) - len(worst) in (0, 1)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` pixels and holds none: opening it costs nothing."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_photo_too_large_for_extraction_is_no_crash_of_the_plot_stage(tmp_path, monkeypatch):
+    """A 200-megapixel phone photo is over twice Pillow's bomb limit, so Image.open raises
+    DecompressionBombError, which is no OSError: the stage died with a traceback when such a photo was
+    among the samples (extraction refuses it with a reason; its captions stay in the table)."""
+    from stages import plot as stage
+
+    write_stage_inputs(tmp_path, 12)
+    (tmp_path / "images" / "img00.png").write_bytes(png_header(16320, 12240))
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+    for name in ("samples", "learning_curves", "predictions", "best_worst"):
+        with Image.open(tmp_path / layout.PLOTS_DIR / f"{name}.png") as figure:
+            assert figure.width > 0
+
+    fig, ax = plots.plt.subplots()
+    try:  # the cell says why there is no picture, and no image is drawn
+        plots._show(ax, tmp_path / "images" / "img00.png", "a caption")
+        assert not ax.get_images() and [t.get_text() for t in ax.texts] == ["image too large to show"]
+    finally:
+        plots.plt.close(fig)
+
+
+@pytest.mark.parametrize("side", [4, 3000])
+def test_images_are_drawn_no_larger_than_needed(tmp_path, side):
+    """Above the pixel limit extraction uses, an image is refused (not decoded); below it, it is drawn
+    from at most DISPLAY_SIDE pixels a side, in its own proportions."""
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (side, side // 2), (200, 30, 30)).save(path)
+    fig, ax = plots.plt.subplots()
+    try:
+        plots._show(ax, path, "")
+        (drawn,) = ax.get_images()
+        height, width = drawn.get_array().shape[:2]
+        assert max(height, width) <= min(side, plots.DISPLAY_SIDE)
+        assert width / height == pytest.approx(2.0, rel=0.02)
+    finally:
+        plots.plt.close(fig)
