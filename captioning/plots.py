@@ -13,6 +13,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from captioning.files import atomic_path  # noqa: E402
 from captioning.images import MAX_PIXELS, ImageTooLarge  # noqa: E402
+from captioning.images import _to_rgb as to_rgb  # noqa: E402 - shared, not copied
 
 # Longest side an image is drawn from: a grid cell is 4 in (400 px at the figures' 100 dpi) wide.
 DISPLAY_SIDE = 800
@@ -23,14 +24,17 @@ def _wrap(text: str, width: int = 42) -> str:
 
 
 def _picture(path: Path) -> Image.Image:
-    """The image upright and in RGB, shrunk to DISPLAY_SIDE; refused (ImageTooLarge) above the pixel limit
-    extraction refuses too, rather than decoding hundreds of megapixels only to draw them 400 px wide."""
+    """The image upright and in RGB as extraction makes it, shrunk to DISPLAY_SIDE; refused (ImageTooLarge)
+    above the pixel limit extraction refuses too, rather than decoding hundreds of megapixels only to draw
+    them 400 px wide."""
     with Image.open(path) as image:  # raises DecompressionBombError itself above twice that limit
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise ImageTooLarge(f"{width}x{height} pixels")
         image.draft("RGB", (DISPLAY_SIDE, DISPLAY_SIDE))  # JPEG: decode at a reduced scale, much faster
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        # Extraction's conversion, not Pillow's convert("RGB"), which draws a 16-bit photo white, a float
+        # one black and transparent pixels black: the figures show the picture the model was given.
+        image = to_rgb(ImageOps.exif_transpose(image))
         image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
         return image
 

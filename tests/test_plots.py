@@ -111,3 +111,41 @@ def test_images_are_drawn_no_larger_than_needed(tmp_path, side):
         assert width / height == pytest.approx(2.0, rel=0.02)
     finally:
         plots.plt.close(fig)
+
+
+def odd_mode_images(folder) -> dict[str, object]:
+    """64 x 64 photos in the modes user data comes in, each with a content Pillow's convert("RGB") gets wrong."""
+    gradient = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    rgba = np.zeros((64, 64, 4), np.uint8)  # transparent black: a viewer shows white
+    rgba[:32, :, :] = (200, 40, 40, 255)
+    made = {
+        "grey16.png": Image.fromarray((gradient * 65535).astype(np.uint16)),
+        "float.tiff": Image.fromarray(gradient.astype(np.float32)),
+        "rgba.png": Image.fromarray(rgba),
+        "la.png": Image.fromarray(rgba[..., [0, 3]]),
+        "cmyk.jpg": Image.new("CMYK", (64, 64), (0, 200, 100, 0)),
+    }
+    for name, image in made.items():
+        image.save(folder / name)
+    return made
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "float.tiff", "rgba.png", "la.png", "cmyk.jpg"])
+def test_plots_draw_the_picture_extraction_gives_the_model(tmp_path, name):
+    """Plots (and the caption command's --out) used Pillow's convert("RGB"): a 16-bit photo came out white,
+    a float one black, transparency black, while extraction scales them and puts transparency on white."""
+    from captioning.images import load_image
+
+    odd_mode_images(tmp_path)
+    fig, ax = plots.plt.subplots()
+    try:
+        plots._show(ax, tmp_path / name, "a caption")
+        (drawn,) = ax.get_images()
+        shown = np.asarray(drawn.get_array())
+    finally:
+        plots.plt.close(fig)
+    model_sees = load_image(tmp_path / name, size=64)  # the images are 64 x 64: no resizing on either side
+    assert shown.shape == model_sees.shape
+    largest_difference = int(np.abs(shown.astype(int) - model_sees.astype(int)).max())
+    assert largest_difference <= 1, (
+        f"{name}: drawn mean {shown.mean(axis=(0, 1))}, the model's image {model_sees.mean(axis=(0, 1))}")
