@@ -79,7 +79,8 @@ def write_template(path: Path = TEMPLATE_PATH, vl_version: str = VEGA_LITE_VERSI
     """Write the template to `path` unless it already holds exactly that text; return whether it changed."""
     text = render_template(*vega_bundle(vl_version))
     path = Path(path)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
+    # Bytes, not read_text(): whatever else the file holds (not UTF-8, say) is simply rewritten, not a traceback.
+    if path.is_file() and path.read_bytes() == text.encode("utf-8"):
         return False
     write_text(path, text)
     return True

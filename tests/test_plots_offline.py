@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 
 from captioning.errors import UserError
-from captioning.offline_plots import CONFIG_VALUE, TEMPLATE_PATH, render_template
+from captioning.offline_plots import CONFIG_VALUE, TEMPLATE_PATH, render_template, write_template
 from captioning.tiny_project import run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg"}
@@ -185,6 +185,16 @@ def test_template_keeps_dvc_placeholders_and_leaves_out_the_cdn_scripts():
         render_template("var s = '{plot_divs}';", "test")
     with pytest.raises(UserError, match="</script"):
         render_template("var s = '</SCRIPT>';", "test")
+
+
+def test_template_replaces_a_file_that_is_not_utf8_instead_of_failing(tmp_path):
+    """`--out` at an existing file in another encoding (or binary) ended in a UnicodeDecodeError traceback
+    from the up-to-date check; the command (re)writes the template there, as it does over any other text."""
+    out = tmp_path / "offline.html"
+    out.write_bytes("<html>caf\xe9</html>".encode("latin-1") + bytes(range(128, 256)))
+    assert write_template(out) is True
+    assert "{plot_divs}" in out.read_text(encoding="utf-8")
+    assert write_template(out) is False  # and idempotent from then on
 
 
 @pytest.mark.slow
