@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import nbformat
+import pandas as pd
 import pytest
 from helpers import copy_project
 from nbclient import NotebookClient
@@ -66,3 +67,22 @@ def test_notebook_runs_on_an_ensemble(demo_run, tmp_path):
     shown = "".join(output.get("data", {}).get("text/plain", "") for output in table.outputs)
     rows = [line for line in shown.splitlines()[1:] if line.split()[:1] and line.split()[0].isdigit()]
     assert len(rows) == 5, f"the LSTM table should list the five stacked LSTMs:\n{shown}"
+
+
+@pytest.mark.slow
+def test_notebook_best_and_worst_table_shows_each_image_once(demo_run, tmp_path):
+    """On a test split under 6 images, head(3) and tail(3) overlapped: the table listed images as both
+    best and worst. The notebook now ranks them with the package's best_and_worst, as the plot does."""
+    project = tmp_path / "project"
+    copy_project(demo_run, project)
+    set_params(project, {"split": {"train_fraction": 0.85, "dev_fraction": 0.1}})
+    run(["dvc", "repro"], project)
+    test_images = pd.read_parquet(project / layout.PREDICTIONS)["image"].tolist()
+    assert 1 < len(test_images) < 6, f"the split should leave fewer than 6 test images: {test_images}"
+    notebook = execute_notebook(project)
+    (table,) = [cell for cell in notebook.cells if cell.cell_type == "code" and "baseline_nearest" in cell.source
+                and "generated" in cell.source]
+    shown = "".join(output.get("data", {}).get("text/plain", "") for output in table.outputs)
+    counts = {name: shown.count(name) for name in test_images}
+    assert all(count <= 1 for count in counts.values()) and sum(counts.values()) == len(test_images), (
+        f"each test image once in the best/worst table: {counts}\n{shown}")
