@@ -52,7 +52,21 @@ class _MeteorProcess:
             return None, None, self.why
 
     def close(self) -> None:
-        self.meteor = None  # pycocoevalcap's Meteor.__del__ stops the Java process
+        """Stop the Java process. Not through pycocoevalcap's `Meteor.__del__` alone: a `compute_score` that
+        raised (Java died, or never started: `java` found but unable to run) leaves the wrapper's lock held,
+        and `__del__` waits on that lock forever, so the caller hung instead of getting METEOR null."""
+        meteor, self.meteor = self.meteor, None
+        lock, process = getattr(meteor, "lock", None), getattr(meteor, "meteor_p", None)
+        if lock is not None and lock.locked():  # only this scorer's own calls take it, and none is running now
+            lock.release()
+        if process is not None:
+            process.kill()
+            process.wait()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                try:
+                    stream.close()
+                except OSError:  # a broken pipe's unwritten bytes: the process is gone anyway
+                    pass
 
 
 class CaptionScorer:

@@ -1,7 +1,9 @@
 """Scoring goes through pycocoevalcap unchanged: the project's numbers equal a direct call's."""
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -104,3 +106,24 @@ def test_meteor_is_null_with_a_reason_without_java(monkeypatch, capsys):
 def test_scoring_uses_the_shared_cleaning():
     corpus, _ = score_captions({"a": "A Dog, running!"}, {"a": ["a dog running"]}, meteor=False)
     assert corpus["bleu1"] == pytest.approx(1.0)
+
+
+def test_a_java_that_cannot_run_gives_null_meteor_instead_of_a_hang(tmp_path, monkeypatch, capsys):
+    """`java` is found but exits at once (as when it cannot reserve its 2 GB heap): pycocoevalcap's wrapper
+    raises with its lock held, and its `__del__` waited on that lock forever, so evaluate never ended."""
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\necho 'Error: Could not reserve enough space for object heap' >&2\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    result = []
+    # A daemon thread, so that a hang fails this test instead of blocking the test run's exit.
+    worker = threading.Thread(target=lambda: result.append(score_captions({"a": "a dog runs"},
+                                                                          {"a": ["a dog runs fast"]})),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "scoring hung after METEOR's Java process failed"
+    corpus, per_image = result[0]
+    assert corpus["meteor"] is None and per_image["meteor"].isna().all()
+    assert corpus["bleu1"] > 0.5  # the other metrics are still computed
+    assert "METEOR not computed: METEOR's Java scorer failed" in capsys.readouterr().err
