@@ -1,6 +1,7 @@
 """Caption the test images, score them and the baselines the same way, and build the predictions table."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,15 @@ def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[s
 def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_images: list[str],
              test_images: list[str], settings: DecodeSettings) -> tuple[dict, pd.DataFrame]:
     store = FeatureStore(features_dir)
+    # A test photo whose extraction failed (listed in the extract report) has no features and cannot be
+    # captioned. It is left out of every score, so it is counted in eval.json and named here: metrics over
+    # fewer photos than the split holds must not pass for the whole split.
+    without_features = sorted(name for name in test_images if name not in store.row_of)
     test_images = sorted(name for name in test_images if name in store.row_of)
+    if without_features:
+        shown = ", ".join(without_features[:10]) + (", ..." if len(without_features) > 10 else "")
+        print(f"evaluate: {len(without_features)} test images have no features (see the extract report) and are "
+              f"not scored: {shown}", file=sys.stderr)
     if not test_images:
         raise UserError("the test split has no images with features, so there is nothing to evaluate. "
                         "With data.split_dir set, the official test list must name images you have; "
@@ -47,6 +56,7 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
 
     metrics.update(
         test_images=len(test_images),
+        test_images_without_features=len(without_features),
         distinct_captions=len(set(generated)),
         decode_method=settings.method,
         decode_images_per_second=round(len(test_images) / decode_seconds, 1),
