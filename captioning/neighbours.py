@@ -28,11 +28,20 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
+# Candidates kept from the fast float32 pass beyond the k asked for, to be scored again exactly: more than
+# enough for the rows that float32 noise can reorder around the k-th (a photo under a few names, say).
+SHORTLIST_EXTRA = 16
+
+
 def nearest_neighbours(query: np.ndarray, pool: np.ndarray, k: int = 1, chunk: int = 8192) -> np.ndarray:
     """(queries, min(k, pool)) indices into `pool` of each query row's cosine-nearest rows, nearest first
-    (ties to the lower index), scanning the pool in chunks so a large pool never makes one huge matrix."""
+    (ties to the lower index), scanning the pool in chunks so a large pool never makes one huge matrix.
+
+    A row's neighbours do not depend on the other rows of `query`: evaluate asks for a batch of test photos,
+    the caption command and the server for one or a few, and they must pick the same neighbours."""
     query = unit_rows(query)
     k = min(k, len(pool))
+    shortlist = min(k + SHORTLIST_EXTRA, len(pool))
     best_score = np.full((len(query), 0), -np.inf, np.float32)
     best_index = np.zeros((len(query), 0), np.int64)
     for start in range(0, len(pool), chunk):
@@ -40,10 +49,24 @@ def nearest_neighbours(query: np.ndarray, pool: np.ndarray, k: int = 1, chunk: i
         scores = np.concatenate([best_score, similarity], axis=1)
         indices = np.concatenate([best_index, np.broadcast_to(np.arange(start, start + similarity.shape[1]),
                                                               similarity.shape)], axis=1)
-        order = np.lexsort((indices, -scores), axis=1)[:, :k]  # highest similarity, then lowest index
+        order = np.lexsort((indices, -scores), axis=1)[:, :shortlist]  # highest similarity, then lowest index
         best_score = np.take_along_axis(scores, order, axis=1)
         best_index = np.take_along_axis(indices, order, axis=1)
-    return best_index
+    # BLAS's float32 matrix product sums each cosine in an order that depends on the shapes (how many queries
+    # come together, where a pool row falls in its block), so one pair scored differently in the last bit in
+    # a batch and alone, and two equal pool rows (one photo under two names) did not tie. The shortlist is
+    # scored again pair by pair, the same way whatever the batch: float32 products are exact in float64,
+    # whose summing noise is far below float32's step, so equal rows tie and the lower index wins.
+    if best_index.size == 0:  # no queries, or an empty pool
+        return best_index[:, :k]
+    exact = np.stack([_pair_cosines(query, pool[best_index[:, j]]) for j in range(best_index.shape[1])], axis=1)
+    order = np.lexsort((best_index, -exact), axis=1)[:, :k]
+    return np.take_along_axis(best_index, order, axis=1)
+
+
+def _pair_cosines(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine of each unit query row with the matching row of `rows`, in float64, rounded to float32."""
+    return (query.astype(np.float64) * unit_rows(rows).astype(np.float64)).sum(axis=1).astype(np.float32)
 
 
 class NeighbourIndex:

@@ -70,3 +70,21 @@ def test_neighbour_consensus_picks_what_the_neighbours_wrote():
 def test_index_refuses_rows_and_captions_that_do_not_match(bad):
     with pytest.raises(ValueError, match="feature rows"):
         NeighbourIndex(bad, [["a"], ["b"], ["c"]])
+
+
+def test_neighbours_of_a_photo_do_not_depend_on_the_batch_and_equal_rows_tie():
+    """evaluate asks for a batch of test photos, the caption command and the server for one: each must get
+    the same neighbours. A photo present twice in the pool (one picture under two names) is an exact tie,
+    which goes to the lower index; float32 BLAS scored such pairs differently in a batch."""
+    rng = np.random.default_rng(0)
+    unique = rng.normal(size=(500, 512)).astype(np.float32)
+    order = rng.permutation(1000)
+    pool = np.concatenate([unique, unique])[order]  # every photo twice, at random places
+    where = np.argsort(order)  # unique[i] is pool rows where[i] and where[i + 500]
+    expected = np.sort(np.stack([where[:500], where[500:]], axis=1), axis=1)
+    query = (unique + 0.05 * rng.normal(size=unique.shape)).astype(np.float32)
+    together = nearest_neighbours(query, pool, k=2)
+    np.testing.assert_array_equal(together, expected)
+    for size in (1, 7, 64):
+        np.testing.assert_array_equal(
+            np.concatenate([nearest_neighbours(query[i:i + size], pool, k=2) for i in range(0, 500, size)]), together)
