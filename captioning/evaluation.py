@@ -9,6 +9,7 @@ import pandas as pd
 from captioning.baselines import consensus_captions, most_frequent_caption
 from captioning.errors import UserError
 from captioning.feature_files import FeatureStore
+from captioning.layout import EXTRACT_REPORT
 from captioning.neighbours import nearest_neighbours
 from captioning.params import DecodeSettings
 from captioning.scoring import CaptionScorer
@@ -32,10 +33,16 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
         shown = ", ".join(without_features[:10]) + (", ..." if len(without_features) > 10 else "")
         print(f"evaluate: {len(without_features)} test images have no features (see the extract report) and are "
               f"not scored: {shown}", file=sys.stderr)
+    # Two different causes, two different remedies: a seeded split's user was told to set the seeded split.
+    if not test_images and without_features:
+        raise UserError(f"none of the {len(without_features)} test images has features: their extraction failed "
+                        f"(see {EXTRACT_REPORT} for why), so there is nothing to evaluate. Replace or repair those "
+                        "photos and run `dvc repro`.")
     if not test_images:
-        raise UserError("the test split has no images with features, so there is nothing to evaluate. "
-                        "With data.split_dir set, the official test list must name images you have; "
-                        "or set data.split_dir: null for a seeded split.")
+        raise UserError("the test split is empty, so there is nothing to evaluate. With data.split_dir set, the "
+                        "official test list names none of your photos (or set data.split_dir: null for a seeded "
+                        "split); with a seeded split, test gets the photos that split.train_fraction and "
+                        "split.dev_fraction leave: lower them, or add photos.")
     references = references_of(captions, test_images)
     test_features = store.get(test_images)
     # One METEOR process for the model and both baselines; its Java loads while the baselines are chosen

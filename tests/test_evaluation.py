@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from captioning import evaluation, files
+from captioning.errors import UserError
 from captioning.params import DecodeSettings
 from captioning.scoring import CaptionScorer
 
@@ -38,12 +40,25 @@ def no_decoder(monkeypatch):
 
 def test_test_photos_without_features_are_counted_and_named(tmp_path, no_decoder, capsys):
     write_features(tmp_path / "features", ["train1.jpg", "train2.jpg", "test1.jpg", "test3.jpg"])
-    table = pd.DataFrame([(image, text) for image, texts in CAPTIONS.items() for text in texts],
-                         columns=["image", "caption"])
-    metrics, predictions = evaluation.evaluate(tmp_path / "model", tmp_path / "features", table,
+    metrics, predictions = evaluation.evaluate(tmp_path / "model", tmp_path / "features", table_of(CAPTIONS),
                                                ["train1.jpg", "train2.jpg"], ["test1.jpg", "test2.jpg", "test3.jpg"],
                                                SETTINGS)
     assert list(predictions["image"]) == ["test1.jpg", "test3.jpg"] and metrics["test_images"] == 2
     # The photo that could not be scored is not lost without a word: counted in eval.json, named on stderr.
     assert metrics["test_images_without_features"] == 1
     assert "test2.jpg" in capsys.readouterr().err
+
+
+def table_of(images) -> pd.DataFrame:
+    return pd.DataFrame([(image, text) for image in images for text in CAPTIONS[image]], columns=["image", "caption"])
+
+
+@pytest.mark.parametrize(("test_images", "remedy"), [
+    ([], "split.train_fraction and split.dev_fraction leave"),  # a seeded split that rounded test to nothing
+    (["test2.jpg"], "data/reports/extract_report.json"),  # photos there, but every extraction failed
+])
+def test_nothing_to_evaluate_says_why_and_what_to_do(tmp_path, no_decoder, test_images, remedy):
+    write_features(tmp_path / "features", ["train1.jpg", "train2.jpg"])
+    with pytest.raises(UserError, match=re.escape(remedy)):
+        evaluation.evaluate(tmp_path / "model", tmp_path / "features", table_of(CAPTIONS), ["train1.jpg", "train2.jpg"],
+                            test_images, SETTINGS)
