@@ -47,26 +47,36 @@ class _MeteorProcess:
             score, per_image = self.meteor.compute_score(gts, res)
             return float(score), [float(s) for s in per_image], None
         except Exception as err:  # a half-read answer leaves the process unusable: later calls say why
-            self.close()
-            self.why = f"METEOR's Java scorer failed ({type(err).__name__}: {err})"
+            java_said = self.close()
+            # A broken pipe alone does not say why; Java's own last words do ("Could not reserve ... heap").
+            self.why = f"METEOR's Java scorer failed ({type(err).__name__}: {err})" + (
+                f"; java said: {java_said}" if java_said else "")
             return None, None, self.why
 
-    def close(self) -> None:
-        """Stop the Java process. Not through pycocoevalcap's `Meteor.__del__` alone: a `compute_score` that
-        raised (Java died, or never started: `java` found but unable to run) leaves the wrapper's lock held,
-        and `__del__` waits on that lock forever, so the caller hung instead of getting METEOR null."""
+    def close(self) -> str:
+        """Stop the Java process; return the last line it wrote on stderr, if any. Not through pycocoevalcap's
+        `Meteor.__del__` alone: a `compute_score` that raised (Java died, or never started: `java` found but
+        unable to run) leaves the wrapper's lock held, and `__del__` waits on that lock forever, so the caller
+        hung instead of getting METEOR null."""
         meteor, self.meteor = self.meteor, None
         lock, process = getattr(meteor, "lock", None), getattr(meteor, "meteor_p", None)
         if lock is not None and lock.locked():  # only this scorer's own calls take it, and none is running now
             lock.release()
+        last_words = ""
         if process is not None:
             process.kill()
             process.wait()
+            try:  # the process is gone, so this reads what is in the pipe and stops
+                lines = process.stderr.read().decode(errors="replace").strip().splitlines()
+                last_words = lines[-1].strip() if lines else ""
+            except (OSError, ValueError):
+                pass
             for stream in (process.stdin, process.stdout, process.stderr):
                 try:
                     stream.close()
                 except OSError:  # a broken pipe's unwritten bytes: the process is gone anyway
                     pass
+        return last_words
 
 
 class CaptionScorer:
