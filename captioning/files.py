@@ -67,6 +67,13 @@ def write_lines(path: str | os.PathLike, lines) -> None:
     write_text(path, "".join(f"{line}\n" for line in lines))
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines `write_lines` wrote, split on "\\n" only: str.splitlines() also splits on
+    U+2028, U+0085 and other separators that a file name may hold (parse_pickle keeps such names), and
+    would cut one image name into two names of no image."""
+    return [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line]
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in blocks (weights files can be large)."""
     digest = hashlib.sha256()

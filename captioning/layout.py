@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from captioning.errors import UserError
+from captioning.files import read_lines
 
 CAPTIONS_TABLE = Path("data/captions.parquet")
 PARSE_REPORT = Path("data/reports/parse_report.json")
@@ -28,7 +29,12 @@ def split_file(name: str) -> Path:
 
 
 def read_split(name: str) -> list[str]:
-    return [line for line in split_file(name).read_text(encoding="utf-8").splitlines() if line]
+    return read_lines(split_file(name))
+
+
+def read_image_list() -> list[str]:
+    """IMAGE_LIST's names, one a line (names may hold spaces: a TAB-separated token file allows them)."""
+    return read_lines(IMAGE_LIST)
 
 
 # The stage that writes each output a later stage reads: named when a stage is run before its inputs exist.

@@ -13,8 +13,7 @@ def main() -> None:
     from captioning.features import extract_features
 
     spec = make_spec(options.weights, options.seed, options.image_size, options.precision, options.backbone)
-    # one name a line: names may hold spaces (a TAB-separated token file allows them)
-    images = [name for name in layout.IMAGE_LIST.read_text(encoding="utf-8").splitlines() if name]
+    images = layout.read_image_list()
     engine = None
     if options.engine == "ray":
         from captioning.extract_ray import RayEngine

@@ -87,3 +87,29 @@ def test_layout_paths_are_dvc_yaml_outputs():
         written = declared_paths_of(stage)
         assert str(out) in written or any(p.startswith(f"{out}/") for p in written), (out, stage)
 
+
+
+def test_image_names_survive_the_line_files_between_stages(tmp_path, monkeypatch):
+    """parse_pickle keeps an image name holding U+2028, U+2029 or U+0085 (no control character, no path);
+    data/images.txt and data/split/*.txt must give it back whole to extraction, training and evaluation,
+    not cut into names of no image (str.splitlines() splits on those too), which dropped its captions."""
+    from captioning import files
+    from captioning.captions import load_captions
+
+    monkeypatch.chdir(tmp_path)
+    names = ["plain.jpg", "my photo.jpg", "sunset\u2028beach.jpg", "para\u2029graph.jpg", "caf\x85.jpg"]
+    (tmp_path / "images").mkdir()
+    for name in names:
+        (tmp_path / "images" / name).write_bytes(b"")  # parse_pickle compares names only, opens no image
+    (tmp_path / "captions.txt").write_text(
+        "".join(f"{name}#{k}\ta dog runs on the beach .\n" for name in names for k in range(5)), encoding="utf-8")
+    table, _ = load_captions("captions.txt", "images", allow_pandas_pickle=False, max_skipped_fraction=0.5)
+    kept = sorted(table["image"].unique())
+    assert kept == sorted(names)
+
+    files.write_lines(layout.IMAGE_LIST, kept)  # as parse_pickle and split write them
+    for split in layout.SPLITS:
+        files.write_lines(layout.split_file(split), kept)
+    for split in layout.SPLITS:
+        assert layout.read_split(split) == kept, split
+    assert layout.read_image_list() == kept  # what extract_resnet_features reads
