@@ -113,3 +113,27 @@ def test_image_names_survive_the_line_files_between_stages(tmp_path, monkeypatch
     for split in layout.SPLITS:
         assert layout.read_split(split) == kept, split
     assert layout.read_image_list() == kept  # what extract_resnet_features reads
+
+
+def test_every_section_a_stage_reads_is_listed_whole_by_some_stage():
+    """Stages refuse unknown keys in a section they read, but only when they run: a key added to a section
+    that every stage lists key by key (`data.split_directory:` for `data.split_dir:`) would rerun nothing."""
+    listed = [param for stage in STAGES.values() for param in stage.get("params", [])]
+    read = {param.split(".")[0] for param in listed}
+    assert read <= set(listed)
+
+
+def test_a_key_added_to_data_by_hand_reruns_a_stage_that_names_it(tmp_path):
+    """In a tiny project: after parse_pickle and split ran, a misspelt `data` key makes `dvc status` report
+    a change, and `dvc repro` stops with the key and the likely intended one instead of skipping it."""
+    from captioning.tiny_project import make_project, run, set_params
+
+    project = make_project(tmp_path / "project")
+    run(["dvc", "repro", "split"], project)  # parse_pickle and split only: no TensorFlow
+    set_params(project, {"data": {"split_directory": "elsewhere"}})
+    status = run(["dvc", "status", "split"], project).stdout
+    assert "split:" in status and "modified:" in status, status
+    result = run(["dvc", "repro", "split"], project, check=False)
+    assert result.returncode != 0
+    assert "data.split_directory (did you mean data.split_dir?)" in result.stderr
+    assert "Traceback" not in result.stderr
