@@ -242,9 +242,12 @@ def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[s
         section_name, _, key = name.partition(".")
         rules = SCHEMA[section_name]
         keys = (key,) if key else tuple(rules)
-        values = section(params, section_name, keys)
+        values = section(params, section_name)
         if section_name not in out:  # once per section, however many of its keys are read
+            # Before the missing keys: a misspelling that replaced its key (`epoch:` for `epochs:`) is then
+            # named with the likely intended key, not reported only as the intended key missing.
             check_known_keys(values, section_name)
+        require_keys(values, section_name, keys)
         out.setdefault(section_name, {}).update(
             {k: rules[k](values[k], f"{section_name}.{k}") for k in keys})
     return out
@@ -263,17 +266,21 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
-def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Return one section, failing with the missing key's full name (e.g. `train.epochs`)."""
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """Return one section, failing with its name when it is missing."""
     values = params.get(name)
     if not isinstance(values, dict):
         raise UserError(f"params.yaml has no `{name}:` section; copy it from the project's params.yaml.")
+    return values
+
+
+def require_keys(values: dict[str, Any], name: str, required: tuple[str, ...]) -> None:
+    """Fail with the missing keys' full names (e.g. `train.epochs`)."""
     missing = [key for key in required if key not in values]
     if missing:
         names = ", ".join(f"{name}.{key}" for key in missing)
         raise UserError(f"params.yaml is missing {names}; add it (the project's params.yaml has every key "
                         "with a comment).")
-    return values
 
 
 def check_known_keys(values: dict[str, Any], section_name: str) -> None:

@@ -81,6 +81,27 @@ def test_a_misspelt_key_is_named_with_the_likely_one(tmp_path, monkeypatch):
     assert read_params("decode", path=write(tmp_path, params))["decode"]  # other sections are unaffected
 
 
+@pytest.mark.parametrize("section, right, wrong", [
+    ("train", "epochs", "epoch"), ("data", "split_dir", "split_directory"), ("decode", "beam_size", "beam_width")])
+def test_a_misspelling_that_replaced_its_key_is_named_with_the_likely_one(tmp_path, section, right, wrong):
+    """Renamed rather than added, the misspelt key still gets the hint, not only "missing train.epochs"."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params[section][wrong] = params[section].pop(right)
+    path = write(tmp_path, params)
+    hint = rf"{section}\.{wrong} \(did you mean {section}\.{right}\?\)"
+    with pytest.raises(UserError, match=hint):
+        read_params(section, path=path)
+    with pytest.raises(UserError, match=hint):  # a stage that reads another key of the section meets it too
+        read_params(f"{section}.{next(key for key in SCHEMA[section] if key != right)}", path=path)
+
+
+def test_a_missing_key_is_named(tmp_path):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    del params["train"]["epochs"]
+    with pytest.raises(UserError, match=r"^params\.yaml is missing train\.epochs; add it"):
+        read_params("train", path=write(tmp_path, params))
+
+
 def test_split_fractions_must_leave_a_test_split(tmp_path):
     from captioning.params import read_section
 
