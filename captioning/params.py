@@ -259,6 +259,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path} not found: run from the project folder (the one with dvc.yaml and params.yaml).")
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:  # an editor's legacy encoding (cp1252 "ANSI", UTF-16): DVC refuses it too
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+                        "save it as UTF-8.") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(params, dict):

@@ -70,6 +70,17 @@ def test_invalid_yaml(tmp_path):
         read_params("train", path=tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize("encoding", ["cp1252", "utf-16"])
+def test_params_not_in_utf8_are_named_not_a_traceback(tmp_path, encoding):
+    """Saved by an editor in its legacy encoding, with a non-ASCII path: a stage, or `python -m captioning demo`
+    run directly (DVC refuses such a file itself), says which file and what to do."""
+    text = (PROJECT / "params.yaml").read_text().replace("data/demo/images", "data/démo/images")
+    (tmp_path / "params.yaml").write_bytes(text.encode(encoding))
+    with pytest.raises(UserError, match=r"params\.yaml is not UTF-8 text \(byte 0x[0-9a-f]{2} at offset \d+\): "
+                                        r"save it as UTF-8\.$"):
+        read_params("data.images", path=tmp_path / "params.yaml")
+
+
 def test_a_misspelt_key_is_named_with_the_likely_one(tmp_path, monkeypatch):
     monkeypatch.chdir(PROJECT)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
