@@ -52,3 +52,17 @@ def seeded_split(images: list[str], seed: int, train_fraction: float, dev_fracti
     splits = {name: [str(image) for image in names] for name, names in splits.items()}
     report = {"mode": "seeded", "seed": seed, **{name: {"available": len(v)} for name, v in splits.items()}}
     return splits, report
+
+
+def summary(splits: dict[str, list[str]], report: dict, report_path: str | Path) -> str:
+    """The stage's one line: images per split and, for the official files, how many each lists and how
+    many captioned images none lists (those are used nowhere, so the line says so, not only the report)."""
+    if report["mode"] != "official":
+        return ", ".join(f"{name} {len(images)} images" for name, images in splits.items())
+    line = ", ".join(f"{name} {len(images)} of {report[name]['listed']} listed images"
+                     for name, images in splits.items())
+    unlisted = report["images_in_no_split"]["count"]
+    if unlisted:
+        line += (f"; {unlisted} captioned image{'s' if unlisted != 1 else ''} in no split file, not used "
+                 f"(named in {report_path})")
+    return line

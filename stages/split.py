@@ -4,7 +4,7 @@ import pandas as pd
 from captioning import files, layout
 from captioning.errors import run_stage
 from captioning.params import read_params, read_section
-from captioning.split import official_split, seeded_split
+from captioning.split import official_split, seeded_split, summary
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     for name in layout.SPLITS:
         files.write_lines(layout.split_file(name), splits[name])
     files.write_json(layout.SPLIT_REPORT, report)
-    print(", ".join(f"{name} {len(splits[name])} images" for name in layout.SPLITS))
+    print(summary(splits, report, layout.SPLIT_REPORT))
     if not splits["test"]:
         print("warning: the test split is empty; evaluate will stop with an explanation")
 

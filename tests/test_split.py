@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from captioning.errors import UserError
-from captioning.split import OFFICIAL_FILES, official_split
+from captioning.split import OFFICIAL_FILES, official_split, seeded_split
 
 IMAGES = ["a.jpg", "b.jpg", "c.jpg", "café.jpg", "d.jpg"]
 
@@ -37,3 +37,37 @@ def test_a_missing_split_file_is_named(tmp_path):
     (tmp_path / OFFICIAL_FILES["dev"]).unlink()
     with pytest.raises(UserError, match="Flickr_8k.devImages.txt is missing"):
         official_split(tmp_path, IMAGES)
+
+
+def test_captioned_images_in_no_split_file_are_counted_on_the_stage_line(tmp_path):
+    """Real Flickr8k lists 8,000 of its 8,091 photos: the rest are used nowhere, which the stage's line
+    must say, not only the report (where it names them)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+    from helpers import stages_env
+
+    from captioning.tiny_project import PROJECT
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["data"]["split_dir"] = "lists"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "lists").mkdir()
+    write_split(tmp_path / "lists", {"train": ["a.jpg", "b.jpg"], "dev": ["c.jpg"], "test": ["gone.jpg"]})
+    (tmp_path / "data").mkdir()
+    pd.DataFrame({"image": IMAGES}).to_parquet(tmp_path / "data/captions.parquet")
+    result = subprocess.run([sys.executable, "-m", "stages.split"], cwd=tmp_path, env=stages_env(),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("train 2 of 2 listed images, dev 1 of 1 listed images, test 0 of 1 listed images")
+    assert "2 captioned images in no split file, not used (named in data/reports/split_report.json)" in result.stdout
+    report = yaml.safe_load((tmp_path / "data/reports/split_report.json").read_text())
+    assert report["images_in_no_split"]["images"] == ["café.jpg", "d.jpg"]
+
+
+def test_the_seeded_split_line_counts_each_split():
+    from captioning.split import summary
+
+    splits, report = seeded_split(IMAGES, 0, 0.6, 0.2)
+    assert summary(splits, report, "r.json") == "train 3 images, dev 1 images, test 1 images"
