@@ -6,6 +6,7 @@ the server with the same line, and both decode with the same settings (no train/
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 from captioning import files, layout
@@ -25,6 +26,50 @@ def check_bundle(model_dir: Path) -> None:
     if missing:
         raise UserError(f"the model in {model_dir} is incomplete (no {', '.join(missing)}): "
                         "rerun `dvc repro` (or pass --model-dir).")
+    for name, check in _READABLE.items():
+        path = model_dir / name
+        if not path.exists():
+            continue  # the rerank files are optional (older models); decoding says when one is needed
+        try:
+            check(path)
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as err:
+            raise UserError(f"the model in {model_dir} is damaged: {name} cannot be read ({type(err).__name__}: "
+                            f"{err}); copy the whole folder again or rerun `dvc repro` (or pass --model-dir)."
+                            ) from None
+
+
+# A bundle copied in part (an interrupted copy, a full disk) has every file but not every file's contents:
+# each one is opened as loading will, here, so the user gets one line naming it instead of a JSON or zip
+# traceback from deep inside loading. model.keras needs no check: decode_settings compares its sha256.
+def _backbone_json(path: Path) -> None:
+    from captioning.feature_files import BackboneSpec  # pandas: only once a model is being loaded
+
+    BackboneSpec(**files.read_json(path))  # not an object, or not a spec's keys: TypeError
+
+
+def _vocab_json(path: Path) -> None:
+    words = files.read_json(path)["words"]
+    if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        raise ValueError("'words' is not a list of words")
+
+
+def _ngram_json(path: Path) -> None:
+    stored = files.read_json(path)
+    if not isinstance(stored["document_frequency"], dict) or not isinstance(stored["n_documents"], int):
+        raise ValueError("not the n-gram statistics train_lstm writes")
+
+
+def _neighbours_npz(path: Path) -> None:
+    # The zip's directory only (it is at the end, so a cut-off file fails here); the arrays, up to a
+    # few hundred MB at COCO scale, are read once, by the loader.
+    with zipfile.ZipFile(path) as archive:
+        missing = {"features.npy", "caption_counts.npy", "captions.npy"} - set(archive.namelist())
+    if missing:
+        raise ValueError(f"it lacks {', '.join(sorted(missing))}")
+
+
+_READABLE = {"backbone.json": _backbone_json, "vocab.json": _vocab_json, "ngram_df.json": _ngram_json,
+             "neighbours.npz": _neighbours_npz}
 
 
 def save_decode_settings(path: Path, model_dir: Path, settings: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from captioning.bundle import decode_settings, save_decode_settings, with_overrides
+from captioning.bundle import check_bundle, decode_settings, save_decode_settings, with_overrides
 from captioning.errors import UserError
 from captioning.tiny_project import PROJECT
 
@@ -39,3 +39,47 @@ def test_overrides_are_checked():
     assert with_overrides({"method": "beam", "beam_size": 3}, beam_size=1) == {"method": "greedy", "beam_size": 1}
     with pytest.raises(UserError, match="beam size"):
         with_overrides({"method": "beam", "beam_size": 3}, beam_size=0)
+
+
+def _whole_bundle(folder):
+    """The files train_lstm writes, small but well formed, beside the fixture's model.keras."""
+    import json
+
+    import numpy as np
+
+    (folder / "vocab.json").write_text(json.dumps({"words": ["a", "dog"]}))
+    (folder / "backbone.json").write_text(json.dumps({"weights": "random", "seed": 0, "image_size": 64,
+                                                      "precision": "float32", "weights_sha256": None,
+                                                      "backbone": "resnet50"}))
+    (folder / "ngram_df.json").write_text(json.dumps({"n_documents": 2, "document_frequency": {"a dog": 2.0}}))
+    np.savez(folder / "neighbours.npz", features=np.zeros((2, 4), np.float32), caption_counts=np.array([1, 1]),
+             captions=np.array(["a dog", "a dog"]))
+
+
+@pytest.mark.parametrize("name", ["backbone.json", "vocab.json", "ngram_df.json", "neighbours.npz"])
+def test_a_file_cut_short_is_named_in_one_line(model_dir, name):
+    """A model folder copied in part: every file there, one of them cut off. Loading it raised a JSON or zip
+    traceback from deep inside TensorFlow's start-up; the check names the file before any of that."""
+    _whole_bundle(model_dir)
+    check_bundle(model_dir)  # whole: fine
+    path = model_dir / name
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(UserError, match=f"model in {model_dir} is damaged: {name} cannot be read"):
+        check_bundle(model_dir)
+
+
+@pytest.mark.parametrize(("name", "text"), [("backbone.json", "[1, 2]"), ("backbone.json", '{"words": []}'),
+                                            ("vocab.json", '{"words": 3}'), ("ngram_df.json", "{}")])
+def test_a_file_of_the_wrong_shape_is_named_in_one_line(model_dir, name, text):
+    _whole_bundle(model_dir)
+    (model_dir / name).write_text(text)
+    with pytest.raises(UserError, match=f"damaged: {name} cannot be read"):
+        check_bundle(model_dir)
+
+
+def test_the_optional_rerank_files_may_be_absent(model_dir):
+    """Models trained before the reranks existed have neither file; decoding says when one is needed."""
+    _whole_bundle(model_dir)
+    (model_dir / "ngram_df.json").unlink()
+    (model_dir / "neighbours.npz").unlink()
+    check_bundle(model_dir)

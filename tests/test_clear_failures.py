@@ -187,6 +187,21 @@ def test_caption_with_an_incomplete_model(tmp_path):
     assert_clear_failure(result, "incomplete", "vocab.json", "backbone.json")
 
 
+def test_caption_with_a_model_file_cut_short(tmp_path):
+    """Every file there but one cut off (a copy interrupted): a JSON traceback once TensorFlow had loaded."""
+    from captioning.bundle import save_decode_settings
+
+    model = tmp_path / "data" / "model"
+    model.mkdir(parents=True)
+    (model / "model.keras").write_bytes(b"a trained model")
+    (model / "vocab.json").write_text('{"words": ["a", "dog"]}')
+    (model / "backbone.json").write_text('{"weights": "random", "seed": 0, "imag')
+    save_decode_settings(tmp_path / "data" / "decode.json", model, {"method": "greedy"})
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    result = run_cli(["captioning", "caption", "a.jpg"], tmp_path, tmp_path)
+    assert_clear_failure(result, "data/model is damaged: backbone.json cannot be read", "dvc repro")
+
+
 @pytest.mark.parametrize("args,words", [
     (["serve", "--max-wait-ms", "inf"], "argument --max-wait-ms: inf is not a finite number"),
     (["serve", "--max-body-mb", "nan"], "argument --max-body-mb: nan is not a finite number"),
