@@ -20,7 +20,11 @@ if [ -z "$python" ]; then
 fi
 [ -n "$python" ] || { echo "error: Python 3.11 is needed (apt-get install python3.11 python3.11-venv, or set PYTHON=...)" >&2; exit 2; }
 
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+# A venv without pip is what a failed `python -m venv` leaves: on Debian without python3.11-venv it stops at
+# ensurepip after writing .venv/bin/python (so does a Ctrl-C there). Creating it again over it adds pip.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  "$python" -m venv .venv
+fi
 # Reinstall only when the pinned requirements or the package's metadata change. The package itself is
 # installed editable (the `captioning` command, importable from anywhere) with --no-deps: its
 # dependencies are exactly the pinned requirements just installed.
