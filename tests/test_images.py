@@ -225,3 +225,31 @@ def test_32_bit_float_grayscale_tiff_is_not_black(tmp_path):
     Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
     row = load_image(tmp_path / "wide.tif", 64)[0, :, 0].astype(int)
     assert abs(row[32] - 130) <= 4 and row[-1] >= 253
+
+
+# ------------------------------------------------------------------------ the caption command's --out
+
+
+@pytest.mark.parametrize("kind", ["transparent png", "float tiff", "16-bit png"])
+def test_the_captioned_picture_shows_what_was_captioned(tmp_path, kind):
+    """--out drew the file through a bare convert("RGB"): a transparent logo on black and a float or 16-bit
+    grey photo as one black or white square, while the caption described load_image's white-backed, scaled
+    pixels. The picture now shows those."""
+    from captioning.plots import captioned_image
+
+    source = tmp_path / ("image.tif" if "tiff" in kind else "image.png")
+    if kind == "transparent png":
+        pixels = np.zeros((60, 60, 4), np.uint8)  # see-through, in a red frame
+        pixels[:10] = pixels[-10:] = pixels[:, :10] = pixels[:, -10:] = (215, 35, 35, 255)
+        Image.fromarray(pixels, "RGBA").save(source)
+    elif kind == "float tiff":
+        Image.fromarray(np.full((60, 60), 0.5, np.float32)).save(source)  # mid grey, as 0..1 floats
+    else:
+        Image.fromarray(np.full((60, 60), 20000, np.uint16)).save(source)  # a darker grey in 16 bits
+    captioned = load_image(source, 60)[30, 30].astype(float)  # the middle, as the backbone got it
+    captioned_image(source, "a caption", tmp_path / "out.png")
+    figure = np.asarray(Image.open(tmp_path / "out.png").convert("RGB")).astype(float)
+    # The picture is centred in the axes, which span 0.125-0.9 of the width and 0.12-0.88 of the height.
+    height, width = figure.shape[:2]
+    middle = figure[int(0.5 * height) - 5: int(0.5 * height) + 5, int(0.5125 * width) - 5: int(0.5125 * width) + 5]
+    assert np.abs(middle.reshape(-1, 3).mean(0) - captioned).max() <= 12, (middle.mean((0, 1)), captioned)
