@@ -114,6 +114,10 @@ def caption_command(args) -> int:
     from captioning.inference import caption_files  # TensorFlow only past the checks above
 
     results, errors = caption_files(args.images, args.model_dir, settings, args.out, fetch_limits=limits)
+    # A file name that is not UTF-8 (an old archive's Latin-1 "café.jpg") arrives as surrogate escapes (PEP 383);
+    # under a UTF-8 locale other than C, stdout refused it, with a traceback and every later line unprinted.
+    # Its own bytes are printed instead, as ls prints them (stderr already shows them escaped).
+    sys.stdout.reconfigure(errors="surrogateescape")
     for path, caption in results:
         print(f"{path}\t{caption}")
     for path, reason in errors:

@@ -202,6 +202,31 @@ def test_caption_with_a_model_file_cut_short(tmp_path):
     assert_clear_failure(result, "data/model is damaged: backbone.json cannot be read", "dvc repro")
 
 
+def test_caption_prints_a_file_name_that_is_not_utf8_and_every_line_after_it(monkeypatch):
+    """Under a UTF-8 locale other than C (en_US.UTF-8: stdout's errors are 'strict'), a Latin-1 file name from
+    the shell (PEP 383 surrogate escapes) made the result loop raise UnicodeEncodeError: a traceback, exit 1,
+    the captions after it and every error line lost. In-process, with the captioning itself stubbed."""
+    import io
+    import os
+    import types
+
+    from captioning import __main__ as cli
+
+    latin1 = os.fsdecode(b"photos/caf\xe9.jpg")
+    stub = types.SimpleNamespace(caption_files=lambda sources, *args, **kwargs: (
+        [(source, "a dog runs") for source in sources if source != "gone.jpg"], [("gone.jpg", "file not found")]))
+    monkeypatch.setitem(sys.modules, "captioning.inference", stub)
+    monkeypatch.setattr(cli, "check_bundle", lambda model_dir: None)
+    monkeypatch.setattr(cli, "decode_settings", lambda model_dir, path: {"method": "greedy", "beam_size": 1})
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", newline="\n")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    args = cli._parser().parse_args(["caption", "first.jpg", latin1, "last.jpg", "gone.jpg"])
+    assert cli.caption_command(args) == 2
+    stdout.flush()
+    assert stdout.buffer.getvalue().splitlines() == [b"first.jpg\ta dog runs", b"photos/caf\xe9.jpg\ta dog runs",
+                                                     b"last.jpg\ta dog runs"]
+
+
 @pytest.mark.parametrize("args,words", [
     (["serve", "--max-wait-ms", "inf"], "argument --max-wait-ms: inf is not a finite number"),
     (["serve", "--max-body-mb", "nan"], "argument --max-body-mb: nan is not a finite number"),
