@@ -153,7 +153,8 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
                 continue
             good.append(source)
             pixels.append(array)
-            shown.append(io.BytesIO(data) if data is not None else source)
+            if out is not None:  # a URL's bytes are kept only to draw them: 1,000 URLs must not mean 1,000 photos
+                shown.append(io.BytesIO(data) if data is not None else source)
         if good:
             decoded = loaded.caption(np.stack(pixels))
             results += [(source, d.caption) for source, d in zip(good, decoded, strict=True)]
