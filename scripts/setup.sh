@@ -28,8 +28,12 @@ fi
 # Reinstall only when the pinned requirements or the package's metadata change. The package itself is
 # installed editable (the `captioning` command, importable from anywhere) with --no-deps: its
 # dependencies are exactly the pinned requirements just installed.
-stamp=".venv/.installed-$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)-$(basename $requirements .txt)"
+pins=$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp=".venv/.installed-$pins-$(basename $requirements .txt)"
 if [ ! -e "$stamp" ]; then
+  # Other pins' stamps go first: after pins A, then B, A's stamp would skip this on a return to A (a checkout
+  # of an older commit) with B's packages installed. Removed before pip runs, so an interrupted run redoes it.
+  find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-$pins-*" -delete
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   touch "$stamp"

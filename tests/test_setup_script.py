@@ -29,3 +29,40 @@ def test_a_venv_left_without_pip_is_completed_on_the_next_run(tmp_path):
     assert "no-such-folder" in result.stderr and result.returncode != 0, result.stderr  # got as far as pip
     pip = subprocess.run([tmp_path / ".venv/bin/python", "-m", "pip", "--version"], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
+
+
+def _fake_tools(folder: Path) -> Path:
+    """A .venv whose python and dvc only log their arguments, and a `java`, so the script runs in a second
+    and installs nothing: what it asks pip to do is in .venv/calls.log."""
+    bin_dir = folder / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "dvc"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{folder}/.venv/calls.log"\n')
+        (bin_dir / name).chmod(0o755)
+    tools = folder / "tools"
+    tools.mkdir()
+    (tools / "java").write_text("#!/bin/sh\n")  # present: the script installs no Java
+    (tools / "java").chmod(0o755)
+    return tools
+
+
+def test_going_back_to_earlier_requirements_installs_them_again(tmp_path):
+    """The install stamp is named by the requirements' hash. After pins A, then B, then A again (a `git
+    checkout` of an older commit), A's stamp was still there: the script skipped pip and said "set-up done"
+    over B's packages."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    tools = _fake_tools(tmp_path)
+    log = tmp_path / ".venv" / "calls.log"
+    installs = []
+    for pins in ("pillow==13.0.0\n", "pillow==12.0.0\n", "pillow==13.0.0\n"):
+        (tmp_path / "requirements.txt").write_text(pins)
+        log.write_text("")
+        result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
+                                env={"PATH": f"{tools}:/usr/bin:/bin", "PYTHON": "python3", "HOME": str(tmp_path)},
+                                timeout=60)
+        assert result.returncode == 0 and "set-up done" in result.stdout, result.stderr
+        installs.append("python -m pip install --quiet --disable-pip-version-check -r requirements.txt"
+                        in log.read_text())
+    assert installs == [True, True, True]
