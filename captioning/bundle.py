@@ -11,7 +11,7 @@ from pathlib import Path
 
 from captioning import files, layout
 from captioning.errors import UserError
-from captioning.params import DECODE_METHODS
+from captioning.params import DECODE_METHODS, SCHEMA
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
 MAX_BEAM_SIZE = 16  # a per-request override above this would let one request take the server's time
@@ -95,7 +95,26 @@ def decode_settings(model_dir: Path, path: Path = layout.DECODE_SETTINGS) -> dic
     if saved.get("model_sha256") != files.sha256(Path(model_dir) / "model.keras"):
         raise UserError(f"{path} belongs to another model than {model_dir} (the model changed after evaluate ran): "
                         "run `dvc repro`, or pass the --decode-settings file of this model.")
-    return saved["settings"]
+    return _checked_settings(saved["settings"], path)
+
+
+def _checked_settings(settings: dict, path: Path) -> dict:
+    """The settings through params.yaml's own `decode` rules. A hand-edited file (beam_size: "5", a key
+    deleted, method: beams) otherwise failed deep in TensorFlow with a traceback, or decoded otherwise
+    without a word (an unknown method was taken for beam search, max_length 0 gave empty captions)."""
+    rules = SCHEMA["decode"]
+    # `neighbours` came after decode.json did: settings saved before it have none, and need none.
+    missing = [key for key in rules if key not in settings and key != "neighbours"]
+    advice = "Pass --decode-settings with the file `evaluate` wrote for this model, or run `dvc repro` to write it."
+    if missing:
+        raise UserError(f"{path} has no settings.{', settings.'.join(missing)}. {advice}")
+    checked = dict(settings)
+    for key in (key for key in rules if key in settings):
+        try:
+            checked[key] = rules[key](settings[key], f"settings.{key}")
+        except UserError as err:  # the rule's words are params.yaml's; the file is this one
+            raise UserError(f"{path}: {str(err).removeprefix('params.yaml: ')} {advice}") from None
+    return checked
 
 
 def with_overrides(settings: dict, method: str | None = None, beam_size: int | None = None) -> dict:

@@ -35,6 +35,29 @@ def test_missing_settings_say_how_to_get_them(model_dir, tmp_path):
         decode_settings(model_dir, tmp_path / "nothing.json")
 
 
+@pytest.mark.parametrize(("change", "words"), [
+    ({"beam_size": "5"}, "settings.beam_size is '5'"),
+    ({"method": "beams"}, "settings.method is 'beams'; use one of: greedy, beam"),
+    ({"max_length": 0}, "settings.max_length is 0"),
+    ({"rerank": None}, "has no settings.rerank"),
+])
+def test_hand_edited_settings_are_checked_like_params(model_dir, tmp_path, change, words):
+    """A settings file edited by hand failed deep in TensorFlow (beam_size "5", no rerank) or decoded otherwise
+    without a word (method: beams ran beam search, max_length 0 printed empty captions)."""
+    settings = yaml.safe_load((PROJECT / "params.yaml").read_text())["decode"]
+    settings = {key: value for key, value in {**settings, **change}.items() if value is not None}
+    save_decode_settings(tmp_path / "decode.json", model_dir, settings)
+    with pytest.raises(UserError, match=f"decode.json.*{words}.*--decode-settings"):
+        decode_settings(model_dir, tmp_path / "decode.json")
+
+
+def test_settings_saved_before_the_neighbours_rerank_are_still_accepted(model_dir, tmp_path):
+    settings = yaml.safe_load((PROJECT / "params.yaml").read_text())["decode"]
+    del settings["neighbours"]
+    save_decode_settings(tmp_path / "decode.json", model_dir, {**settings, "rerank": "consensus", "beam_size": 3.0})
+    assert decode_settings(model_dir, tmp_path / "decode.json") == {**settings, "rerank": "consensus", "beam_size": 3}
+
+
 def test_overrides_are_checked():
     assert with_overrides({"method": "beam", "beam_size": 3}, beam_size=1) == {"method": "greedy", "beam_size": 1}
     with pytest.raises(UserError, match="beam size"):
