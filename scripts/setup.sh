@@ -10,19 +10,23 @@ requirements=requirements.txt
 dev=0
 if [ "${1:-}" = "--dev" ]; then requirements=requirements-dev.txt; dev=1; fi
 
+is_python311() { command -v "$1" >/dev/null && "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; }
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-      python=$candidate; break
-    fi
+    if is_python311 "$candidate"; then python=$candidate; break; fi
   done
 fi
 [ -n "$python" ] || { echo "error: Python 3.11 is needed (apt-get install python3.11 python3.11-venv, or set PYTHON=...)" >&2; exit 2; }
+# PYTHON is checked too: a venv of another version installs nothing (pyproject.toml: requires-python ==3.11.*).
+is_python311 "$python" || { echo "error: PYTHON=$python is not Python 3.11 (set PYTHON to a python3.11, or unset it)" >&2; exit 2; }
 
+# A venv of another Python (an earlier run's PYTHON) is made anew; else it would be kept, and fail, for good.
 # A venv without pip is what a failed `python -m venv` leaves: on Debian without python3.11-venv it stops at
 # ensurepip after writing .venv/bin/python (so does a Ctrl-C there). Creating it again over it adds pip.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+if [ ! -x .venv/bin/python ] || ! is_python311 .venv/bin/python; then
+  "$python" -m venv --clear .venv
+elif ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   "$python" -m venv .venv
 fi
 # Reinstall only when the pinned requirements or the package's metadata change. The package itself is

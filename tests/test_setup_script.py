@@ -66,3 +66,41 @@ def test_going_back_to_earlier_requirements_installs_them_again(tmp_path):
         installs.append("python -m pip install --quiet --disable-pip-version-check -r requirements.txt"
                         in log.read_text())
     assert installs == [True, True, True]
+
+
+def _scratch_copy(folder: Path) -> None:
+    (folder / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "setup.sh", folder / "scripts" / "setup.sh")
+    shutil.copy2(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    (folder / "requirements.txt").write_text("./no-such-folder\n")  # pip stops at once, after the venv step
+
+
+def _python_of_version(path: Path, version: str) -> Path:
+    """A stand-in interpreter that is `version` (it only answers the script's version check) and logs its calls."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$*" >> "{path}.log"\n'
+                    f'case "$*" in *version_info*) [ "{version}" = 3.11 ] ;; *) exit 0 ;; esac\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_python_override_of_another_version_is_refused(tmp_path):
+    """PYTHON=... was used unchecked: a 3.12 venv, on which `pip install -e .` (requires-python ==3.11.*) fails."""
+    _scratch_copy(tmp_path)
+    other = _python_of_version(tmp_path / "bin" / "python3.12", "3.12")
+    result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(other), "HOME": str(tmp_path)})
+    assert result.returncode == 2 and f"PYTHON={other} is not Python 3.11" in result.stderr, result.stderr
+    assert "-m venv" not in (tmp_path / "bin" / "python3.12.log").read_text()
+
+
+def test_a_venv_of_another_python_is_made_anew(tmp_path):
+    """A venv from an earlier run with PYTHON=python3.12 has pip, so it was kept on every later run, with 3.11."""
+    _scratch_copy(tmp_path)
+    _python_of_version(tmp_path / ".venv" / "bin" / "python", "3.12")
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                   env={"PATH": "/usr/bin:/bin", "PYTHON": base_python, "HOME": str(tmp_path)})
+    version = subprocess.run([tmp_path / ".venv/bin/python", "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True)
+    assert version.stdout.strip() == "(3, 11)", (version.stdout, version.stderr)
