@@ -154,8 +154,12 @@ def converted_weights(checkpoint: Path, checkpoint_sha256: str) -> Path:
             return target
     model = build_classifier(224)  # weights do not depend on the input size
     load_state_dict(model, read_state_dict(checkpoint), str(checkpoint))
-    with files.atomic_path(target, suffix=".weights.h5") as tmp:
-        model.save_weights(tmp)
-    files.write_json(record_path, {"source": str(checkpoint), "source_sha256": checkpoint_sha256,
-                                   "sha256": files.sha256(target)})
+    try:
+        with files.atomic_path(target, suffix=".weights.h5") as tmp:
+            model.save_weights(tmp)
+        files.write_json(record_path, {"source": str(checkpoint), "source_sha256": checkpoint_sha256,
+                                       "sha256": files.sha256(target)})
+    except OSError as err:  # a server run as a user without a writable home, a read-only container
+        raise UserError(f"cannot keep the converted EfficientNet-Lite0 weights in {target.parent} "
+                        f"({err.strerror or err}): set {CACHE_ENV} to a folder you can write.") from None
     return target

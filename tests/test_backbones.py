@@ -65,6 +65,16 @@ def test_conversion_happens_once_and_a_damaged_cache_is_redone(monkeypatch, tmp_
         efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path):
+    """The caption command or the server run by a user without a writable home (a service account, a
+    read-only container) stopped with a NotADirectoryError/PermissionError traceback from mkdir."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match=f"cannot keep the converted .* in {tmp_path / 'a-file' / 'cache'} "
+                                        f".*set {efficientnet_lite.CACHE_ENV} to a folder you can write"):
+        efficientnet_lite.converted_weights(package_checkpoint(), efficientnet_lite.PACKAGE_SHA256)
+
+
 def test_efficientnet_spec_records_the_package_weights_and_gives_1280_features():
     spec = make_spec("imagenet", 0, 64, "float32", backbone="efficientnet_lite0")
     assert spec.backbone == "efficientnet_lite0" and spec.weights_sha256 == efficientnet_lite.PACKAGE_SHA256
