@@ -135,6 +135,23 @@ def read_source(source: str | Path, image_size: int, fetch_limits: FetchLimits,
     return load_image(source, image_size, max_pixels), None
 
 
+def _numbered(out: Path, position: int, count: int) -> Path:
+    """`out` itself for one image; for several, numbered by the image's place among the arguments, so which
+    file shows which image does not depend on whether the images before it could be read."""
+    return out if count == 1 else out.with_name(f"{out.stem}-{position}{out.suffix or '.png'}")
+
+
+def _draw(image, caption: str, target: Path) -> list[tuple[object, str]]:
+    """Write the captioned picture; an unwritable target is an error line, and the caption is kept."""
+    from captioning.plots import captioned_image
+
+    try:
+        captioned_image(image, caption, target)
+    except (OSError, ValueError) as err:
+        return [(target, f"cannot write the captioned image ({getattr(err, 'strerror', None) or err})")]
+    return []
+
+
 def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | None = None,
                   batch_size: int = 32, fetch_limits: FetchLimits | None = None
                   ) -> tuple[list[tuple[object, str]], list[tuple[object, str]]]:
@@ -142,10 +159,10 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
     `fetch_limits`, default FetchLimits())."""
     fetch_limits = fetch_limits or FetchLimits()
     loaded = LoadedCaptioner(model_dir, settings, max_batch=batch_size)
-    results, errors, shown = [], [], []
+    results, errors = [], []
     for start in range(0, len(sources), batch_size):
-        good, pixels = [], []
-        for source in sources[start:start + batch_size]:
+        good, pixels, shown = [], [], []
+        for position, source in enumerate(sources[start:start + batch_size], start + 1):
             try:
                 array, data = read_source(source, loaded.image_size, fetch_limits)
             except (ImageError, FetchError) as err:
@@ -153,18 +170,13 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
                 continue
             good.append(source)
             pixels.append(array)
-            if out is not None:  # a URL's bytes are kept only to draw them: 1,000 URLs must not mean 1,000 photos
-                shown.append(io.BytesIO(data) if data is not None else source)
-        if good:
-            decoded = loaded.caption(np.stack(pixels))
-            results += [(source, d.caption) for source, d in zip(good, decoded, strict=True)]
-    if out is not None:
-        from captioning.plots import captioned_image
-
-        for n, (image, (_, caption)) in enumerate(zip(shown, results, strict=True)):
-            target = out if len(results) == 1 else out.with_name(f"{out.stem}-{n + 1}{out.suffix or '.png'}")
-            try:
-                captioned_image(image, caption, target)
-            except (OSError, ValueError) as err:  # made captions are not lost to an unwritable --out
-                errors.append((target, f"cannot write the captioned image ({getattr(err, 'strerror', None) or err})"))
+            if out is not None:  # a URL's bytes are kept only to draw them, and only until its batch is drawn
+                shown.append((position, io.BytesIO(data) if data is not None else source))
+        if not good:
+            continue
+        decoded = [d.caption for d in loaded.caption(np.stack(pixels))]
+        results += zip(good, decoded, strict=True)
+        if out is not None:
+            for (position, image), caption in zip(shown, decoded, strict=True):
+                errors += _draw(image, caption, _numbered(out, position, len(sources)))
     return results, errors
