@@ -131,6 +131,7 @@ def serve_command(args) -> int:
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_files < 1 or args.max_pixels < 1:
         raise UserError("--max-batch, --max-files, --max-pixels must be at least 1, --max-body-mb positive, "
                         "--max-wait-ms at least 0")
+    fetch_limits = _fetch_limits(args)
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
 
     limit_arenas()  # before TensorFlow and the request threads start
@@ -138,7 +139,7 @@ def serve_command(args) -> int:
 
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
-                         fetch=_fetch_limits(args))
+                         fetch=fetch_limits)
     serve(args.model_dir, settings, args.host, args.port, limits, access_log=args.access_log)
     return 0
 

@@ -228,6 +228,26 @@ def test_caption_prints_a_file_name_that_is_not_utf8_and_every_line_after_it(mon
                                                      b"last.jpg\ta dog runs"]
 
 
+def test_serve_checks_its_fetch_flags_before_loading_the_model(monkeypatch):
+    """--fetch-timeout 0 was refused only after TensorFlow and the model had loaded (seconds later), though
+    every other flag is checked first. In-process, with the server module stubbed to see whether it is reached."""
+    import types
+
+    from captioning import __main__ as cli
+    from captioning.errors import UserError
+
+    reached = []
+    stub = types.SimpleNamespace(ServeLimits=lambda **kwargs: reached.append("limits"),
+                                 serve=lambda *args, **kwargs: reached.append("serve"))
+    monkeypatch.setitem(sys.modules, "captioning.serve", stub)
+    monkeypatch.setattr(cli, "check_bundle", lambda model_dir: None)
+    monkeypatch.setattr(cli, "decode_settings", lambda model_dir, path: {"method": "greedy", "beam_size": 1})
+    monkeypatch.setattr("captioning.malloc.limit_arenas", lambda: reached.append("arenas"))
+    with pytest.raises(UserError, match="--fetch-timeout and --fetch-max-mb must be positive"):
+        cli.serve_command(cli._parser().parse_args(["serve", "--fetch-timeout", "0"]))
+    assert reached == []
+
+
 @pytest.mark.parametrize("args,words", [
     (["serve", "--max-wait-ms", "inf"], "argument --max-wait-ms: inf is not a finite number"),
     (["serve", "--max-body-mb", "nan"], "argument --max-body-mb: nan is not a finite number"),
