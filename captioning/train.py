@@ -242,23 +242,40 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
     print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
     state = resume_state(paths.checkpoints, print_fingerprint, config.epochs)
+    # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
+    # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
+    # others resume. Outside the strategy's scope, so this load runs no collective op.
+    model = load_checkpoint(paths.checkpoints, state) if state else None
+    if model is None:
+        state = None
     check_agreement(placement, print_fingerprint, state["epoch"] if state else 0)
     with placement.scope():
         if state:
-            try:
-                model = keras.models.load_model(paths.checkpoints / state["model_file"])
-                restore_rng_state(model, state["rng_state"])
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # a damaged file
-                starting_over(paths.checkpoints / state["model_file"], one_line(err))
-            else:
-                print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
-                return model, state
+            if placement.distributed:  # the strategy's variables must be created inside its scope
+                model = load_checkpoint(paths.checkpoints, state)
+                if model is None:  # the file changed since it was read: the workers' agreement no longer holds
+                    raise UserError(f"{paths.checkpoints / state['model_file']} changed while training started; "
+                                    "run again.")
+            print(f"resuming from the checkpoint after epoch {state['epoch']}", flush=True)
+            return model, state
         if placement.is_chief:
             clear_checkpoints(paths.checkpoints)
         mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)
         model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
         return model, new_state(print_fingerprint)
+
+
+def load_checkpoint(folder: Path, state: dict) -> keras.Model | None:
+    """The checkpoint's compiled model with its dropout RNG state, or None (and one line) when its file
+    is damaged."""
+    try:
+        model = keras.models.load_model(folder / state["model_file"])
+        restore_rng_state(model, state["rng_state"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        starting_over(folder / state["model_file"], one_line(err))
+        return None
+    return model
 
 
 def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData, store: FeatureStore,

@@ -195,3 +195,36 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}')
     with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster description"):
         make_placement("multi_worker")
+
+
+def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monkeypatch, capsys):
+    """Under multi_worker the workers compare their starting epochs (check_agreement); a checkpoint whose
+    state is fine but whose model file is damaged must count as "start over" in that comparison, or this
+    worker would train from epoch 0 while the others, agreeing on the checkpoint's epoch, resume."""
+    import captioning.train as train_module
+    from captioning.distribute import Placement
+    from captioning.feature_files import FeatureStore
+    from captioning.tf_setup import tf
+
+    run_in_process(tmp_path, "default")  # a finished one-epoch run and its checkpoint
+    checkpoints, data = tmp_path / "checkpoints", tmp_path / "data"
+    state = json.loads((checkpoints / "state.json").read_text())
+    assert state["epoch"] == 1
+    (checkpoints / state["model_file"]).write_bytes(b"not a model any more")
+
+    agreed = []
+    monkeypatch.setattr(train_module, "check_agreement", lambda placement, _, epoch: agreed.append(epoch))
+    # the chief of a multi-worker run, on the default strategy (the agreement itself is replaced above)
+    chief = Placement(tf.distribute.get_strategy(), "multi_worker", True, "worker 0 of 2 (chief)")
+    config = train_module.TrainConfig(**{**TINY_TRAIN, "epochs": 2, "dropout": 0.0})  # run_in_process's but epochs
+    paths = train_module.TrainPaths(data / "features", data / "model", checkpoints, tmp_path / "dvclive",
+                                    (data / "captions.parquet",))
+    store = FeatureStore(paths.features)
+    training = train_module.prepare_data(config, pd.read_parquet(data / "captions.parquet"),
+                                         (data / "split/train.txt").read_text().split(),
+                                         (data / "split/dev.txt").read_text().split(), store)
+    capsys.readouterr()
+    _, started = train_module.resume_or_build(config, training, store, chief, paths)
+    assert started["epoch"] == 0 and agreed == [0]  # it agreed on the epoch it really starts from
+    said = capsys.readouterr().out
+    assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
