@@ -300,7 +300,10 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
         kept = state["epoch"]
         if config.restore_best_weights and state["best_file"]:
             kept = state["best_epoch"]
-            model.load_weights(checkpoint_out / state["best_file"])
+            best = checkpoint_out / state["best_file"]
+            if not best.is_file():  # another worker's folder holds the epochs it ran; a resumed run's
+                best = paths.checkpoints / state["best_file"]  # earlier best is in the shared checkpoints
+            model.load_weights(best)
             print(f"kept the weights of epoch {state['best_epoch']} (lowest val loss "
                   f"{state['best_val_loss']:.4f}) of {state['epoch']}", flush=True)
     live.end()

@@ -228,3 +228,42 @@ def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monk
     assert started["epoch"] == 0 and agreed == [0]  # it agreed on the epoch it really starts from
     said = capsys.readouterr().out
     assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
+
+
+def test_a_worker_resuming_a_finished_run_keeps_the_best_epoch_and_writes_nothing(tmp_path, monkeypatch):
+    """A worker that is not the chief checkpoints into a temporary folder, so the best epoch of a resumed
+    run may be only in the shared checkpoint folder (here: the run had finished all its epochs, then was
+    killed before saving the model). It must load it from there, not fail, and still write nothing."""
+    import captioning.train as train_module
+    from captioning.distribute import Placement
+    from captioning.tf_setup import tf
+
+    run_in_process(tmp_path, "default")  # the chief's run, checkpoints in the shared folder
+    data = tmp_path / "data"
+    saved = keras_weights(data / "model/model.keras")
+    written = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
+
+    other = Placement(tf.distribute.get_strategy(), "multi_worker", False, "worker 1 of 2")
+    monkeypatch.setattr(train_module, "make_placement", lambda name: other)
+    monkeypatch.setattr(train_module, "check_agreement", lambda *args: None)  # one process: nothing to agree
+    held = []
+    save_bundle = train_module.save_bundle
+    monkeypatch.setattr(train_module, "save_bundle",
+                        lambda model, *args: (held.append(model.get_weights()), save_bundle(model, *args)))
+    metrics = train_module.train(
+        train_module.TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0}),
+        pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
+        (data / "split/dev.txt").read_text().split(),
+        train_module.TrainPaths(data / "features", data / "model", tmp_path / "checkpoints", tmp_path / "dvclive",
+                                (data / "captions.parquet",)))
+    assert metrics is None
+    assert len(held) == 1 and len(held[0]) == len(saved)
+    for mine, theirs in zip(held[0], saved, strict=True):  # the chief's kept epoch, as in a run never killed
+        np.testing.assert_array_equal(mine, theirs)
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")} == written
+
+
+def keras_weights(model_file: Path) -> list[np.ndarray]:
+    from captioning.model import keras  # registers the custom loss and metric the model file names
+
+    return keras.models.load_model(model_file).get_weights()
