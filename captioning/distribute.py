@@ -91,8 +91,9 @@ def _tf_config() -> tuple[str, int, dict]:
                         f"worker, e.g. {TF_CONFIG_EXAMPLE} (index 1 on the second machine).")
     try:
         config = json.loads(raw)
-        cluster, task = config["cluster"], config["task"]
-        task_type, task_id = task["type"], int(task["index"])
+        cluster, task = _mapping(config, "TF_CONFIG")["cluster"], config["task"]
+        _check_cluster(_mapping(cluster, "cluster"))
+        task_type, task_id = _mapping(task, "task")["type"], int(task["index"])  # as TensorFlow reads it
         if task_type not in ("chief", "worker") or not isinstance(cluster.get(task_type), list) \
                 or not 0 <= task_id < len(cluster[task_type]):
             raise ValueError(f"task {task_type} {task_id} is not in the cluster")
@@ -100,6 +101,33 @@ def _tf_config() -> tuple[str, int, dict]:
         raise UserError(f"TF_CONFIG is not a valid cluster description ({err}); expected e.g. "
                         f"{TF_CONFIG_EXAMPLE}.") from None
     return task_type, task_id, cluster
+
+
+def _mapping(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a JSON object, not {json.dumps(value)}")
+    return value
+
+
+# Roles MultiWorkerMirroredStrategy can run with: it has no parameter servers, and waits forever for a
+# "ps" task that never joins; an evaluator is not part of the training cluster.
+ROLES = ("chief", "worker", "evaluator")
+
+
+def _check_cluster(cluster: dict) -> None:
+    """What TensorFlow would otherwise reject with a traceback (or wait forever for): unknown roles, a
+    second chief, addresses that are not "host:port"."""
+    for role, addresses in cluster.items():
+        if role not in ROLES:
+            raise ValueError(f"cluster role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(addresses, list):
+            raise ValueError(f"cluster {role} must be a list of \"host:port\" addresses")
+        for address in addresses:
+            if not isinstance(address, str) or not address.rpartition(":")[2].isdigit() \
+                    or not address.rpartition(":")[0]:
+                raise ValueError(f"cluster {role} address {json.dumps(address)} is not \"host:port\"")
+    if len(cluster.get("chief", [])) > 1:
+        raise ValueError("a cluster has at most one chief")
 
 
 def shard_by_data(dataset: tf.data.Dataset, placement: Placement) -> tf.data.Dataset:

@@ -7,6 +7,7 @@ processes importing TensorFlow.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -194,6 +195,25 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
         make_placement("multi_worker")
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}')
     with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster description"):
+        make_placement("multi_worker")
+
+
+@pytest.mark.parametrize("cluster, words", [
+    (["127.0.0.1:1"], "cluster must be a JSON object"),  # was an AttributeError traceback
+    ({"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, "cluster role 'ps'"),  # was a hang: no ps ever joins
+    ({"worker": ["localhost"]}, 'address "localhost" is not "host:port"'),  # was a gRPC traceback
+    ({"worker": [12345]}, 'address 12345 is not "host:port"'),  # was a TypeError traceback
+    ({"chief": ["127.0.0.1:1", "127.0.0.1:2"], "worker": ["127.0.0.1:3"]}, "at most one chief"),
+])
+def test_a_tf_config_tensorflow_cannot_run_is_one_clear_line_before_tensorflow_sees_it(monkeypatch, cluster, words):
+    from captioning.distribute import make_placement, tf
+    from captioning.errors import UserError
+
+    def strategy():
+        raise AssertionError("TF_CONFIG reached TensorFlow: a traceback or a hang")
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(UserError, match=f"TF_CONFIG is not a valid cluster description .*{re.escape(words)}"):
         make_placement("multi_worker")
 
 
