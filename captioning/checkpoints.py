@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +35,9 @@ TRAINING_CODE = [Path(__file__).with_name(name) for name in (
 # The self-critical stage's knobs do not change the cross-entropy run it starts from (scst.py has its own
 # checkpoint), so turning it on or retuning it resumes a finished run instead of training it again.
 SCST_KNOBS = ("scst_epochs", "scst_learning_rate", "scst_samples", "scst_batch_images")
+# What reading a damaged checkpoint file raises. .keras and .npz files are zip archives, and a damaged
+# one raises zipfile.BadZipFile ("Bad CRC-32", "File is not a zip file"), which is no OSError.
+DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile)
 
 
 def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:

@@ -31,7 +31,15 @@ import numpy as np
 import pandas as pd
 
 from captioning import files
-from captioning.checkpoints import STATE_FILE, clear_checkpoints, remove_stale, resume_state, save_file, starting_over
+from captioning.checkpoints import (
+    DAMAGED_FILE_ERRORS,
+    STATE_FILE,
+    clear_checkpoints,
+    remove_stale,
+    resume_state,
+    save_file,
+    starting_over,
+)
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
 from captioning.errors import one_line
@@ -78,7 +86,7 @@ def _resumed(model: keras.Model, optimizer, folder: Path, state: dict) -> bool:
             for variable, value in zip(optimizer.variables, (stored[f"arr_{i}"] for i in range(len(stored))),
                                        strict=True):
                 variable.assign(value)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except DAMAGED_FILE_ERRORS as err:
         model.set_weights(before[0])
         for variable, value in zip(optimizer.variables, before[1], strict=True):
             variable.assign(value)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from captioning import files, layout
 from captioning.checkpoints import (
+    DAMAGED_FILE_ERRORS,
     EpochEnd,
     clear_checkpoints,
     fingerprint,
@@ -272,7 +273,7 @@ def load_checkpoint(folder: Path, state: dict) -> keras.Model | None:
     try:
         model = keras.models.load_model(folder / state["model_file"])
         restore_rng_state(model, state["rng_state"])
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except DAMAGED_FILE_ERRORS as err:
         starting_over(folder / state["model_file"], one_line(err))
         return None
     return model

@@ -217,10 +217,17 @@ def test_a_tf_config_tensorflow_cannot_run_is_one_clear_line_before_tensorflow_s
         make_placement("multi_worker")
 
 
-def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monkeypatch, capsys):
+def flip_middle_byte(data: bytes) -> bytes:
+    return data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"not a model any more",
+                                    flip_middle_byte])  # a zip whose CRC fails: zipfile.BadZipFile
+def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monkeypatch, capsys, damage):
     """Under multi_worker the workers compare their starting epochs (check_agreement); a checkpoint whose
     state is fine but whose model file is damaged must count as "start over" in that comparison, or this
-    worker would train from epoch 0 while the others, agreeing on the checkpoint's epoch, resume."""
+    worker would train from epoch 0 while the others, agreeing on the checkpoint's epoch, resume. (With
+    any strategy, a damaged file means one line and starting over, never a traceback.)"""
     import captioning.train as train_module
     from captioning.distribute import Placement
     from captioning.feature_files import FeatureStore
@@ -230,7 +237,8 @@ def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monk
     checkpoints, data = tmp_path / "checkpoints", tmp_path / "data"
     state = json.loads((checkpoints / "state.json").read_text())
     assert state["epoch"] == 1
-    (checkpoints / state["model_file"]).write_bytes(b"not a model any more")
+    model_file = checkpoints / state["model_file"]
+    model_file.write_bytes(damage(model_file.read_bytes()))
 
     agreed = []
     monkeypatch.setattr(train_module, "check_agreement", lambda placement, _, epoch: agreed.append(epoch))

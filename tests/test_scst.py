@@ -3,6 +3,7 @@
 Sampling is seeded and follows the decoding rules, fine-tuning raises the reward it optimises, a run
 killed between epochs resumes to exactly the weights of an uninterrupted one, and the knobs neither
 invalidate the cross-entropy checkpoint nor run under a distribution strategy."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -92,6 +93,26 @@ def test_a_killed_run_resumes_to_the_same_weights(toy, tmp_path, capsys):
                       {**ORIGIN, "kept_epoch": 1})
     assert "resuming" not in capsys.readouterr().out and other["rewards"] == whole["rewards"]
 
+
+
+def test_a_damaged_optimizer_file_means_starting_over(toy, tmp_path, capsys):
+    """One damaged byte in the optimizer's checkpoint (an .npz is a zip: its CRC fails) is one line and a
+    fresh start with the numbers of a run that never had a checkpoint, not a traceback."""
+    decoder, vocab, features, rewards = toy
+    start = decoder.get_weights()
+    whole = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=2), tmp_path / "whole", ORIGIN)
+    decoder.set_weights(start)
+    fine_tune(decoder, vocab, rewards, features, config(scst_epochs=1), tmp_path / "killed", ORIGIN)
+    state = json.loads((tmp_path / "killed/scst/state.json").read_text())
+    path = tmp_path / "killed/scst" / state["optimizer_file"]
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:])
+    decoder.set_weights(start)
+    capsys.readouterr()
+    again = fine_tune(decoder, vocab, rewards, features, config(scst_epochs=2), tmp_path / "killed", ORIGIN)
+    said = capsys.readouterr().out
+    assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
+    assert again["rewards"] == whole["rewards"]
 
 def test_scst_knobs_keep_the_cross_entropy_checkpoint(tmp_path):
     inputs = [PROJECT / "params.yaml"]
