@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -257,6 +258,20 @@ def test_a_damaged_model_file_is_decided_before_the_workers_agree(tmp_path, monk
     said = capsys.readouterr().out
     assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
 
+
+def test_a_damaged_best_weights_file_means_starting_over_not_a_traceback_at_the_end(tmp_path, capsys):
+    """fit loads the best epoch's weights after the remaining epochs: a damaged file must be found when
+    the checkpoint is read, and mean one line and a fresh start."""
+    run_in_process(tmp_path, "default")
+    checkpoints = tmp_path / "checkpoints"
+    best = checkpoints / json.loads((checkpoints / "state.json").read_text())["best_file"]
+    best.write_bytes(best.read_bytes()[:len(best.read_bytes()) // 2])  # cut short
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    again, _ = run_in_process(tmp_path, "default")
+    said = capsys.readouterr().out
+    assert f"cannot resume from {best}" in said and "training starts over" in said and "resuming" not in said
+    assert again["epochs"] == 1 and again["kept_epoch"] == 1
 
 def test_a_worker_resuming_a_finished_run_keeps_the_best_epoch_and_writes_nothing(tmp_path, monkeypatch):
     """A worker that is not the chief checkpoints into a temporary folder, so the best epoch of a resumed
