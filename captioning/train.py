@@ -261,6 +261,9 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
             return model, state
         if placement.is_chief:
             clear_checkpoints(paths.checkpoints)
+        # Reading a checkpoint that proved damaged built layers, which drew from the global RNG: seed again
+        # so that starting over builds the very model of a run that had no checkpoint.
+        seed_everything(config.seed)
         mean, variance = feature_moments(store.matrix, data.train_set.feature_rows)
         model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))

@@ -273,6 +273,31 @@ def test_a_damaged_best_weights_file_means_starting_over_not_a_traceback_at_the_
     assert f"cannot resume from {best}" in said and "training starts over" in said and "resuming" not in said
     assert again["epochs"] == 1 and again["kept_epoch"] == 1
 
+def edit_rng_state(checkpoints: Path) -> None:
+    state = json.loads((checkpoints / "state.json").read_text())
+    (checkpoints / "state.json").write_text(json.dumps({**state, "rng_state": state["rng_state"][:1]}))
+
+
+def flip_model_file(checkpoints: Path) -> None:
+    model_file = checkpoints / json.loads((checkpoints / "state.json").read_text())["model_file"]
+    model_file.write_bytes(flip_middle_byte(model_file.read_bytes()))
+
+
+@pytest.mark.parametrize("damage", [edit_rng_state, flip_model_file])
+def test_starting_over_ends_with_the_numbers_of_a_run_without_checkpoint(default_run, tmp_path, capsys, damage):
+    """Reading a checkpoint that then proves damaged builds layers, which draws from the global RNG: the
+    fresh model must still be the one a run without any checkpoint builds (same seed, same numbers)."""
+    run_in_process(tmp_path, "default")
+    damage(tmp_path / "checkpoints")
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    again, weights = run_in_process(tmp_path, "default")
+    said = capsys.readouterr().out
+    assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
+    assert without_timing(again) == without_timing(default_run[0])
+    for mine, theirs in zip(weights, default_run[1], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
 def test_a_worker_resuming_a_finished_run_keeps_the_best_epoch_and_writes_nothing(tmp_path, monkeypatch):
     """A worker that is not the chief checkpoints into a temporary folder, so the best epoch of a resumed
     run may be only in the shared checkpoint folder (here: the run had finished all its epochs, then was
