@@ -159,6 +159,10 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
     if state["fingerprint"] != print_fingerprint or state["epoch"] > epochs:
         return None
     needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
+    if not all(isinstance(name, str) and Path(name).name == name for name in needed):
+        # The files a state names are read, and later deleted as stale: only names inside this folder, so a
+        # hand-edited (or planted, on a shared folder) "../x" or "/x" cannot make training delete other files.
+        return starting_over(state_path, "it names files outside its folder")
     if not all((checkpoint_dir / name).is_file() for name in needed):
         return None
     return state

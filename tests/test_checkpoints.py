@@ -40,3 +40,24 @@ def test_a_damaged_state_means_starting_over_with_one_line(checkpoints, damage, 
     assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and said[0].startswith("cannot resume from") and said[0].endswith("training starts over")
+
+
+@pytest.mark.parametrize("edit", [
+    {"model_file": "../outside.keras"},
+    {"best_file": "../outside.keras", "best_epoch": 1, "best_val_loss": 9.0},
+    {"best_file": "ABSOLUTE"},  # replaced by the absolute path of the file outside
+    {"model_file": 2},
+])
+def test_a_state_naming_files_outside_its_folder_is_not_resumed(tmp_path, edit, capsys):
+    """The files a state names are loaded, and deleted once stale: a name reaching out of the folder
+    would let a hand-edited or planted state make training delete any file it can reach."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "epoch-0002.keras").write_bytes(b"model")
+    outside = tmp_path / "outside.keras"
+    outside.write_bytes(b"someone else's file")
+    edit = {key: str(outside) if value == "ABSOLUTE" else value for key, value in edit.items()}
+    (checkpoints / STATE_FILE).write_text(json.dumps({**good_state(), **edit}))
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("cannot resume from") and said[0].endswith("training starts over")
