@@ -76,17 +76,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    projects = [tmp_path / f"machine{index}" for index in range(2)]  # one folder per "machine"
+def run_workers(projects: list[Path]) -> list[str]:
+    """train_lstm on one worker per project folder (index = position), all on 127.0.0.1; their logs,
+    after checking that every worker succeeded."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(len(projects))]
     processes = []
     for index, project in enumerate(projects):
-        write_inputs(project, "multi_worker")
         env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        log = open(project / "log.txt", "w")
-        processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
-                                          cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
+        with open(project / "log.txt", "w") as log:
+            processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
+                                              cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 85
     try:
         for process in processes:
@@ -101,6 +101,14 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     logs = [(project / "log.txt").read_text() for project in projects]
     for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-4000:]
+    return logs
+
+
+def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
+    projects = [tmp_path / f"machine{index}" for index in range(2)]  # one folder per "machine"
+    for project in projects:
+        write_inputs(project, "multi_worker")
+    logs = run_workers(projects)
     assert "worker 0 of 2 workers (chief), 2 replicas in all" in logs[0]
     assert "worker 1 of 2 workers, 2 replicas in all" in logs[1]
 
@@ -124,6 +132,33 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     for mine, theirs in zip(chief, saved, strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
+
+def test_two_workers_resume_a_shared_checkpoint_and_still_only_the_chief_writes(tmp_path):
+    """The rerun after a kill that came once every epoch was checkpointed (while saving the model): both
+    workers read the shared checkpoint before agreeing, and the other worker keeps the best epoch from the
+    shared folder (its own temporary one is empty) instead of failing."""
+    projects = [tmp_path / f"machine{index}" for index in range(2)]
+    for project in projects:
+        write_inputs(project, "multi_worker")
+    (projects[0] / "checkpoints").mkdir()
+    (projects[1] / "checkpoints").symlink_to(projects[0] / "checkpoints")  # a shared file system
+    run_workers(projects)
+    shutil.rmtree(projects[0] / "data/model")  # "killed" before the model was saved
+    (projects[0] / "metrics/train.json").unlink()
+    shared = {path: path.stat().st_mtime_ns for path in (projects[0] / "checkpoints").rglob("*")}
+    first = [np.load(project / "weights.npz") for project in projects]
+
+    logs = run_workers(projects)
+    for log in logs:
+        assert "resuming from the checkpoint after epoch 2" in log and "cannot resume" not in log, log[-4000:]
+    assert (projects[0] / "data/model/model.keras").is_file()
+    assert not (projects[1] / "data").joinpath("model").exists() and not (projects[1] / "metrics").exists()
+    assert {path: path.stat().st_mtime_ns for path in (projects[0] / "checkpoints").rglob("*")} == shared
+    for project, before in zip(projects, first, strict=True):  # both hold the kept epoch of the first run
+        after = np.load(project / "weights.npz")
+        assert len(after) == len(before) > 10
+        for index in range(len(before)):
+            np.testing.assert_array_equal(after[f"arr_{index}"], before[f"arr_{index}"])
 
 def run_in_process(project: Path, strategy: str) -> tuple[dict, list[np.ndarray]]:
     """One epoch through captioning.train.train in this process; its metrics and final weights."""
