@@ -174,6 +174,15 @@ def starting_over(path: Path, why: str) -> None:
     return None
 
 
+def remove_partial_writes(checkpoint_dir: Path) -> None:
+    """Delete what writes cut short by a kill left behind (files.atomic_path's temporary files,
+    .<name>.<random>.tmp<suffix>): no state names them, and each can be a whole model, so without this
+    every kill during a save would leave one in the folder for good."""
+    for path in checkpoint_dir.glob(".*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def clear_checkpoints(checkpoint_dir: Path) -> None:
     """Forget checkpoints that do not fit this run, so they cannot be resumed by mistake later."""
     for path in checkpoint_dir.glob("*"):

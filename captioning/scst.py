@@ -35,6 +35,7 @@ from captioning.checkpoints import (
     DAMAGED_FILE_ERRORS,
     STATE_FILE,
     clear_checkpoints,
+    remove_partial_writes,
     remove_stale,
     resume_state,
     save_file,
@@ -104,6 +105,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
     """
     folder = checkpoint_dir / SCST_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(folder)
     optimizer = keras.optimizers.Adam(learning_rate=config.scst_learning_rate, clipnorm=config.clipnorm)
     optimizer.build(model.trainable_variables)
     print_fingerprint = _fingerprint(config, origin)

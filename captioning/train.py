@@ -32,6 +32,7 @@ from captioning.checkpoints import (
     fingerprint,
     log_epoch,
     new_state,
+    remove_partial_writes,
     restore_rng_state,
     resume_state,
     starting_over,
@@ -241,6 +242,7 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
     """The checkpointed model and state when one fits this run, else a new compiled model."""
     if placement.is_chief:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(paths.checkpoints)
     print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
     state = resume_state(paths.checkpoints, print_fingerprint, config.epochs)
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means

@@ -7,6 +7,7 @@ processes importing TensorFlow.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -332,6 +333,24 @@ def test_starting_over_ends_with_the_numbers_of_a_run_without_checkpoint(default
     assert without_timing(again) == without_timing(default_run[0])
     for mine, theirs in zip(weights, default_run[1], strict=True):
         np.testing.assert_array_equal(mine, theirs)
+
+def test_a_resumed_run_removes_the_partial_writes_a_kill_left(tmp_path, capsys):
+    """A kill while a checkpoint file is written leaves files.atomic_path's temporary file behind (as big
+    as a model); the rerun resumes and deletes it instead of keeping one more for every kill."""
+    import tempfile
+
+    run_in_process(tmp_path, "default")
+    checkpoints = tmp_path / "checkpoints"
+    kept = sorted(path.name for path in checkpoints.iterdir())
+    for name, suffix in (("epoch-0002.keras", ".tmp.keras"), ("state.json", ".tmp")):  # atomic_path's naming
+        handle, _ = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=checkpoints)
+        os.write(handle, b"half a file")
+        os.close(handle)
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    run_in_process(tmp_path, "default")
+    assert "resuming from the checkpoint after epoch 1" in capsys.readouterr().out
+    assert sorted(path.name for path in checkpoints.iterdir()) == kept
 
 def test_a_worker_resuming_a_finished_run_keeps_the_best_epoch_and_writes_nothing(tmp_path, monkeypatch):
     """A worker that is not the chief checkpoints into a temporary folder, so the best epoch of a resumed
