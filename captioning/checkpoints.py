@@ -156,8 +156,10 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
                                                                and not isinstance(state[key], type(value)))
                                           for key, value in fresh.items()):
         return starting_over(state_path, "not the state this project writes")
-    if state["fingerprint"] != print_fingerprint or state["epoch"] > epochs:
+    if state["fingerprint"] != print_fingerprint:
         return None
+    if state["epoch"] > epochs:  # a checkpoint holds its last epoch only: an earlier one cannot be had from it
+        return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
     needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
     if not all(isinstance(name, str) and Path(name).name == name for name in needed):
         # The files a state names are read, and later deleted as stale: only names inside this folder, so a

@@ -61,3 +61,14 @@ def test_a_state_naming_files_outside_its_folder_is_not_resumed(tmp_path, edit, 
     assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and said[0].startswith("cannot resume from") and said[0].endswith("training starts over")
+
+
+def test_asking_for_fewer_epochs_than_the_checkpoint_has_says_it_starts_over(checkpoints, capsys):
+    """Such a checkpoint cannot be resumed and is replaced: the user is told, not left to find the longer
+    run's checkpoint gone."""
+    (checkpoints / STATE_FILE).write_text(json.dumps(good_state()))
+    assert resume_state(checkpoints, FINGERPRINT, epochs=2) == good_state()
+    assert resume_state(checkpoints, FINGERPRINT, epochs=1) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "2 epochs done, more than the 1 asked for" in said[0]
+    assert said[0].endswith("training starts over")
