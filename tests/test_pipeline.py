@@ -124,7 +124,9 @@ def test_caption_command_on_new_and_bad_images(demo_run, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "missing.jpg" in errors[0] and "notes.jpg" in errors[1]
     assert "Traceback" not in result.stderr
-    with Image.open(out) as image:
+    # Three images asked for: the picture is numbered by its image's place among them, though the others failed.
+    assert sorted(path.name for path in tmp_path.glob("captioned*")) == ["captioned-1.png"]
+    with Image.open(tmp_path / "captioned-1.png") as image:
         assert image.format == "PNG"
 
 

@@ -110,7 +110,7 @@ def test_full_pipeline_on_real_photos(real_project):
     result = run(["dvc", "repro"], real_project, check=False)
     # Official split: no test photo among the 809, so evaluate stops with a clear message.
     assert result.returncode != 0
-    assert "the test split has no images" in result.stderr and "Traceback" not in result.stderr
+    assert "the official test list names none of your photos" in result.stderr and "Traceback" not in result.stderr
     split = json.loads((real_project / "data/reports/split_report.json").read_text())
     assert (split["train"]["available"], split["dev"]["available"], split["test"]["available"]) == (763, 37, 0)
     assert split["images_in_no_split"]["count"] == 9
