@@ -66,3 +66,16 @@ def summary(splits: dict[str, list[str]], report: dict, report_path: str | Path)
         line += (f"; {unlisted} captioned image{'s' if unlisted != 1 else ''} in no split file, not used "
                  f"(named in {report_path})")
     return line
+
+
+def require_trainable(splits: dict[str, list[str]], official: bool) -> None:
+    """Stop at the split, not after a long extraction: training needs train photos, and dev photos, whose loss
+    picks the epoch kept (and stops early). An empty test split only stops evaluate, so it is a warning."""
+    empty = [name for name in ("train", "dev") if not splits[name]]
+    if not empty:
+        return
+    remedy = ("the official lists in data.split_dir name none of your photos for it: add its photos, or set "
+              "data.split_dir: null for a seeded split" if official else
+              "raise split.train_fraction / split.dev_fraction, or add photos")
+    raise UserError(f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty, and training "
+                    f"needs both train and dev photos: {remedy}.")

@@ -4,7 +4,7 @@ import pandas as pd
 from captioning import files, layout
 from captioning.errors import run_stage
 from captioning.params import read_params, read_section
-from captioning.split import official_split, seeded_split, summary
+from captioning.split import official_split, require_trainable, seeded_split, summary
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
         splits, report = official_split(split_dir, images)
     else:
         splits, report = seeded_split(images, options.seed, options.train_fraction, options.dev_fraction)
+    require_trainable(splits, official=bool(split_dir))
     for name in layout.SPLITS:
         files.write_lines(layout.split_file(name), splits[name])
     files.write_json(layout.SPLIT_REPORT, report)

@@ -39,9 +39,9 @@ def test_a_missing_split_file_is_named(tmp_path):
         official_split(tmp_path, IMAGES)
 
 
-def test_captioned_images_in_no_split_file_are_counted_on_the_stage_line(tmp_path):
-    """Real Flickr8k lists 8,000 of its 8,091 photos: the rest are used nowhere, which the stage's line
-    must say, not only the report (where it names them)."""
+def run_split_stage(folder, check: bool = True, **changes):
+    """`python -m stages.split` in `folder`, over IMAGES' captions, with the project's params and `changes`
+    ({section: {key: value}})."""
     import subprocess
     import sys
 
@@ -52,14 +52,23 @@ def test_captioned_images_in_no_split_file_are_counted_on_the_stage_line(tmp_pat
     from captioning.tiny_project import PROJECT
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["data"]["split_dir"] = "lists"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for section, values in changes.items():
+        params[section].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    (folder / "data").mkdir(exist_ok=True)
+    pd.DataFrame({"image": IMAGES}).to_parquet(folder / "data/captions.parquet")
+    return subprocess.run([sys.executable, "-m", "stages.split"], cwd=folder, env=stages_env(),
+                          capture_output=True, text=True, check=check)
+
+
+def test_captioned_images_in_no_split_file_are_counted_on_the_stage_line(tmp_path):
+    """Real Flickr8k lists 8,000 of its 8,091 photos: the rest are used nowhere, which the stage's line
+    must say, not only the report (where it names them)."""
+    import yaml
+
     (tmp_path / "lists").mkdir()
     write_split(tmp_path / "lists", {"train": ["a.jpg", "b.jpg"], "dev": ["c.jpg"], "test": ["gone.jpg"]})
-    (tmp_path / "data").mkdir()
-    pd.DataFrame({"image": IMAGES}).to_parquet(tmp_path / "data/captions.parquet")
-    result = subprocess.run([sys.executable, "-m", "stages.split"], cwd=tmp_path, env=stages_env(),
-                            capture_output=True, text=True, check=True)
+    result = run_split_stage(tmp_path, data={"split_dir": "lists"})
     assert result.stdout.startswith("train 2 of 2 listed images, dev 1 of 1 listed images, test 0 of 1 listed images")
     assert "2 captioned images in no split file, not used (named in data/reports/split_report.json)" in result.stdout
     report = yaml.safe_load((tmp_path / "data/reports/split_report.json").read_text())
@@ -71,3 +80,21 @@ def test_the_seeded_split_line_counts_each_split():
 
     splits, report = seeded_split(IMAGES, 0, 0.6, 0.2)
     assert summary(splits, report, "r.json") == "train 3 images, dev 1 images, test 1 images"
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_an_empty_dev_split_stops_the_split_stage_not_training(tmp_path, official):
+    """Training needs dev photos (their loss picks the epoch kept), but an empty dev split passed `split` and
+    stopped only `train_lstm`, after the whole extraction had run."""
+    if official:
+        (tmp_path / "lists").mkdir()
+        write_split(tmp_path / "lists", {"train": ["a.jpg", "b.jpg"], "dev": ["gone.jpg"], "test": ["c.jpg"]})
+        result = run_split_stage(tmp_path, check=False, data={"split_dir": "lists"})
+        remedy = "the official lists in data.split_dir name none of your photos for it"
+    else:
+        result = run_split_stage(tmp_path, check=False, split={"train_fraction": 0.8, "dev_fraction": 0.0})
+        remedy = "raise split.train_fraction / split.dev_fraction"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the dev split is empty, and training needs both train and dev photos" in result.stderr
+    assert remedy in result.stderr
+    assert not (tmp_path / "data/split").exists()  # nothing for a later stage to take as a split
