@@ -41,6 +41,9 @@ def test_same_numbers_as_pycocoevalcap_on_real_references(real_references, monke
     swapped = {image: references[image][0] for image in some}
     swapped_references = {image: [candidates[image], *references[image][1:]] for image in some}
     java = shutil.which("java") is not None
+    # Without Java the METEOR half of this comparison is left out; CI installs Java, so there that is a failure.
+    assert java or os.environ.get("CI", "").lower() != "true", (
+        "java is not installed, so METEOR cannot be compared: `bash scripts/setup.sh` installs it as root")
     starts = []
     start = Meteor.__init__
     monkeypatch.setattr(Meteor, "__init__", lambda self: starts.append(1) or start(self))
