@@ -39,6 +39,7 @@ SHAPES = {  # file name -> object pickled from the token file's lines
     "lines.pkl": lambda lines: lines,
     "dict.pkl": by_image,
 }
+FORMATS = {"text.pkl": "pickle:str", "bytes.pkl": "pickle:bytes", "lines.pkl": "pickle:list", "dict.pkl": "pickle:dict"}
 
 
 DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -90,6 +91,9 @@ def test_parse_stage_on_every_pickle_shape(real_project, name):
     set_params(real_project, {"data": {"captions": f"data/real/{name}"}})
     run(["dvc", "repro", "parse_pickle"], real_project)
     report = parse_report(real_project)
+    # The cases share one project and every shape gives the same counts: without this, a case could pass on
+    # the report the previous case left (a parse_pickle that did not rerun for the new data.captions).
+    assert (report["source"], report["format"]) == (f"data/real/{name}", FORMATS[name])
     assert report["lines_read"] == LINES and report["image_names"] == NAMES
     assert report["images_found"] == PHOTOS and report["rows_kept"] == PHOTOS * 5
     assert report["skipped_count"] == 0
