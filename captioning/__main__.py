@@ -111,18 +111,21 @@ def caption_command(args) -> int:
     except UserError as err:
         raise UserError(f"--beam: {err}" if args.beam is not None else err) from None
     limits = _fetch_limits(args)
-    from captioning.inference import caption_files  # TensorFlow only past the checks above
+    from captioning.inference import caption_batches  # TensorFlow only past the checks above
 
-    results, errors = caption_files(args.images, args.model_dir, settings, args.out, fetch_limits=limits)
     # A file name that is not UTF-8 (an old archive's Latin-1 "café.jpg") arrives as surrogate escapes (PEP 383);
     # under a UTF-8 locale other than C, stdout refused it, with a traceback and every later line unprinted.
     # Its own bytes are printed instead, as ls prints them (stderr already shows them escaped).
     sys.stdout.reconfigure(errors="surrogateescape")
-    for path, caption in results:
-        print(f"{path}\t{caption}")
-    for path, reason in errors:
-        print(f"error: {path}: {one_line(reason)}", file=sys.stderr)
-    return 2 if errors else 0
+    failed = False
+    # Printed batch by batch: a long list's finished captions are already out when it is interrupted.
+    for results, errors in caption_batches(args.images, args.model_dir, settings, args.out, fetch_limits=limits):
+        for path, caption in results:
+            print(f"{path}\t{caption}", flush=True)
+        for path, reason in errors:
+            print(f"error: {path}: {one_line(reason)}", file=sys.stderr, flush=True)
+        failed = failed or bool(errors)
+    return 2 if failed else 0
 
 
 def serve_command(args) -> int:

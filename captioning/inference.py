@@ -157,11 +157,21 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
                   ) -> tuple[list[tuple[object, str]], list[tuple[object, str]]]:
     """Return ([(source, caption)], [(source, error)]) for file paths and image URLs (fetched within
     `fetch_limits`, default FetchLimits())."""
+    results, errors = [], []
+    for batch_results, batch_errors in caption_batches(sources, model_dir, settings, out, batch_size, fetch_limits):
+        results += batch_results
+        errors += batch_errors
+    return results, errors
+
+
+def caption_batches(sources: list, model_dir: Path, settings: dict, out: Path | None = None,
+                    batch_size: int = 32, fetch_limits: FetchLimits | None = None):
+    """caption_files one batch at a time: yields each batch's ([(source, caption)], [(source, error)]) as
+    soon as it is done, so a long list's captions are not all lost to a Ctrl-C near its end."""
     fetch_limits = fetch_limits or FetchLimits()
     loaded = LoadedCaptioner(model_dir, settings, max_batch=batch_size)
-    results, errors = [], []
     for start in range(0, len(sources), batch_size):
-        good, pixels, shown = [], [], []
+        good, pixels, shown, errors = [], [], [], []
         for position, source in enumerate(sources[start:start + batch_size], start + 1):
             try:
                 array, data = read_source(source, loaded.image_size, fetch_limits)
@@ -172,11 +182,8 @@ def caption_files(sources: list, model_dir: Path, settings: dict, out: Path | No
             pixels.append(array)
             if out is not None:  # a URL's bytes are kept only to draw them, and only until its batch is drawn
                 shown.append((position, io.BytesIO(data) if data is not None else source))
-        if not good:
-            continue
-        decoded = [d.caption for d in loaded.caption(np.stack(pixels))]
-        results += zip(good, decoded, strict=True)
+        decoded = [d.caption for d in loaded.caption(np.stack(pixels))] if good else []
         if out is not None:
             for (position, image), caption in zip(shown, decoded, strict=True):
                 errors += _draw(image, caption, _numbered(out, position, len(sources)))
-    return results, errors
+        yield list(zip(good, decoded, strict=True)), errors
