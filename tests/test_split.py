@@ -98,3 +98,14 @@ def test_an_empty_dev_split_stops_the_split_stage_not_training(tmp_path, officia
     assert "the dev split is empty, and training needs both train and dev photos" in result.stderr
     assert remedy in result.stderr
     assert not (tmp_path / "data/split").exists()  # nothing for a later stage to take as a split
+
+
+def test_the_seeded_split_follows_its_seed_and_keeps_every_image_once():
+    """split.seed must matter (a split that ignored it would make every seed the same experiment) and the same
+    seed must give the same lists; each image lands in exactly one split."""
+    images = [f"{n:04d}.jpg" for n in range(200)]
+    first, _ = seeded_split(images, 1, 0.8, 0.1)
+    assert seeded_split(list(reversed(images)), 1, 0.8, 0.1)[0] == first  # the input's order does not matter
+    assert seeded_split(images, 2, 0.8, 0.1)[0]["test"] != first["test"]
+    assert sorted(sum(first.values(), [])) == images
+    assert [len(first[name]) for name in ("train", "dev", "test")] == [160, 20, 20]
