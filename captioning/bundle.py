@@ -11,7 +11,7 @@ from pathlib import Path
 
 from captioning import files, layout
 from captioning.errors import UserError
-from captioning.params import DECODE_METHODS, SCHEMA
+from captioning.params import DECODE_METHODS, SCHEMA, check_values
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
 MAX_BEAM_SIZE = 16  # a per-request override above this would let one request take the server's time
@@ -102,19 +102,16 @@ def _checked_settings(settings: dict, path: Path) -> dict:
     """The settings through params.yaml's own `decode` rules. A hand-edited file (beam_size: "5", a key
     deleted, method: beams) otherwise failed deep in TensorFlow with a traceback, or decoded otherwise
     without a word (an unknown method was taken for beam search, max_length 0 gave empty captions)."""
-    rules = SCHEMA["decode"]
     # `neighbours` came after decode.json did: settings saved before it have none, and need none.
-    missing = [key for key in rules if key not in settings and key != "neighbours"]
+    missing = [key for key in SCHEMA["decode"] if key not in settings and key != "neighbours"]
     advice = "Pass --decode-settings with the file `evaluate` wrote for this model, or run `dvc repro` to write it."
     if missing:
         raise UserError(f"{path} has no settings.{', settings.'.join(missing)}. {advice}")
-    checked = dict(settings)
-    for key in (key for key in rules if key in settings):
-        try:
-            checked[key] = rules[key](settings[key], f"settings.{key}")
-        except UserError as err:  # the rule's words are params.yaml's; the file is this one
-            raise UserError(f"{path}: {str(err).removeprefix('params.yaml: ')} {advice}") from None
-    return checked
+    present = tuple(key for key in SCHEMA["decode"] if key in settings)
+    try:
+        return {**settings, **check_values(settings, "decode", present, source=path, label="settings")}
+    except UserError as err:
+        raise UserError(f"{err} {advice}") from None
 
 
 def with_overrides(settings: dict, method: str | None = None, beam_size: int | None = None) -> dict:

@@ -36,11 +36,16 @@ WEIGHTS_HINT = (
     "or features.weights: random for a seeded random backbone."
 )
 
-Rule = Callable[[Any, str], Any]  # (value, "section.key") -> checked value, or UserError
+Rule = Callable[[Any, str], Any]  # (value, "section.key") -> checked value, or BadValue
 
 
-def _bad(key: str, value: Any, wanted: str) -> UserError:
-    return UserError(f"params.yaml: {key} is {value!r}; {wanted}.")
+class BadValue(ValueError):
+    """A rule's verdict on one value. It does not name the file: check_values does, as the same rules
+    check params.yaml and the decode settings `evaluate` saves beside the model."""
+
+
+def _bad(key: str, value: Any, wanted: str) -> BadValue:
+    return BadValue(f"{key} is {value!r}; {wanted}.")
 
 
 def whole(minimum: int = 0, maximum: int | None = None) -> Rule:
@@ -110,8 +115,8 @@ def backbone_weights(value: Any, key: str = "features.weights") -> str:
     if value in ("imagenet", "random"):
         return value
     if not isinstance(value, str) or not Path(value).is_file():
-        raise UserError(f"params.yaml: {key} is {value!r}: not 'imagenet', 'random' or an existing weights "
-                        f"file. {WEIGHTS_HINT}")
+        raise BadValue(f"{key} is {value!r}: not 'imagenet', 'random' or an existing weights file. "
+                       f"{WEIGHTS_HINT}")
     return value
 
 
@@ -240,17 +245,27 @@ def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[s
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         section_name, _, key = name.partition(".")
-        rules = SCHEMA[section_name]
-        keys = (key,) if key else tuple(rules)
+        keys = (key,) if key else tuple(SCHEMA[section_name])
         values = section(params, section_name)
         if section_name not in out:  # once per section, however many of its keys are read
             # Before the missing keys: a misspelling that replaced its key (`epoch:` for `epochs:`) is then
             # named with the likely intended key, not reported only as the intended key missing.
             check_known_keys(values, section_name)
         require_keys(values, section_name, keys)
-        out.setdefault(section_name, {}).update(
-            {k: rules[k](values[k], f"{section_name}.{k}") for k in keys})
+        out.setdefault(section_name, {}).update(check_values(values, section_name, keys, source=Path(path).name))
     return out
+
+
+def check_values(values: dict[str, Any], section_name: str, keys: tuple[str, ...], *,
+                 source: str | Path = PARAMS_FILE, label: str | None = None) -> dict[str, Any]:
+    """`values[key]` through the section's rule for each of `keys`, converted. The first bad value stops
+    with one line naming `source` and the key as `label.key` (label: the section's name)."""
+    rules = SCHEMA[section_name]
+    label = label or section_name
+    try:
+        return {key: rules[key](values[key], f"{label}.{key}") for key in keys}
+    except BadValue as err:
+        raise UserError(f"{source}: {err}") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -301,5 +316,5 @@ def check_known_keys(values: dict[str, Any], section_name: str) -> None:
 
 def choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
     if value not in allowed:
-        raise UserError(f"params.yaml: {key} is {value!r}; use one of: {', '.join(allowed)}.")
+        raise _bad(key, value, f"use one of: {', '.join(allowed)}")
     return value
