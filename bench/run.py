@@ -8,6 +8,9 @@ beside it; ratios compare two sides measured in the same process, on the same in
 other. Values are wall clock; where it applies, `cpu_time_value` gives the same ratio in CPU seconds
 of the process, which other jobs on shared cores hardly disturb (on a shared machine wall-clock
 ratios swing by 2x between repeats; the CPU ratios stay within a few percent).
+
+A benchmark that fails is reported, not dropped: its keys get `"value": null`, `"meets_goal": false` and
+an `error`, the others still run, the JSON is written, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 from common import ROOT  # bench/ is this script's folder, so Python finds its modules
 
+from captioning.errors import one_line
 from captioning.timing import Stopwatch
 
 # Sizes per mode; the hyper-parameters themselves come from params.yaml.
@@ -54,6 +60,15 @@ GOALS = {  # key: (comparison, threshold)
     "noop_repro_s": ("<", 3.0), "split_imports_tensorflow": ("==", False), "meteor_reuse_speedup": (">=", 2.0),
     "serve_throughput_ratio": (">=", 0.7), "serve_errors": ("==", 0), "serve_rss_growth": ("<=", 1.1),
 }
+KEYS = {  # the figures each bench/bench_<name>.py returns: a failed or incomplete benchmark's keys are named
+    "pipeline": ("rss_growth", "noop_repro_s", "split_imports_tensorflow"),
+    "scoring": ("meteor_reuse_speedup",),
+    "extract": ("extract_ratio", "bf16_speedup", "efficientnet_speedup", "efficientnet_288_speedup", "bf16_cosine"),
+    "engine": ("ray_engine_ratio",),
+    "train": ("train_speedup",),
+    "beam": ("beam_speedup",),
+    "serve": ("serve_throughput_ratio", "serve_errors", "serve_rss_growth"),
+}
 
 
 def meets(value, comparison: str, threshold) -> bool:
@@ -67,11 +82,29 @@ def table(results: dict) -> str:
     for key, (comparison, threshold) in GOALS.items():
         entry = results[key]
         value = entry["value"]
+        goal = f"{comparison} {str(threshold).lower() if isinstance(threshold, bool) else threshold}"
+        if "error" in entry:
+            lines.append(f"{key:<26}{'-':>9}{'-':>9}  {goal:<10}FAILED: {entry['error']}")
+            continue
         shown = str(value).lower() if isinstance(value, bool) else f"{value:.3f}"
         cpu = f"{entry['cpu_time_value']:.3f}" if "cpu_time_value" in entry else "-"
-        goal = f"{comparison} {str(threshold).lower() if isinstance(threshold, bool) else threshold}"
         lines.append(f"{key:<26}{shown:>9}{cpu:>9}  {goal:<10}{'ok' if entry['meets_goal'] else 'SHORT OF GOAL'}")
     return "\n".join(lines)
+
+
+def run_benchmark(name: str, workdir: Path, sizes: dict) -> dict:
+    """One benchmark's figures; if it fails (a crash, an assertion of its correctness checks, a figure it
+    did not return), each of its keys records why instead. A full run takes 15-20 min: one benchmark's
+    failure near the end used to end the run with a traceback and lose every other figure."""
+    try:
+        module = importlib.import_module(f"bench_{name}")
+        figures = module.run(workdir, **sizes)
+    except Exception as err:  # noqa: BLE001 - any failure is reported in the JSON and the table, not raised
+        traceback.print_exc()
+        error = f"bench_{name} failed: {type(err).__name__}: {one_line(err)}"
+        return {key: {"value": None, "error": error} for key in KEYS[name]}
+    missing = [key for key in KEYS[name] if key not in figures]
+    return {**figures, **{key: {"value": None, "error": f"bench_{name} did not return it"} for key in missing}}
 
 
 def main() -> None:
@@ -90,14 +123,14 @@ def main() -> None:
     for name in sizes:  # the pipeline first: TensorFlow is not imported in this process before it ends
         print(f"[bench] {name} ...", flush=True)
         with Stopwatch() as watch:
-            module = importlib.import_module(f"bench_{name}")
-            results.update(module.run(workdir / name, **sizes[name]))
+            results.update(run_benchmark(name, workdir / name, sizes[name]))
         seconds[name] = round(watch.seconds, 1)
         print(f"[bench] {name} done in {seconds[name]} s", flush=True)
 
     for key, (comparison, threshold) in GOALS.items():
+        failed = "error" in results[key]
         results[key] = {"value": results[key]["value"], "goal": f"{comparison} {json.dumps(threshold)}",
-                        "meets_goal": bool(meets(results[key]["value"], comparison, threshold)),
+                        "meets_goal": not failed and bool(meets(results[key]["value"], comparison, threshold)),
                         **{k: v for k, v in results[key].items() if k != "value"}}
     report = {
         **{key: results[key] for key in GOALS},
@@ -109,6 +142,10 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     print(table(report))
     print(f"written {args.out}")
+    failed = sorted({name for name, keys in KEYS.items() for key in keys if "error" in report[key]})
+    if failed:  # the figures that were measured are written; the exit status says the run is incomplete
+        print(f"failed: {', '.join(failed)} (see the traceback above and `error` in {args.out})", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

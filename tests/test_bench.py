@@ -2,6 +2,8 @@
 for CI, so their set-up is checked here: a model folder the product would refuse stops the bench."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import sys
 
 import pytest
@@ -22,3 +24,55 @@ def test_serve_bench_model_decodes_with_the_pipelines_settings(tmp_path):
     assert settings == dict(bench_serve.PARAMS["decode"])  # params.yaml's, its rerank included
     loaded = LoadedCaptioner(model_dir, settings, max_batch=2)
     loaded.warm_up()  # the server's start-up: it stops here when the folder lacks a file the settings need
+
+
+def bench_runner():
+    """bench/run.py as a module (its name `run` is too generic to import from sys.path)."""
+    spec = importlib.util.spec_from_file_location("bench_run_script", PROJECT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_goal_belongs_to_one_benchmark_of_every_mode():
+    runner = bench_runner()
+    owned = [key for keys in runner.KEYS.values() for key in keys]
+    assert sorted(owned) == sorted(runner.GOALS)  # each key once: a failure names exactly its keys
+    assert all(list(sizes) == list(runner.KEYS) for sizes in runner.SIZES.values())
+
+
+def test_a_failing_benchmark_is_reported_and_the_others_are_kept(tmp_path, monkeypatch, capsys):
+    """A crash in one benchmark (the last of a 15-20 min run, say) must not lose the figures already
+    measured: each of its keys records the error, the JSON is written, and the exit status is 1."""
+    runner = bench_runner()
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "bench_fine.py").write_text(
+        "def run(workdir, n):\n    return {'noop_repro_s': {'value': 0.5 * n}}\n")
+    (modules / "bench_broken.py").write_text(
+        "def run(workdir, n):\n    raise RuntimeError('the server never printed its address')\n")
+    (modules / "bench_partial.py").write_text(
+        "def run(workdir, n):\n    return {'beam_speedup': {'value': 20.0}}\n")
+    monkeypatch.syspath_prepend(str(modules))
+    monkeypatch.setattr(runner, "ROOT", tmp_path)  # its scratch folder, bench/run.tmp, goes here
+    monkeypatch.setattr(runner, "SIZES", {"full": {"fine": {"n": 2}, "broken": {"n": 1}, "partial": {"n": 1}}})
+    monkeypatch.setattr(runner, "KEYS", {"fine": ("noop_repro_s",), "broken": ("serve_errors", "serve_rss_growth"),
+                                         "partial": ("beam_speedup", "train_speedup")}, raising=False)
+    monkeypatch.setattr(runner, "GOALS", {key: runner.GOALS[key] for key in
+                                          ("noop_repro_s", "serve_errors", "serve_rss_growth", "beam_speedup",
+                                           "train_speedup")})
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", ["run.py", "--out", str(out)])
+
+    with pytest.raises(SystemExit) as stopped:
+        runner.main()
+    assert stopped.value.code == 1
+    report = json.loads(out.read_text())
+    assert report["noop_repro_s"]["value"] == 1.0 and report["noop_repro_s"]["meets_goal"] is True
+    assert report["beam_speedup"]["meets_goal"] is True
+    for key in ("serve_errors", "serve_rss_growth"):
+        assert report[key]["meets_goal"] is False
+        assert "bench_broken" in report[key]["error"] and "never printed its address" in report[key]["error"]
+    assert report["train_speedup"]["meets_goal"] is False and "bench_partial" in report["train_speedup"]["error"]
+    printed = capsys.readouterr()
+    assert "FAILED" in printed.out and "broken" in printed.err and "partial" in printed.err
