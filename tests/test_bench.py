@@ -76,3 +76,19 @@ def test_a_failing_benchmark_is_reported_and_the_others_are_kept(tmp_path, monke
     assert report["train_speedup"]["meets_goal"] is False and "bench_partial" in report["train_speedup"]["error"]
     printed = capsys.readouterr()
     assert "FAILED" in printed.out and "broken" in printed.err and "partial" in printed.err
+
+
+def test_serve_bench_counts_requests_without_an_answer_as_errors():
+    """serve_errors counts every failed request: one that gets no answer (refused, reset, timed out) too,
+    rather than ending the benchmark with a traceback and no figure at all."""
+    import socket
+
+    import bench_serve
+
+    with socket.socket() as probe:  # a port nothing listens on once this is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load = bench_serve.Load(f"http://127.0.0.1:{port}", [b"not served"])
+    load.one(0)
+    load.concurrent(5)
+    assert (load.sent, load.errors) == (6, 6)
