@@ -1,10 +1,16 @@
 """The README and docs/ link to files and sections that exist (the tuning log moved out of the README once;
-a moved or renamed file must not leave dead links behind)."""
+a moved or renamed file must not leave dead links behind), and the README's reference tables say what the
+code does: the params and their defaults, the server's limit flags, the benchmark keys, goals and figures."""
 import functools
+import importlib.util
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
@@ -35,3 +41,114 @@ def test_local_links_resolve(page):
         if not target.exists() or (anchor and target.suffix == ".md" and anchor not in anchors(target)):
             dead.append(link)
     assert not dead, f"{page.name}: dead links {dead}"
+
+
+# The README as a contract: the tables a user acts on must say what the code does. Each test below fails
+# when one side changes alone (a default, a flag, a benchmark key or goal, a measured figure).
+README = PROJECT / "README.md"
+
+
+def readme_table(heading_line: str) -> list[list[str]]:
+    """The cells of the README table whose header row is `heading_line` (the separator row left out)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(heading_line)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    assert rows, f"no rows under {heading_line!r}"
+    return rows
+
+
+def unquote(cell: str) -> str:
+    return cell.strip().strip("`")
+
+
+def same_value(text: str, value) -> bool:
+    """Whether the README's `text` says `value` (PyYAML reads 1e-6, without a dot, as a string)."""
+    parsed = yaml.safe_load(text)
+    if isinstance(value, float):
+        return not isinstance(parsed, bool) and float(parsed) == value
+    return parsed == value
+
+
+def test_params_reference_lists_every_key_with_its_default():
+    defaults = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))
+    documented = {}
+    for key_cell, default_cell, _ in readme_table("| key | default | meaning |"):
+        keys = re.findall(r"`([a-z_]+)\.([a-z0-9_*]+)`", key_cell)
+        if keys == [("demo", "*")]:  # "1500 images, 128 px, seed 7, in `data/demo`"
+            demo = defaults["demo"]
+            assert default_cell == (f"{demo['n_images']} images, {demo['image_size']} px, seed {demo['seed']}, "
+                                    f"in `{demo['out_dir']}`"), default_cell
+            documented.update({("demo", key): None for key in demo})
+            continue
+        values = [unquote(v) for v in default_cell.split(", ")] if len(keys) > 1 else [unquote(default_cell)]
+        assert len(values) == len(keys), key_cell
+        documented.update(dict(zip(keys, values, strict=True)))
+    in_file = {(section, key) for section, knobs in defaults.items() for key in knobs}
+    assert set(documented) == in_file, f"README only: {set(documented) - in_file}, params.yaml only: " \
+                                       f"{in_file - set(documented)}"
+    wrong = {f"{s}.{k}": (v, defaults[s][k]) for (s, k), v in documented.items()
+             if v is not None and not same_value(v, defaults[s][k])}
+    assert not wrong, f"README default vs params.yaml: {wrong}"
+
+
+def test_serve_limits_table_gives_the_flags_and_their_defaults():
+    from captioning.__main__ import _parser
+
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {option: action for action in serve._actions for option in action.option_strings}
+    for flag, default, _ in readme_table("| flag | default | what |"):
+        action = flags.get(unquote(flag))
+        assert action is not None, f"README's {flag} is not a flag of serve"
+        if default == "off":
+            assert action.default is False, flag
+        else:
+            assert float(default) == action.default, f"{flag}: README {default}, code {action.default}"
+
+
+def bench_runner():
+    spec = importlib.util.spec_from_file_location("bench_run_for_docs", PROJECT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(PROJECT / "bench"))  # run.py imports its sibling `common`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(PROJECT / "bench"))
+    return module
+
+
+def test_performance_table_matches_the_goals_and_the_committed_results():
+    """Every benchmark key the README cites is one bench/run.py measures, with the same goal, and the
+    figure in "measured" is bench/results.json's (the full run the README says it quotes), as rounded."""
+    goals = bench_runner().GOALS
+    results_file = PROJECT / "bench" / "results.json"
+    changed = subprocess.run(["git", "status", "--porcelain", "--", str(results_file)], cwd=PROJECT,
+                             capture_output=True, text=True)
+    if changed.returncode == 0 and changed.stdout.strip():
+        # `python bench/run.py` here rewrote it: the README quotes the committed run, not this one.
+        pytest.skip("bench/results.json differs from the committed one (a local bench run)")
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    assert results["run"]["mode"] == "full"
+    assert f"`python bench/run.py` on {results['run']['date'][:10]}" in README.read_text(encoding="utf-8")
+    rows = readme_table("| key | what | measured | goal |")
+    assert sorted(unquote(row[0]) for row in rows) == sorted(goals)
+    for key_cell, _, measured, goal in rows:
+        key = unquote(key_cell)
+        comparison, threshold = goals[key]
+        stated = re.match(r"(>=|<=|<)? ?([\w.]+)", goal)
+        assert (stated.group(1) or "==", yaml.safe_load(stated.group(2))) == (comparison, threshold), key
+        assert goal.split(", ", 1)[1].startswith("met") == results[key]["meets_goal"], key
+        value = results[key]["value"]
+        shown = measured.split()[0]
+        if isinstance(value, bool):
+            assert yaml.safe_load(shown) is value, key
+        else:
+            decimals = len(shown.partition(".")[2])
+            assert float(shown) == round(value, decimals), f"{key}: README {shown}, results.json {value}"
+        cpu = re.search(r"CPU-time ratio ([\d.]+)", measured)
+        if cpu:
+            decimals = len(cpu.group(1).partition(".")[2])
+            assert float(cpu.group(1)) == round(results[key]["cpu_time_value"], decimals), key
