@@ -84,6 +84,21 @@ class Load:
         return watch.seconds
 
 
+def start_server(model_dir: Path, decode_json: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m captioning serve` on any free port, and its address once it has loaded the model."""
+    server = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--model", str(model_dir),
+                               "--decode-settings", str(decode_json), "--max-batch", str(CLIENTS)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()  # the address line, or "" when it stopped (its error went to stderr)
+    found = re.search(r"http://[\d.]+:\d+", line)
+    if not found:  # say so, rather than "'NoneType' object has no attribute 'group'" in results.json
+        server.terminate()
+        status = server.wait(timeout=60)
+        raise RuntimeError(f"the server did not start (exit status {status}, its error is on stderr above; "
+                           f"it printed {line.strip()!r})")
+    return server, found.group(0)
+
+
 def offline_rate(model_dir: Path, paths: list[str], repeats: int) -> list[float]:
     """Images/s of extraction plus decoding, as evaluate does them, in this process."""
     from captioning.bundle import decode_settings
@@ -108,11 +123,8 @@ def run(workdir: Path, n_images: int, lone: int, burst: int, rss_early: int, rss
     table, images_dir = demo_data(workdir / "demo", n_images)
     paths = [str(images_dir / name) for name in sorted(table["image"].unique())]
     jpegs = [Path(path).read_bytes() for path in paths]
-    server = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--model", str(model_dir),
-                               "--decode-settings", str(workdir / "decode.json"), "--max-batch", str(CLIENTS)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server, address = start_server(model_dir, workdir / "decode.json")
     try:
-        address = re.search(r"http://[\d.]+:\d+", server.stdout.readline()).group(0)
         load = Load(address, jpegs)
         lone_ms = sorted(1000 * load.one(n) for n in range(lone))
         load.concurrent(max(rss_early - load.sent, 0))

@@ -92,3 +92,10 @@ def test_serve_bench_counts_requests_without_an_answer_as_errors():
     load.one(0)
     load.concurrent(5)
     assert (load.sent, load.errors) == (6, 6)
+
+
+def test_serve_bench_says_when_the_server_did_not_start(tmp_path):
+    import bench_serve
+
+    with pytest.raises(RuntimeError, match="the server did not start"):
+        bench_serve.start_server(tmp_path / "no-model", tmp_path / "decode.json")
