@@ -16,11 +16,18 @@ from pathlib import Path
 
 from common import median
 
+from captioning import tiny_project
 from captioning.timing import Stopwatch
 from captioning.tiny_project import make_project
 from captioning.tiny_project import run as run_command
 
 HEAVY_STAGES = ("extract_resnet_features", "train_lstm")
+# What the projects are, for results.json: derived from the module itself, so the file it names stays true
+# (it named tests/conftest.py after TINY_PARAMS had moved to the package).
+TINY = tiny_project.TINY_PARAMS
+PROJECT_NOTE = (f"{Path(tiny_project.__file__).resolve().relative_to(tiny_project.PROJECT).as_posix()} TINY_PARAMS "
+                f"({TINY['demo']['image_size']} px images, {TINY['train']['units']} units, "
+                f"{TINY['train']['epochs']} epochs)")
 PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 IMPORTS_TF = ("import runpy, sys; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True); "
@@ -72,7 +79,7 @@ def run(workdir: Path, n_images: int, repeats: int, noop_repeats: int) -> dict:
         "rss_growth": {
             "value": max(ratios.values()), **ratios,
             "raw": {"peak_rss_mb": rss, "images": {"x1": n_images, "x4": 4 * n_images}, "repeats": repeats,
-                    "project": "tests/conftest.py TINY_PARAMS (64 px images, 16 units, 2 epochs)"},
+                    "project": PROJECT_NOTE},
         },
         "noop_repro_s": {"value": median(noop), "raw": {"seconds": noop, "images": n_images}},
         "split_imports_tensorflow": {"value": imports["split"],

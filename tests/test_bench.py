@@ -99,3 +99,13 @@ def test_serve_bench_says_when_the_server_did_not_start(tmp_path):
 
     with pytest.raises(RuntimeError, match="the server did not start"):
         bench_serve.start_server(tmp_path / "no-model", tmp_path / "decode.json")
+
+
+def test_pipeline_bench_names_the_file_that_holds_its_project_params():
+    import bench_pipeline
+
+    from captioning import tiny_project
+
+    path, name = bench_pipeline.PROJECT_NOTE.split()[:2]
+    assert name == "TINY_PARAMS" and "TINY_PARAMS = {" in (PROJECT / path).read_text(encoding="utf-8")
+    assert f"{tiny_project.TINY_PARAMS['train']['units']} units" in bench_pipeline.PROJECT_NOTE
