@@ -96,17 +96,22 @@ def test_params_reference_lists_every_key_with_its_default():
 
 
 def test_serve_limits_table_gives_the_flags_and_their_defaults():
+    """The flags of `serve`; the fetch ones belong to the caption command too, with the same defaults."""
     from captioning.__main__ import _parser
 
-    serve = _parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {option: action for action in serve._actions for option in action.option_strings}
+    commands = _parser()._subparsers._group_actions[0].choices
+    flags = {name: {option: action for action in commands[name]._actions for option in action.option_strings}
+             for name in ("serve", "caption")}
     for flag, default, _ in readme_table("| flag | default | what |"):
-        action = flags.get(unquote(flag))
-        assert action is not None, f"README's {flag} is not a flag of serve"
-        if default == "off":
-            assert action.default is False, flag
-        else:
-            assert float(default) == action.default, f"{flag}: README {default}, code {action.default}"
+        flag = unquote(flag)
+        owners = ("serve", "caption") if flag.startswith(("--fetch-", "--allow-private-urls")) else ("serve",)
+        for command in owners:
+            action = flags[command].get(flag)
+            assert action is not None, f"README's {flag} is not a flag of {command}"
+            if default == "off":
+                assert action.default is False, flag
+            else:
+                assert float(default) == action.default, f"{command} {flag}: README {default}, code {action.default}"
 
 
 def bench_runner():
@@ -120,10 +125,8 @@ def bench_runner():
     return module
 
 
-def test_performance_table_matches_the_goals_and_the_committed_results():
-    """Every benchmark key the README cites is one bench/run.py measures, with the same goal, and the
-    figure in "measured" is bench/results.json's (the full run the README says it quotes), as rounded."""
-    goals = bench_runner().GOALS
+def committed_bench_results() -> dict:
+    """bench/results.json, the full run the README quotes; skips when a local bench run rewrote it."""
     results_file = PROJECT / "bench" / "results.json"
     changed = subprocess.run(["git", "status", "--porcelain", "--", str(results_file)], cwd=PROJECT,
                              capture_output=True, text=True)
@@ -132,6 +135,14 @@ def test_performance_table_matches_the_goals_and_the_committed_results():
         pytest.skip("bench/results.json differs from the committed one (a local bench run)")
     results = json.loads(results_file.read_text(encoding="utf-8"))
     assert results["run"]["mode"] == "full"
+    return results
+
+
+def test_performance_table_matches_the_goals_and_the_committed_results():
+    """Every benchmark key the README cites is one bench/run.py measures, with the same goal, and the
+    figure in "measured" is bench/results.json's (the full run the README says it quotes), as rounded."""
+    goals = bench_runner().GOALS
+    results = committed_bench_results()
     assert f"`python bench/run.py` on {results['run']['date'][:10]}" in README.read_text(encoding="utf-8")
     rows = readme_table("| key | what | measured | goal |")
     assert sorted(unquote(row[0]) for row in rows) == sorted(goals)
@@ -152,3 +163,18 @@ def test_performance_table_matches_the_goals_and_the_committed_results():
         if cpu:
             decimals = len(cpu.group(1).partition(".")[2])
             assert float(cpu.group(1)) == round(results[key]["cpu_time_value"], decimals), key
+
+
+def test_serve_load_table_is_the_committed_full_run():
+    """The Serve section's "Under load" figures are bench_serve's, in the committed bench/results.json."""
+    results = committed_bench_results()
+    throughput, errors, rss = (results[key] for key in ("serve_throughput_ratio", "serve_errors", "serve_rss_growth"))
+    rows = {row[0]: row[1:] for row in readme_table("| figure | value | goal |")}
+    lone = rows["lone request latency, p50 / p99"][0]
+    assert lone == f"{throughput['lone_p50_ms']:.0f} / {throughput['lone_p99_ms']:.0f} ms"
+    assert rows["throughput, 16 clients, vs offline extraction + decoding of the same images"][0] == (
+        f"{throughput['value']:.2f}x ({throughput['server_images_per_s']:.1f} vs "
+        f"{throughput['offline_images_per_s']:.1f} images/s)")
+    assert rows["errors"][0] == f"{errors['value']} of {errors['requests']:,} requests"
+    assert rows["server's peak RSS after all requests vs after 100"][0] == (
+        f"{rss['value']:.2f} ({rss['peak_rss_mb_early']:.0f} -> {rss['peak_rss_mb_total']:.0f} MB)")
