@@ -5,7 +5,8 @@
 
 Every figure is the median of several repeats (warm-ups and tracing left out) with the raw numbers
 beside it; ratios compare two sides measured in the same process, on the same inputs, one after the
-other. Values are wall clock; where it applies, `cpu_time_value` gives the same ratio in CPU seconds
+other (the median of the per-repeat ratios, or where the sides' repeats are not paired one to one, the
+ratio of their medians). Values are wall clock; where it applies, `cpu_time_value` gives the same ratio in CPU seconds
 of the process, which other jobs on shared cores hardly disturb (on a shared machine wall-clock
 ratios swing by 2x between repeats; the CPU ratios stay within a few percent).
 
