@@ -5,8 +5,9 @@ so that captions end the way real ones do) and the same rules from decode.py: wi
 penalty and max length from params.yaml, <pad>/<start>/<unk> never emitted, no <end> first.
 The loop captions one image at a time and calls the Keras step model once per live beam per step,
 as tutorials do; it calls the model directly rather than through model.predict (which would only
-make it slower), and it stops as soon as every beam has ended. The loop is timed on the first
-`loop_images` of the images (it runs ~1 caption/s), in chunks whose rates are the repeats. Our side
+make it slower), and it stops as soon as no partial caption can beat the finished ones. The loop is
+timed on the first `loop_images` of the images (it runs ~1 caption/s), in chunks whose rates are the
+repeats. Our side
 is traced once before timing. The captions of the two sides are compared as a correctness check.
 Both pick the most probable final beam (decode.rerank none); each rerank (consensus, neighbours with
 decode.neighbours) is timed on our side too and reported beside it. The neighbours index holds every
@@ -37,27 +38,33 @@ TIMED_RERANKS = [rerank for rerank in RERANKS if rerank != "none"]
 
 def loop_beam(captioner: Captioner, step, features: np.ndarray, beam_size: int, max_length: int,
               length_penalty: float, **_) -> list[int]:
-    """Word ids of the best caption of one image; beams are (score, words, states, finished).
-    `step` is the Keras step model (the tutorial way) or a compiled version of it."""
+    """Word ids of the best caption of one image, by decode.py's rules: partial beams are (score, words,
+    states); a caption whose <end> ranks among the beam_size best next steps joins the pool of the
+    beam_size best finished ones, and the image is done once that pool is full and no partial caption can
+    beat its worst. `step` is the Keras step model (the tutorial way) or a compiled version of it."""
     banned, no_end = captioner.banned.numpy(), captioner.no_end.numpy()
-    beams = [(0.0, [], captioner.encoder(features[None], training=False), False)]
+
+    def normalised(score: float, words: list) -> float:
+        return score / max(len(words), 1) ** length_penalty
+
+    beams = [(0.0, [], captioner.encoder(features[None], training=False))]
+    finished: list[tuple[float, list]] = []
     for t in range(max_length):
         candidates = []
-        for score, words, states, finished in beams:
-            if finished:
-                candidates.append((score, words, states, True))
-                continue
+        for score, words, states in beams:
             token = tf.constant([[words[-1] if words else START_ID]], tf.int32)
             logits, *new_states = step([token, *states])
             logits = logits.numpy()[0] + banned + (no_end if t == 0 else 0.0)
             log_probs = logits - np.logaddexp.reduce(logits)
-            for word in np.argsort(-log_probs, kind="stable")[:beam_size]:
-                candidates.append((score + log_probs[word], words + [int(word)], new_states, word == END_ID))
-        beams = sorted(candidates, key=lambda beam: -beam[0])[:beam_size]
-        if all(beam[3] for beam in beams):
+            for word in np.argsort(-log_probs, kind="stable")[:beam_size + 1]:  # beam_size words besides <end>
+                candidates.append((score + log_probs[word], words + [int(word)], new_states))
+        candidates.sort(key=lambda beam: -beam[0])
+        finished += [(score, words) for score, words, _ in candidates[:beam_size] if words[-1] == END_ID]
+        finished = sorted(finished, key=lambda caption: -normalised(*caption))[:beam_size]
+        beams = [beam for beam in candidates if beam[1][-1] != END_ID][:beam_size]
+        if len(finished) == beam_size and normalised(*finished[-1]) >= beams[0][0] / (t + 1) ** length_penalty:
             break
-    finished = [beam for beam in beams if beam[3]] or beams
-    return max(finished, key=lambda beam: beam[0] / max(len(beam[1]), 1) ** length_penalty)[1]
+    return max(finished or [beam[:2] for beam in beams], key=lambda caption: normalised(*caption))[1]
 
 
 def loop_rates(captioner: Captioner, step, features: np.ndarray, chunks: int) -> tuple[list, list]:

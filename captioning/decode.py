@@ -116,42 +116,66 @@ class Captioner:
     def _beam_ids(self, features, beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int):
         batch = tf.shape(features)[0]
         vocab = len(self.vocab)
-        # A finished beam may only continue with <pad> at no cost, so it keeps its score.
-        pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
+        is_end = tf.equal(tf.range(vocab), END_ID)
 
-        def step(t, tokens, states, scores, done, lengths, history):
+        def normalise(scores, lengths):
+            return scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
+
+        # A caption that ends leaves the beam for a pool of the beam_size best finished ones (as in Hugging
+        # Face and OpenNMT). Left in the beam, it was pushed out by partial captions that scored higher so far
+        # but lower once longer, and beam search returned a less probable caption than one it had found.
+        # An image is done once its pool is full and no partial caption can beat the pool's worst one
+        # (exact without a length penalty, where a longer caption only loses probability); with beam width 1
+        # that is where greedy stops.
+        def step(t, tokens, states, scores, history, pool_scores, pool_lengths, done, pool):
             log_probs, states = self._log_probs(tokens, states, tf.equal(t, 0),
                                                 tf.reshape(history, [batch * beam_size, -1]), no_repeat_ngram)
-            log_probs = tf.reshape(log_probs, [batch, beam_size, vocab])
-            log_probs = tf.where(done[:, :, None], pad_only[None, None, :], log_probs)
-            candidates = tf.reshape(scores[:, :, None] + log_probs, [batch, beam_size * vocab])
-            scores, flat = tf.math.top_k(candidates, k=beam_size)
+            candidates = scores[:, :, None] + tf.reshape(log_probs, [batch, beam_size, vocab])
+            # An <end> counts when it ranks among the beam_size best next steps. A beam wider than the words
+            # allowed here fills up with placeholders (a banned or blocked word, or a start-up beam): their
+            # <end> never counts.
+            best, flat = tf.math.top_k(tf.reshape(candidates, [batch, beam_size * vocab]), k=beam_size)
+            ends = tf.equal(flat % vocab, END_ID) & _real(best) & ~done[:, None]
+            ended = tf.concat([tf.gather(history, flat // vocab, batch_dims=1),
+                               tf.fill([batch, beam_size, 1], END_ID)], axis=2)
+            # Merge them into the pool, the pool first so that ties keep the caption found first.
+            merged_scores = tf.concat([pool_scores, tf.where(ends, best, NEG_INF * 2.0)], axis=1)
+            merged_lengths = tf.concat([pool_lengths, tf.fill([batch, beam_size], tf.cast(t + 1, tf.float32))], axis=1)
+            merged = tf.concat([tf.concat([pool, tf.fill([batch, beam_size, 1], PAD_ID)], axis=2), ended], axis=1)
+            _, kept = tf.math.top_k(tf.where(_real(merged_scores), normalise(merged_scores, merged_lengths),
+                                             NEG_INF * 10.0), k=beam_size)
+            pool_scores = tf.gather(merged_scores, kept, batch_dims=1)
+            pool_lengths = tf.gather(merged_lengths, kept, batch_dims=1)
+            pool = tf.gather(merged, kept, batch_dims=1)
+            # The beam goes on with the best partial captions.
+            scores, flat = tf.math.top_k(tf.reshape(tf.where(is_end, NEG_INF * 2.0, candidates),
+                                                    [batch, beam_size * vocab]), k=beam_size)
             parent = flat // vocab
             word = tf.cast(flat % vocab, tf.int32)
             history = tf.concat([tf.gather(history, parent, batch_dims=1), word[:, :, None]], axis=2)
-            was_done = tf.gather(done, parent, batch_dims=1)
-            lengths = tf.gather(lengths, parent, batch_dims=1) + tf.cast(~was_done, tf.float32)
-            # A beam wider than the words allowed here fills up with placeholders (a banned or blocked word,
-            # or a start-up beam): they never count as finished, or their <end> would end the real beams.
-            done = was_done | (tf.equal(word, END_ID) & _real(scores))
             rows = tf.reshape(tf.range(batch)[:, None] * beam_size + parent, [-1])
             states = [tf.gather(s, rows) for s in states]
-            return t + 1, tf.reshape(word, [-1]), states, scores, done, lengths, history
+            worst = tf.reduce_min(normalise(pool_scores, pool_lengths), axis=1)
+            full = tf.reduce_all(_real(pool_scores), axis=1)
+            done = done | (full & (worst >= normalise(scores[:, 0], tf.cast(t + 1, tf.float32))))
+            return t + 1, tf.reshape(word, [-1]), states, scores, history, pool_scores, pool_lengths, done, pool
 
         # Only the first beam is live at the start, so the first expansion is not k copies of one word.
         first = tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], axis=0)
+        empty = tf.zeros([batch, beam_size, 0], tf.int32)
         start = (tf.constant(0), tf.fill([batch * beam_size], START_ID),
                  [tf.repeat(s, beam_size, axis=0) for s in self.encoder(features, training=False)],
                  tf.tile(first[None, :], [batch, 1]),  # (batch, beam) summed log-probs
-                 tf.zeros([batch, beam_size], tf.bool), tf.zeros([batch, beam_size], tf.float32),
-                 tf.zeros([batch, beam_size, 0], tf.int32))
-        _, _, _, scores, done, lengths, history = _repeat(step, start, max_length)
-        # Score by length-normalised log-probability; when any beam finished, unfinished ones are out.
+                 empty, tf.fill([batch, beam_size], NEG_INF * 2.0), tf.ones([batch, beam_size]),
+                 tf.zeros([batch], tf.bool), empty)
+        _, _, _, scores, history, pool_scores, pool_lengths, _, pool = _repeat(step, start, max_length, growing=(4, 8))
+        # Score by length-normalised log-probability. When any caption finished, the finished ones are the
+        # final beams; when none did, the partial ones of max_length words are.
         # The pick among the final beams happens in `choose_beams` (plain argmax, or a rerank).
-        normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
-        any_done = tf.reduce_any(done, axis=1, keepdims=True)
-        normalised = tf.where((any_done & ~done) | ~_real(scores), NEG_INF * 10.0, normalised)
-        return history, normalised
+        finished = tf.reduce_any(_real(pool_scores), axis=1, keepdims=True)
+        scores = tf.where(finished, pool_scores, scores)
+        normalised = normalise(scores, tf.where(finished, pool_lengths, tf.cast(max_length, tf.float32)))
+        return tf.where(finished[:, :, None], pool, history), tf.where(_real(scores), normalised, NEG_INF * 10.0)
 
     def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
                     max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
@@ -247,12 +271,13 @@ def word_rules(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     return banned, no_end
 
 
-def _repeat(step, start: tuple, times) -> tuple:
+def _repeat(step, start: tuple, times, growing: tuple[int, ...] = (-1,)) -> tuple:
     """Run `step(t, *state) -> (t + 1, *new state)` `times` times from `start` (t = 0 first) in one
-    tf.while_loop. The last loop variable, the word history, gains a column each step, so only its last
-    dimension is left open; every other variable keeps its shape."""
+    tf.while_loop. The loop variables at `growing` (word histories) gain a column each step, so only their
+    last dimension is left open; every other variable keeps its shape."""
     invariants = [tf.nest.map_structure(lambda v: v.shape, value) for value in start]
-    invariants[-1] = start[-1].shape[:-1] + [None]
+    for index in growing:
+        invariants[index] = start[index].shape[:-1] + [None]
     return tf.while_loop(lambda t, *_: t < times, step, start, shape_invariants=tuple(invariants))
 
 

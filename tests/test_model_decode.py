@@ -106,6 +106,54 @@ def test_a_beam_wider_than_the_allowed_words_keeps_only_real_beams(trained):
         assert all(ids[0] not in (PAD_ID, START_ID, UNK_ID, END_ID) for ids in beams[real])
 
 
+class BigramCaptioner(Captioner):
+    """A Captioner whose "decoder" is a table of next-word log-probabilities given the previous word, so
+    a test can lay out exactly which captions beam search meets."""
+
+    def __init__(self, vocab, log_probs: np.ndarray):
+        from captioning.decode import word_rules
+        from captioning.tf_setup import tf
+
+        self.vocab, self.statistics, self.neighbour_index = vocab, None, None
+        table = tf.constant(log_probs, tf.float32)
+        self.encoder = lambda features, training=False: [tf.zeros([tf.shape(features)[0], 1])]
+        self.step = lambda inputs, training=False: [tf.gather(table, inputs[0][:, 0]), inputs[1]]
+        self.banned, self.no_end = (tf.constant(mask) for mask in word_rules(len(vocab)))
+        features, scalar = tf.TensorSpec([None, 1], tf.float32), tf.TensorSpec([], tf.int32)
+        self._greedy = tf.function(self._greedy_ids, input_signature=[features, scalar, scalar], autograph=False)
+        self._beam = tf.function(self._beam_ids, autograph=False, input_signature=[
+            features, scalar, scalar, tf.TensorSpec([], tf.float32), scalar])
+
+
+def test_beam_search_keeps_a_finished_caption_that_partial_ones_outscore_for_a_while():
+    """'b <end>' ranks among the 2 best at step 2, but the next step's partial captions 'a c e' and 'a c f'
+    score higher, and they end far less probable. Kept in the beam, the finished caption was pushed out and
+    beam 2 answered 'a c e' (only beam 3 kept 'b'); it must answer 'b', and its alternatives must all end."""
+    from captioning.vocab import Vocabulary
+
+    fillers = [f"g{i}" for i in range(19)]
+    vocab = Vocabulary(["a", "b", "c", "e", "f", *fillers])
+    log_probs = np.full((len(vocab), len(vocab)), -30.0)
+    follows = {START_ID: {"a": 0.9, "b": 0.1}, "a": {"c": 0.97}, "b": {END_ID: 0.9}, "c": {"e": 0.45, "f": 0.45},
+               **{w: {END_ID: 0.06, **{g: 0.94 / 19 for g in fillers}} for w in ("e", "f", *fillers)}}
+    for previous, probabilities in follows.items():
+        for word, probability in probabilities.items():
+            log_probs[vocab.stoi.get(previous, previous), vocab.stoi.get(word, word)] = np.log(probability)
+    captioner = BigramCaptioner(vocab, log_probs)
+    features = np.zeros((2, 1), np.float32)
+    for length_penalty in (0.0, 0.5):
+        for beam_size in (2, 3):
+            assert captioner.captions(features, method="beam", beam_size=beam_size, max_length=6,
+                                      length_penalty=length_penalty) == ["b", "b"]
+            beams, scores = captioner.final_beams(features, beam_size, 6, length_penalty)
+            live = scores > NEG_INF
+            assert live.sum(axis=1).min() >= 2
+            assert all(END_ID in list(ids) for ids in beams[live])  # a caption ended: no partial one offered
+        # Beam width 1 still stops where greedy stops.
+        assert captioner.captions(features, method="beam", beam_size=1, max_length=6, length_penalty=length_penalty) \
+            == captioner.captions(features, method="greedy", max_length=6)
+
+
 def test_unfinished_caption_is_returned_at_max_length(trained):
     captioner, features, _ = trained
     for method in ("greedy", "beam"):
