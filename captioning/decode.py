@@ -285,16 +285,20 @@ def repeated_ngram_mask(history, n, vocab_size: int):
     """(rows, vocab) bool: True where the word would complete an n-gram the row already holds.
 
     For every earlier position j whose n-1 words equal the row's last n-1 words, the word that followed
-    them is banned. n < 2 bans nothing. The history is padded on the left with n-1 ids that no word has
-    (-1), so the row's "last n-1 words" exist from the first step and never match a real earlier window.
+    them is banned: with n = 1 (an empty window, which every position matches) every word the row holds,
+    as Hugging Face's no_repeat_ngram_size=1 does; n = 0 bans nothing (blocking off). The history is padded on
+    the left with n-1 ids that no word has (-1), so the row's "last n-1 words" exist from the first step and
+    never match a real earlier window.
     """
     rows, length = tf.shape(history)[0], tf.shape(history)[1]
+    # Only 0 means off: `decode.no_repeat_ngram: 1` passes params.yaml's check and must not be silently ignored.
+    enabled = n >= 1
     n = tf.maximum(n, 1)
     padded = tf.concat([tf.fill([rows, n - 1], -1), history], axis=1)
     positions, prefix = tf.range(length), tf.range(n - 1)  # one (n-1 words, follower) pair per word so far
     earlier = tf.gather(padded, positions[:, None] + prefix[None, :], axis=1)  # (rows, length, n-1)
     last = padded[:, length:]  # the last n-1 entries
-    matches = tf.reduce_all(tf.equal(earlier, last[:, None, :]), axis=2) & (n >= 2)
+    matches = tf.reduce_all(tf.equal(earlier, last[:, None, :]), axis=2) & enabled
     followers = tf.gather(padded, positions + n - 1, axis=1)  # (rows, length): the word after each window
     where = tf.where(matches)  # (hits, 2): row, position
     words = tf.gather_nd(followers, where)

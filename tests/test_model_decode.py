@@ -154,6 +154,37 @@ def test_beam_search_keeps_a_finished_caption_that_partial_ones_outscore_for_a_w
             == captioner.captions(features, method="greedy", max_length=6)
 
 
+def _ngrams(words: list[str], n: int) -> list[tuple]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_ngram_of_no_repeat_ngram_words_occurs_twice(n):
+    """decode.no_repeat_ngram: n (README: no n-gram of n words twice in a caption, as Hugging Face's
+    no_repeat_ngram_size). A bigram decoder that loops 'a b a b ..' shows the blocking at work; n = 1 was
+    accepted by params.yaml but blocked nothing, so its captions repeated words."""
+    from captioning.vocab import Vocabulary
+
+    vocab = Vocabulary(["a", "b", "c", "d", "e"])
+    features = np.zeros((1, 1), np.float32)
+    tables = [np.random.default_rng(seed).normal(scale=3.0, size=(len(vocab), len(vocab))) for seed in range(4)]
+    loop = np.full((len(vocab), len(vocab)), -5.0)
+    loop[START_ID, 4] = loop[4, 5] = loop[5, 4] = 3.0  # <start> a b a b ...
+    for table in [loop, *tables]:
+        captioner = BigramCaptioner(vocab, table)
+        for method in ("greedy", "beam"):
+            settings = {"method": method, "beam_size": 3, "max_length": 10}
+            if table is loop and method == "greedy":  # without blocking it loops: the check below is not vacuous
+                looping = captioner.captions(features, **settings, no_repeat_ngram=0)[0].split()
+                assert len(set(_ngrams(looping, n))) < len(_ngrams(looping, n))
+            words = captioner.captions(features, **settings, no_repeat_ngram=n)[0].split()
+            assert words and len(set(_ngrams(words, n))) == len(_ngrams(words, n)), (method, words)
+        beams, scores = captioner.final_beams(features, 3, 10, 0.0, n)
+        for ids in beams[scores > NEG_INF]:
+            words = vocab.decode(ids).split()
+            assert len(set(_ngrams(words, n))) == len(_ngrams(words, n)), words
+
+
 def test_unfinished_caption_is_returned_at_max_length(trained):
     captioner, features, _ = trained
     for method in ("greedy", "beam"):
