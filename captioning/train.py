@@ -18,6 +18,7 @@ only the chief writes outputs; `default` runs exactly as without a strategy.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -158,6 +159,7 @@ class TrainingData:
     dev_set: CaptionSet
     train_captions: pd.DataFrame
     truncated: int
+    without_features: dict[str, int]  # per split ("train", "dev"): its photos that have no features
 
 
 def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], dev_images: list[str],
@@ -225,6 +227,17 @@ def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list
                  store: FeatureStore) -> TrainingData:
     """The vocabulary of the training captions and both splits as token sequences."""
     train_captions = captions[captions["image"].isin(set(train_images))]
+    # A photo whose extraction failed (listed in the extract report) has no features, so its captions are left
+    # out. Counted in metrics/train.json and named here, as evaluate does for test photos: a model trained on
+    # fewer photos than the split holds must not pass for one trained on them all.
+    without_features = {}
+    for split, images in (("train", train_images), ("dev", dev_images)):
+        missing = sorted(name for name in set(images) if name not in store.row_of)
+        without_features[split] = len(missing)
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            print(f"train_lstm: {len(missing)} {split} images have no features (see {layout.EXTRACT_REPORT}) and "
+                  f"are left out of training: {shown}", file=sys.stderr, flush=True)
     vocab = Vocabulary.build(train_captions["caption"], config.min_count)
     train_set, truncated = caption_set(captions, train_images, store, vocab, config.max_length)
     dev_set, dev_truncated = caption_set(captions, dev_images, store, vocab, config.max_length)
@@ -234,7 +247,7 @@ def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list
     print(f"vocabulary {len(vocab)} words (min count {config.min_count}); {len(train_set)} train and "
           f"{len(dev_set)} dev captions; {truncated + dev_truncated} longer than {config.max_length} words "
           "were truncated", flush=True)
-    return TrainingData(vocab, train_set, dev_set, train_captions, truncated + dev_truncated)
+    return TrainingData(vocab, train_set, dev_set, train_captions, truncated + dev_truncated, without_features)
 
 
 def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore, placement,
@@ -347,6 +360,8 @@ def training_metrics(model: keras.Model, runs: list[MemberRun], data: TrainingDa
         **metrics,
         "vocab_size": len(data.vocab), "train_captions": len(data.train_set), "dev_captions": len(data.dev_set),
         "truncated_captions": data.truncated,
+        "train_images_without_features": data.without_features["train"],
+        "dev_images_without_features": data.without_features["dev"],
         "parameters": int(model.count_params()),
         "ensemble": len(runs),
         "features_backbone": store.spec.backbone,

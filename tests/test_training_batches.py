@@ -30,3 +30,42 @@ def test_a_resumed_run_gets_the_batches_of_an_uninterrupted_one(captions, batch_
     drawn = [caption for batch in straight for caption in batch]
     for start in range(0, len(drawn) - captions + 1, captions):
         assert sorted(drawn[start:start + captions]) == (ids + 4).tolist()
+
+
+def test_split_photos_without_features_are_counted_and_named(tmp_path, capsys):
+    """A train or dev photo whose extraction failed (listed in the extract report) has no features and is
+    left out of training. Like evaluate's test photos, it must not be lost without a word: counted in
+    metrics/train.json and named on stderr, so a model trained on fewer photos than the split holds says so."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from captioning import files
+    from captioning.feature_files import FeatureStore
+    from captioning.params import read_section
+    from captioning.tf_setup import keras
+    from captioning.tiny_project import PROJECT
+    from captioning.train import MemberRun, new_state, prepare_data, training_metrics
+
+    extracted = ["t1.jpg", "t2.jpg", "d1.jpg"]
+    folder = tmp_path / "features"
+    folder.mkdir()
+    np.save(folder / "features.npy", np.random.default_rng(0).normal(size=(len(extracted), 4)).astype(np.float32))
+    pd.DataFrame({"image": extracted, "row": range(len(extracted))}).to_parquet(folder / "index.parquet")
+    files.write_json(folder / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
+                                                "precision": "float32"})
+    train_images, dev_images = ["t1.jpg", "t2.jpg", "t3.jpg", "t4.jpg"], ["d1.jpg", "d2.jpg"]
+    captions = pd.DataFrame([(image, f"a dog number {k}") for image in train_images + dev_images for k in range(2)],
+                            columns=["image", "caption"])
+    config = replace(read_section("train", PROJECT / "params.yaml"), min_count=1)
+    store = FeatureStore(folder)
+    data = prepare_data(config, captions, train_images, dev_images, store)
+    assert (len(data.train_set), len(data.dev_set)) == (4, 2)  # the captions of the photos with features
+    err = capsys.readouterr().err
+    assert "2 train images" in err and "t3.jpg" in err and "t4.jpg" in err
+    assert "1 dev images" in err and "d2.jpg" in err
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    state = {**new_state("x"), "epoch": 1, "history": [{"loss": 1.0, "val_loss": 1.0}]}
+    metrics = training_metrics(model, [MemberRun(model, state, 1, None)], data, store)
+    assert metrics["train_images_without_features"] == 2 and metrics["dev_images_without_features"] == 1
