@@ -194,6 +194,46 @@ def test_a_memo_fan_out_bomb_is_refused_before_building_records(tmp_path, images
         parse(tmp_path, images, "c.pkl", data)
 
 
+def test_one_long_caption_referenced_over_and_over_is_refused_before_building_records(tmp_path, images):
+    """A 1 MB caption under 2,000 names is a 1 MB file whose records hold 2 billion characters: each record
+    copied and cleaned its caption, so the stage ran out of memory. In a child process limited to 3 GB, so a
+    regression fails this test with a MemoryError instead of taking the machine's memory."""
+    caption = "A dog runs . " * 80_000
+    path = tmp_path / "c.pkl"
+    path.write_bytes(pickle.dumps({f"{i}.jpg": caption for i in range(2_000)}, protocol=4))
+    assert path.stat().st_size < 2 * len(caption)
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
+            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "characters of text, more than the 500,000,000" in result.stdout
+
+
+@pytest.mark.parametrize("shape", ["lines", "pairs", "image_captions", "dict_items", "dict_lists", "dict_one", "set"])
+def test_the_text_of_every_pickle_shape_is_measured(tmp_path, images, monkeypatch, shape):
+    """Each shape's records are measured by their image names and captions, and a file under the limit loads."""
+    from captioning.captions import pickles
+    caption = "A dog runs " + "far " * 50
+    shapes = {
+        "lines": [f"a.jpg#{i}\t{caption}{i}" for i in range(20)],
+        "pairs": [("a.jpg", f"{caption}{i}") for i in range(20)],
+        "image_captions": [("a.jpg", [f"{caption}{i}" for i in range(20)])],
+        "dict_items": [{"image": "a.jpg", "caption": f"{caption}{i}"} for i in range(20)],
+        "dict_lists": {"a.jpg": [f"{caption}{i}" for i in range(20)]},
+        "dict_one": {f"a.jpg#{i}": f"{caption}{i}".encode() for i in range(20)},
+        "set": {f"a.jpg#{i}\t{caption}{i}" for i in range(20)},
+    }
+    data = pickle.dumps(shapes[shape])
+    monkeypatch.setattr(pickles, "MAX_TEXT_CHARS", 2 * 20 * len(caption))  # twice the captions: names fit too
+    table, _ = parse(tmp_path, images, "c.pkl", data)
+    assert len(table) == 20
+    monkeypatch.setattr(pickles, "MAX_TEXT_CHARS", 20 * len(caption) // 2)  # half the captions' text alone
+    with pytest.raises(UserError, match="characters of text, more than the"):
+        parse(tmp_path, images, "c.pkl", data)
+
+
 def doubling_tuple_key_pickle(levels: int) -> bytes:
     """{t: ["A dog ."]} where t = (u, u), u = (v, v), ... `levels` times: a few hundred bytes and only
     `levels` deep, but hashing the key visits 2**levels items. Written as the list [t, [...]] turned into

@@ -34,7 +34,8 @@ Encoding: each line of a text file (and each bytes value in a pickle) is decoded
 else cp1252, else latin-1 (encodings.ENCODINGS); the report lists the lines that needed a fallback.
 
 Hostile input: `safe_pickle` refuses nesting deeper than 100 levels before unpickling, `pickles`
-refuses more than 2,000,000 records before building them, and skipped items are shown through a
+refuses more than 2,000,000 records, or records holding more than 500 million characters of text,
+before building them, and skipped items are shown through a
 bounded repr, so deep, wide, cyclic or huge structures give a UserError or a skipped record.
 
 Caption numbers: the `#k` of a token key; the position in a list of captions; otherwise (Kaggle

@@ -28,6 +28,11 @@ NUMBER_COLUMNS = ("caption_number",)
 # billions of captions: `{name: same_list for 10000 names}`. The records are counted before any is
 # built; COCO, the largest common captions set, has about 617,000.
 MAX_RECORDS = 2_000_000
+# The same holds for text: one 1 MB caption referenced 5,000 times is a 1 MB file, but every record
+# copies and cleans its caption, so parsing it would need tens of GB and the stage would be killed
+# for lack of memory. The text the records hold is measured before any is built: 500 million
+# characters is 250 for each of MAX_RECORDS records (COCO's captions and names hold about 55 million).
+MAX_TEXT_CHARS = 500_000_000
 _SEQUENCES = (list, tuple)
 _TEXT = (str, bytes, bytearray)
 
@@ -61,6 +66,37 @@ def _check_record_count(obj, path: Path) -> None:
         raise UserError(f"{path}: the pickle holds {count:,} caption records, more than the {MAX_RECORDS:,} this "
                         "reader accepts (it refers to the same objects over and over). Check how it was made, "
                         "or split it.")
+    # Only now, with at most MAX_RECORDS records to visit, is their text measured (len() reads no text).
+    chars = sum(map(_text_length, _record_texts(obj)))
+    if chars > MAX_TEXT_CHARS:
+        raise UserError(f"{path}: the pickle's caption records hold {chars:,} characters of text, more than the "
+                        f"{MAX_TEXT_CHARS:,} this reader accepts (it refers to the same text over and over). "
+                        "Check how it was made, or split it.")
+
+
+def _record_texts(obj):
+    """The image name and caption of every record `pickle_records` would build from a dict, list, tuple or set."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            for caption in value if isinstance(value, _SEQUENCES) else (value,):
+                yield from (key, caption)
+        return
+    for item in obj:
+        if (captions := _image_with_captions(item)) is not None:
+            for caption in captions[1]:
+                yield from (captions[0], caption)
+        elif isinstance(item, _SEQUENCES) and len(item) == 2:
+            yield from item
+        elif isinstance(item, dict):
+            keys = (_find_column(item, IMAGE_COLUMNS), _find_column(item, CAPTION_COLUMNS))
+            yield from (item[key] for key in keys if key is not None)
+        else:
+            yield item
+
+
+def _text_length(value) -> int:
+    """Characters of a str, bytes of bytes; anything else becomes a skipped record shown through a bounded repr."""
+    return len(value) if isinstance(value, _TEXT) else 0
 
 
 def _image_with_captions(item) -> tuple[object, list | tuple] | None:
