@@ -49,32 +49,52 @@ def pickle_records(obj, path: Path) -> tuple[str, list[Record]]:
         raise UserError(f"{path}: unknown captions format: the pickle holds a {type(obj).__name__}. Expected the "
                         "token file text, a list of lines or (image, caption) pairs, a dict, a set of lines, "
                         "or a DataFrame.")
-    _check_record_count(obj, path)
+    keys = _RecordKeys()
+    _check_record_count(obj, path, keys)
     if isinstance(obj, dict):
         return "pickle:dict", [record for key, value in obj.items() for record in _dict_records(key, value)]
     if isinstance(obj, (set, frozenset)):
         return "pickle:set", _set_records(obj, path)
-    return "pickle:list", [record for i, item in enumerate(obj) for record in _item_records(i, item)]
+    return "pickle:list", [record for i, item in enumerate(obj) for record in _item_records(i, item, keys)]
 
 
-def _check_record_count(obj, path: Path) -> None:
+class _RecordKeys:
+    """The (image key, caption key) of a dict item, looked up once per dict object.
+
+    Why: finding them reads every key of the dict, and a list can refer to one dict of 40,000 keys
+    40,000 times (a 0.5 MB pickle); looking them up again for each reference grows with the square
+    (8 s for 4,000 x 4,000 here, so about 15 minutes for that file). The dicts are held by the
+    unpickled object while it is read, so their ids stay theirs.
+    """
+
+    def __init__(self):
+        self._found: dict[int, tuple] = {}
+
+    def __call__(self, item: dict) -> tuple:
+        found = self._found.get(id(item))
+        if found is None:
+            found = self._found[id(item)] = (_find_column(item, IMAGE_COLUMNS), _find_column(item, CAPTION_COLUMNS))
+        return found
+
+
+def _check_record_count(obj, path: Path, keys: _RecordKeys) -> None:
     if isinstance(obj, dict):
         count = sum(len(value) if isinstance(value, _SEQUENCES) else 1 for value in obj.values())
     else:
-        count = sum(len(captions[1]) if (captions := _image_with_captions(item)) else 1 for item in obj)
+        count = sum(len(captions[1]) if (captions := _image_with_captions(item, keys)) else 1 for item in obj)
     if count > MAX_RECORDS:
         raise UserError(f"{path}: the pickle holds {count:,} caption records, more than the {MAX_RECORDS:,} this "
                         "reader accepts (it refers to the same objects over and over). Check how it was made, "
                         "or split it.")
     # Only now, with at most MAX_RECORDS records to visit, is their text measured (len() reads no text).
-    chars = sum(map(_text_length, _record_texts(obj)))
+    chars = sum(map(_text_length, _record_texts(obj, keys)))
     if chars > MAX_TEXT_CHARS:
         raise UserError(f"{path}: the pickle's caption records hold {chars:,} characters of text, more than the "
                         f"{MAX_TEXT_CHARS:,} this reader accepts (it refers to the same text over and over). "
                         "Check how it was made, or split it.")
 
 
-def _record_texts(obj):
+def _record_texts(obj, keys: _RecordKeys):
     """The image name and caption of every record `pickle_records` would build from a dict, list, tuple or set."""
     if isinstance(obj, dict):
         for key, value in obj.items():
@@ -82,14 +102,13 @@ def _record_texts(obj):
                 yield from (key, caption)
         return
     for item in obj:
-        if (captions := _image_with_captions(item)) is not None:
+        if (captions := _image_with_captions(item, keys)) is not None:
             for caption in captions[1]:
                 yield from (captions[0], caption)
         elif isinstance(item, _SEQUENCES) and len(item) == 2:
             yield from item
         elif isinstance(item, dict):
-            keys = (_find_column(item, IMAGE_COLUMNS), _find_column(item, CAPTION_COLUMNS))
-            yield from (item[key] for key in keys if key is not None)
+            yield from (item[key] for key in keys(item) if key is not None)
         else:
             yield item
 
@@ -99,32 +118,32 @@ def _text_length(value) -> int:
     return len(value) if isinstance(value, _TEXT) else 0
 
 
-def _image_with_captions(item) -> tuple[object, list | tuple] | None:
+def _image_with_captions(item, keys: _RecordKeys) -> tuple[object, list | tuple] | None:
     """(image, captions) for `(image, [caption, ...])` or `{"image": ..., "captions": [...]}`, else None."""
     if isinstance(item, _SEQUENCES) and len(item) == 2 and isinstance(item[1], _SEQUENCES):
         return item[0], item[1]
     if isinstance(item, dict):
-        image_key, caption_key = _find_column(item, IMAGE_COLUMNS), _find_column(item, CAPTION_COLUMNS)
+        image_key, caption_key = keys(item)
         if image_key is not None and caption_key is not None and isinstance(item[caption_key], _SEQUENCES):
             return item[image_key], item[caption_key]
     return None
 
 
-def _item_records(index: int, item) -> list[Record]:
+def _item_records(index: int, item, keys: _RecordKeys) -> list[Record]:
     """A list item: one caption (see `_item_record`), or an image with a list of captions (number = position)."""
     source = f"item {index}"
-    if (captions := _image_with_captions(item)) is not None:
+    if (captions := _image_with_captions(item, keys)) is not None:
         image, texts = captions
         return [pair_record(f"{source} caption {k}", text, image, text, k) for k, text in enumerate(texts)]
-    return [_item_record(source, item)]
+    return [_item_record(source, item, keys)]
 
 
-def _item_record(source: str, item) -> Record:
+def _item_record(source: str, item, keys: _RecordKeys) -> Record:
     """A token line (str/bytes), an (image, caption) pair or an {image, caption} dict."""
     if isinstance(item, _SEQUENCES) and len(item) == 2:
         return pair_record(source, item, *item)
     if isinstance(item, dict):
-        image_key, caption_key = _find_column(item, IMAGE_COLUMNS), _find_column(item, CAPTION_COLUMNS)
+        image_key, caption_key = keys(item)
         if image_key is None or caption_key is None:
             return Record(source, item, problem="item is a dict without an image and a caption key")
         return pair_record(source, item, item[image_key], item[caption_key])
