@@ -23,6 +23,9 @@ Known limit: pickle's BUILD opcode can set attributes on an allowed class (for e
 file runs, but a hostile pandas pickle could still leave pandas in a broken state in this process.
 That is why pandas pickles need an explicit opt-in and are meant for files you trust.
 
+Python 2 pickles: their str are bytes, decoded as ASCII; a file with any other byte in one is read
+again with those str left as bytes, which the captions readers decode like the lines of a text file.
+
 Nesting: the unpickler builds any depth without recursing, but what is done with the result later
 does recurse: hashing a tuple nested a million deep (as a dict key, a 1 MB file) overflows the C
 stack and kills the interpreter, and repr or comparison raise RecursionError. So `loads` first reads
@@ -147,8 +150,8 @@ def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pa
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that hands out only allow-listed globals and refuses every other one."""
 
-    def __init__(self, file, *, allow_pandas: bool = False, source: str = "pickle"):
-        super().__init__(file)
+    def __init__(self, file, *, allow_pandas: bool = False, source: str = "pickle", encoding: str = "ASCII"):
+        super().__init__(file, encoding=encoding)  # what Python 2 str (bytes) become: see `loads`
         self._allowed = {**_PLAIN, **(_PANDAS if allow_pandas else {})}
         self._allow_pandas = allow_pandas
         self._source = source
@@ -184,6 +187,28 @@ def _pop_arguments(stack: list, before: list) -> list:
     return popped + [stack.pop() for _ in before[:before.index(pickletools.markobject)]]
 
 
+def _genops(data: bytes):
+    """`pickletools.genops`, except that a STRING argument (a Python 2 str, protocols 0-1) is not decoded:
+    genops decodes it as ASCII and stopped at the first "café" the unpickler reads (see `loads`).
+    Nothing here uses the value of that argument."""
+    stream = io.BytesIO(data)
+    while True:
+        position = stream.tell()
+        code = stream.read(1)
+        op = pickletools.code2op.get(code.decode("latin-1"))
+        if op is None:
+            raise ValueError(f"opcode {code!r} unknown at byte {position}" if code else "pickle ends before STOP")
+        if op.arg is None:
+            arg = None
+        elif op.name == "STRING":
+            arg = pickletools.read_stringnl(stream, decode=False)
+        else:
+            arg = op.arg.reader(stream)
+        yield op, arg, position
+        if op.name == "STOP":
+            return
+
+
 def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING) -> None:
     """Raise `UserError` if the objects `data` would build nest deeper than `limit`, or expand to more
     than `MAX_EXPANDED` items (see the docstring).
@@ -196,7 +221,7 @@ def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING)
     """
     stack: list = []
     memo: dict = {}
-    for op, arg, position in pickletools.genops(data):
+    for op, arg, position in _genops(data):
         popped = _pop_arguments(stack, op.stack_before)
         if op.name in _IN_PLACE:
             (depth, size), *items = popped[::-1]
@@ -230,7 +255,15 @@ def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") ->
     """Unpickle `data` with `RestrictedUnpickler`; any failure becomes a `UserError` naming `source`."""
     try:
         check_nesting(data, source)
-        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source).load()
+        try:
+            return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source).load()
+        except UnicodeDecodeError:
+            # A Python 2 pickle stores its str as bytes, which pickle decodes as ASCII by default, so one
+            # "café" refused the whole file. Read them as bytes instead: the captions readers decode bytes
+            # as they decode text files (UTF-8, else cp1252, else latin-1) and list the fallbacks. ASCII-only
+            # files never get here and keep their str.
+            return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source,
+                                       encoding="bytes").load()
     except UserError:
         raise
     except Exception as err:  # a damaged file can fail in many ways; none of them is a bug here

@@ -103,6 +103,31 @@ def test_pickled_bytes_use_the_same_fallback(tmp_path, images, obj, source):
     assert report["decoded_as_cp1252"] == {"count": 1, "lines": [source]} and report["skipped"] == []
 
 
+def python2_str(text: bytes, protocol: int) -> bytes:
+    """A Python 2 str (bytes) as Python 2's pickle wrote it: STRING with escapes (protocol 0), else SHORT_BINSTRING."""
+    if protocol == 0:
+        return b"S'" + "".join(chr(b) if 32 <= b < 127 and b not in b"'\\" else f"\\x{b:02x}"
+                               for b in text).encode() + b"'\n"
+    return b"U" + bytes([len(text)]) + text
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_a_python2_pickle_with_non_ascii_str_keeps_every_caption(tmp_path, images, protocol):
+    """Python 2 pickled its str as bytes, which pickle decodes as ASCII: one accented caption made the whole
+    file `not a readable pickle`. They are decoded as the lines of a text file are, fallbacks listed."""
+    captions = ["A café .".encode(), "A naïve cat .".encode("cp1252"), b"A dog ."]
+    data = (b"(dp0\n" if protocol == 0 else b"\x80\x02}q\x00(") + python2_str(b"a.jpg", protocol)
+    data += b"(lp1\n" if protocol == 0 else b"]q\x01("
+    data += b"".join(python2_str(caption, protocol) + (b"a" if protocol == 0 else b"") for caption in captions)
+    data += b"s." if protocol == 0 else b"eu."
+    table, report = parse(tmp_path, images, "c.pkl", data)
+    assert captions_of(table) == [("a.jpg", 0, "A café ."), ("a.jpg", 1, "A naïve cat ."), ("a.jpg", 2, "A dog .")]
+    assert report["skipped"] == [] and report["decoded_as_cp1252"]["count"] == 1
+    ascii_only = b"S'" + b"\\n".join(line.encode() for line in GOOD) + b"'\n."  # str unchanged when all ASCII
+    table, report = parse(tmp_path, images, "c.pkl", ascii_only)
+    assert report["format"] == "pickle:str" and len(table) == 3
+
+
 # ---------------------------------------------------------------------------------- hostile pickles
 
 def deep_list_pickle(depth: int) -> bytes:
