@@ -36,7 +36,9 @@ need 1-4 levels; a DataFrame pickle about 20.
 Expansion: a shallow pickle can still be a bomb. A tuple of two references to one tuple, 60 times over, is
 a 270-byte file that nests 60 levels, but hashing it as a dict key (which unpickling does) visits 2**60
 items. So the same pass also counts every object's items as if each reference were a copy, and refuses
-one that would expand to more than `MAX_EXPANDED` (a captions file has about 3 per caption).
+one that would expand to more than `MAX_EXPANDED` (a captions file has about 3 per caption). Hashing
+the same key again and again is bounded too: the items of every dict key, set or frozenset item and call
+argument are added up, and a file hashing more than `MAX_EXPANDED` in all is refused.
 """
 from __future__ import annotations
 
@@ -174,6 +176,9 @@ _SAME_OBJECT = {"MEMOIZE", "DUP", "READONLY_BUFFER", "STOP"}
 _EMPTY = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"}
 _PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
 _GET = {"GET", "BINGET", "LONG_BINGET"}
+# Opcodes whose new object hashes every item it is built from: a frozenset, and calls (REDUCE and the
+# like), which may be `set(...)` or `frozenset(...)` of their argument.
+_HASHES_ALL = {"FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
 
 
 def _pop_arguments(stack: list, before: list) -> list:
@@ -210,45 +215,61 @@ def _genops(data: bytes):
 
 
 def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING) -> None:
-    """Raise `UserError` if the objects `data` would build nest deeper than `limit`, or expand to more
-    than `MAX_EXPANDED` items (see the docstring).
+    """Raise `UserError` if the objects `data` would build nest deeper than `limit`, expand to more
+    than `MAX_EXPANDED` items, or make unpickling hash more than `MAX_EXPANDED` items in all (see the
+    docstring).
 
-    Each object on the stack is tracked as (depth, expanded size). A scalar has depth 0 and size 1, a
-    container one more than its deepest item and one more than its items' sizes. Memo references count
-    with what their object had when it was stored, so a cycle is not infinitely deep or large here (a
-    list filled after it was stored counts small, but lists cannot be hashed, and the captions readers
-    bound the records they walk).
+    Each object is tracked as a node [depth, expanded size]. A scalar has depth 0 and size 1, a
+    container one more than its deepest item and one more than its items' sizes. The memo holds the
+    very node of the object it stores, so a dict stored empty and then filled by SETITEM after SETITEM
+    grows there too. A container that grows after it was put inside another one still counts small in
+    that one (a cycle is not infinitely deep or large here), but only lists, dicts and sets can grow,
+    and they cannot be hashed; the captions readers bound the records they walk.
+
+    Hashing costs the expanded size of what is hashed (a tuple does not cache its hash), so a dict
+    key, a set item, a frozenset item or the argument of a call (`frozenset(list)`) each add theirs to
+    one budget: many separate SETITEMs of a key just under the size limit hashed it each time.
     """
     stack: list = []
     memo: dict = {}
+    hashed = 0
     for op, arg, position in _genops(data):
         popped = _pop_arguments(stack, op.stack_before)
         if op.name in _IN_PLACE:
-            (depth, size), *items = popped[::-1]
-            depth = max([depth, *(item_depth + 1 for item_depth, _ in items)])
-            size += sum(item_size for _, item_size in items)
+            node, *items = popped[::-1]
+            node[0] = max([node[0], *(item[0] + 1 for item in items)])
+            node[1] += sum(item[1] for item in items)
+            hashed += sum(item[1] for item in _hashed_items(op.name, items))
         elif op.name in _SAME_OBJECT:
-            depth, size = popped[0]
+            node = popped[0]
         elif op.name in _EMPTY:
-            depth, size = 1, 1
+            node = [1, 1]
         elif op.name in _GET:
-            depth, size = memo[arg]
+            node = memo[arg]
         else:  # builds a new object from what it popped (a tuple, a call's result) or from nothing
-            depth = max(item_depth for item_depth, _ in popped) + 1 if popped else 0
-            size = 1 + sum(item_size for _, item_size in popped)
+            node = [max(item[0] for item in popped) + 1 if popped else 0, 1 + sum(item[1] for item in popped)]
+            if op.name in _HASHES_ALL:
+                hashed += node[1] - 1
+        depth, size = node
         if depth > limit:
             raise UserError(f"{source}: the pickle nests containers more than {limit} levels deep (at byte "
                             f"{position}); captions need at most 4. Re-save them as plain data, for example "
                             "a dict image -> list of captions.")
-        if size > MAX_EXPANDED:
-            raise UserError(f"{source}: the pickle repeats references so that one object would expand to more "
+        if size > MAX_EXPANDED or hashed > MAX_EXPANDED:
+            what = "one object would expand to" if size > MAX_EXPANDED else "loading it would hash"
+            raise UserError(f"{source}: the pickle repeats references so that {what} more "
                             f"than {MAX_EXPANDED:,} items (at byte {position}). Re-save the captions as plain "
                             "data, for example a dict image -> list of captions.")
         if op.name == "MEMOIZE":
-            memo[len(memo)] = (depth, size)
+            memo[len(memo)] = node
         elif op.name in _PUT:
             memo[arg] = stack[-1]
-        stack.extend(_MARK if item is pickletools.markobject else (depth, size) for item in op.stack_after)
+        stack.extend(_MARK if item is pickletools.markobject else node for item in op.stack_after)
+
+
+def _hashed_items(name: str, items: list) -> list:
+    """What an in-place opcode hashes among the items it adds: a dict's keys, a set's items."""
+    return items[0::2] if name in ("SETITEM", "SETITEMS") else items if name == "ADDITEMS" else []
 
 
 def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") -> object:

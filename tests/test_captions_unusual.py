@@ -305,6 +305,60 @@ def test_a_hash_bomb_key_is_refused_before_it_is_hashed(tmp_path, images):
     assert safe_pickle.loads(doubling_tuple_key_pickle(3)) == {small: ["A dog ."]}
 
 
+def _unicode(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()  # SHORT_BINUNICODE
+
+
+def _get(index: int) -> bytes:
+    return b"j" + struct.pack("<I", index)  # LONG_BINGET
+
+
+def hash_again_pickle(step, times: int, levels: int = 22) -> bytes:
+    """`times` opcode sequences `step(key)`, each hashing a new key (i, t) once: t nests `levels` pairs of one
+    tuple, so it is built once but expands to 2**(levels + 1) items, just under the size limit for 22 levels."""
+    out = [b"\x80\x04}\x940", _unicode("x"), b"\x94"]      # memo 0: a dict (popped); memo 1: "x"
+    for level in range(1, levels + 1):                     # memo level + 1 = (memo level, memo level)
+        out += [_get(level), _get(level), b"\x86\x940"]
+    key = _get(levels + 1) + b"\x86"                         # (i, t): TUPLE2 of what `step` pushed and t
+    out += [step(_unicode(str(i)) + key) for i in range(times)]
+    return b"".join(out) + b"]."                            # the result: an empty list
+
+
+HASHING_STEPS = {
+    "setitem into one memoized dict": lambda key: _get(0) + key + _unicode("A dog .") + b"s0",
+    "setitem into a new dict each time": lambda key: b"}" + key + _unicode("A dog .") + b"s0",
+    "additems into a new set each time": lambda key: b"\x8f(" + key + b"\x900",
+    "frozenset opcode each time": lambda key: b"(" + key + b"\x910",
+    "frozenset((key,)) call each time": lambda key: _unicode("builtins") + _unicode("frozenset") + b"\x93" + key
+    + b"\x85\x85R0",
+}
+
+
+@pytest.mark.parametrize("step", HASHING_STEPS.values(), ids=HASHING_STEPS.keys())
+def test_hashing_one_big_key_again_and_again_is_refused(step):
+    """Each key is just under the size limit, but a hash of it visits all its items (a tuple does not cache
+    its hash): 40,000 such steps are a 1 MB file that kept the unpickler hashing for hours. The dict filled
+    key by key had counted as the empty dict the memo stored, and separate dicts, sets and calls were never
+    added up."""
+    assert safe_pickle.loads(hash_again_pickle(step, 2)) == []  # twice is within the bound
+    with pytest.raises(UserError, match=r"would (expand to|hash) more than 20,000,000 items"):
+        safe_pickle.loads(hash_again_pickle(step, 30))
+
+
+def test_a_list_filled_after_it_was_stored_is_measured_when_a_frozenset_hashes_it():
+    """frozenset(L) hashes every item of L. L stored empty in the memo and filled through memo references
+    had counted as the empty list, so 30 big keys in it were hashed unchecked."""
+    def frozenset_of_list(times: int) -> bytes:
+        levels = 22
+        data = hash_again_pickle(lambda key: b"", 0, levels)[:-2] + b"]\x940"  # memo levels + 2: L (popped)
+        data += b"".join(_get(levels + 2) + _unicode(str(i)) + _get(levels + 1) + b"\x86a0" for i in range(times))
+        return data + _unicode("builtins") + _unicode("frozenset") + b"\x93" + _get(levels + 2) + b"\x85R."
+
+    assert len(safe_pickle.loads(frozenset_of_list(2))) == 2
+    with pytest.raises(UserError, match=r"would (expand to|hash) more than 20,000,000 items"):
+        safe_pickle.loads(frozenset_of_list(30))
+
+
 def test_coco_with_a_huge_number_or_one_id_for_two_images_is_a_clear_error(tmp_path, images):
     huge = ('{"images": [{"id": ' + "9" * 5000 + ', "file_name": "a.jpg"}], "annotations": []}').encode()
     with pytest.raises(UserError, match="cannot read the JSON"):
