@@ -72,6 +72,27 @@ def test_utf16_files_and_old_mac_line_ends_keep_every_caption(tmp_path, images, 
     assert report["lines_read"] == 3 and report["skipped"] == []
 
 
+MIXED_LINE_ENDS = {"CR lines, CRLF at the end": ("\r", "\r", "\r\n"), "CR lines, LF at the end": ("\r", "\r", "\n"),
+                   "LF, CR, CRLF": ("\n", "\r", "\r\n"), "CR, LF, none": ("\r", "\n", "")}
+
+
+@pytest.mark.parametrize("ends", MIXED_LINE_ENDS.values(), ids=MIXED_LINE_ENDS.keys())
+@pytest.mark.parametrize("shape", ["text file", "pickled str", "pickled bytes"])
+def test_line_ends_mixed_in_one_file_keep_every_caption(tmp_path, images, shape, ends):
+    """A classic Mac (CR) file with one LF, say added at its end, was split on LF only: one line, one caption
+    holding the other two, and nothing in the report. Any mix of LF, CRLF and CR ends a line each."""
+    text = "".join(line + end for line, end in zip(GOOD, ends, strict=True))
+    data = {"text file": text.encode(), "pickled str": pickle.dumps(text),
+            "pickled bytes": pickle.dumps(text.encode())}[shape]
+    table, report = parse(tmp_path, images, "captions.txt" if shape == "text file" else "c.pkl", data)
+    assert captions_of(table) == [("a.jpg", 0, "A dog runs ."), ("a.jpg", 1, "A brown dog ."),
+                                  ("b.jpg", 0, "A cat sleeps .")]
+    assert report["lines_read"] == 3 and report["skipped"] == []
+    # one item of a pickled list holding two lines joined by a CR is reported, as one joined by an LF is
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps([GOOD[0] + "\r" + GOOD[1], GOOD[2]]))
+    assert len(table) == 1 and report["skipped"][0]["reason"].startswith("item holds several lines")
+
+
 def test_bytes_cp1252_cannot_decode_fall_back_to_latin1(tmp_path, images):
     line = b"b.jpg#1\tA dog \x81 and a caf\xe9 ."  # 0x81 has no cp1252 character
     table, report = parse(tmp_path, images, "captions.txt", GOOD[0].encode() + b"\n" + line + b"\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioning.captions.records import (
+    LINE_BREAK,
     NAME_WITH_NUMBER,
     Record,
     as_text,
@@ -155,7 +156,7 @@ def _item_record(source: str, item, keys: _RecordKeys) -> Record:
 
 def _line_record(source: str, line: str | bytes | bytearray) -> Record:
     text, _ = as_text(line, "line")
-    if "\n" in text.strip():
+    if LINE_BREAK.search(text.strip()):
         return Record(source, text, problem="item holds several lines; expected one caption line per item")
     return token_record(Record(source, text, encoding=fallback_encoding(line)))
 

@@ -12,6 +12,8 @@ from captioning.encodings import decode
 EXCERPT_CHARS = 200
 NAME_WITH_NUMBER = re.compile(r"(?P<image>.+)#(?P<number>[0-9]+)", re.DOTALL)
 MAX_CAPTION_NUMBER = 2**63 - 1  # what the table's int64 column holds
+# The line ends of bytes.splitlines; str.splitlines also splits on \x0b, \x85, \u2028 and others.
+LINE_BREAK = re.compile("\r\n|\r|\n")
 
 
 @dataclass
@@ -32,26 +34,24 @@ class Record:
 def byte_lines(data: bytes) -> list[Record]:
     """Split bytes into lines and decode each one alone, so one odd byte only changes its own line.
 
-    The final newline does not start another line; a trailing CR (CRLF files) is dropped silently. A
-    file with CRs but no LF at all has classic Mac line ends, and is split on CR.
+    A line ends in LF, CRLF or a CR alone, in any mix, as the README promises and as split.py reads the
+    split lists (bytes.splitlines). Splitting on LF alone, unless the file had no LF at all, made a
+    classic Mac (CR) file with one LF, say at its end, a single line: one caption holding all the
+    others, which were lost without a word. The final line end does not start another line.
     """
-    chunks = data.split(b"\r" if b"\r" in data and b"\n" not in data else b"\n")
-    if chunks[-1] == b"":
-        chunks.pop()
     lines = []
-    for number, chunk in enumerate(chunks, start=1):
-        text, encoding = decode(chunk.removesuffix(b"\r"))
+    for number, chunk in enumerate(data.splitlines(), start=1):
+        text, encoding = decode(chunk)
         lines.append(Record(f"line {number}", text, encoding=encoding))
     return lines
 
 
 def str_lines(text: str) -> list[Record]:
     """The same split for text that is already decoded (a pickled str)."""
-    text = text.removeprefix("\ufeff")
-    chunks = text.split("\r" if "\r" in text and "\n" not in text else "\n")
+    chunks = LINE_BREAK.split(text.removeprefix("\ufeff"))
     if chunks[-1] == "":
         chunks.pop()
-    return [Record(f"line {n}", chunk.removesuffix("\r")) for n, chunk in enumerate(chunks, start=1)]
+    return [Record(f"line {n}", chunk) for n, chunk in enumerate(chunks, start=1)]
 
 
 def caption_number(digits: str) -> int | None:
