@@ -250,6 +250,8 @@ def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING)
             node = [max(item[0] for item in popped) + 1 if popped else 0, 1 + sum(item[1] for item in popped)]
             if op.name in _HASHES_ALL:
                 hashed += node[1] - 1
+            elif op.name == "DICT":  # MARK key value key value ... DICT hashes its keys
+                hashed += sum(item[1] for item in popped[::-1][0::2])
         depth, size = node
         if depth > limit:
             raise UserError(f"{source}: the pickle nests containers more than {limit} levels deep (at byte "

@@ -348,6 +348,7 @@ def hash_again_pickle(step, times: int, levels: int = 22) -> bytes:
 HASHING_STEPS = {
     "setitem into one memoized dict": lambda key: _get(0) + key + _unicode("A dog .") + b"s0",
     "setitem into a new dict each time": lambda key: b"}" + key + _unicode("A dog .") + b"s0",
+    "dict opcode each time": lambda key: b"(" + key + _unicode("A dog .") + b"d0",
     "additems into a new set each time": lambda key: b"\x8f(" + key + b"\x900",
     "frozenset opcode each time": lambda key: b"(" + key + b"\x910",
     "frozenset((key,)) call each time": lambda key: _unicode("builtins") + _unicode("frozenset") + b"\x93" + key
