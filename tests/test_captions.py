@@ -120,6 +120,8 @@ NOT_ALLOWED = "; only plain file names inside the images folder are allowed"
     (b"a.jpg#7\t", "empty caption", "a.jpg#7\t"),
     (b"a.jpg#7", "empty caption", "a.jpg#7"),
     (b"a.jpg#7\t . , !", "caption has no letters or digits", "a.jpg#7\t . , !"),
+    (b"a.jpg#7\t''", "caption has no letters or digits", "a.jpg#7\t''"),  # cleaning keeps apostrophes
+    ("a.jpg#7\t\u2019 \u0301 .".encode(), "caption has no letters or digits", "a.jpg#7\t\u2019 \u0301 ."),  # and marks
     (b"a.jpg#0\tAnother dog .", "duplicate caption a.jpg#0: the first one, at line 1, is kept",
      "a.jpg#0\tAnother dog ."),
     (b"../secret.jpg#0\tA key .", "image name '../secret.jpg' contains '..'" + NOT_ALLOWED, "../secret.jpg#0\tA key ."),

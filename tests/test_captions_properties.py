@@ -139,6 +139,6 @@ def test_kaggle_csv_round_trips_any_caption_text(tmp_path, images, rows):
     for image, caption in rows:
         number = order[image]
         order[image] += 1
-        if clean_caption(caption.strip()):
+        if any(char.isalnum() for char in clean_caption(caption)):  # a letter or digit survives the cleaning
             good[(image, number)] = caption.strip()
     check(path, images, good, len(rows), len(rows) - len(good))

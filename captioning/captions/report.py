@@ -77,7 +77,9 @@ def _record_problem(record: Record, first_seen: dict) -> str | None:
     if not record.raw:
         return "empty caption"
     record.caption = clean_caption(record.raw)
-    if not record.caption:
+    # Cleaning keeps apostrophes and combining marks, so "''" (an SQL-escaped empty text) or a lone accent
+    # survive it: they have no letters or digits either, and would be trained on as a caption.
+    if not any(char.isalnum() for char in record.caption):
         return "caption has no letters or digits"
     first = first_seen.get((record.image, record.number))
     if first is not None:
