@@ -36,7 +36,7 @@ need 1-4 levels; a DataFrame pickle about 20.
 Expansion: a shallow pickle can still be a bomb. A tuple of two references to one tuple, 60 times over, is
 a 270-byte file that nests 60 levels, but hashing it as a dict key (which unpickling does) visits 2**60
 items. So the same pass also counts every object's items as if each reference were a copy, and refuses
-one that would expand to more than `MAX_EXPANDED` (a captions file has about 3 per caption). Hashing
+one that would expand to more than `MAX_EXPANDED` (a captions file has 3 to 14 per caption). Hashing
 the same key again and again is bounded too: the items of every dict key, set or frozenset item and call
 argument are added up, and a file hashing more than `MAX_EXPANDED` in all is refused.
 """
@@ -169,7 +169,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 MAX_NESTING = 100
-MAX_EXPANDED = 20_000_000           # 2,000,000 caption records (the records' own limit) need about 6 million
+# 2,000,000 caption records (the records' own limit) need up to 28 million: protocols 0-2 write each bytes
+# value as a call, _codecs.encode(text, 'latin1'), of 4-5 items, so 2,000,000 {image, caption} dicts of
+# bytes count 14 items each (tests/test_captions_unusual.py measures every shape). 20 million refused them.
+MAX_EXPANDED = 50_000_000
 _MARK = object()                    # stands for pickle's MARK on the stack of depths
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # fill the object below
 _SAME_OBJECT = {"MEMOIZE", "DUP", "READONLY_BUFFER", "STOP"}
