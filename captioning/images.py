@@ -39,7 +39,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # by the image's own maximum, but never stretching one already within 0..1.
         array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        key = image.info.get("transparency")  # a 16-bit PNG's tRNS grey, in the file's own units
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        if isinstance(key, int):
+            # The key is matched before scaling (several 16-bit greys share one 8-bit grey); the mask makes it
+            # "LA", so the see-through pixels come out white below, as they do in an 8-bit keyed PNG.
+            image.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), mode="L"))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and "transparency" in image.info):
         # (P: a transparent palette entry; RGB and L: a PNG's tRNS colour key)
         # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.

@@ -173,6 +173,22 @@ def test_a_png_colour_key_is_transparent_and_comes_out_white(tmp_path, mode, key
     assert (array[:, :7] == (RED if mode == "RGB" else (200, 200, 200))).all()
 
 
+def test_a_16_bit_png_colour_key_comes_out_white_as_an_8_bit_one_does(tmp_path):
+    """A 16-bit grey PNG's tRNS grey was dropped when the image was scaled to 8 bits, so its see-through
+    pixels came out as their underlying grey (black here), where the same picture in 8 bits gives white."""
+    pixels = np.zeros((16, 16), np.uint16)
+    pixels[:, :8] = 200 * 257  # light grey left half; the right half (0) is the transparent key
+    pixels[0, 0] = 1           # a grey the key does not name, though it rounds to the same 8-bit grey
+    Image.fromarray(pixels).save(tmp_path / "deep.png", transparency=0)
+    Image.fromarray((pixels // 257).astype(np.uint8)).save(tmp_path / "plain.png", transparency=0)
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    deep = load_image(tmp_path / "deep.png", 16)
+    assert (deep[:, 9:] == WHITE).all()
+    assert (deep[1:, :7] == (200, 200, 200)).all()
+    assert (deep[0, 0] <= 1).all()  # not the key: stays black
+    assert (load_image(tmp_path / "plain.png", 16)[:, 9:] == WHITE).all()
+
+
 def test_16_bit_grayscale_uses_full_range(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
     Image.fromarray(ramp).save(tmp_path / "deep.png")
