@@ -12,7 +12,9 @@ memory-mapped raw file extract_features gives it, so neither side holds more tha
 Faults: an actor that dies (process killed, node lost) is restarted by Ray and the batches it held
 are retried, up to MAX_RESTARTS / MAX_TASK_RETRIES; the driver checks that every row arrives
 exactly once and the report counts the restarts it saw. A bad image is an error string in its row,
-as locally (never an exception, so never retried). Ray is imported only here, only for this engine.
+as locally (never an exception, so never retried), and so is a backbone a worker cannot build (a
+UserError, in every row it is handed: `fatal`), which the driver raises as the local run does. Ray is
+imported only here, only for this engine.
 """
 from __future__ import annotations
 
@@ -42,26 +44,33 @@ class BackboneActor:
     def __init__(self, spec: dict, batch_size: int):
         import ray
 
-        from captioning.backbones import build_backbone
+        from captioning.backbones import build_backbone, feature_dim
         from captioning.feature_files import BackboneSpec
         from captioning.features import FeatureComputer
 
         spec = BackboneSpec(**spec)
-        self.computer = FeatureComputer(build_backbone(spec), spec.image_size)
-        self.batch_size, self.feature_dim = batch_size, self.computer.dim
+        self.batch_size, self.feature_dim = batch_size, feature_dim(spec)
         self.worker = f"{ray.get_runtime_context().get_actor_id()}:{os.getpid()}"
+        try:
+            self.computer, self.failure = FeatureComputer(build_backbone(spec), spec.image_size), ""
+        except UserError as err:
+            # Not raised: Ray keeps only the text of a constructor's exception (ActorDiedError), restarts the
+            # actor MAX_RESTARTS times to fail alike, and Ray Data rewrites a batch's exception. Each batch
+            # this actor gets carries the message instead (`fatal`), and the driver raises it as it is.
+            self.computer, self.failure = None, str(err)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, features, errors = [], [], []
         for start, paths in zip(batch["start"], batch["paths"], strict=True):
             paths = [str(path) for path in paths]
-            out = np.empty((len(paths), self.feature_dim), np.float32)
-            failed = self.computer.fill(paths, self.batch_size, out, progress=False)
+            out = np.zeros((len(paths), self.feature_dim), np.float32)
+            failed = self.computer.fill(paths, self.batch_size, out, progress=False) if self.computer else {}
             rows.append(np.arange(start, start + len(paths)))
             features.append(out)
             errors.extend(failed.get(offset, "") for offset in range(len(paths)))
         return {"row": np.concatenate(rows), "feature": np.concatenate(features),
-                "error": np.array(errors, dtype=object), "worker": np.array([self.worker] * len(errors), dtype=object)}
+                "error": np.array(errors, dtype=object), "worker": np.array([self.worker] * len(errors), dtype=object),
+                "fatal": np.array([self.failure] * len(errors), dtype=object)}
 
 
 class RayEngine:
@@ -106,6 +115,9 @@ class RayEngine:
         with tqdm(total=len(paths), desc=f"{self.spec.backbone} features (Ray, {self.workers} workers)", unit="img",
                   disable=not self.progress) as bar:
             for block in _stream(ray, dataset):
+                fatal = next((str(text) for text in block["fatal"] if text), "")
+                if fatal:  # a worker could not build the backbone: the UserError a local run raises
+                    raise UserError(fatal)
                 rows = block["row"].astype(np.int64)
                 if done[rows].any():
                     raise UserError(f"the Ray run returned image {paths[rows[done[rows]][0]]} twice; "

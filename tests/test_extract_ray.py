@@ -114,6 +114,27 @@ def test_a_killed_worker_loses_and_repeats_no_image(cluster, tmp_path):
     assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
 
 
+def test_a_user_error_in_the_workers_is_the_line_a_local_run_gives(cluster, tmp_path):
+    """A backbone the workers cannot build (here a weights file changed after the spec recorded its sha256;
+    equally an ImageNet download that fails offline) ended the run with "feature extraction on Ray failed:
+    ActorDiedError: captioning.errors.UserError: ... (a worker that dies more than 3 times ...)", after
+    Ray had restarted every actor to fail again: Ray keeps only the text of a constructor's exception, so
+    _user_error_in never found the UserError its docstring promises. Now it is the local line."""
+    images = write_images(tmp_path / "images", 3)
+    weights = tmp_path / "backbone.weights.h5"
+    weights.write_bytes(b"weights as they were when the spec was made")
+    spec = make_spec(str(weights), 0, 64, "float32")
+    weights.write_bytes(b"weights replaced since")
+    with pytest.raises(UserError) as local:
+        extract_features(images, tmp_path / "images", tmp_path / "local", spec, batch_size=4)
+    assert "changed since the features were extracted" in str(local.value)
+    engine = RayEngine(spec, 4, cluster.address, progress=False)
+    with pytest.raises(UserError) as remote:
+        extract_features(images, tmp_path / "images", tmp_path / "ray", spec, batch_size=4, compute_rows=engine)
+    assert str(remote.value) == str(local.value)
+    assert not (tmp_path / "ray" / "features.npy").exists()
+
+
 def test_no_cluster_at_the_address_is_a_user_error(tmp_path):
     images = write_images(tmp_path / "images", 2)
     engine = RayEngine(SPEC, 4, "127.0.0.1:1", progress=False)
