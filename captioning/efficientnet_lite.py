@@ -139,7 +139,9 @@ def package_checkpoint() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "captioning")
+    # expanduser: a "~/..." that no shell expanded (a quoted export, a systemd or Docker ENV line, a .env
+    # file) otherwise made a folder named "~" in whatever folder the command ran from.
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "captioning").expanduser()
 
 
 def _converter_fingerprint() -> str:

