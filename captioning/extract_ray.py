@@ -34,6 +34,7 @@ from captioning.errors import UserError
 MAX_RESTARTS = 4      # per actor: a worker killed or lost this often ends the run, with a message
 MAX_TASK_RETRIES = 3  # per batch: one that keeps killing its worker (a crashing decoder) is not retried forever
 CONNECT_TIMEOUT_S = 5
+CACHE_ENV = "CAPTIONING_CACHE"  # efficientnet_lite.CACHE_ENV (not imported: it would load TensorFlow here)
 START_HINT = ("start a cluster with `ray start --head` (see README, Scaling out), or set "
               "features.ray_address: null to start a private local Ray")
 
@@ -172,8 +173,15 @@ def _connect(ray, address: str | None) -> None:
     where = address or os.environ.get("RAY_ADDRESS") or "this machine"
     _check_reachable(address or os.environ.get("RAY_ADDRESS"), where)
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines would bury the progress bar
+    runtime_env = {"py_modules": [package]}
+    # Workers of a cluster that `ray start` began have that shell's environment, not this one's: the cache
+    # folder for converted weights set here must be handed to them, or they write (or fail to write)
+    # elsewhere and tell the user to set the variable they did set. Unset here, each worker keeps its own.
+    cache = os.environ.get(CACHE_ENV)
+    if cache:
+        runtime_env["env_vars"] = {CACHE_ENV: str(Path(cache).expanduser().resolve())}
     try:
-        ray.init(address=address, runtime_env={"py_modules": [package]}, include_dashboard=False,
+        ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(f"could not connect to the Ray cluster at {where} ({str(err).splitlines()[0]}): "

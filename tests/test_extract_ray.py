@@ -135,6 +135,23 @@ def test_a_user_error_in_the_workers_is_the_line_a_local_run_gives(cluster, tmp_
     assert not (tmp_path / "ray" / "features.npy").exists()
 
 
+def test_the_workers_keep_converted_weights_in_the_cache_folder_set_for_the_run(cluster, tmp_path, monkeypatch):
+    """The workers of a cluster started elsewhere (`ray start`) did not see CAPTIONING_CACHE set for the run:
+    they converted EfficientNet-Lite0's weights into their own home folder, or, where that is not writable,
+    stopped with "set CAPTIONING_CACHE to a folder you can write"."""
+    from captioning import efficientnet_lite, extract_ray
+
+    assert extract_ray.CACHE_ENV == efficientnet_lite.CACHE_ENV
+    images = write_images(tmp_path / "images", 3)
+    monkeypatch.setenv(efficientnet_lite.CACHE_ENV, str(tmp_path / "cache"))  # after the cluster started
+    spec = make_spec("imagenet", 0, 64, "float32", backbone="efficientnet_lite0")
+    engine = RayEngine(spec, 4, cluster.address, progress=False)
+    report = extract_features(images, tmp_path / "images", tmp_path / "ray", spec, batch_size=4,
+                              compute_rows=engine, engine_report=engine.summary)
+    assert report["images_extracted"] == 3
+    assert list((tmp_path / "cache").glob("efficientnet_lite0-*.weights.h5"))
+
+
 def test_no_cluster_at_the_address_is_a_user_error(tmp_path):
     images = write_images(tmp_path / "images", 2)
     engine = RayEngine(SPEC, 4, "127.0.0.1:1", progress=False)
