@@ -43,13 +43,32 @@ class FeatureStore:
         if missing:
             raise UserError(f"{folder} lacks {', '.join(missing)}: feature extraction did not finish. Run "
                             "`dvc repro` (or `dvc repro -f extract_resnet_features`) to extract them again.")
-        self.matrix = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
-        index = pd.read_parquet(folder / "index.parquet")
-        self.row_of = dict(zip(index["image"], index["row"].astype(int), strict=True))
-        self.spec = BackboneSpec(**files.read_json(folder / "backbone.json"))
+        # Each file whole and the two agreeing, or one line naming the file: a folder copied in part (an
+        # interrupted copy, a full disk) has every file but not every file's bytes, and training and
+        # evaluation stopped with a NumPy, Arrow or JSON traceback, or an IndexError epochs later.
+        name = "features.npy"
+        try:
+            self.matrix = np.load(folder / name, mmap_mode="r", allow_pickle=False)
+            name = "index.parquet"
+            index = pd.read_parquet(folder / name)
+            rows = index["row"].to_numpy(dtype=np.int64)
+            self.row_of = dict(zip(index["image"], rows.tolist(), strict=True))
+            name = "backbone.json"
+            self.spec = BackboneSpec(**files.read_json(folder / name))
+        except (OSError, ValueError, TypeError, KeyError) as err:  # ArrowInvalid is a ValueError
+            raise _damaged(folder / name, f"{type(err).__name__}: {err}") from None
+        if self.matrix.ndim != 2 or len(self.matrix) != len(index) or \
+                not np.array_equal(np.sort(rows), np.arange(len(index))):
+            raise _damaged(folder / "features.npy", f"{self.matrix.shape} features for the {len(index)} rows "
+                                                    "of index.parquet")
 
     def rows(self, images) -> np.ndarray:
         return np.array([self.row_of[name] for name in images], dtype=np.int64)
 
     def get(self, images) -> np.ndarray:
         return np.asarray(self.matrix[self.rows(images)], dtype=np.float32)
+
+
+def _damaged(path: Path, reason: str) -> UserError:
+    return UserError(f"{path} is damaged ({reason}): the feature folder was not copied or restored whole. "
+                     "Run `dvc repro -f extract_resnet_features` (or `dvc checkout data/features`).")

@@ -4,6 +4,7 @@ shift rows; and an image's feature does not depend on which images share its bat
 image_size 32 (the smallest ResNet-50 accepts) keeps the random-weight backbone fast on 2 cores."""
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -110,6 +111,34 @@ def test_a_run_killed_half_way_leaves_no_mix_of_two_runs(tmp_path, good_images, 
         extract_features(GOOD[:2], folder, tmp_path / "out", SPEC, batch_size=2)
     monkeypatch.undo()
     with pytest.raises(UserError, match="lacks features.npy, backbone.json: feature extraction did not finish"):
+        FeatureStore(tmp_path / "out")
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def one_row_more_in_the_index(folder):
+    files.write_parquet(folder / "index.parquet", pd.DataFrame({"image": [*GOOD, "extra.jpg"], "row": range(4)}))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda folder: cut_in_half(folder / "features.npy"), "features.npy"),
+    (lambda folder: cut_in_half(folder / "index.parquet"), "index.parquet"),
+    (lambda folder: cut_in_half(folder / "backbone.json"), "backbone.json"),
+    (lambda folder: (folder / "backbone.json").write_text("[]"), "backbone.json"),
+    (one_row_more_in_the_index, "features.npy"),
+], ids=["features-cut", "index-cut", "backbone-cut", "backbone-not-a-spec", "index-longer-than-features"])
+def test_a_damaged_feature_folder_is_one_line_naming_the_file(tmp_path, good_images, backbone, monkeypatch,
+                                                              damage, named):
+    """A folder copied in part (an interrupted copy, a full disk) has all three files but not all their bytes:
+    training and evaluation stopped with a NumPy, Arrow or JSON traceback, or read rows that do not exist."""
+    folder, _ = good_images
+    monkeypatch.setattr(features, "build_backbone", lambda spec: backbone)
+    extract_features(GOOD, folder, tmp_path / "out", SPEC, batch_size=2)
+    damage(tmp_path / "out")
+    damaged = re.escape(str(tmp_path / "out" / named))
+    with pytest.raises(UserError, match=rf"{damaged} is damaged .*dvc repro -f extract_resnet_features"):
         FeatureStore(tmp_path / "out")
 
 
