@@ -6,7 +6,7 @@ make, and this is an ImageNet classifier that installs from PyPI. It is the B0 l
 without squeeze-excitation and with ReLU6 (the "Lite" variant for mobile), about 2x faster than
 ResNet-50 on a CPU, and gives 1280 pooled features.
 
-Matching the original (measured on real Flickr8k photos, see tests/test_backbones_real.py): TF-style
+Matching the original (measured on real Flickr8k photos, see tests/test_real_flickr8k_backbone.py): TF-style
 "same" padding (the PyTorch model pads asymmetrically like TensorFlow), BatchNorm epsilon 1e-3, and
 inputs scaled to [-1, 1] as (x - 127.5) / 127.5. ImageNet mean/std scaling, symmetric padding or
 epsilon 1e-5 all classify real photos worse.
