@@ -118,6 +118,9 @@ def _checked_url(text: str) -> httpx.URL:
                          status=400)
     if not host:
         raise FetchError(f"the URL has no host: {text}", status=400)
+    if url.port is not None and not 0 < url.port < 65536:
+        # httpx takes any number as a port; the socket layer then raised OverflowError (a 500, a traceback)
+        raise FetchError(f"not a valid URL: {text!r} (port {url.port} is not 1 to 65535)", status=400)
     return url
 
 

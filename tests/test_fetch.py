@@ -57,6 +57,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(302, Location="/loop")
             elif path == "/to-file":
                 self._send(302, Location="file:///etc/passwd")
+            elif path == "/to-bad-port":
+                self._send(302, Location="http://127.0.0.1:99999/image.png")
             elif path == "/gzip":  # 100 KB of zeros that inflate to 100 MB, sent although not asked for
                 self._send(200, gzip.compress(bytes(100 * 2**20), compresslevel=1), Content_Encoding="gzip")
             elif path == "/text":
@@ -163,6 +165,12 @@ def test_a_redirect_to_another_scheme_is_refused(server):
     assert caught.value.status == 400
 
 
+def test_a_redirect_to_a_port_out_of_range_is_refused(server):
+    with pytest.raises(FetchError, match="port 99999 is not 1 to 65535") as caught:  # was an OverflowError
+        fetch(f"{server}/to-bad-port", LOCAL)
+    assert caught.value.status == 400
+
+
 @pytest.mark.parametrize("path", ["/slow-headers", "/late-then-silent", "/trickle"])
 def test_a_slow_server_is_cut_off_at_the_time_limit(server, path):
     start = time.monotonic()
@@ -209,7 +217,9 @@ def test_an_error_status_is_named(server):
 
 @pytest.mark.parametrize("url,message", [("ftp://example.com/a.jpg", "only http and https"),
                                          ("http:///a.jpg", "no host|not a valid URL"),
-                                         ("http://xn--/a.jpg", "not a valid URL")])  # a broken IDNA name
+                                         ("http://xn--/a.jpg", "not a valid URL"),  # a broken IDNA name
+                                         ("http://127.0.0.1:99999/a.jpg", "port 99999 is not 1 to 65535"),
+                                         ("http://127.0.0.1:0/a.jpg", "port 0 is not 1 to 65535")])
 def test_bad_urls_are_refused_without_a_connection(url, message):
     with pytest.raises(FetchError, match=message) as caught:
         fetch(url, LOCAL)

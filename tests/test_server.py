@@ -136,6 +136,7 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "URL not found": (422, httpx.post(url, json={"url": f"{images_site}/missing.jpg"})),
         "URL unreachable": (422, httpx.post(url, json={"url": "http://127.0.0.1:9/a.jpg"})),
         "URL scheme": (400, httpx.post(url, json={"url": "file:///etc/passwd"})),
+        "URL port out of range": (400, httpx.post(url, json={"url": "http://127.0.0.1:99999/a.jpg"})),
         "wrong method": (405, httpx.get(url)),
         "no such page": (404, httpx.get(f"{address}/nothing")),
     }
