@@ -171,19 +171,24 @@ def test_no_page_loads_anything_from_the_network(server):
         assert httpx.get(f"{server[0]}{docs}").status_code == 404
 
 
-def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_images, tmp_path):
-    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
+def offline_chromium(playwright, profile: Path):
+    """Headless Chromium with a fresh profile; every host but 127.0.0.1 unresolvable and a dead proxy: the
+    network is cut."""
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: `bash scripts/setup.sh --dev` installs it")
+    return playwright.chromium.launch_persistent_context(
+        profile, executable_path=CHROMIUM, headless=True, args=[
+            *CHROMIUM_FLAGS, "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+
+
+def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_images, tmp_path):
+    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
     address = server[0]
     photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
     requested = []
     with sync_api.sync_playwright() as playwright:
-        # A fresh profile; every host but 127.0.0.1 unresolvable and a dead proxy: the network is cut.
-        browser = playwright.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=[
-                *CHROMIUM_FLAGS, "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+        browser = offline_chromium(playwright, tmp_path / "profile")
         try:
             page = browser.new_page()
             page.on("request", lambda request: requested.append(request.url))
@@ -199,6 +204,63 @@ def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_
     assert beams >= 1
     outside = [url for url in requested if not url.startswith((address, "blob:", "data:"))]
     assert not outside, outside
+
+
+@pytest.fixture
+def held_url():
+    """A URL whose server answers 404 only once the test lets it: a slow image URL, in the test's hands."""
+    asked, release = threading.Event(), threading.Event()
+
+    class Held(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            asked.set()
+            release.wait(30)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Held)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.jpg", asked, release
+    release.set()
+    httpd.shutdown()
+
+
+def test_the_page_shows_only_the_latest_requests_answer(server, demo_run, test_images, held_url, tmp_path):
+    """A URL still being fetched when a photo is picked must not put its late answer under the photo
+    (the page once showed the URL's error, or its caption, beside the photo's preview)."""
+    from playwright import sync_api
+
+    url, asked, release = held_url
+    photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    answers = []
+    with sync_api.sync_playwright() as playwright:
+        browser = offline_chromium(playwright, tmp_path / "profile")
+        try:
+            page = browser.new_page()
+            page.on("response", lambda response: answers.append(response) if response.url.endswith("/caption")
+                    else None)
+            page.goto(server[0] + "/")
+            page.fill("#url", url)
+            page.click("#url-form button")
+            assert asked.wait(30), "the server never fetched the URL"
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+            release.set()  # now the URL's request ends, after the photo's
+            page.wait_for_function(f"window.performance.getEntriesByName('{server[0]}/caption').length >= 2",
+                                   timeout=30_000)
+            for answer in answers:
+                answer.finished()
+            page.evaluate("new Promise((done) => setTimeout(done, 200))")  # its handler has run by now
+            shown = {name: page.inner_text(f"#{name}") for name in ("caption", "error", "status")}
+        finally:
+            browser.close()
+    assert [answer.status for answer in answers] == [200, 422]  # the photo's answer first, the URL's after it
+    assert shown == {"caption": test_images["generated"].iloc[0], "error": "", "status": ""}
 
 
 def test_the_caption_command_takes_urls(demo_run, images_site, test_images):
