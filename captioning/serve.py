@@ -86,8 +86,9 @@ def _override(value, name: str):
     return value
 
 
-async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], dict]:
-    """[(name, image bytes)] and the decode overrides, from a multipart upload or a JSON {"url": ...}."""
+async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], str | None, dict]:
+    """[(name, image bytes)], the image URL (not fetched yet) and the decode overrides, from a multipart
+    upload or a JSON {"url": ...}."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         form = await request.form(max_files=limits.max_files, max_fields=16)
@@ -106,16 +107,15 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
         images = []
     else:
         raise ApiError(415, "send the image as multipart/form-data (field 'image') or JSON {\"url\": \"https://...\"}")
-    url = fields.get("url")
-    if url:
-        if not isinstance(url, str):
-            raise ApiError(400, "url must be a string")
-        images.append((url, await fetch_async(url, limits.fetch)))
-    if not images:
+    url = fields.get("url") or None
+    if url is not None and not isinstance(url, str):
+        raise ApiError(400, "url must be a string")
+    count = len(images) + (url is not None)
+    if not count:
         raise ApiError(400, "no image: send files in the multipart field 'image' or a JSON {\"url\": \"https://...\"}")
-    if len(images) > limits.max_files:
-        raise ApiError(400, f"{len(images)} images in one request; at most {limits.max_files} (--max-files)")
-    return images, {name: _override(fields.get(name), name) for name in ("beam_size", "method")}
+    if count > limits.max_files:
+        raise ApiError(400, f"{count} images in one request; at most {limits.max_files} (--max-files)")
+    return images, url, {name: _override(fields.get(name), name) for name in ("beam_size", "method")}
 
 
 def _pixels(name: str, data: bytes, size: int, limits: ServeLimits):
@@ -165,8 +165,12 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
 
     @app.post("/caption")
     async def caption(request: Request) -> dict:
-        images, overrides = await _read_request(request, limits)
+        images, url, overrides = await _read_request(request, limits)
         settings = with_overrides(loaded.settings, **overrides)
+        # Fetched only once the rest of the request is known good: a bad beam_size or one file too many
+        # is the 400 the README promises, not the fetch's outcome, and makes the server fetch nothing.
+        if url is not None:
+            images.append((url, await fetch_async(url, limits.fetch)))
         pixels = [await asyncio.to_thread(_pixels, name, data, loaded.image_size, limits) for name, data in images]
         decoded = await asyncio.gather(*(batcher.submit(p, settings) for p in pixels))
         return {"model": loaded.describe(), "decode": settings,

@@ -137,6 +137,10 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "URL unreachable": (422, httpx.post(url, json={"url": "http://127.0.0.1:9/a.jpg"})),
         "URL scheme": (400, httpx.post(url, json={"url": "file:///etc/passwd"})),
         "URL port out of range": (400, httpx.post(url, json={"url": "http://127.0.0.1:99999/a.jpg"})),
+        # refused for the request itself, whatever the URL would give (here a 404, a 422)
+        "URL with a bad beam_size": (400, httpx.post(url, json={"url": f"{images_site}/missing.jpg", "beam_size": 99})),
+        "files and a URL, one too many": (400, httpx.post(url, data={"url": f"{images_site}/missing.jpg"}, files=[
+            ("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(3)])),
         "wrong method": (405, httpx.get(url)),
         "no such page": (404, httpx.get(f"{address}/nothing")),
     }
@@ -261,6 +265,13 @@ def test_the_page_shows_only_the_latest_requests_answer(server, demo_run, test_i
             browser.close()
     assert [answer.status for answer in answers] == [200, 422]  # the photo's answer first, the URL's after it
     assert shown == {"caption": test_images["generated"].iloc[0], "error": "", "status": ""}
+
+
+def test_a_refused_request_fetches_no_url(server, held_url):
+    url, asked, _ = held_url
+    answer = httpx.post(f"{server[0]}/caption", json={"url": url, "method": "sample"}, timeout=60)
+    assert answer.status_code == 400 and "method" in answer.json()["error"]
+    assert not asked.is_set()  # the server checked the request before it fetched anything
 
 
 def test_the_caption_command_takes_urls(demo_run, images_site, test_images):
