@@ -48,8 +48,14 @@ def is_url(text: str) -> bool:
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
-    address = mapped or address
+    if address.version == 6:
+        # An IPv6 address that carries an IPv4 one is judged by it: ::ffff:127.0.0.1 is loopback too, and
+        # 2002:a00:1:: is 6to4's way to 10.0.0.1 (Python counts both 2002::/16 and the deprecated
+        # site-local fec0::/10, RFC 3879's private ranges of old, as global).
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address.is_site_local:
+            return False
+        address = embedded or address
     return address.is_global and not (address.is_multicast or address.is_reserved)
 
 

@@ -131,7 +131,8 @@ def test_loopback_is_refused_unless_allowed(server):
     ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
     ("192.168.0.10", False), ("169.254.169.254", False), ("100.64.0.1", False), ("224.0.0.1", False),
     ("0.0.0.0", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
-    ("::ffff:10.0.0.1", False)])
+    ("::ffff:10.0.0.1", False), ("2002:7f00:1::", False), ("2002:a00:1::1", False), ("2002:808:808::1", True),
+    ("fec0::1", False)])
 def test_which_addresses_count_as_public(address, public):
     assert fetch_module._public(ipaddress.ip_address(address)) is public
 
