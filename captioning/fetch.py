@@ -102,15 +102,23 @@ async def resolve(host: str, port: int, allow_private: bool) -> str:
     return str(addresses[0])
 
 
+def _wire_host(url: httpx.URL) -> str:
+    """The host as DNS, the Host header and TLS take it: an IDNA name in its ASCII (xn--) form. `url.host`
+    is the Unicode form, which the Host header could not encode (every such URL was a UnicodeEncodeError)
+    and which getaddrinfo would encode by the older IDNA 2003 rules, another name for some (faß.de)."""
+    return url.raw_host.decode("ascii")
+
+
 def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Request:
     """A GET for `url` sent to `address`, with the URL's own host in the Host header and the TLS name."""
-    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 literal keeps its brackets
+    name = _wire_host(url)
+    host = f"[{name}]" if ":" in name else name  # an IPv6 literal keeps its brackets
     host_header = host if url.port is None else f"{host}:{url.port}"
     return client.build_request(
         "GET", url.copy_with(host=address),
         # identity: the byte limit is on what arrives, and a 500 KB gzip body can inflate to gigabytes
         headers={"Host": host_header, "Accept": "image/*", "Accept-Encoding": "identity"},
-        extensions={"sni_hostname": url.host})
+        extensions={"sni_hostname": name})
 
 
 def _checked_url(text: str) -> httpx.URL:
@@ -166,7 +174,7 @@ async def _follow(url: httpx.URL, text: str, limits: FetchLimits) -> bytes:
     # No httpx timeout: fetch_async's deadline covers every step.
     async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=None) as client:
         for _ in range(limits.max_redirects + 1):
-            address = await resolve(url.host, url.port or (443 if url.scheme == "https" else 80),
+            address = await resolve(_wire_host(url), url.port or (443 if url.scheme == "https" else 80),
                                     limits.allow_private)
             try:
                 response = await client.send(_pinned_request(client, url, address), stream=True)

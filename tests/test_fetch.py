@@ -155,6 +155,24 @@ def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
     assert Handler.hosts == [f"images.example.invalid:{port}"] * 2
 
 
+@pytest.mark.parametrize("name,ascii_name", [("bücher.example.invalid", "xn--bcher-kva.example.invalid"),
+                                              ("xn--bcher-kva.example.invalid", "xn--bcher-kva.example.invalid"),
+                                              ("faß.example.invalid", "xn--fa-hia.example.invalid")])  # IDNA 2008
+def test_an_internationalised_name_is_looked_up_and_sent_in_its_ascii_form(server, monkeypatch, name, ascii_name):
+    """Was a UnicodeEncodeError (a 500 from the server) for every IDNA name: its Unicode form went into Host."""
+    port = int(server.rsplit(":", 1)[1])
+    looked_up = []
+
+    def fake_getaddrinfo(host, port_, *args, **kwargs):
+        looked_up.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", fake_getaddrinfo)
+    Handler.hosts.clear()
+    assert fetch(f"http://{name}:{port}/image.png", LOCAL) == png_bytes()
+    assert looked_up == [ascii_name] and Handler.hosts == [f"{ascii_name}:{port}"]
+
+
 def test_a_redirect_loop_stops_at_the_limit(server):
     with pytest.raises(FetchError, match="more than 3 redirects"):
         fetch(f"{server}/loop", LOCAL)
