@@ -140,13 +140,14 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     page = PAGE.read_text(encoding="utf-8")
 
-    def error(status: int, message) -> JSONResponse:
-        return JSONResponse({"error": one_line(message)}, status_code=status)
+    def error(status: int, message, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
     app.add_exception_handler(ApiError, lambda request, err: error(err.status, err))
     app.add_exception_handler(FetchError, lambda request, err: error(err.status, err))
     app.add_exception_handler(UserError, lambda request, err: error(400, err))
-    app.add_exception_handler(HTTPException, lambda request, err: error(err.status_code, err.detail))
+    # err.headers: a 405's Allow, which HTTP requires and which tells the client the methods to use
+    app.add_exception_handler(HTTPException, lambda request, err: error(err.status_code, err.detail, err.headers))
     app.add_exception_handler(RequestValidationError, lambda request, err: error(422, err.errors()))
 
     async def internal(request, err):

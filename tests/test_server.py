@@ -155,6 +155,14 @@ def test_bad_input_is_a_clear_json_error(server, images_site, demo_run, test_ima
         assert "Traceback" not in response.text, case
 
 
+def test_a_wrong_method_names_the_allowed_ones(server):
+    for method, path, allowed in (("GET", "/caption", "POST"), ("POST", "/health", "GET")):
+        answer = httpx.request(method, f"{server[0]}{path}")
+        assert answer.status_code == 405 and "error" in answer.json()
+        methods = {name.strip() for name in answer.headers.get("allow", "").split(",")}
+        assert allowed in methods and method not in methods, (path, methods)
+
+
 def test_a_burst_shares_batched_passes(server, demo_run, test_images):
     path = demo_run / "data/demo/images" / test_images["image"].iloc[0]
     before = httpx.get(f"{server[0]}/health").json()
