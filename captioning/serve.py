@@ -97,6 +97,8 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
             raise ApiError(400, "the field 'image' must hold files, not text")
         images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
         fields = {key: form.get(key) for key in ("url", "beam_size", "method")}
+        if len(form.getlist("url")) > 1:  # form.get keeps the last: the others were dropped without a word
+            raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
     elif kind == "application/json":
         try:
             fields = await request.json()

@@ -139,6 +139,8 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "URL port out of range": (400, httpx.post(url, json={"url": "http://127.0.0.1:99999/a.jpg"})),
         # refused for the request itself, whatever the URL would give (here a 404, a 422)
         "URL with a bad beam_size": (400, httpx.post(url, json={"url": f"{images_site}/missing.jpg", "beam_size": 99})),
+        "two URLs in a form": (400, httpx.post(url, data={"url": [f"{images_site}/{image.name}"] * 2},
+                                                files={"other": ("a", b"x")})),
         "files and a URL, one too many": (400, httpx.post(url, data={"url": f"{images_site}/missing.jpg"}, files=[
             ("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(3)])),
         "wrong method": (405, httpx.get(url)),
