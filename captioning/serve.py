@@ -78,6 +78,8 @@ def _override(value, name: str):
     """A form field or JSON value for beam_size / method, as the type with_overrides checks."""
     if value is None or value == "":
         return None
+    if isinstance(value, UploadFile):  # its repr (filename, every part header) made an error of any length
+        raise ApiError(400, f"{name} must be a text field, not a file")
     if name == "beam_size" and isinstance(value, str):
         try:
             return int(value)

@@ -125,6 +125,8 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "text in the image field": (400, httpx.post(url, data={"image": "hello"}, files={"other": ("a", b"x")})),
         "beam too wide": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "99"})),
         "beam not a number": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "wide"})),
+        "beam_size as a file": (400, httpx.post(url, files={"image": ("a.jpg", jpeg), "beam_size": ("b" * 300, b"3")})),
+        "method as a file": (400, httpx.post(url, files={"image": ("a.jpg", jpeg), "method": ("m" * 300, b"beam")})),
         "unknown method": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"method": "sample"})),
         "bad JSON": (400, httpx.post(url, content=b"{\"url\": ", headers={"Content-Type": "application/json"})),
         "JSON nested too deep": (400, httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000,
