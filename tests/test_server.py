@@ -222,6 +222,31 @@ def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_
     assert not outside, outside
 
 
+def test_the_page_releases_the_previous_photo(server, demo_run, test_images, tmp_path):
+    """Each picked photo is shown through an object URL; the one it replaces is revoked, not held until the
+    page closes."""
+    from playwright import sync_api
+
+    photos = [demo_run / "data/demo/images" / name for name in test_images["image"].iloc[:2]]
+    with sync_api.sync_playwright() as playwright:
+        browser = offline_chromium(playwright, tmp_path / "profile")
+        try:
+            page = browser.new_page()
+            page.goto(server[0] + "/")
+            shown = []
+            for photo in photos:
+                page.set_input_files("#file", str(photo))
+                page.wait_for_function("document.getElementById('caption').textContent.length > 0",
+                                       timeout=30_000)
+                shown.append(page.eval_on_selector("#preview", "image => image.src"))
+            alive = "(url) => fetch(url).then(() => true, () => false)"
+            first_alive, last_alive = page.evaluate(alive, shown[0]), page.evaluate(alive, shown[1])
+        finally:
+            browser.close()
+    assert all(url.startswith("blob:") for url in shown) and shown[0] != shown[1]
+    assert not first_alive and last_alive
+
+
 @pytest.fixture
 def held_url():
     """A URL whose server answers 404 only once the test lets it: a slow image URL, in the test's hands."""
