@@ -206,6 +206,13 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def shutdown_grace_s(limits: ServeLimits) -> float:
+    """How long Ctrl-C or SIGTERM waits for requests in progress: long enough for one whose URL is being
+    fetched to finish. Without a bound uvicorn waited for them forever, so one client that stopped halfway
+    through sending its body kept the server from stopping."""
+    return limits.fetch.timeout_s + 5.0
+
+
 def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLimits, access_log: bool = False) -> None:
     import uvicorn
 
@@ -216,5 +223,5 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
           flush=True)
     config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log,
-                            backlog=LISTEN_BACKLOG)
+                            backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits))
     uvicorn.Server(config).run(sockets=[sock])

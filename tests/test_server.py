@@ -356,3 +356,24 @@ def test_sigterm_stops_it_cleanly(server):
     assert "Traceback" not in process.stderr.read()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{address}/health", timeout=2)
+
+
+def test_sigterm_stops_it_even_with_an_upload_stalled_halfway(demo_run):
+    """uvicorn waited forever for requests in progress: one client that stopped sending its body kept the
+    server from ever stopping. They now get --fetch-timeout + 5 s."""
+    process = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--fetch-timeout", "1"],
+                               cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert match, process.stderr.read()
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5) as client:
+            client.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{\"url")  # and then nothing more
+            httpx.get(f"http://127.0.0.1:{match.group(1)}/health", timeout=10)  # the stalled request is in
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)  # the grace is 6 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+            pytest.fail("the server did not stop within 30 s of SIGTERM while an upload was stalled")
+    assert process.returncode in (0, -signal.SIGTERM)
