@@ -78,6 +78,11 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(_source(image)) as image:
+            if image.format == "EPS":
+                # Pillow renders PostScript by running Ghostscript (a whole interpreter, with a record of
+                # -dSAFER escapes) on the file, here an upload or a URL's body from anyone: no photo needs it.
+                raise ImageError("PostScript (EPS) is not accepted: reading it would run Ghostscript; "
+                                 "convert it to PNG or JPEG")
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageTooLarge(f"refused as a possible decompression bomb: {width}x{height} pixels is over "

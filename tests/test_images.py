@@ -2,6 +2,7 @@
 ImageError. Every file is built here, tiny, with Pillow/NumPy (no TensorFlow, runs in about a second)."""
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -269,3 +270,22 @@ def test_the_captioned_picture_shows_what_was_captioned(tmp_path, kind):
     height, width = figure.shape[:2]
     middle = figure[int(0.5 * height) - 5: int(0.5 * height) + 5, int(0.5125 * width) - 5: int(0.5125 * width) + 5]
     assert np.abs(middle.reshape(-1, 3).mean(0) - captioned).max() <= 12, (middle.mean((0, 1)), captioned)
+
+
+def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    """Pillow renders EPS by running Ghostscript on the file: for an upload or a URL's body from anyone, an
+    interpreter run on untrusted input (and its failure named the server's temporary files)."""
+    from PIL import EpsImagePlugin
+
+    marker = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo 10.0; exit 0; fi\necho "$@" > {marker}\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # looked up again: found, as where Ghostscript is installed
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    with pytest.raises(ImageError, match="PostScript"):
+        load_image(eps, 16)
+    assert not marker.exists()
+
