@@ -224,4 +224,8 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
           flush=True)
     config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log,
                             backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits))
+    if access_log:
+        # uvicorn sets its access logger to log_level and logs each request at INFO: at "warning" alone,
+        # --access-log printed nothing at all
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     uvicorn.Server(config).run(sockets=[sock])

@@ -377,3 +377,22 @@ def test_sigterm_stops_it_even_with_an_upload_stalled_halfway(demo_run):
             process.kill()
             pytest.fail("the server did not stop within 30 s of SIGTERM while an upload was stalled")
     assert process.returncode in (0, -signal.SIGTERM)
+
+
+def test_access_log_logs_every_request(demo_run):
+    process = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--access-log"],
+                               cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert match, process.stderr.read()
+        assert httpx.get(f"http://127.0.0.1:{match.group(1)}/health", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{match.group(1)}/nothing", timeout=10).status_code == 404
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    logged = out + err
+    for request in ('"GET /health HTTP/1.1" 200', '"GET /nothing HTTP/1.1" 404'):
+        assert request in logged, logged  # --access-log printed nothing at all
+
