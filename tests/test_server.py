@@ -247,6 +247,31 @@ def test_the_page_releases_the_previous_photo(server, demo_run, test_images, tmp
     assert not first_alive and last_alive
 
 
+def test_the_page_says_when_it_captions_one_of_several_dropped_files(server, demo_run, test_images, tmp_path):
+    """Dropping several photos captioned the first and left the others out without a word."""
+    from playwright import sync_api
+
+    photos = [demo_run / "data/demo/images" / name for name in test_images["image"].iloc[:3]]
+    drop = """(photos) => {
+        const dropped = new DataTransfer();
+        for (const [name, bytes] of photos) dropped.items.add(new File([new Uint8Array(bytes)], name));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped}));
+    }"""
+    with sync_api.sync_playwright() as playwright:
+        browser = offline_chromium(playwright, tmp_path / "profile")
+        try:
+            page = browser.new_page()
+            page.goto(server[0] + "/")
+            page.evaluate(drop, [[photo.name, list(photo.read_bytes())] for photo in photos])
+            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+            shown = page.inner_text("#caption")
+            note = page.evaluate("document.getElementById('note')?.textContent ?? ''")
+        finally:
+            browser.close()
+    assert shown == test_images["generated"].iloc[0]
+    assert "3 files dropped" in note and "other 2 not captioned" in note, note
+
+
 @pytest.fixture
 def held_url():
     """A URL whose server answers 404 only once the test lets it: a slow image URL, in the test's hands."""
