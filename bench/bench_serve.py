@@ -71,7 +71,7 @@ class Load:
                 ok = answer.status_code == 200
             # No answer at all (a reset connection, a timeout) is a failed request too: it is counted in
             # serve_errors, where it used to end the whole benchmark with a traceback.
-            except httpx.TransportError:
+            except httpx.HTTPError:
                 ok = False
         self.sent += 1
         self.errors += not ok
