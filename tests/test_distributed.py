@@ -105,6 +105,7 @@ def run_workers(projects: list[Path]) -> list[str]:
     return logs
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
     projects = [tmp_path / f"machine{index}" for index in range(2)]  # one folder per "machine"
     for project in projects:
@@ -134,6 +135,7 @@ def test_two_workers_on_localhost_agree_and_only_the_chief_writes(tmp_path):
         np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_two_workers_resume_a_shared_checkpoint_and_still_only_the_chief_writes(tmp_path):
     """The rerun after a kill that came once every epoch was checkpointed (while saving the model): both
     workers read the shared checkpoint before agreeing, and the other worker keeps the best epoch from the

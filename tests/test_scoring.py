@@ -32,6 +32,7 @@ def real_references(flickr8k):
     return candidates, references
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_same_numbers_as_pycocoevalcap_on_real_references(real_references, monkeypatch):
     """Two sets scored by one scorer, as evaluate scores the model and its baselines: one Java start,
     and each set's numbers equal direct pycocoevalcap calls, METEOR's from a fresh Java process."""

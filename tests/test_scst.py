@@ -72,6 +72,7 @@ def test_fine_tuning_raises_the_reward_it_optimises(toy, tmp_path):
     assert greedy_reward() > before + 1.0  # the captions it writes, not only its samples, score higher
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_a_killed_run_resumes_to_the_same_weights(toy, tmp_path, capsys):
     decoder, vocab, features, rewards = toy
     start = decoder.get_weights()
