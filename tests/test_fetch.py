@@ -137,38 +137,36 @@ def test_which_addresses_count_as_public(address, public):
     assert fetch_module._public(ipaddress.ip_address(address)) is public
 
 
-def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
-    # A name that no DNS knows: the fetch can only succeed by connecting to the address resolve() checked,
-    # while the Host header keeps the name (as a virtual host needs).
-    port = int(server.rsplit(":", 1)[1])
-    checked = []
+@pytest.fixture
+def looked_up(monkeypatch) -> list[str]:
+    """A DNS that answers 127.0.0.1 for every name; the names asked, in order."""
+    names = []
 
-    def fake_getaddrinfo(host, port_, *args, **kwargs):
-        checked.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        names.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
     monkeypatch.setattr(fetch_module.socket, "getaddrinfo", fake_getaddrinfo)
     Handler.hosts.clear()
+    return names
+
+
+def test_the_connection_goes_to_the_checked_address(server, looked_up):
+    # A name that no DNS knows: the fetch can only succeed by connecting to the address resolve() checked,
+    # while the Host header keeps the name (as a virtual host needs).
+    port = int(server.rsplit(":", 1)[1])
     assert fetch(f"http://images.example.invalid:{port}/hop", LOCAL) == png_bytes()
     # resolve() checked the name at each hop of the redirect; the HTTP client only ever saw the address.
-    assert [host for host in checked if host != "127.0.0.1"] == ["images.example.invalid"] * 2
+    assert [host for host in looked_up if host != "127.0.0.1"] == ["images.example.invalid"] * 2
     assert Handler.hosts == [f"images.example.invalid:{port}"] * 2
 
 
 @pytest.mark.parametrize("name,ascii_name", [("bücher.example.invalid", "xn--bcher-kva.example.invalid"),
                                               ("xn--bcher-kva.example.invalid", "xn--bcher-kva.example.invalid"),
                                               ("faß.example.invalid", "xn--fa-hia.example.invalid")])  # IDNA 2008
-def test_an_internationalised_name_is_looked_up_and_sent_in_its_ascii_form(server, monkeypatch, name, ascii_name):
+def test_an_internationalised_name_is_looked_up_and_sent_in_its_ascii_form(server, looked_up, name, ascii_name):
     """Was a UnicodeEncodeError (a 500 from the server) for every IDNA name: its Unicode form went into Host."""
     port = int(server.rsplit(":", 1)[1])
-    looked_up = []
-
-    def fake_getaddrinfo(host, port_, *args, **kwargs):
-        looked_up.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
-
-    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", fake_getaddrinfo)
-    Handler.hosts.clear()
     assert fetch(f"http://{name}:{port}/image.png", LOCAL) == png_bytes()
     assert looked_up == [ascii_name] and Handler.hosts == [f"{ascii_name}:{port}"]
 

@@ -2,6 +2,7 @@
 requests, image URLs on a local HTTP server, and the page in headless Chromium (Playwright)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -187,35 +188,37 @@ def test_no_page_loads_anything_from_the_network(server):
         assert httpx.get(f"{server[0]}{docs}").status_code == 404
 
 
-def offline_chromium(playwright, profile: Path):
-    """Headless Chromium with a fresh profile; every host but 127.0.0.1 unresolvable and a dead proxy: the
-    network is cut."""
+@contextlib.contextmanager
+def offline_page(profile: Path):
+    """A blank page of headless Chromium with a fresh profile; every host but 127.0.0.1 unresolvable and a
+    dead proxy: the network is cut."""
+    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
+
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: `bash scripts/setup.sh --dev` installs it")
-    return playwright.chromium.launch_persistent_context(
-        profile, executable_path=CHROMIUM, headless=True, args=[
-            *CHROMIUM_FLAGS, "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=[
+                *CHROMIUM_FLAGS, "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
 
 def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_images, tmp_path):
-    from playwright import sync_api  # requirements-dev.txt; it drives Debian's chromium, never a download
     address = server[0]
     photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
     requested = []
-    with sync_api.sync_playwright() as playwright:
-        browser = offline_chromium(playwright, tmp_path / "profile")
-        try:
-            page = browser.new_page()
-            page.on("request", lambda request: requested.append(request.url))
-            page.goto(address + "/")
-            page.set_input_files("#file", str(photo))
-            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
-            shown = page.inner_text("#caption")
-            beams = page.locator("#beams li").count()
-            page.screenshot(path=os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "serve.png")), full_page=True)
-        finally:
-            browser.close()
+    with offline_page(tmp_path / "profile") as page:
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(address + "/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+        shown = page.inner_text("#caption")
+        beams = page.locator("#beams li").count()
+        page.screenshot(path=os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "serve.png")), full_page=True)
     assert shown == test_images["generated"].iloc[0]
     assert beams >= 1
     outside = [url for url in requested if not url.startswith((address, "blob:", "data:"))]
@@ -225,49 +228,35 @@ def test_the_page_captions_an_uploaded_photo_in_chromium(server, demo_run, test_
 def test_the_page_releases_the_previous_photo(server, demo_run, test_images, tmp_path):
     """Each picked photo is shown through an object URL; the one it replaces is revoked, not held until the
     page closes."""
-    from playwright import sync_api
-
     photos = [demo_run / "data/demo/images" / name for name in test_images["image"].iloc[:2]]
-    with sync_api.sync_playwright() as playwright:
-        browser = offline_chromium(playwright, tmp_path / "profile")
-        try:
-            page = browser.new_page()
-            page.goto(server[0] + "/")
-            shown = []
-            for photo in photos:
-                page.set_input_files("#file", str(photo))
-                page.wait_for_function("document.getElementById('caption').textContent.length > 0",
-                                       timeout=30_000)
-                shown.append(page.eval_on_selector("#preview", "image => image.src"))
-            alive = "(url) => fetch(url).then(() => true, () => false)"
-            first_alive, last_alive = page.evaluate(alive, shown[0]), page.evaluate(alive, shown[1])
-        finally:
-            browser.close()
+    with offline_page(tmp_path / "profile") as page:
+        page.goto(server[0] + "/")
+        shown = []
+        for photo in photos:
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.getElementById('caption').textContent.length > 0",
+                                   timeout=30_000)
+            shown.append(page.eval_on_selector("#preview", "image => image.src"))
+        alive = "(url) => fetch(url).then(() => true, () => false)"
+        first_alive, last_alive = page.evaluate(alive, shown[0]), page.evaluate(alive, shown[1])
     assert all(url.startswith("blob:") for url in shown) and shown[0] != shown[1]
     assert not first_alive and last_alive
 
 
 def test_the_page_says_when_it_captions_one_of_several_dropped_files(server, demo_run, test_images, tmp_path):
     """Dropping several photos captioned the first and left the others out without a word."""
-    from playwright import sync_api
-
     photos = [demo_run / "data/demo/images" / name for name in test_images["image"].iloc[:3]]
     drop = """(photos) => {
         const dropped = new DataTransfer();
         for (const [name, bytes] of photos) dropped.items.add(new File([new Uint8Array(bytes)], name));
         document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped}));
     }"""
-    with sync_api.sync_playwright() as playwright:
-        browser = offline_chromium(playwright, tmp_path / "profile")
-        try:
-            page = browser.new_page()
-            page.goto(server[0] + "/")
-            page.evaluate(drop, [[photo.name, list(photo.read_bytes())] for photo in photos])
-            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
-            shown = page.inner_text("#caption")
-            note = page.evaluate("document.getElementById('note')?.textContent ?? ''")
-        finally:
-            browser.close()
+    with offline_page(tmp_path / "profile") as page:
+        page.goto(server[0] + "/")
+        page.evaluate(drop, [[photo.name, list(photo.read_bytes())] for photo in photos])
+        page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+        shown = page.inner_text("#caption")
+        note = page.evaluate("document.getElementById('note')?.textContent ?? ''")
     assert shown == test_images["generated"].iloc[0]
     assert "3 files dropped" in note and "other 2 not captioned" in note, note
 
@@ -299,32 +288,25 @@ def held_url():
 def test_the_page_shows_only_the_latest_requests_answer(server, demo_run, test_images, held_url, tmp_path):
     """A URL still being fetched when a photo is picked must not put its late answer under the photo
     (the page once showed the URL's error, or its caption, beside the photo's preview)."""
-    from playwright import sync_api
-
     url, asked, release = held_url
     photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
     answers = []
-    with sync_api.sync_playwright() as playwright:
-        browser = offline_chromium(playwright, tmp_path / "profile")
-        try:
-            page = browser.new_page()
-            page.on("response", lambda response: answers.append(response) if response.url.endswith("/caption")
-                    else None)
-            page.goto(server[0] + "/")
-            page.fill("#url", url)
-            page.click("#url-form button")
-            assert asked.wait(30), "the server never fetched the URL"
-            page.set_input_files("#file", str(photo))
-            page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
-            release.set()  # now the URL's request ends, after the photo's
-            page.wait_for_function(f"window.performance.getEntriesByName('{server[0]}/caption').length >= 2",
-                                   timeout=30_000)
-            for answer in answers:
-                answer.finished()
-            page.evaluate("new Promise((done) => setTimeout(done, 200))")  # its handler has run by now
-            shown = {name: page.inner_text(f"#{name}") for name in ("caption", "error", "status")}
-        finally:
-            browser.close()
+    with offline_page(tmp_path / "profile") as page:
+        page.on("response", lambda response: answers.append(response) if response.url.endswith("/caption")
+                else None)
+        page.goto(server[0] + "/")
+        page.fill("#url", url)
+        page.click("#url-form button")
+        assert asked.wait(30), "the server never fetched the URL"
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+        release.set()  # now the URL's request ends, after the photo's
+        page.wait_for_function(f"window.performance.getEntriesByName('{server[0]}/caption').length >= 2",
+                               timeout=30_000)
+        for answer in answers:
+            answer.finished()
+        page.evaluate("new Promise((done) => setTimeout(done, 200))")  # its handler has run by now
+        shown = {name: page.inner_text(f"#{name}") for name in ("caption", "error", "status")}
     assert [answer.status for answer in answers] == [200, 422]  # the photo's answer first, the URL's after it
     assert shown == {"caption": test_images["generated"].iloc[0], "error": "", "status": ""}
 
