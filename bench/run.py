@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/results.json (a table of the figures is printed at the end).
 
-    .venv/bin/python bench/run.py            # full sizes, ~15-20 min on 2 shared cores
+    .venv/bin/python bench/run.py            # full sizes, 9-20 min on 2 shared cores
     .venv/bin/python bench/run.py --quick    # small sizes, a few minutes
 
 Every figure is the median of several repeats (warm-ups and tracing left out) with the raw numbers
@@ -95,7 +95,7 @@ def table(results: dict) -> str:
 
 def run_benchmark(name: str, workdir: Path, sizes: dict) -> dict:
     """One benchmark's figures; if it fails (a crash, an assertion of its correctness checks, a figure it
-    did not return), each of its keys records why instead. A full run takes 15-20 min: one benchmark's
+    did not return), each of its keys records why instead. A full run takes 9-20 min: one benchmark's
     failure near the end used to end the run with a traceback and lose every other figure."""
     try:
         module = importlib.import_module(f"bench_{name}")
