@@ -160,11 +160,12 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
 
     app.add_exception_handler(Exception, internal)
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD too: `curl -I` and the health checks of load balancers and uptime monitors ask with it
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index() -> str:
         return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok", "model": loaded.describe(), "batches": batcher.batches, "images": batcher.items}
 

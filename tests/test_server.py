@@ -160,6 +160,14 @@ def test_bad_input_is_a_clear_json_error(server, images_site, demo_run, test_ima
         assert "Traceback" not in response.text, case
 
 
+def test_head_asks_the_page_and_health_without_their_body(server):
+    """`curl -I` and load balancers' health checks ask with HEAD; it was a 405."""
+    for path in ("/", "/health"):
+        got, asked = httpx.get(f"{server[0]}{path}"), httpx.head(f"{server[0]}{path}")
+        assert (asked.status_code, asked.content) == (200, b""), path
+        assert asked.headers["content-type"] == got.headers["content-type"], path
+
+
 def test_a_wrong_method_names_the_allowed_ones(server):
     for method, path, allowed in (("GET", "/caption", "POST"), ("POST", "/health", "GET")):
         answer = httpx.request(method, f"{server[0]}{path}")
