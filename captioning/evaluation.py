@@ -1,7 +1,6 @@
 """Caption the test images, score them and the baselines the same way, and build the predictions table."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -24,15 +23,10 @@ def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[s
 def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_images: list[str],
              test_images: list[str], settings: DecodeSettings) -> tuple[dict, pd.DataFrame]:
     store = FeatureStore(features_dir)
-    # A test photo whose extraction failed (listed in the extract report) has no features and cannot be
-    # captioned. It is left out of every score, so it is counted in eval.json and named here: metrics over
-    # fewer photos than the split holds must not pass for the whole split.
-    without_features = sorted(name for name in test_images if name not in store.row_of)
+    # A test photo whose extraction failed has no features and cannot be captioned: it is left out of every
+    # score, and counted in eval.json.
+    without_features = store.without_features(test_images, "test", "are not scored", "evaluate")
     test_images = sorted(name for name in test_images if name in store.row_of)
-    if without_features:
-        shown = ", ".join(without_features[:10]) + (", ..." if len(without_features) > 10 else "")
-        print(f"evaluate: {len(without_features)} test images have no features (see the extract report) and are "
-              f"not scored: {shown}", file=sys.stderr)
     # Two different causes, two different remedies: a seeded split's user was told to set the seeded split.
     if not test_images and without_features:
         raise UserError(f"none of the {len(without_features)} test images has features: their extraction failed "

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 import captioning
 from captioning.errors import UserError
+from captioning.layout import CACHE_ENV
 
 MAX_RESTARTS = 4      # per actor: a worker killed or lost this often ends the run, with a message
 MAX_TASK_RETRIES = 3  # per batch: one that keeps killing its worker (a crashing decoder) is not retried forever
 CONNECT_TIMEOUT_S = 5
-CACHE_ENV = "CAPTIONING_CACHE"  # efficientnet_lite.CACHE_ENV (not imported: it would load TensorFlow here)
 START_HINT = ("start a cluster with `ray start --head` (see README, Scaling out), or set "
               "features.ray_address: null to start a private local Ray")
 

@@ -6,6 +6,7 @@ evaluation and merging depend only on the format of the folder, not on how it wa
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +62,19 @@ class FeatureStore:
                 not np.array_equal(np.sort(rows), np.arange(len(index))):
             raise _damaged(folder / "features.npy", f"{self.matrix.shape} features for the {len(index)} rows "
                                                     "of index.parquet")
+
+    def without_features(self, images, split: str, consequence: str, stage: str) -> list[str]:
+        """The photos of `images` whose extraction failed (listed in the extract report), sorted; when there
+        are any, one stderr line names them and says what `stage` does without them: results over fewer
+        photos than the split holds must not pass for results over all of them."""
+        from captioning.layout import EXTRACT_REPORT
+
+        missing = sorted(name for name in set(images) if name not in self.row_of)
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            print(f"{stage}: {len(missing)} {split} images have no features (see {EXTRACT_REPORT}) and {consequence}: "
+                  f"{shown}", file=sys.stderr, flush=True)
+        return missing
 
     def rows(self, images) -> np.ndarray:
         return np.array([self.row_of[name] for name in images], dtype=np.int64)

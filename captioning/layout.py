@@ -14,6 +14,9 @@ FEATURES_DIR = Path("data/features")
 # folder's hash, so DVC would retrain after any re-extraction (another engine, `-f`) with identical features.
 EXTRACT_REPORT = Path("data/reports/extract_report.json")
 MODEL_DIR = Path("data/model")
+# Outside the project: where backbone weights converted once are kept (default ~/.cache/captioning), for
+# every project and process of the user (efficientnet_lite.cache_dir)
+CACHE_ENV = "CAPTIONING_CACHE"
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("dvclive")
 TRAIN_METRICS = Path("metrics/train.json")

@@ -18,7 +18,6 @@ only the chief writes outputs; `default` runs exactly as without a strategy.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -227,17 +226,10 @@ def prepare_data(config: TrainConfig, captions: pd.DataFrame, train_images: list
                  store: FeatureStore) -> TrainingData:
     """The vocabulary of the training captions and both splits as token sequences."""
     train_captions = captions[captions["image"].isin(set(train_images))]
-    # A photo whose extraction failed (listed in the extract report) has no features, so its captions are left
-    # out. Counted in metrics/train.json and named here, as evaluate does for test photos: a model trained on
-    # fewer photos than the split holds must not pass for one trained on them all.
-    without_features = {}
-    for split, images in (("train", train_images), ("dev", dev_images)):
-        missing = sorted(name for name in set(images) if name not in store.row_of)
-        without_features[split] = len(missing)
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            print(f"train_lstm: {len(missing)} {split} images have no features (see {layout.EXTRACT_REPORT}) and "
-                  f"are left out of training: {shown}", file=sys.stderr, flush=True)
+    # A photo whose extraction failed has no features, so its captions are left out: counted in
+    # metrics/train.json, as evaluate counts test photos.
+    without_features = {split: len(store.without_features(images, split, "are left out of training", "train_lstm"))
+                        for split, images in (("train", train_images), ("dev", dev_images))}
     vocab = Vocabulary.build(train_captions["caption"], config.min_count)
     train_set, truncated = caption_set(captions, train_images, store, vocab, config.max_length)
     dev_set, dev_truncated = caption_set(captions, dev_images, store, vocab, config.max_length)
