@@ -148,18 +148,11 @@ def serve_command(args) -> int:
 
 
 def demo_command(args) -> int:
-    from captioning.demo import generate_demo
+    from captioning.demo import write_demo
 
     options = read_section("demo", path=args.params)  # checked like every stage's params
-    try:
-        summary = generate_demo(Path(options.out_dir), n_images=options.n_images, image_size=options.image_size,
-                                seed=options.seed)
-    except OSError as err:
-        raise UserError(f"cannot write the demo into {options.out_dir} ({err}): set demo.out_dir in "
-                        f"{args.params} to a folder you can write") from None
-    state = "up to date" if summary["skipped"] else "written"
-    print(f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
-          f"{summary['vocab_size']} words -> {options.out_dir}")
+    print(write_demo(options.out_dir, n_images=options.n_images, image_size=options.image_size, seed=options.seed,
+                     params_file=args.params))
     return 0
 
 

@@ -260,6 +260,38 @@ def check_not_stale(captions_file: str | Path) -> None:
                         "then run `dvc repro` again.")
 
 
+def write_demo(out_dir: str | Path, *, n_images: int, image_size: int, seed: int,
+               params_file: str | Path = "params.yaml") -> str:
+    """generate_demo for `python -m captioning demo` and parse_pickle; returns the line that says what it did.
+
+    A folder that cannot be written is one line naming the param to change, not an OSError traceback."""
+    try:
+        summary = generate_demo(Path(out_dir), n_images=n_images, image_size=image_size, seed=seed)
+    except OSError as err:
+        raise UserError(f"cannot write the demo into {out_dir} ({err}): set demo.out_dir in {params_file} to a "
+                        "folder you can write") from None
+    state = "up to date" if summary["skipped"] else "written"
+    return (f"demo {state}: {summary['n_images']} images, {summary['n_captions']} captions, "
+            f"{summary['vocab_size']} words -> {out_dir}")
+
+
+def match_params(captions_file: str | Path, *, out_dir: str, n_images: int, image_size: int, seed: int) -> str:
+    """Make the demo data parse_pickle is about to read the data that params.yaml's `demo` section describes.
+
+    The demo folder is no stage's output (`python -m captioning demo` writes it), so a change of the demo
+    params alone (`dvc exp run -S demo.n_images=500`) reran nothing, or, once parse_pickle listed them, would
+    parse the old images while the experiment showed the new params. When `captions_file` is the demo's
+    (`demo.out_dir`/captions.pkl), the demo is written again if its manifest records other settings or another
+    generator version (when they match, generate_demo only reads the manifest). Any other captions file is
+    the user's own data, which the demo params do not describe: the returned line says so.
+    """
+    demo_captions = Path(out_dir) / CAPTIONS
+    if Path(captions_file).resolve() != demo_captions.resolve():
+        check_not_stale(captions_file)  # a demo folder kept elsewhere must still be this generator's
+        return f"demo.* params not used: data.captions is {captions_file}, not the demo's {demo_captions}"
+    return write_demo(out_dir, n_images=n_images, image_size=image_size, seed=seed)
+
+
 def generate_demo(out_dir, *, n_images: int, image_size: int, seed: int) -> dict:
     """Write `out_dir/images/demo_NNNNN.jpg` and `out_dir/captions.pkl`; return a summary.
 

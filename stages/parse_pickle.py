@@ -1,14 +1,17 @@
 """Stage parse_pickle: the user's captions file -> captions table (parquet) + data report (json)."""
 from captioning import files, layout
 from captioning.captions import load_captions
-from captioning.demo import check_not_stale
+from captioning.demo import match_params
 from captioning.errors import run_stage
 from captioning.params import read_params
 
 
 def main() -> None:
-    data = read_params("data.captions", "data.images", "data.allow_pandas_pickle", "data.max_skipped_fraction")["data"]
-    check_not_stale(data["captions"])
+    params = read_params("data.captions", "data.images", "data.allow_pandas_pickle", "data.max_skipped_fraction",
+                         "demo")
+    data = params["data"]
+    # The demo data is no stage's output: remade here when the demo params change (dvc exp run -S demo.x=...)
+    print(match_params(data["captions"], **params["demo"]))
     table, report = load_captions(data["captions"], data["images"], allow_pandas_pickle=data["allow_pandas_pickle"],
                                   max_skipped_fraction=data["max_skipped_fraction"])
     files.write_parquet(layout.CAPTIONS_TABLE, table)

@@ -22,6 +22,7 @@ from captioning.demo import (
     captions_for,
     check_not_stale,
     generate_demo,
+    match_params,
     plan_scenes,
 )
 from captioning.errors import UserError
@@ -166,6 +167,20 @@ def test_stale_demo_data_is_refused_with_the_command_to_remake_it(tmp_path):
     manifest.write_text("{not json")
     with pytest.raises(UserError, match="python -m captioning demo"):
         check_not_stale(tmp_path / "captions.pkl")
+
+
+def test_parse_pickle_remakes_the_demo_only_when_it_is_the_data(tmp_path):
+    """match_params (parse_pickle's first step) writes the demo params' data into demo.out_dir when
+    data.captions is the demo's, and says the demo params are not used for other data."""
+    out = tmp_path / "demo"
+    generate_demo(out, n_images=N, image_size=SIZE, seed=SEED)
+    settings = {"out_dir": str(out), "n_images": N - 10, "image_size": SIZE, "seed": SEED}
+    own = tmp_path / "mine" / "captions.txt"
+    assert match_params(own, **settings).startswith(f"demo.* params not used: data.captions is {own}")
+    assert len(list((out / "images").iterdir())) == N  # left alone
+    assert match_params(out / "captions.pkl", **settings).startswith(f"demo written: {N - 10} images")
+    assert len(_lines(out)) == 5 * (N - 10)
+    assert match_params(out / "captions.pkl", **settings).startswith("demo up to date")
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import copy_project
+from helpers import copy_project, stages_run
 
-from captioning.tiny_project import run
+from captioning.tiny_project import make_project, run
 
 EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
 SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view
@@ -71,3 +71,21 @@ def test_queued_experiments_are_compared(demo_run, tmp_path):
         assert {"epochs-1_plots_learning_curves.png", "epochs-3_plots_learning_curves.png"} <= images
     finally:
         run(["dvc", "queue", "stop", "--kill"], project, check=False, timeout=120)
+
+
+def test_an_experiment_on_the_demo_params_parses_the_demo_they_describe(tmp_path):
+    """The demo data is made by `python -m captioning demo`, no stage, and no stage listed the demo params:
+    `dvc exp run -S demo.n_images=40` ran nothing and the experiment measured the old 60 images under the
+    new params. Now parse_pickle lists them and makes the demo again; DVC records the new data, so a
+    second `dvc repro` has nothing to do. Parsing and splitting only: no TensorFlow."""
+    project = make_project(tmp_path / "project")  # 60 demo images
+    run(["dvc", "repro", "split"], project)
+    result = run(["dvc", "exp", "run", "-S", "demo.n_images=40", "split"], project)
+    assert stages_run(result.stdout) == ["parse_pickle", "split"], result.stdout
+    assert "demo written: 40 images" in result.stdout
+    assert len(list((project / "data/demo/images").iterdir())) == 40
+    assert len((project / "data/images.txt").read_text().split()) == 40
+    split = [(project / f"data/split/{name}.txt").read_text().split() for name in ("train", "dev", "test")]
+    assert sum(map(len, split)) == 40
+    again = run(["dvc", "repro", "split"], project)
+    assert stages_run(again.stdout) == [], again.stdout
