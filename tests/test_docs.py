@@ -178,3 +178,13 @@ def test_serve_load_table_is_the_committed_full_run():
     assert rows["errors"][0] == f"{errors['value']} of {errors['requests']:,} requests"
     assert rows["server's peak RSS after all requests vs after 100"][0] == (
         f"{rss['value']:.2f} ({rss['peak_rss_mb_early']:.0f} -> {rss['peak_rss_mb_total']:.0f} MB)")
+
+
+def test_docs_pages_quote_no_benchmark_speeds():
+    """A bench run rewrites bench/results.json, and the README's Performance table is checked against it
+    above; a speed copied into docs/ is checked by nothing and goes stale (the tuning log said 41.8 and
+    75.0 photos/s for EfficientNet-Lite0 long after the benchmark measured 118.8 and 202.9). docs/ names the
+    benchmark keys instead."""
+    speed = re.compile(r"\d[\d.,]*\s*(?:photos|images|captions)(?:/s| per second)")
+    quoted = {page.name: speed.findall(page.read_text(encoding="utf-8")) for page in PAGES if page != README}
+    assert not any(quoted.values()), f"speeds copied into docs/ (name the bench/results.json key instead): {quoted}"
