@@ -11,8 +11,6 @@ rebuilds exactly the network the features came from, weights checked by sha256.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from captioning import efficientnet_lite, files
 from captioning.errors import UserError
 from captioning.feature_files import BackboneSpec
@@ -40,7 +38,7 @@ def feature_dim(spec: BackboneSpec) -> int:
 
 def build_backbone(spec: BackboneSpec) -> keras.Model:
     """uint8 RGB pixels (n, size, size, 3) -> float32 pooled features, preprocessing included."""
-    _check_weights_unchanged(spec)
+    spec.check_weights_file()
     keras.mixed_precision.set_global_policy(spec.precision)
     try:
         seed_everything(spec.seed)  # random init is bitwise reproducible from this seed
@@ -53,17 +51,6 @@ def build_backbone(spec: BackboneSpec) -> keras.Model:
         return keras.Model(pixels, keras.ops.cast(features, "float32"), name=f"{spec.backbone}_features")
     finally:
         keras.mixed_precision.set_global_policy("float32")
-
-
-def _check_weights_unchanged(spec: BackboneSpec) -> None:
-    if spec.weights in ("imagenet", "random") or spec.weights_sha256 is None:
-        return
-    if not Path(spec.weights).is_file():
-        raise UserError(f"the weights file {spec.weights} that these features were made with is gone; restore it "
-                        "or re-extract with `dvc repro`.")
-    if files.sha256(spec.weights) != spec.weights_sha256:
-        raise UserError(f"the weights file {spec.weights} changed since the features were extracted (sha256 "
-                        "differs); re-extract with `dvc repro -f extract_resnet_features`.")
 
 
 def _resnet50(spec: BackboneSpec) -> keras.Model:

@@ -31,6 +31,24 @@ class BackboneSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def check_weights_file(self, *, missing_ok: bool = False) -> None:
+        """Stop when the weights file these features were extracted with holds other bytes now (or is gone,
+        unless `missing_ok`: training and scoring read only the features). DVC cannot see the change:
+        `features.weights` is a keyword or a path, and dvc.yaml cannot list a dependency only when it is a
+        path, so a file replaced at the same path reruns no stage; every reader of the features checks here."""
+        if self.weights in ("imagenet", "random") or self.weights_sha256 is None:
+            return
+        if not Path(self.weights).is_file():
+            if missing_ok:
+                return
+            raise UserError(f"the weights file {self.weights} that these features were made with is gone; restore "
+                            "it or re-extract with `dvc repro`.")
+        now = files.sha256(self.weights)
+        if now != self.weights_sha256:
+            raise UserError(f"the weights file {self.weights} changed since the features were extracted (sha256 "
+                            f"{self.weights_sha256[:12]}... then, {now[:12]}... now), which DVC cannot see: re-extract "
+                            "with `dvc repro -f -s extract_resnet_features`, then `dvc repro`.")
+
 
 FEATURE_FILES = ("features.npy", "index.parquet", "backbone.json")  # features.npy is written last
 
@@ -58,6 +76,7 @@ class FeatureStore:
             self.spec = BackboneSpec(**files.read_json(folder / name))
         except (OSError, ValueError, TypeError, KeyError) as err:  # ArrowInvalid is a ValueError
             raise _damaged(folder / name, f"{type(err).__name__}: {err}") from None
+        self.spec.check_weights_file(missing_ok=True)  # features of other weights must not train or be scored
         if self.matrix.ndim != 2 or len(self.matrix) != len(index) or \
                 not np.array_equal(np.sort(rows), np.arange(len(index))):
             raise _damaged(folder / "features.npy", f"{self.matrix.shape} features for the {len(index)} rows "

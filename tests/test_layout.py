@@ -137,3 +137,35 @@ def test_a_key_added_to_data_by_hand_reruns_a_stage_that_names_it(tmp_path):
     assert result.returncode != 0
     assert "data.split_directory (did you mean data.split_dir?)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_features_of_a_weights_file_replaced_at_the_same_path_are_neither_trained_on_nor_scored(tmp_path):
+    """DVC cannot rerun extraction when `features.weights` names a file whose bytes changed (a keyword or a
+    path: dvc.yaml cannot list it as a dependency only when it is a path), so `dvc exp run -S train.epochs=3`
+    trained and scored features of the old weights under the new file's name. The readers of the features
+    (train_lstm and evaluate open them through FeatureStore) compare the file with the sha256 recorded at
+    extraction and say what to run; a file that is gone (features pulled without it) is no reason to stop."""
+    import numpy as np
+    import pandas as pd
+
+    from captioning import files
+    from captioning.errors import UserError
+    from captioning.feature_files import BackboneSpec, FeatureStore
+
+    weights = tmp_path / "mine.weights.h5"
+    weights.write_bytes(b"the weights the features were extracted with")
+    folder = tmp_path / "features"
+    folder.mkdir()
+    np.save(folder / "features.npy", np.zeros((2, 4), np.float32))
+    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "row": [0, 1]}).to_parquet(folder / "index.parquet")
+    spec = BackboneSpec(str(weights), 0, 64, "float32", weights_sha256=files.sha256(weights))
+    files.write_json(folder / "backbone.json", spec.to_json())
+    assert FeatureStore(folder).spec == spec  # unchanged: fine
+
+    weights.write_bytes(b"other weights, copied over the same path")
+    with pytest.raises(UserError, match="changed since the features were extracted") as refused:
+        FeatureStore(folder)
+    assert "dvc repro -f -s extract_resnet_features" in str(refused.value) and str(weights) in str(refused.value)
+
+    weights.unlink()
+    assert FeatureStore(folder).spec == spec
