@@ -123,6 +123,16 @@ def test_every_section_a_stage_reads_is_listed_whole_by_some_stage():
     assert read <= set(listed)
 
 
+def test_every_knob_of_params_yaml_is_a_param_of_some_stage():
+    """A knob that no stage lists is invisible to DVC: `dvc exp run -S demo.n_images=500` reran nothing while
+    the demo params were read only by `python -m captioning demo`, and the experiment measured the old data."""
+    defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    listed = {param for stage in STAGES.values() for param in stage.get("params", [])}
+    unlisted = [f"{section}.{key}" for section, knobs in defaults.items() for key in knobs
+                if section not in listed and f"{section}.{key}" not in listed]
+    assert not unlisted, f"params no stage of dvc.yaml lists: {unlisted}"
+
+
 def test_a_key_added_to_data_by_hand_reruns_a_stage_that_names_it(tmp_path):
     """In a tiny project: after parse_pickle and split ran, a misspelt `data` key makes `dvc status` report
     a change, and `dvc repro` stops with the key and the likely intended one instead of skipping it."""
