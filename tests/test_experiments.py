@@ -58,6 +58,9 @@ def test_queued_experiments_are_compared(demo_run, tmp_path):
             assert metrics["metrics/train.json"]["data"]["epochs"] == epochs
             assert isinstance(metrics["metrics/eval.json"]["data"]["bleu4"], float)
 
+        params = json.loads(run(["dvc", "params", "diff", "epochs-1", "epochs-3", "--json"], project).stdout)
+        assert list(params["params.yaml"]) == ["train.epochs"]  # the one param the two runs differ in
+        assert (params["params.yaml"]["train.epochs"]["old"], params["params.yaml"]["train.epochs"]["new"]) == (1, 3)
         diff = json.loads(run(["dvc", "metrics", "diff", "epochs-1", "epochs-3", "--json"], project).stdout)
         assert diff["metrics/train.json"]["epochs"] == {"old": 1, "new": 3, "diff": 2}
         assert "bleu4" in diff["metrics/eval.json"]
