@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="width x height limit of one image (default: %(default)s)")
+    serve.add_argument("--request-timeout", type=_finite, default=60.0,
+                       help="seconds a client has to send a whole request, headers and body; then 408 and the "
+                            "connection is closed (default: %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=100,
+                       help="connections open at once; more are answered 503 (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     _fetch_arguments(serve)
     demo = commands.add_parser(
@@ -131,9 +136,10 @@ def caption_command(args) -> int:
 def serve_command(args) -> int:
     check_bundle(args.model_dir)
     settings = decode_settings(args.model_dir, args.decode_settings)  # fails here, before TensorFlow loads
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_files < 1 or args.max_pixels < 1:
-        raise UserError("--max-batch, --max-files, --max-pixels must be at least 1, --max-body-mb positive, "
-                        "--max-wait-ms at least 0")
+    if min(args.max_batch, args.max_files, args.max_pixels, args.max_connections) < 1 or args.max_wait_ms < 0 \
+            or args.max_body_mb <= 0 or args.request_timeout <= 0:
+        raise UserError("--max-batch, --max-files, --max-pixels, --max-connections must be at least 1, "
+                        "--max-body-mb and --request-timeout positive, --max-wait-ms at least 0")
     fetch_limits = _fetch_limits(args)
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
 
@@ -142,6 +148,7 @@ def serve_command(args) -> int:
 
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+                         request_timeout_s=args.request_timeout, max_connections=args.max_connections,
                          fetch=fetch_limits)
     serve(args.model_dir, settings, args.host, args.port, limits, access_log=args.access_log)
     return 0

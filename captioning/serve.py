@@ -17,14 +17,16 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
-from captioning.errors import UserError, one_line
+from captioning.errors import UserError
 from captioning.fetch import FetchError, FetchLimits, fetch_async
+from captioning.http_limits import bounded_protocol, error_response
 from captioning.images import ImageError, ImageTooLarge, load_image
 from captioning.inference import LoadedCaptioner
 
@@ -39,6 +41,8 @@ class ServeLimits:
     max_pixels: int = 40_000_000       # width x height of one image, checked before decoding
     max_batch: int = 16                # images in one forward pass
     max_wait_s: float = 0.005          # how long the first image of a batch waits for company
+    request_timeout_s: float = 60.0    # to send a whole request, headers and body (slow clients, slowloris)
+    max_connections: int = 100         # open at once; each may hold a body of max_body_bytes in memory
     fetch: FetchLimits = field(default_factory=FetchLimits)
 
 
@@ -60,7 +64,7 @@ class BodyLimit:
         too_large = f"the request body is over the limit of {self.max_bytes} bytes (--max-body-mb)"
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"error": too_large}, 413)(scope, receive, send)
+            return await error_response(413, too_large)(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -144,21 +148,22 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     page = PAGE.read_text(encoding="utf-8")
 
-    def error(status: int, message, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
-
-    app.add_exception_handler(ApiError, lambda request, err: error(err.status, err))
-    app.add_exception_handler(FetchError, lambda request, err: error(err.status, err))
-    app.add_exception_handler(UserError, lambda request, err: error(400, err))
+    app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err))
+    app.add_exception_handler(FetchError, lambda request, err: error_response(err.status, err))
+    app.add_exception_handler(UserError, lambda request, err: error_response(400, err))
     # err.headers: a 405's Allow, which HTTP requires and which tells the client the methods to use
-    app.add_exception_handler(HTTPException, lambda request, err: error(err.status_code, err.detail, err.headers))
-    app.add_exception_handler(RequestValidationError, lambda request, err: error(422, err.errors()))
+    app.add_exception_handler(HTTPException,
+                              lambda request, err: error_response(err.status_code, err.detail, err.headers))
+    app.add_exception_handler(RequestValidationError, lambda request, err: error_response(422, err.errors()))
 
     async def internal(request, err):
         log.exception("unexpected error answering %s", request.url.path)  # the traceback stays in the log
-        return error(500, f"internal error ({type(err).__name__}); the server log has the details")
+        return error_response(500, f"internal error ({type(err).__name__}); the server log has the details")
 
     app.add_exception_handler(Exception, internal)
+    # The client went away (or was cut off by --request-timeout) before its whole body came: nobody reads an
+    # answer, and it is no server error (it was logged as one, with two tracebacks).
+    app.add_exception_handler(ClientDisconnect, lambda request, err: error_response(400, "the client disconnected"))
 
     # HEAD too: `curl -I` and the health checks of load balancers and uptime monitors ask with it
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
@@ -186,6 +191,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     return app
 
 
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, made explicit)
 LISTEN_BACKLOG = 2048  # queued connections; uvicorn is given the same value, as it listens on the socket again
 
 
@@ -224,7 +230,9 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
           flush=True)
     config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log,
-                            backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits))
+                            backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits),
+                            http=bounded_protocol(limits.request_timeout_s, limits.max_connections),
+                            timeout_keep_alive=KEEP_ALIVE_S)
     if access_log:
         # uvicorn sets its access logger to log_level and logs each request at INFO: at "warning" alone,
         # --access-log printed nothing at all

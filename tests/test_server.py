@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -373,40 +374,99 @@ def test_sigterm_stops_it_cleanly(server):
         httpx.get(f"{address}/health", timeout=2)
 
 
+@contextlib.contextmanager
+def own_server(demo_run: Path, *flags: str):
+    """A server of the test's own, started with these flags on any free port: (address, process). Killed at the
+    end if the test has not stopped it."""
+    process = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", *flags],
+                               cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert match, process.stderr.read()
+        yield f"http://127.0.0.1:{match.group(1)}", process
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_sigterm_stops_it_even_with_an_upload_stalled_halfway(demo_run):
     """uvicorn waited forever for requests in progress: one client that stopped sending its body kept the
     server from ever stopping. They now get --fetch-timeout + 5 s."""
-    process = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--fetch-timeout", "1"],
-                               cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
-        assert match, process.stderr.read()
-        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5) as client:
+    with own_server(demo_run, "--fetch-timeout", "1") as (address, process):
+        with socket.create_connection(("127.0.0.1", httpx.URL(address).port), timeout=5) as client:
             client.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1000\r\n\r\n{\"url")  # and then nothing more
-            httpx.get(f"http://127.0.0.1:{match.group(1)}/health", timeout=10)  # the stalled request is in
+            httpx.get(f"{address}/health", timeout=10)  # the stalled request is in
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)  # the grace is 6 s
-    finally:
-        if process.poll() is None:
-            process.kill()
-            pytest.fail("the server did not stop within 30 s of SIGTERM while an upload was stalled")
+            try:
+                process.wait(timeout=30)  # the grace is 6 s
+            except subprocess.TimeoutExpired:
+                pytest.fail("the server did not stop within 30 s of SIGTERM while an upload was stalled")
     assert process.returncode in (0, -signal.SIGTERM)
 
 
+REQUEST_TIMEOUT_S = 2.0
+STALLED = {  # what a client sends before it goes quiet
+    "nothing": b"",
+    "half the headers": b"POST /caption HTTP/1.1\r\nHost: x\r\n",
+    "half the body": b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000"
+                     b"\r\n\r\n{\"url",
+    # answered, then the first byte of the next request: it cancels uvicorn's keep-alive timer
+    "a byte after an answer": b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nG",
+}
+
+
+def stall(port: int, sent: bytes) -> tuple[float, bytes]:
+    """Send `sent` and nothing more: the seconds until the server closed the connection, and what it answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5 * REQUEST_TIMEOUT_S) as client:
+        client.sendall(sent)
+        start, answer = time.monotonic(), b""
+        with contextlib.suppress(TimeoutError):  # still open: the elapsed time shows it
+            while chunk := client.recv(65536):
+                answer += chunk
+        return time.monotonic() - start, answer
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(demo_run, test_images):
+    """uvicorn let a client that sent half a request, or a byte at a time, hold its connection for ever
+    (slowloris); nor did it bound the connections open at once."""
+    image = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    flags = ("--request-timeout", str(REQUEST_TIMEOUT_S), "--max-connections", "6")
+    with own_server(demo_run, *flags) as (address, process):
+        port = httpx.URL(address).port
+        with ThreadPoolExecutor(len(STALLED)) as pool:
+            stalled = {case: pool.submit(stall, port, sent) for case, sent in STALLED.items()}
+            time.sleep(REQUEST_TIMEOUT_S / 4)
+            health, captioned = httpx.get(f"{address}/health", timeout=10), post_files(address, [image])
+            open_meanwhile = not any(future.done() for future in stalled.values())
+            cut = {case: future.result() for case, future in stalled.items()}
+        assert health.status_code == 200 and captioned.status_code == 200 and open_meanwhile
+        for case, (seconds, answer) in cut.items():
+            assert REQUEST_TIMEOUT_S - 0.1 < seconds < REQUEST_TIMEOUT_S + 3, (case, seconds)
+            timed_out = answer.split(b"HTTP/1.1 408 Request Timeout\r\n")
+            if case == "nothing":
+                assert answer == b""  # no request to answer: closed without a word
+            else:
+                assert len(timed_out) == 2 and b"--request-timeout" in timed_out[1], (case, answer)
+
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+        refused = httpx.get(f"{address}/health", timeout=10)
+        for client in held:
+            client.close()
+        time.sleep(0.5)  # the server has seen them go
+        assert refused.status_code == 503 and "--max-connections" in refused.json()["error"], refused.text
+        assert httpx.get(f"{address}/health", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        _, logged = process.communicate(timeout=30)
+    assert "Traceback" not in logged  # a body cut off is no server error (it logged two tracebacks)
+
+
 def test_access_log_logs_every_request(demo_run):
-    process = subprocess.Popen([sys.executable, "-m", "captioning", "serve", "--port", "0", "--access-log"],
-                               cwd=demo_run, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
-        assert match, process.stderr.read()
-        assert httpx.get(f"http://127.0.0.1:{match.group(1)}/health", timeout=10).status_code == 200
-        assert httpx.get(f"http://127.0.0.1:{match.group(1)}/nothing", timeout=10).status_code == 404
+    with own_server(demo_run, "--access-log") as (address, process):
+        assert httpx.get(f"{address}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{address}/nothing", timeout=10).status_code == 404
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
     logged = out + err
     for request in ('"GET /health HTTP/1.1" 200', '"GET /nothing HTTP/1.1" 404'):
         assert request in logged, logged  # --access-log printed nothing at all
