@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 from captioning import files, layout
-from captioning.errors import UserError
+from captioning.errors import UserError, clipped
 from captioning.params import DECODE_METHODS, SCHEMA, check_values
 
 BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
@@ -120,11 +120,12 @@ def with_overrides(settings: dict, method: str | None = None, beam_size: int | N
     settings = dict(settings)
     if method is not None:
         if method not in DECODE_METHODS:
-            raise UserError(f"method must be one of {', '.join(DECODE_METHODS)}, got {method!r}")
+            raise UserError(f"method must be one of {', '.join(DECODE_METHODS)}, got {clipped(repr(method))}")
         settings["method"] = method
     if beam_size is not None:
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or not 1 <= beam_size <= MAX_BEAM_SIZE:
-            raise UserError(f"beam size must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_size!r}")
+            raise UserError(f"beam size must be a whole number from 1 to {MAX_BEAM_SIZE}, "
+                            f"got {clipped(repr(beam_size))}")
         settings["beam_size"] = beam_size
         if method is None:
             settings["method"] = "greedy" if beam_size == 1 else "beam"

@@ -20,6 +20,16 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def clipped(text: str, limit: int = 120) -> str:
+    """`text` as an error message quotes it: whole up to `limit` characters, else its start and its end with
+    its length between them. An echoed 64 KB URL (or a file name, or a field's value) made an error as long;
+    the start still names the scheme, host and path, the end the file."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    return f"{text[:head]}...[{len(text)} characters]...{text[head - limit:]}"
+
+
 def run_cli(main: Callable[[], object]) -> None:
     try:
         main()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from captioning.errors import clipped
+
 SCHEMES = ("http", "https")
 MAX_LOOKUPS = 32  # DNS lookups in progress at once; a slow DNS server can hold each for its own timeout
 _lookup_slots = threading.BoundedSemaphore(MAX_LOOKUPS)
@@ -91,7 +93,7 @@ async def resolve(host: str, port: int, allow_private: bool) -> str:
     try:
         infos = await _getaddrinfo(host, port)
     except (socket.gaierror, UnicodeError) as err:
-        raise FetchError(f"cannot resolve host {host!r} ({err})") from None
+        raise FetchError(f"cannot resolve host {clipped(host)!r} ({err})") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not allow_private:
         refused = [str(a) for a in addresses if not _public(a)]
@@ -126,15 +128,15 @@ def _checked_url(text: str) -> httpx.URL:
         url = httpx.URL(text)
         scheme, host = url.scheme, url.host  # .host decodes an IDNA name (xn--...), which can fail
     except (httpx.InvalidURL, TypeError, ValueError) as err:  # UnicodeError (a bad IDNA name) is a ValueError
-        raise FetchError(f"not a valid URL: {text!r} ({err})", status=400) from None
+        raise FetchError(f"not a valid URL: {clipped(text)!r} ({err})", status=400) from None
     if scheme not in SCHEMES:
-        raise FetchError(f"only http and https URLs can be fetched, not {scheme or 'no scheme'}: {text}",
-                         status=400)
+        raise FetchError(f"only http and https URLs can be fetched, not {clipped(scheme) or 'no scheme'}: "
+                         f"{clipped(text)}", status=400)
     if not host:
-        raise FetchError(f"the URL has no host: {text}", status=400)
+        raise FetchError(f"the URL has no host: {clipped(text)}", status=400)
     if url.port is not None and not 0 < url.port < 65536:
         # httpx takes any number as a port; the socket layer then raised OverflowError (a 500, a traceback)
-        raise FetchError(f"not a valid URL: {text!r} (port {url.port} is not 1 to 65535)", status=400)
+        raise FetchError(f"not a valid URL: {clipped(text)!r} (port {url.port} is not 1 to 65535)", status=400)
     return url
 
 
@@ -183,10 +185,10 @@ async def _follow(url: httpx.URL, text: str, limits: FetchLimits) -> bytes:
                         url = _checked_url(str(url.join(response.headers["location"])))
                         continue
                     if response.status_code != 200:
-                        raise FetchError(f"{text} answered HTTP {response.status_code}")
+                        raise FetchError(f"{clipped(text)} answered HTTP {response.status_code}")
                     return await _read_body(response, limits)
                 finally:
                     await response.aclose()
             except httpx.HTTPError as err:
-                raise FetchError(f"cannot fetch {text} ({type(err).__name__}: {err})") from None
-    raise FetchError(f"more than {limits.max_redirects} redirects fetching {text}")
+                raise FetchError(f"cannot fetch {clipped(text)} ({type(err).__name__}: {err})") from None
+    raise FetchError(f"more than {limits.max_redirects} redirects fetching {clipped(text)}")

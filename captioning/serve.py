@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
-from captioning.errors import UserError
+from captioning.errors import UserError, clipped
 from captioning.fetch import FetchError, FetchLimits, fetch_async
 from captioning.http_limits import bounded_protocol, error_response
 from captioning.images import ImageError, ImageTooLarge, load_image
@@ -88,7 +88,7 @@ def _override(value, name: str):
         try:
             return int(value)
         except ValueError:
-            raise ApiError(400, f"beam_size must be a whole number, got {value!r}") from None
+            raise ApiError(400, f"beam_size must be a whole number, got {clipped(repr(value))}") from None
     return value
 
 
@@ -130,9 +130,9 @@ def _pixels(name: str, data: bytes, size: int, limits: ServeLimits):
     try:
         return load_image(data, size, limits.max_pixels)
     except ImageTooLarge as err:
-        raise ApiError(413, f"{name}: {err} (--max-pixels)") from None
+        raise ApiError(413, f"{clipped(name)}: {err} (--max-pixels)") from None
     except ImageError as err:
-        raise ApiError(422, f"{name}: {err}") from None
+        raise ApiError(422, f"{clipped(name)}: {err}") from None
 
 
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> FastAPI:

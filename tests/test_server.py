@@ -147,6 +147,15 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
                                                 files={"other": ("a", b"x")})),
         "files and a URL, one too many": (400, httpx.post(url, data={"url": f"{images_site}/missing.jpg"}, files=[
             ("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(3)])),
+        # an echoed URL, file name or value is clipped: the errors quoted them whole, up to 64 KB and more
+        "long URL, bad scheme": (400, httpx.post(url, json={"url": "ftp://x/" + "a" * 65_000})),
+        "long scheme": (400, httpx.post(url, json={"url": "a" * 65_000 + "://x/a.jpg"})),
+        "long URL, not found": (422, httpx.post(url, json={"url": f"{images_site}/{'a' * 60_000}.jpg"})),
+        "long URL, unreachable": (422, httpx.post(url, json={"url": "http://127.0.0.1:9/" + "a" * 65_000})),
+        "long URL, not an image": (422, httpx.post(url, json={"url": f"{images_site}/notes.txt?{'a' * 60_000}"})),
+        "long file name, not an image": (422, httpx.post(url, files={"image": ("a" * 1000, b"text", "image/jpeg")})),
+        "long beam_size": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "w" * 100_000})),
+        "long method": (400, httpx.post(url, json={"url": f"{images_site}/{image.name}", "method": "m" * 100_000})),
         "wrong method": (405, httpx.get(url)),
         "no such page": (404, httpx.get(f"{address}/nothing")),
     }
