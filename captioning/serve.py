@@ -78,6 +78,19 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+FIELDS = ("url", "beam_size", "method")  # what a request may send besides its files (multipart field "image")
+
+
+def _refuse_unknown(names, accepted: tuple[str, ...]) -> None:
+    """A field the server does not know is a 400 naming it and the accepted ones: a misspelt option
+    ("beam": 5 for beam_size) was ignored without a word, and the request decoded with the defaults."""
+    unknown = [name for name in dict.fromkeys(names) if name not in accepted]
+    if unknown:
+        listed = clipped(", ".join(repr(name) for name in unknown))
+        raise ApiError(400, f"unknown field{'s' * (len(unknown) > 1)} {listed}; "
+                            f"the accepted ones are {', '.join(accepted)}")
+
+
 def _override(value, name: str):
     """A form field or JSON value for beam_size / method, as the type with_overrides checks."""
     if value is None or value == "":
@@ -98,11 +111,12 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         form = await request.form(max_files=limits.max_files, max_fields=16)
+        _refuse_unknown(form.keys(), ("image", *FIELDS))
         uploads = form.getlist("image")
         if any(not isinstance(upload, UploadFile) for upload in uploads):
             raise ApiError(400, "the field 'image' must hold files, not text")
         images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
-        fields = {key: form.get(key) for key in ("url", "beam_size", "method")}
+        fields = {key: form.get(key) for key in FIELDS}
         if len(form.getlist("url")) > 1:  # form.get keeps the last: the others were dropped without a word
             raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
     elif kind == "application/json":
@@ -112,6 +126,7 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
             raise ApiError(400, "the body is not valid JSON; send {\"url\": \"https://...\"}") from None
         if not isinstance(fields, dict):
             raise ApiError(400, "send a JSON object: {\"url\": \"https://...\"}")
+        _refuse_unknown(fields, FIELDS)
         images = []
     else:
         raise ApiError(415, "send the image as multipart/form-data (field 'image') or JSON {\"url\": \"https://...\"}")

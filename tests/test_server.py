@@ -114,6 +114,12 @@ def test_per_request_decode_settings_within_limits(server, demo_run, test_images
     assert wide["decode"]["beam_size"] == 5 and 1 <= len(wide["images"][0]["beams"]) <= 5
 
 
+def text_form(*fields: tuple[str, str]) -> dict:
+    """httpx.post's arguments for a multipart form of text fields alone (httpx sends those urlencoded)."""
+    parts = [f'--x\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in fields]
+    return {"content": "".join(parts) + "--x--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+
+
 def bad_requests(address: str, images_site: str, image: Path) -> dict:
     url = f"{address}/caption"
     jpeg = image.read_bytes()
@@ -123,8 +129,8 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "too many pixels": (413, httpx.post(url, files={"image": ("big.png", png(2000, 1000), "image/png")})),
         "body too large": (413, httpx.post(url, files={"image": ("a.jpg", os.urandom(2 * 2**20), "image/jpeg")})),
         "too many files": (400, httpx.post(url, files=[("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(4)])),
-        "no image": (400, httpx.post(url, data={"beam_size": "3"}, files={"other": ("a", b"x")})),
-        "text in the image field": (400, httpx.post(url, data={"image": "hello"}, files={"other": ("a", b"x")})),
+        "no image": (400, httpx.post(url, **text_form(("beam_size", "3")))),
+        "text in the image field": (400, httpx.post(url, **text_form(("image", "hello")))),
         "beam too wide": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "99"})),
         "beam not a number": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "wide"})),
         "beam_size as a file": (400, httpx.post(url, files={"image": ("a.jpg", jpeg), "beam_size": ("b" * 300, b"3")})),
@@ -143,8 +149,7 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "URL port out of range": (400, httpx.post(url, json={"url": "http://127.0.0.1:99999/a.jpg"})),
         # refused for the request itself, whatever the URL would give (here a 404, a 422)
         "URL with a bad beam_size": (400, httpx.post(url, json={"url": f"{images_site}/missing.jpg", "beam_size": 99})),
-        "two URLs in a form": (400, httpx.post(url, data={"url": [f"{images_site}/{image.name}"] * 2},
-                                                files={"other": ("a", b"x")})),
+        "two URLs in a form": (400, httpx.post(url, **text_form(*[("url", f"{images_site}/{image.name}")] * 2))),
         "files and a URL, one too many": (400, httpx.post(url, data={"url": f"{images_site}/missing.jpg"}, files=[
             ("image", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(3)])),
         # an echoed URL, file name or value is clipped: the errors quoted them whole, up to 64 KB and more
@@ -168,6 +173,22 @@ def test_bad_input_is_a_clear_json_error(server, images_site, demo_run, test_ima
         error = response.json()["error"]
         assert isinstance(error, str) and 0 < len(error) < 400 and "\n" not in error, case
         assert "Traceback" not in response.text, case
+
+
+def test_an_unknown_field_is_named_with_the_accepted_ones(server, demo_run, test_images, held_url):
+    """A misspelt option ("beam": 5 for beam_size) was ignored without a word: the request was captioned with
+    the model's own settings."""
+    url, asked, _ = held_url
+    jpeg = (demo_run / "data/demo/images" / test_images["image"].iloc[0]).read_bytes()
+    answers = {"JSON": httpx.post(f"{server[0]}/caption", json={"url": url, "beam": 5}, timeout=60),
+               "form": httpx.post(f"{server[0]}/caption", files={"image": ("a.jpg", jpeg)}, data={"beam": "5"},
+                                  timeout=60)}
+    for kind, answer in answers.items():
+        assert answer.status_code == 400, (kind, answer.text)
+        error = answer.json()["error"]
+        assert "'beam'" in error and all(name in error for name in ("url", "beam_size", "method")), (kind, error)
+    assert "image" in answers["form"].json()["error"]
+    assert not asked.is_set()  # refused before its URL was fetched
 
 
 def test_head_asks_the_page_and_health_without_their_body(server):
