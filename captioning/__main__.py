@@ -13,6 +13,10 @@ from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
 from captioning.params import read_section
 
+# The smallest --max-body-mb: a request must hold at least one small photo (a 640-pixel JPEG is 50-100 KB).
+# Below it the server started, loaded its model and then refused every upload with a 413.
+MIN_BODY_MB = 0.1
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__)
@@ -137,9 +141,12 @@ def serve_command(args) -> int:
     check_bundle(args.model_dir)
     settings = decode_settings(args.model_dir, args.decode_settings)  # fails here, before TensorFlow loads
     if min(args.max_batch, args.max_files, args.max_pixels, args.max_connections) < 1 or args.max_wait_ms < 0 \
-            or args.max_body_mb <= 0 or args.request_timeout <= 0:
+            or args.request_timeout <= 0:
         raise UserError("--max-batch, --max-files, --max-pixels, --max-connections must be at least 1, "
-                        "--max-body-mb and --request-timeout positive, --max-wait-ms at least 0")
+                        "--request-timeout positive, --max-wait-ms at least 0")
+    if args.max_body_mb < MIN_BODY_MB:
+        raise UserError(f"--max-body-mb {args.max_body_mb:g} would refuse nearly every photo; "
+                        f"use at least {MIN_BODY_MB:g} (about 100 KB)")
     fetch_limits = _fetch_limits(args)
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
 

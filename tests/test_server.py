@@ -377,6 +377,16 @@ def test_a_missing_model_is_one_line(tmp_path):
                                                   "`dvc repro` first (or pass --model-dir)."]
 
 
+@pytest.mark.parametrize("megabytes", ["0.05", "0", "-1"])
+def test_a_body_limit_too_small_for_a_photo_is_refused_at_start(demo_run, megabytes):
+    """--max-body-mb 0.000001 started a server, after loading its model, that refused every request."""
+    result = run([sys.executable, "-m", "captioning", "serve", "--port", "0", "--max-body-mb", megabytes], demo_run,
+                 check=False, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --max-body-mb {float(megabytes):g} ") and "at least 0.1" in line, line
+
+
 def test_the_port_takes_connections_as_soon_as_it_is_announced():
     """The "serving" line comes before uvicorn's loop runs; a client that connects then must be queued, not
     refused (CI once saw ECONNREFUSED on the first request)."""
