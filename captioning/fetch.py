@@ -49,12 +49,25 @@ def is_url(text: str) -> bool:
     return "://" in text
 
 
+# NAT64's well-known prefix (RFC 6052): an IPv6-only host reaches the IPv4 address in the last 32 bits through
+# its network's NAT64 gateway, so DNS64 answers 64:ff9b::808:808 for a name whose only address is 8.8.8.8.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.ipv4_mapped or address.sixtofour
+
+
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if address.version == 6:
-        # An IPv6 address that carries an IPv4 one is judged by it: ::ffff:127.0.0.1 is loopback too, and
-        # 2002:a00:1:: is 6to4's way to 10.0.0.1 (Python counts both 2002::/16 and the deprecated
-        # site-local fec0::/10, RFC 3879's private ranges of old, as global).
-        embedded = address.ipv4_mapped or address.sixtofour
+        # An IPv6 address that carries an IPv4 one is judged by it: ::ffff:127.0.0.1 is loopback too,
+        # 2002:a00:1:: is 6to4's way to 10.0.0.1 and 64:ff9b::a00:1 NAT64's (Python counts 2002::/16 and the
+        # deprecated site-local fec0::/10, RFC 3879's private ranges of old, as global, and 64:ff9b::/96 as
+        # reserved, which refused every public site on an IPv6-only host). The local-use NAT64 prefix
+        # 64:ff9b:1::/48 stays refused: it is for a network's own gateways.
+        embedded = _embedded_ipv4(address)
         if embedded is None and address.is_site_local:
             return False
         address = embedded or address

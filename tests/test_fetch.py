@@ -1,6 +1,7 @@
 """Image URLs: fetched against a real local HTTP server, including ones that misbehave on purpose."""
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import ipaddress
@@ -132,9 +133,24 @@ def test_loopback_is_refused_unless_allowed(server):
     ("192.168.0.10", False), ("169.254.169.254", False), ("100.64.0.1", False), ("224.0.0.1", False),
     ("0.0.0.0", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
     ("::ffff:10.0.0.1", False), ("2002:7f00:1::", False), ("2002:a00:1::1", False), ("2002:808:808::1", True),
-    ("fec0::1", False)])
+    ("fec0::1", False), ("64:ff9b::808:808", True), ("64:ff9b::7f00:1", False), ("64:ff9b::a00:1", False),
+    ("64:ff9b::a9fe:a9fe", False), ("64:ff9b:1::808:808", False)])
 def test_which_addresses_count_as_public(address, public):
     assert fetch_module._public(ipaddress.ip_address(address)) is public
+
+
+@pytest.mark.parametrize("address,public", [("64:ff9b::808:808", True), ("64:ff9b::a00:1", False)])
+def test_a_nat64_answer_is_judged_by_its_ipv4_address(monkeypatch, address, public):
+    """An IPv6-only host's DNS64 answers 64:ff9b::<IPv4> for an IPv4-only site: all of them were refused as
+    reserved. Resolved only (nothing is connected to: these are not this machine's addresses)."""
+    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", lambda host, port, *args, **kwargs: [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))])
+    if public:
+        assert asyncio.run(fetch_module.resolve("v6only.example.invalid", 80, allow_private=False)) == address
+    else:
+        with pytest.raises(FetchError, match=f"refused: .*{address}") as caught:
+            asyncio.run(fetch_module.resolve("v6only.example.invalid", 80, allow_private=False))
+        assert caught.value.status == 403
 
 
 @pytest.fixture
