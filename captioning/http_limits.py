@@ -1,5 +1,6 @@
 """uvicorn's HTTP/1.1 protocol (h11) with the two bounds it lacks: a deadline for receiving each request, and a
-cap on the connections open at once. Also the one shape of every error the server answers, `{"error": ...}`.
+cap on the connections open at once. Also the one shape of every error the server answers, `{"error": ...}`,
+uvicorn's own 400 for a request it cannot parse included.
 
 uvicorn (0.55) times out only a kept-alive connection that is idle after an answer, and any byte the client
 sends cancels that timer. A client that connects and sends nothing, or half its headers, or its body a byte
@@ -8,6 +9,8 @@ server could take. ASGI middleware cannot help: the application is called only o
 uvicorn's own `limit_concurrency` answers a plain-text 503; here the refusal is JSON like every other error.
 """
 from __future__ import annotations
+
+from http import HTTPStatus
 
 import h11
 from starlette.responses import JSONResponse
@@ -24,18 +27,23 @@ def error_response(status: int, message, headers: dict | None = None) -> JSONRes
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
-def raw_response(response: JSONResponse, reason: str) -> bytes:
-    """The bytes of a whole HTTP/1.1 response, to write to a connection no request cycle answers."""
-    head = [f"HTTP/1.1 {response.status_code} {reason}".encode()]
+def last_answer(status: int, message: str) -> bytes:
+    """The bytes of a whole JSON error response, then the connection is closed: for a connection that no
+    request cycle answers (a request that never arrived in full, or that cannot be parsed)."""
+    response = error_response(status, message, {"connection": "close"})
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
     head += [name + b": " + value for name, value in response.raw_headers]
     return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
+# uvicorn answered a request it cannot parse in plain text; every other error is JSON
+NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
+
+
 def bounded_protocol(request_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """The protocol class to give uvicorn.Config(http=...), with these limits."""
-    timed_out = raw_response(error_response(
-        408, f"the request did not arrive in full within {request_timeout_s:g} s (--request-timeout); "
-             "send it again", {"connection": "close"}), "Request Timeout")
+    timed_out = last_answer(408, f"the request did not arrive in full within {request_timeout_s:g} s "
+                                 "(--request-timeout); send it again")
     too_many = error_response(
         503, f"the server has {max_connections} connections open (--max-connections); try again shortly",
         {"connection": "close", "retry-after": "1"})
@@ -66,6 +74,10 @@ def bounded_protocol(request_timeout_s: float, max_connections: int) -> type[H11
         def connection_lost(self, exc) -> None:
             self._stop_clock()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(NOT_HTTP)
+            self.transport.close()
 
         def _start_clock(self) -> None:
             self._stop_clock()

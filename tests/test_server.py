@@ -377,6 +377,14 @@ def test_a_missing_model_is_one_line(tmp_path):
                                                   "`dvc repro` first (or pass --model-dir)."]
 
 
+def test_a_request_that_is_not_http_gets_a_json_error(server):
+    """uvicorn answered it in plain text, the one error that was not JSON."""
+    _, answer = stall(httpx.URL(server[0]).port, b"NOT HTTP\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer
+    assert "HTTP/1.1" in json.loads(body)["error"]
+
+
 @pytest.mark.parametrize("megabytes", ["0.05", "0", "-1"])
 def test_a_body_limit_too_small_for_a_photo_is_refused_at_start(demo_run, megabytes):
     """--max-body-mb 0.000001 started a server, after loading its model, that refused every request."""
