@@ -9,8 +9,10 @@ JSON `{"error": ...}` with a 4xx status. Pages load nothing from the network: Fa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,15 @@ def _refuse_unknown(names, accepted: tuple[str, ...]) -> None:
                             f"the accepted ones are {', '.join(accepted)}")
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: of a key given twice it kept the last, so {"url": a, "url": b} fetched b
+    and dropped a without a word (two 'url' fields of a form are refused too)."""
+    repeated = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+    if repeated:
+        raise ApiError(400, f"the key {clipped(repr(repeated[0]))} is given more than once in a JSON object")
+    return dict(pairs)
+
+
 def _override(value, name: str):
     """A form field or JSON value for beam_size / method, as the type with_overrides checks."""
     if value is None or value == "":
@@ -121,7 +132,7 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
             raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
     elif kind == "application/json":
         try:
-            fields = await request.json()
+            fields = json.loads(await request.body(), object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "the body is not valid JSON; send {\"url\": \"https://...\"}") from None
         if not isinstance(fields, dict):

@@ -141,6 +141,8 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
                                                  headers={"Content-Type": "application/json"})),
         "URL with a broken IDNA name": (400, httpx.post(url, json={"url": "http://xn--/a.jpg"})),
         "JSON without url": (400, httpx.post(url, json={"link": "x"})),
+        "JSON with the url twice": (400, httpx.post(url, headers={"Content-Type": "application/json"},
+                                                    content=f'{{"url": "{images_site}/a", "url": "{images_site}/b"}}')),
         "other content type": (415, httpx.post(url, content=b"x", headers={"Content-Type": "text/plain"})),
         "URL not an image": (422, httpx.post(url, json={"url": f"{images_site}/notes.txt"})),
         "URL not found": (422, httpx.post(url, json={"url": f"{images_site}/missing.jpg"})),
