@@ -302,6 +302,19 @@ def test_the_page_says_when_it_captions_one_of_several_dropped_files(server, dem
     assert "3 files dropped" in note and "other 2 not captioned" in note, note
 
 
+def test_the_page_shows_no_broken_image_for_a_file_it_cannot_show(server, tmp_path):
+    """A file that is not an image showed a broken image icon and its alt text above the error."""
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    with offline_page(tmp_path / "profile") as page:
+        page.goto(server[0] + "/")
+        page.set_input_files("#file", str(not_an_image))
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        page.wait_for_function("getComputedStyle(document.getElementById('preview')).display === 'none'",
+                               timeout=10_000)
+        assert "notes.jpg" in page.inner_text("#error")
+
+
 @pytest.fixture
 def held_url():
     """A URL whose server answers 404 only once the test lets it: a slow image URL, in the test's hands."""
