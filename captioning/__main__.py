@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="images in one batched pass (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=_finite, default=5.0,
                        help="how long a request waits for others to share its pass (default: %(default)s)")
-    serve.add_argument("--max-body-mb", type=_finite, default=20.0, help="request body limit (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=_finite, default=20.0,
+                       help=f"request body limit, at least {MIN_BODY_MB:g} (default: %(default)s)")
     serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="width x height limit of one image (default: %(default)s)")
