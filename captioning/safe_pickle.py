@@ -9,7 +9,7 @@ naming it. The check happens before anything is imported, so a refused module is
 * Plain data (always allowed): str, bytes, int, float, bool, None, list, tuple and dict need no
   globals at all. Sets, frozensets and bytearrays need their builtin type, and protocols 0-2 write
   bytes as `_codecs.encode(text, "latin1")` (or `bytes()` when empty). Those two are wrapped, so they
-  can only turn text into bytes.
+  can only turn text into bytes, and the bytes these calls copy are counted (`MAX_BYTES_BUILT`).
 * A pandas DataFrame (only with `allow_pandas=True`, i.e. `data.allow_pandas_pickle: true`): the
   exact classes and functions that the installed pandas 3.1 / numpy 2.4 / pyarrow 26 write when they
   pickle a DataFrame with str, int or object columns and the default RangeIndex, over protocols 0-5.
@@ -157,6 +157,15 @@ def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pa
     return UserError(message + ".")
 
 
+# The allowed names that copy what they are given into new bytes. Protocols 0-2 write every bytes value as
+# such a call, and memo references let a file pass one large text to it again and again: 5,000 calls on
+# one 1 MB str are a 1 MB file that asked for 5 GB. What they build is counted against MAX_BYTES_BUILT:
+# 2,000,000 captions of 250 characters (the captions readers' text bound) are 500 MB, and a DataFrame
+# pickle at protocols 0-2 copies its text twice (text -> bytes -> bytearray).
+_COPIES = {("builtins", "bytearray"), ("builtins", "bytes"), ("_codecs", "encode")}
+MAX_BYTES_BUILT = 1_000_000_000
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that hands out only allow-listed globals and refuses every other one."""
 
@@ -165,12 +174,27 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allowed = {**_PLAIN, **(_PANDAS if allow_pandas else {})}
         self._allow_pandas = allow_pandas
         self._source = source
+        self._bytes_built = 0
 
     def find_class(self, module, name):
         key = python3_name(module, name)
         if key not in self._allowed:
             raise _refusal(self._source, (module, name), key, self._allow_pandas)
-        return _resolve(self._allowed[key])
+        found = _resolve(self._allowed[key])
+        return self._metered(found) if key in _COPIES else found
+
+    def _metered(self, build):
+        """`build`, counting the bytes it is asked to copy (before it copies them) against MAX_BYTES_BUILT."""
+
+        def metered(*args):
+            self._bytes_built += len(args[0]) if args and hasattr(args[0], "__len__") else 0
+            if self._bytes_built > MAX_BYTES_BUILT:
+                raise UserError(f"{self._source}: the pickle copies its text into more than {MAX_BYTES_BUILT:,} "
+                                "bytes (it refers to the same text over and over). Check how it was made, or "
+                                "re-save the captions as a Flickr8k token text file.")
+            return build(*args)
+
+        return metered
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed")

@@ -266,3 +266,18 @@ def test_the_scan_reads_text_without_decoding_it(monkeypatch):
         calls.clear()
         safe_pickle.check_nesting(pickle.dumps(records, protocol=protocol))
         assert len(calls) < len(records) // 10, protocol  # a few numbers and memo indexes, not one per str
+
+
+def test_one_text_copied_into_bytes_over_and_over_is_refused(monkeypatch):
+    """Protocols 0-2 write bytes as `_codecs.encode(text, 'latin1')` (and bytearray as `bytearray(bytes)`): calls
+    that copy their argument. One 1 MB str passed to them 5,000 times through memo references is a 1 MB file
+    that asked for 5 GB. Shown here with the bound lowered to 10 MB and a 100 kB text."""
+    monkeypatch.setattr(safe_pickle, "MAX_BYTES_BUILT", 10_000_000, raising=False)
+    encode = b"c_codecs\nencode\nh\x01h\x02\x86R"  # _codecs.encode(memo 1, memo 2)
+    for call in (encode, b"c__builtin__\nbytearray\nh\x03\x85R"):  # ... or bytearray(memo 3)
+        times = 150  # 15 MB in all
+        data = (b"\x80\x02](" + _text("x" * 100_000) + b"q\x01" + _text("latin1") + b"q\x02" + encode
+                + b"q\x03000" + call * times + b"e.")  # memo 3 = the text as bytes; nothing left on the stack
+        with pytest.raises(UserError, match="copies its text into more than 10,000,000 bytes"):
+            safe_pickle.loads(data, source="copies.pkl")
+        assert len(safe_pickle.loads(data.replace(call * times, call * 50))) == 50  # 5 MB: within the bound
