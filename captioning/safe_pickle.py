@@ -16,7 +16,9 @@ naming it. The check happens before anything is imported, so a refused module is
   They were found by recording every `find_class` request, and tests/test_safe_pickle.py records them
   again, so a pandas upgrade that needs a new name fails a test instead of failing in the pipeline.
   A few older spellings of the same objects (numpy 1.x `numpy.core...`, pandas < 3 `pandas.core...`)
-  map to the very same objects, so pickles from older versions load too.
+  map to the very same objects, so pickles from older versions load too. Two are checked stand-ins:
+  numpy's `_reconstruct` only starts the empty array numpy writes, and pyarrow's `_restore_array`
+  validates the array it rebuilds (see each). The bounds below apply to DataFrame pickles too.
 
 Known limit: pickle's BUILD opcode can set attributes on an allowed class (for example
 `pandas.DataFrame`). It can only set them to data or to other allowed objects, so no code from the
@@ -55,6 +57,7 @@ import importlib
 import io
 import pickle
 import pickletools
+import reprlib
 
 from captioning.errors import UserError
 
@@ -77,6 +80,24 @@ def _checked(kind):
     return build
 
 
+def _empty_array(subtype, shape, dtype):
+    """Stand-in for numpy's `_reconstruct`: numpy pickles every array as an empty one, `(0,)`, that BUILD
+    then fills from the file's bytes. Any other shape made numpy allocate it here: `(10**9,)` objects
+    in a 100-byte file are 8 GB, filled with None."""
+    if shape != (0,):
+        raise pickle.UnpicklingError(f"an array pickle starts from shape (0,), not {reprlib.repr(shape)}")
+    return _resolve("numpy._core.multiarray:_reconstruct")(subtype, shape, dtype)
+
+
+def _checked_arrow_array(*args):
+    """Stand-in for pyarrow's `_restore_array`, which trusts the offsets and lengths in the file: a string
+    offset past the end of its data made reading the column read outside memory and kill the process
+    (a segmentation fault). The array is validated in full first."""
+    array = _resolve("pyarrow.lib:_restore_array")(*args)
+    array.validate(full=True)
+    return array
+
+
 # (module, name) as Python 3 spells it -> the object the unpickler may use for it.
 _PLAIN = {
     ("builtins", "set"): set,
@@ -93,7 +114,7 @@ _PANDAS = {
     ("copyreg", "_reconstructor"): "copyreg:_reconstructor",
     ("numpy", "dtype"): "numpy:dtype",
     ("numpy", "ndarray"): "numpy:ndarray",
-    ("numpy._core.multiarray", "_reconstruct"): "numpy._core.multiarray:_reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
     ("numpy._core.numeric", "_frombuffer"): "numpy._core.numeric:_frombuffer",  # protocol 5 int arrays
     ("pandas", "DataFrame"): "pandas:DataFrame",
     ("pandas", "Index"): "pandas:Index",
@@ -106,11 +127,11 @@ _PANDAS = {
     ("pandas._libs.internals", "_unpickle_block"): "pandas._libs.internals:_unpickle_block",
     ("pandas.core.indexes.base", "_new_Index"): "pandas.core.indexes.base:_new_Index",
     ("pandas.core.internals.managers", "BlockManager"): "pandas.core.internals.managers:BlockManager",
-    ("pyarrow.lib", "_restore_array"): "pyarrow.lib:_restore_array",
+    ("pyarrow.lib", "_restore_array"): _checked_arrow_array,
     ("pyarrow.lib", "py_buffer"): "pyarrow.lib:py_buffer",
     ("pyarrow.lib", "type_for_alias"): "pyarrow.lib:type_for_alias",
     # Older spellings of the same objects (numpy 1.x, pandas < 3); they resolve to the names above.
-    ("numpy.core.multiarray", "_reconstruct"): "numpy._core.multiarray:_reconstruct",
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
     ("numpy.core.numeric", "_frombuffer"): "numpy._core.numeric:_frombuffer",
     ("pandas.core.frame", "DataFrame"): "pandas:DataFrame",
     ("pandas.core.indexes.base", "Index"): "pandas:Index",

@@ -280,6 +280,23 @@ def test_the_text_of_every_pickle_shape_is_measured(tmp_path, images, monkeypatc
         parse(tmp_path, images, "c.pkl", data)
 
 
+def test_a_dataframe_pickle_has_the_same_record_and_text_bounds(tmp_path, images, monkeypatch):
+    """An object column can hold one long caption under many rows (one object, many references), as a dict
+    can: DataFrame pickles (`data.allow_pandas_pickle: true`) were not measured at all."""
+    from captioning.captions import pickles
+    caption = "A dog runs " + "far " * 50
+    frame = pd.DataFrame({"image": ["a.jpg"] * 20, "caption": [caption] * 20}).astype(object)
+    data = pickle.dumps(frame, protocol=4)
+    monkeypatch.setattr(pickles, "MAX_TEXT_CHARS", 2 * 20 * len(caption))
+    assert len(parse(tmp_path, images, "c.pkl", data, allow_pandas_pickle=True)[0]) == 20
+    monkeypatch.setattr(pickles, "MAX_TEXT_CHARS", 20 * len(caption) // 2)
+    with pytest.raises(UserError, match="characters of text, more than the"):
+        parse(tmp_path, images, "c.pkl", data, allow_pandas_pickle=True)
+    monkeypatch.setattr(pickles, "MAX_RECORDS", 19)
+    with pytest.raises(UserError, match="20 caption records, more than the 19"):
+        parse(tmp_path, images, "c.pkl", data, allow_pandas_pickle=True)
+
+
 def test_one_dict_item_referenced_over_and_over_is_read_once(tmp_path, images, monkeypatch):
     """A list referring K times to one {image, caption} dict of K keys: its keys were searched once per
     reference, K * K key reads (15 minutes for a 0.5 MB file of K = 40,000). Counted here, not timed."""

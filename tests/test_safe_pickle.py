@@ -172,7 +172,8 @@ def test_the_pandas_allow_list_covers_what_installed_pandas_writes():
 def test_older_spellings_resolve_to_the_same_objects():
     resolve = safe_pickle._resolve
     pandas_names = safe_pickle._PANDAS
-    assert resolve(pandas_names[("numpy.core.multiarray", "_reconstruct")]) is np._core.multiarray._reconstruct
+    assert resolve(pandas_names[("numpy.core.multiarray", "_reconstruct")]) is resolve(
+        pandas_names[("numpy._core.multiarray", "_reconstruct")])
     assert resolve(pandas_names[("pandas.core.frame", "DataFrame")]) is pd.DataFrame
     assert resolve(pandas_names[("pandas.core.indexes.range", "RangeIndex")]) is pd.RangeIndex
 
@@ -281,3 +282,37 @@ def test_one_text_copied_into_bytes_over_and_over_is_refused(monkeypatch):
         with pytest.raises(UserError, match="copies its text into more than 10,000,000 bytes"):
             safe_pickle.loads(data, source="copies.pkl")
         assert len(safe_pickle.loads(data.replace(call * times, call * 50))) == 50  # 5 MB: within the bound
+
+
+# ------------------------------------------------------------------- DataFrame pickles: bounds of their own
+
+def test_an_array_pickle_that_asks_for_a_huge_empty_array_is_refused():
+    """numpy writes an array as `_reconstruct(ndarray, (0,), ...)` and fills it by BUILD. A file asking for
+    (10**9,) objects made numpy allocate 8 GB, filled with None (10**7 here: 80 MB on the old code)."""
+    call = pickle.dumps((10 ** 7,), protocol=2)[2:-1] + b"U\x01O\x87R."
+    data = b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + call
+    with pytest.raises(UserError, match=r"starts from shape \(0,\), not \(10000000,\)"):
+        safe_pickle.loads(data, allow_pandas=True, source="frame.pkl")
+    empty = data.replace(pickle.dumps((10 ** 7,), protocol=2)[2:-1], pickle.dumps((0,), protocol=2)[2:-1])
+    assert safe_pickle.loads(empty, allow_pandas=True).shape == (0,)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_string_column_whose_offsets_point_outside_its_data_is_refused(tmp_path, protocol):
+    """pyarrow rebuilds a string column from the offsets in the file without checking them: an offset
+    past the end of the data killed the process (segmentation fault) when the captions were read. In a
+    child process, so that a regression fails this test instead of killing pytest."""
+    frame = pd.DataFrame({"image": ["a.jpg", "b.jpg"], "caption": ["hello", "world"]})
+    data = pickle.dumps(frame, protocol=protocol)
+    # protocol 2 writes the offsets' bytes as latin-1 text (in UTF-8), protocols 3+ as they are
+    written = (lambda raw: raw.decode("latin-1").encode()) if protocol == 2 else (lambda raw: raw)
+    good, bad = (written(np.array(offsets, dtype=np.int64).tobytes()) for offsets in ([0, 5, 10], [0, 5, 1 << 40]))
+    assert good in data
+    path = tmp_path / "frame.pkl"
+    path.write_bytes(data.replace(good, bad))
+    code = ("import sys\nfrom captioning import safe_pickle\nfrom captioning.errors import UserError\n"
+            "try:\n    frame = safe_pickle.loads(open(sys.argv[1], 'rb').read(), allow_pandas=True)\n"
+            "    print(frame['caption'].tolist())\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not a readable pickle" in result.stdout and "offset" in result.stdout.lower(), result.stdout

@@ -6,6 +6,7 @@ out, and never walks deeper than the shapes below.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from captioning.captions.records import (
@@ -83,12 +84,18 @@ def _check_record_count(obj, path: Path, keys: _RecordKeys) -> None:
         count = sum(len(value) if isinstance(value, _SEQUENCES) else 1 for value in obj.values())
     else:
         count = sum(len(captions[1]) if (captions := _image_with_captions(item, keys)) else 1 for item in obj)
+    _check_totals(path, count, lambda: _record_texts(obj, keys))
+
+
+def _check_totals(path: Path, count: int, texts) -> None:
+    """Refuse `count` records over MAX_RECORDS, or records whose image names and captions (`texts()`, each
+    str or bytes counted by its length) hold more than MAX_TEXT_CHARS."""
     if count > MAX_RECORDS:
         raise UserError(f"{path}: the pickle holds {count:,} caption records, more than the {MAX_RECORDS:,} this "
                         "reader accepts (it refers to the same objects over and over). Check how it was made, "
                         "or split it.")
     # Only now, with at most MAX_RECORDS records to visit, is their text measured (len() reads no text).
-    chars = sum(map(_text_length, _record_texts(obj, keys)))
+    chars = sum(map(_text_length, texts()))
     if chars > MAX_TEXT_CHARS:
         raise UserError(f"{path}: the pickle's caption records hold {chars:,} characters of text, more than the "
                         f"{MAX_TEXT_CHARS:,} this reader accepts (it refers to the same text over and over). "
@@ -199,10 +206,12 @@ def _dataframe_records(frame, path: Path) -> list[Record]:
         raise UserError(f"{path}: the pickled DataFrame needs an image column ({', '.join(IMAGE_COLUMNS)}) and "
                         f"a caption column ({', '.join(CAPTION_COLUMNS)}); it has {list(map(str, frame.columns))}.")
     number_column = _find_column(frame.columns, NUMBER_COLUMNS)
+    # The same bounds as for plain data: an object column can hold one long caption under many rows.
+    images, captions = frame[image_column].tolist(), frame[caption_column].tolist()
+    _check_totals(path, len(frame), lambda: itertools.chain(images, captions))
     numbers = frame[number_column].tolist() if number_column is not None else [None] * len(frame)
     records = []
-    for i, (image, caption, number) in enumerate(zip(frame[image_column].tolist(),
-                                                     frame[caption_column].tolist(), numbers, strict=True)):
+    for i, (image, caption, number) in enumerate(zip(images, captions, numbers, strict=True)):
         text = {"image": image, "caption": caption}
         if number is not None and not _is_whole_number(number):
             problem = f"caption number {number!r} is not a non-negative integer"
