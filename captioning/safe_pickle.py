@@ -358,6 +358,8 @@ def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING)
                 index = int(data[start:position])
             if kind == "get":
                 stack.append(memo[index])
+            elif index > len(data):  # the unpickler's memo is an array: index 2**31 allocated 32 GB of it
+                raise pickle.UnpicklingError(f"memo index {index:,} at byte {at} is larger than the file")
             else:
                 memo[index] = stack[-1]
         elif kind == "MARK":

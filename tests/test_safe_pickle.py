@@ -316,3 +316,16 @@ def test_a_string_column_whose_offsets_point_outside_its_data_is_refused(tmp_pat
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "not a readable pickle" in result.stdout and "offset" in result.stdout.lower(), result.stdout
+
+
+@pytest.mark.parametrize("data", [b"\x80\x02]r\x00\x00\x00\x20.", b"(lp536870912\n."], ids=["LONG_BINPUT", "PUT"])
+def test_a_memo_index_past_the_file_is_refused_before_the_unpickler_allocates_it(data):
+    """The unpickler keeps its memo in an array as long as the largest index: a 10-byte file storing one
+    list at index 2**29 made it allocate and clear 8 GB (a fuzzed DataFrame pickle got the process
+    killed for memory). In a child process limited to 2 GB, so that a regression fails here instead."""
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from captioning import safe_pickle\nfrom captioning.errors import UserError\n"
+            "try:\n    safe_pickle.loads(bytes.fromhex(sys.argv[1]))\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, data.hex()], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "memo index 536,870,912 at byte" in result.stdout and "is larger than the file" in result.stdout
