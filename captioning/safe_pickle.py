@@ -20,10 +20,12 @@ naming it. The check happens before anything is imported, so a refused module is
   numpy's `_reconstruct` only starts the empty array numpy writes, and pyarrow's `_restore_array`
   validates the array it rebuilds (see each). The bounds below apply to DataFrame pickles too.
 
-Known limit: pickle's BUILD opcode can set attributes on an allowed class (for example
-`pandas.DataFrame`). It can only set them to data or to other allowed objects, so no code from the
-file runs, but a hostile pandas pickle could still leave pandas in a broken state in this process.
-That is why pandas pickles need an explicit opt-in and are meant for files you trust.
+Known limit: pickle's BUILD opcode sets the state of the object below it. The scan refuses BUILD on
+an allowed class itself (it would change `pandas.RangeIndex` for the whole process), and `numpy.dtype`
+always makes a new dtype, but BUILD on an instance the file creates (a DataFrame, an array, a dtype)
+still takes whatever state the file holds: data or other allowed objects only, so no code from the
+file runs, yet a hostile pandas pickle can make objects that misbehave. That is why pandas pickles
+need an explicit opt-in and are meant for files you trust.
 
 Python 2 pickles: their str are bytes, decoded as ASCII; a file with any other byte in one is read
 again with those str left as bytes, which the captions readers decode like the lines of a text file.
@@ -89,6 +91,13 @@ def _empty_array(subtype, shape, dtype):
     return _resolve("numpy._core.multiarray:_reconstruct")(subtype, shape, dtype)
 
 
+def _own_dtype(spec, align=False, copy=False):
+    """Stand-in for `numpy.dtype` that always makes a new dtype: with copy=False, `numpy.dtype("i8")` is the
+    one int64 dtype that all of numpy shares, and the BUILD that follows in a dtype pickle would rewrite
+    its state for the whole process (numpy writes copy=True; a changed byte made it False)."""
+    return _resolve("numpy:dtype")(spec, align, True)
+
+
 def _checked_arrow_array(*args):
     """Stand-in for pyarrow's `_restore_array`, which trusts the offsets and lengths in the file: a string
     offset past the end of its data made reading the column read outside memory and kill the process
@@ -112,7 +121,7 @@ _PANDAS = {
     ("builtins", "slice"): "builtins:slice",
     ("builtins", "object"): "builtins:object",             # protocols 0-1: copyreg._reconstructor(cls, object, None)
     ("copyreg", "_reconstructor"): "copyreg:_reconstructor",
-    ("numpy", "dtype"): "numpy:dtype",
+    ("numpy", "dtype"): _own_dtype,
     ("numpy", "ndarray"): "numpy:ndarray",
     ("numpy._core.multiarray", "_reconstruct"): _empty_array,
     ("numpy._core.numeric", "_frombuffer"): "numpy._core.numeric:_frombuffer",  # protocol 5 int arrays
@@ -239,6 +248,7 @@ _EMPTY = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"}
 # Opcodes whose new object hashes every item it is built from: a frozenset, and calls (REDUCE and the
 # like), which may be `set(...)` or `frozenset(...)` of their argument.
 _CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
+_GLOBALS = {"GLOBAL", "STACK_GLOBAL", "EXT1", "EXT2", "EXT4"}
 _NUMBERS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 # How the scan reads the argument of the opcodes that make up most of a pickle: text, memo and MARK.
@@ -295,6 +305,10 @@ def _new_node(name: str, items: list, arg=None) -> list:
     randomized for each process); `work`, the comparisons that hashing its items into a set would cost;
     `counts`, how often each chosen key was added so far, for a container that grows.
     """
+    if name in _GLOBALS:  # a class or function itself: see `_step` on BUILD
+        spelled = arg.replace(" ", ".") if isinstance(arg, str) else ".".join(
+            item[2].decode("utf-8", "replace") if isinstance(item[2], bytes) else str(item[2]) for item in items)
+        return [0, 1, ("global", spelled), False, 0, None]
     if not items:
         return [1 if name in _TUPLES else 0, 1, hash(() if name in _TUPLES else arg), False, 0, None]
     depths, sizes, keys, chosen, works, _ = zip(*items, strict=True)
@@ -307,7 +321,7 @@ def _new_node(name: str, items: list, arg=None) -> list:
         _count_keys(node, items)
     elif name == "FROZENSET":  # a frozenset's hash mixes its items' hashes in ways a file can aim at
         node[2] = ("frozenset",) if node[3] else hash(frozenset(keys))
-    elif name in _CALLS or name == "STACK_GLOBAL":  # a call of the same function on equal arguments
+    elif name in _CALLS:  # a call of the same function on equal arguments
         node[2] = ("call", keys[0]) if node[3] or None in keys else hash(keys)
     return node
 
@@ -414,6 +428,10 @@ def _step(op, kind: str, arg, stack: list, marks: list, memo: dict, budgets: lis
         return None
     if kind == "in place":
         node, *items = popped
+        if name == "BUILD" and isinstance(node[2], tuple) and node[2][0] == "global":
+            # BUILD sets attributes on the object below it; on a class itself (`pandas.RangeIndex`) they
+            # would change that class for the whole process. Pickles BUILD only the objects they create.
+            raise pickle.UnpicklingError(f"the pickle sets attributes on `{node[2][1]}` itself")
         if items:
             depths, sizes, *_ = zip(*items, strict=True)
             node[0] = max(node[0], max(depths) + 1)

@@ -329,3 +329,22 @@ def test_a_memo_index_past_the_file_is_refused_before_the_unpickler_allocates_it
     result = subprocess.run([sys.executable, "-c", code, data.hex()], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memo index 536,870,912 at byte" in result.stdout and "is larger than the file" in result.stdout
+
+
+@pytest.mark.parametrize("protocol", [0, 4])
+def test_a_pickle_cannot_set_attributes_on_an_allowed_class_itself(protocol):
+    """BUILD on `pandas.RangeIndex` (the class, not an instance) set `RangeIndex.attack_marker` for the whole
+    process: a file could change the classes pandas itself uses."""
+    cls = b"cpandas\nRangeIndex\n" if protocol == 0 else b"\x80\x04\x8c\x06pandas\x8c\nRangeIndex\x93"
+    data = cls + b"(N}Vattack_marker\nI1\nstb."
+    with pytest.raises(UserError, match="sets attributes on `pandas.RangeIndex` itself"):
+        safe_pickle.loads(data, allow_pandas=True)
+    assert not hasattr(pd.RangeIndex, "attack_marker")
+
+
+def test_a_dtype_pickle_gets_its_own_dtype_never_the_one_numpy_shares():
+    """`numpy.dtype("i8", False, False)` is numpy's one int64 dtype; the BUILD after it rewrote that dtype's
+    state for the whole process (fuzzing one byte of a DataFrame pickle, True -> False, broke int64 arrays)."""
+    data = b"\x80\x02cnumpy\ndtype\nU\x02i8\x89\x89\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb."
+    loaded = safe_pickle.loads(data, allow_pandas=True)
+    assert loaded == np.dtype("i8") and loaded is not np.dtype("i8")
