@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from captioning.tiny_project import PROJECT, tool_env
@@ -63,3 +65,16 @@ def saved_weight_paths(model_file: Path) -> list[str]:
             h5py.File(weights, "r") as h5:
         h5.visititems(lambda name, item: paths.append(name) if isinstance(item, h5py.Dataset) else None)
     return paths
+
+
+def user_error_in_child(setup: str, call: str, *args: str, memory_gb: int | None = None) -> str:
+    """Run `setup` then `call` (one line of Python reading `sys.argv[1:]`, i.e. `args`) in a child process
+    and return the message of the UserError it raises ("" if none). Why a child: a regression may kill
+    the interpreter (a segmentation fault) or take the machine's memory; with `memory_gb` the child's
+    address space is limited to that, so a regression ends in a MemoryError. Fails on any other ending."""
+    limit = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({memory_gb} << 30, {memory_gb} << 30))\n"
+    code = ((limit if memory_gb else "") + "import sys\nfrom captioning.errors import UserError\n" + setup + "\n"
+            f"try:\n    {call}\nexcept UserError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -8,13 +8,12 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import user_error_in_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from captioning.captions import load_captions
 from captioning.captions.records import short_repr
 from captioning.errors import UserError
 
+LOAD_CAPTIONS = "from captioning.captions import load_captions"  # for user_error_in_child
 EXISTING = ("a.jpg", "b.jpg")
 GOOD = ["a.jpg#0\tA dog runs .", "a.jpg#1\tA brown dog .", "b.jpg#0\tA cat sleeps ."]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -170,11 +170,8 @@ def test_a_million_deep_tuple_key_is_refused_before_it_can_crash(tmp_path, image
     """In a child process, so that a regression shows as a failed test rather than a dead test run."""
     path = tmp_path / "c.pkl"
     path.write_bytes(deep_tuple_key_pickle(1_000_000))
-    code = ("import sys\nfrom captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
-            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "nests containers more than 100 levels deep" in result.stdout
+    message = user_error_in_child(LOAD_CAPTIONS, "load_captions(sys.argv[1], sys.argv[2])", str(path), str(images))
+    assert "nests containers more than 100 levels deep" in message
 
 
 def linked_lists_pickle(depth: int) -> bytes:
@@ -248,13 +245,9 @@ def test_one_long_caption_referenced_over_and_over_is_refused_before_building_re
     path = tmp_path / "c.pkl"
     path.write_bytes(pickle.dumps({f"{i}.jpg": caption for i in range(2_000)}, protocol=4))
     assert path.stat().st_size < 2 * len(caption)
-    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
-            "from captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
-            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "characters of text, more than the 500,000,000" in result.stdout
+    message = user_error_in_child(LOAD_CAPTIONS, "load_captions(sys.argv[1], sys.argv[2])", str(path), str(images),
+                                  memory_gb=3)
+    assert "characters of text, more than the 500,000,000" in message
 
 
 @pytest.mark.parametrize("shape", ["lines", "pairs", "image_captions", "dict_items", "dict_lists", "dict_one", "set"])
@@ -360,12 +353,8 @@ def test_a_hash_bomb_key_is_refused_before_it_is_hashed(tmp_path, images):
     path = tmp_path / "c.pkl"
     path.write_bytes(doubling_tuple_key_pickle(60))
     assert path.stat().st_size < 1000
-    code = ("import sys\nfrom captioning.captions import load_captions\nfrom captioning.errors import UserError\n"
-            "try:\n    load_captions(sys.argv[1], sys.argv[2])\nexcept UserError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(images)], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "would expand to more than 50,000,000 items" in result.stdout
+    message = user_error_in_child(LOAD_CAPTIONS, "load_captions(sys.argv[1], sys.argv[2])", str(path), str(images))
+    assert "would expand to more than 50,000,000 items" in message
     # the same shape, small enough to hash, still loads: the bound is on expansion, not on sharing
     small = "x"
     for _ in range(3):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import user_error_in_child
 
 from captioning import safe_pickle
 from captioning.errors import UserError
@@ -310,12 +311,9 @@ def test_a_string_column_whose_offsets_point_outside_its_data_is_refused(tmp_pat
     assert good in data
     path = tmp_path / "frame.pkl"
     path.write_bytes(data.replace(good, bad))
-    code = ("import sys\nfrom captioning import safe_pickle\nfrom captioning.errors import UserError\n"
-            "try:\n    frame = safe_pickle.loads(open(sys.argv[1], 'rb').read(), allow_pandas=True)\n"
-            "    print(frame['caption'].tolist())\nexcept UserError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "not a readable pickle" in result.stdout and "offset" in result.stdout.lower(), result.stdout
+    message = user_error_in_child("from captioning import safe_pickle", "frame = safe_pickle.loads(open(sys.argv[1], "
+                                  "'rb').read(), allow_pandas=True); print(frame['caption'].tolist())", str(path))
+    assert "not a readable pickle" in message and "offset" in message.lower(), message
 
 
 @pytest.mark.parametrize("data", [b"\x80\x02]r\x00\x00\x00\x20.", b"(lp536870912\n."], ids=["LONG_BINPUT", "PUT"])
@@ -323,12 +321,9 @@ def test_a_memo_index_past_the_file_is_refused_before_the_unpickler_allocates_it
     """The unpickler keeps its memo in an array as long as the largest index: a 10-byte file storing one
     list at index 2**29 made it allocate and clear 8 GB (a fuzzed DataFrame pickle got the process
     killed for memory). In a child process limited to 2 GB, so that a regression fails here instead."""
-    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-            "from captioning import safe_pickle\nfrom captioning.errors import UserError\n"
-            "try:\n    safe_pickle.loads(bytes.fromhex(sys.argv[1]))\nexcept UserError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code, data.hex()], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "memo index 536,870,912 at byte" in result.stdout and "is larger than the file" in result.stdout
+    message = user_error_in_child("from captioning import safe_pickle", "safe_pickle.loads(bytes.fromhex(sys.argv[1]))",
+                                  data.hex(), memory_gb=2)
+    assert "memo index 536,870,912 at byte" in message and "is larger than the file" in message
 
 
 @pytest.mark.parametrize("protocol", [0, 4])
