@@ -16,15 +16,18 @@ naming it. The check happens before anything is imported, so a refused module is
   They were found by recording every `find_class` request, and tests/test_safe_pickle.py records them
   again, so a pandas upgrade that needs a new name fails a test instead of failing in the pipeline.
   A few older spellings of the same objects (numpy 1.x `numpy.core...`, pandas < 3 `pandas.core...`)
-  map to the very same objects, so pickles from older versions load too. Two are checked stand-ins:
-  numpy's `_reconstruct` only starts the empty array numpy writes, and pyarrow's `_restore_array`
-  validates the array it rebuilds (see each). The bounds below apply to DataFrame pickles too.
+  map to the very same objects, so pickles from older versions load too. Three are checked stand-ins:
+  numpy's `_reconstruct` only starts the empty array numpy writes, `numpy.dtype` always makes a new
+  dtype (whose state is checked after loading: `RestrictedUnpickler.restore_numpy_state`), and pyarrow's
+  `_restore_array` rebuilds only a plain string column, validated (see each). The bounds below apply to
+  DataFrame pickles too.
 
 Known limit: pickle's BUILD opcode sets the state of the object below it. The scan refuses BUILD on
-an allowed class itself (it would change `pandas.RangeIndex` for the whole process), and `numpy.dtype`
-always makes a new dtype, but BUILD on an instance the file creates (a DataFrame, an array, a dtype)
-still takes whatever state the file holds: data or other allowed objects only, so no code from the
-file runs, yet a hostile pandas pickle can make objects that misbehave. That is why pandas pickles
+an allowed class itself (it would change `pandas.RangeIndex` for the whole process), and dtypes get
+numpy's own state back, but BUILD on other instances the file creates (a DataFrame, an array) still
+takes whatever state the file holds: data or other allowed objects only, so no code from the file
+runs, yet a hostile pandas pickle can make objects that misbehave (a fuzzer found a DataFrame without
+its data, which the captions reader reports as damaged). That is why pandas pickles
 need an explicit opt-in and are meant for files you trust.
 
 Python 2 pickles: their str are bytes, decoded as ASCII; a file with any other byte in one is read
@@ -98,11 +101,21 @@ def _own_dtype(spec, align=False, copy=False):
     return _resolve("numpy:dtype")(spec, align, True)
 
 
-def _checked_arrow_array(*args):
-    """Stand-in for pyarrow's `_restore_array`, which trusts the offsets and lengths in the file: a string
-    offset past the end of its data made reading the column read outside memory and kill the process
-    (a segmentation fault). The array is validated in full first."""
-    array = _resolve("pyarrow.lib:_restore_array")(*args)
+def _checked_arrow_array(data):
+    """Stand-in for pyarrow's `_restore_array((type, length, null_count, offset, buffers, children,
+    dictionary))`, which trusts all of it: a string offset past the end of its data made reading the
+    column read outside memory, and odd buffers crashed `_restore_array` itself (segmentation faults,
+    found by fuzzing DataFrame pickles). Only the plain string column a DataFrame pickle holds is rebuilt,
+    through pyarrow's public `Array.from_buffers`, and validated in full before anything reads it."""
+    arrow = importlib.import_module("pyarrow")
+    kind, length, null_count, offset, buffers, children, dictionary = data
+    sizes = (length, null_count + 1, offset)  # null_count -1: not counted yet
+    if not (isinstance(kind, arrow.DataType) and kind in (arrow.string(), arrow.large_string())
+            and all(type(size) is int and size >= 0 for size in sizes) and type(buffers) is list
+            and len(buffers) == kind.num_buffers and all(b is None or isinstance(b, arrow.Buffer) for b in buffers)
+            and children == [] and dictionary is None):
+        raise pickle.UnpicklingError("an arrow array in the pickle is not a plain string column")
+    array = arrow.Array.from_buffers(kind, length, buffers, null_count, offset)
     array.validate(full=True)
     return array
 
@@ -194,6 +207,7 @@ def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pa
 # pickle at protocols 0-2 copies its text twice (text -> bytes -> bytearray).
 _COPIES = {("builtins", "bytearray"), ("builtins", "bytes"), ("_codecs", "encode")}
 MAX_BYTES_BUILT = 1_000_000_000
+_TAMPERED: list = []  # numpy objects whose state could not be restored: never freed (see restore_numpy_state)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -205,13 +219,46 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allow_pandas = allow_pandas
         self._source = source
         self._bytes_built = 0
+        self._numpy_made: list = []  # the dtypes and arrays numpy made for the file: see `restore_numpy_state`
 
     def find_class(self, module, name):
         key = python3_name(module, name)
         if key not in self._allowed:
             raise _refusal(self._source, (module, name), key, self._allow_pandas)
         found = _resolve(self._allowed[key])
+        if found is _own_dtype or found is _empty_array:
+            return self._kept(found)
         return self._metered(found) if key in _COPIES else found
+
+    def _kept(self, make):
+        """`make`, keeping what it makes alive (and so never freed while the file is read) until checked."""
+
+        def kept(*args):
+            made = make(*args)
+            self._numpy_made.append(made)
+            return made
+
+        return kept
+
+    def restore_numpy_state(self) -> bool:
+        """Give every dtype the file made (or set on an array it made) numpy's own state back, and say whether
+        one had another. BUILD may set any state on them: an int64 dtype marked as holding object references
+        made numpy fail, then crash, when an array of it was freed. One that cannot be restored is kept
+        alive for good (never freed, it cannot crash)."""
+        dtype_class = _resolve("numpy:dtype") if self._numpy_made else None
+        changed = False
+        for made in self._numpy_made:
+            dtype = made if isinstance(made, dtype_class) else made.dtype
+            try:
+                own = dtype_class(dtype.str).__reduce__()[2]
+                if dtype.__reduce__()[2] != own:
+                    dtype.__setstate__(own)
+                    changed = True
+            except Exception:
+                _TAMPERED.append(made)
+                changed = True
+        self._numpy_made.clear()
+        return changed
 
     def _metered(self, build):
         """`build`, counting the bytes it is asked to copy (before it copies them) against MAX_BYTES_BUILT."""
@@ -479,19 +526,31 @@ def _refuse(node, hashed: int, limit: int, source: str, position: int):
                     "example a dict image -> list of captions.")
 
 
+def _load(data: bytes, allow_pandas: bool, source: str, encoding: str) -> object:
+    """One `RestrictedUnpickler` run; numpy's state is checked before the unpickler lets go of anything."""
+    unpickler = RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source, encoding=encoding)
+    try:
+        loaded = unpickler.load()
+    finally:
+        tampered = unpickler.restore_numpy_state()
+    if tampered:
+        raise UserError(f"{source}: the pickle gives a numpy dtype a state numpy never writes. Re-create it, or "
+                        "use a Flickr8k token text file instead.")
+    return loaded
+
+
 def loads(data: bytes, *, allow_pandas: bool = False, source: str = "pickle") -> object:
     """Unpickle `data` with `RestrictedUnpickler`; any failure becomes a `UserError` naming `source`."""
     try:
         check_nesting(data, source)
         try:
-            return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source).load()
+            return _load(data, allow_pandas, source, "ASCII")
         except UnicodeDecodeError:
             # A Python 2 pickle stores its str as bytes, which pickle decodes as ASCII by default, so one
             # "café" refused the whole file. Read them as bytes instead: the captions readers decode bytes
             # as they decode text files (UTF-8, else cp1252, else latin-1) and list the fallbacks. ASCII-only
             # files never get here and keep their str.
-            return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, source=source,
-                                       encoding="bytes").load()
+            return _load(data, allow_pandas, source, "bytes")
     except UserError:
         raise
     except Exception as err:  # a damaged file can fail in many ways; none of them is a bug here

@@ -343,3 +343,33 @@ def test_a_dtype_pickle_gets_its_own_dtype_never_the_one_numpy_shares():
     data = b"\x80\x02cnumpy\ndtype\nU\x02i8\x89\x89\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb."
     loaded = safe_pickle.loads(data, allow_pandas=True)
     assert loaded == np.dtype("i8") and loaded is not np.dtype("i8")
+
+
+def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path):
+    """BUILD gives the int64 dtype of a DataFrame column whatever state the file holds: flags marking it as
+    holding object references made numpy fail (`get_clear_loop` not set) and then crash when the column was
+    freed (found by fuzzing DataFrame pickles). In a child process, so that a regression cannot kill pytest."""
+    frame = pd.DataFrame({"image": ["a.jpg", "b.jpg"], "caption": ["A dog .", "A cat ."], "caption_number": [0, 1]})
+    data = pickle.dumps(frame, protocol=4)
+    state = b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"  # int64's (..., None, None, None, -1, -1, flags 0)
+    assert data.count(state) == 1
+    path = tmp_path / "frame.pkl"
+    path.write_bytes(data.replace(state, state.replace(b"K\x00t", b"K\x01t")))
+    message = user_error_in_child("from captioning import safe_pickle", "safe_pickle.loads(open(sys.argv[1], 'rb')"
+                                  ".read(), allow_pandas=True); import gc; gc.collect()", str(path))
+    assert "gives a numpy dtype a state numpy never writes" in message, message
+
+
+def test_only_a_plain_arrow_string_column_is_rebuilt():
+    """pyarrow's `_restore_array` trusts its whole argument, and fuzzed DataFrame pickles crashed inside it
+    (segmentation fault); the stand-in rebuilds only what a DataFrame's string column holds."""
+    import pyarrow as pa
+    column = pa.array(["A dog .", "A cat ."], type=pa.large_string())
+    kind, length, null_count, offset, buffers, children, dictionary = column.__reduce__()[1][0]
+    assert safe_pickle._checked_arrow_array((kind, length, null_count, offset, buffers, [], None)).equals(column)
+    for odd in [(kind, length, null_count, offset, buffers[1:], [], None),          # a buffer missing
+                (pa.int64(), length, null_count, offset, buffers[:2], [], None),   # not text
+                (kind, -1, null_count, offset, buffers, [], None),                 # a negative length
+                (kind, length, null_count, offset, buffers, [column], None)]:      # children
+        with pytest.raises(pickle.UnpicklingError, match="not a plain string column"):
+            safe_pickle._checked_arrow_array(odd)
