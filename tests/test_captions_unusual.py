@@ -501,3 +501,12 @@ def test_any_pickled_structure_gives_a_table_or_a_user_error(tmp_path, images):
     # Lists holding a line of GOOD mostly end in a table (max_skipped_fraction=1.0): a third to a half of the
     # examples in runs here, so a tenth is a wide margin.
     assert outcomes["table"] >= sum(outcomes.values()) / 10, outcomes
+
+
+def test_a_dataframe_pickle_without_its_data_is_a_clear_error(tmp_path, images):
+    """A DataFrame whose pickled state lacks `_mgr` (one changed byte) loads half-built: reading its columns
+    raised AttributeError, a traceback, out of the parse stage."""
+    data = pickle.dumps(pd.DataFrame({"image": ["a.jpg"], "caption": ["A dog ."]}), protocol=4)
+    assert data.count(b"\x04_mgr") == 1
+    with pytest.raises(UserError, match=r"the pickled DataFrame is damaged \(AttributeError"):
+        parse(tmp_path, images, "c.pkl", data.replace(b"\x04_mgr", b"\x04_mgX"), allow_pandas_pickle=True)

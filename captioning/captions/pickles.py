@@ -200,6 +200,11 @@ def _find_column(columns, names: tuple[str, ...]):
     by_name = {column.strip().lower(): column for column in columns if isinstance(column, str)}
     return next((by_name[name] for name in names if name in by_name), None)
 def _dataframe_records(frame, path: Path) -> list[Record]:
+    try:  # a pickle can leave a DataFrame half-built (its state without `_mgr`): every use of it then fails
+        frame.columns, len(frame)
+    except Exception as err:
+        raise UserError(f"{path}: the pickled DataFrame is damaged ({type(err).__name__}: {err}). Re-create it, "
+                        "or use a Flickr8k token text file instead.") from err
     image_column = _find_column(frame.columns, IMAGE_COLUMNS)
     caption_column = _find_column(frame.columns, CAPTION_COLUMNS)
     if image_column is None or caption_column is None:
