@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from captioning import files
+from captioning import files, layout
 from captioning.captions import load_captions
 from captioning.demo import CAPTIONS, generate_demo
 from captioning.feature_files import BackboneSpec
@@ -44,10 +44,10 @@ def random_feature_dir(folder: Path, images: list[str], seed: int = 0) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     rows = np.abs(np.random.default_rng(seed).normal(size=(len(images), FEATURE_DIM))).astype(np.float32)
-    np.save(folder / "features.npy", rows)
-    files.write_parquet(folder / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(len(images))}))
+    np.save(folder / layout.FEATURE_MATRIX, rows)
+    files.write_parquet(folder / layout.FEATURE_INDEX, pd.DataFrame({"image": images, "row": np.arange(len(images))}))
     options = PARAMS["features"]
     spec = BackboneSpec(weights="random", seed=options["seed"], image_size=options["image_size"],
                         precision=options["precision"], backbone="resnet50")
-    files.write_json(folder / "backbone.json", spec.to_json())
+    files.write_json(folder / layout.BACKBONE_SPEC, spec.to_json())
     return folder

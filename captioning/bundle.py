@@ -13,14 +13,14 @@ from captioning import files, layout
 from captioning.errors import UserError, clipped
 from captioning.params import DECODE_METHODS, SCHEMA, check_values
 
-BUNDLE_FILES = ("model.keras", "vocab.json", "backbone.json")
+BUNDLE_FILES = (layout.MODEL_FILE, layout.VOCAB_FILE, layout.BACKBONE_SPEC)
 MAX_BEAM_SIZE = 16  # a per-request override above this would let one request take the server's time
 
 
 def check_bundle(model_dir: Path) -> None:
     """Stop with one line when the model is missing or incomplete."""
     model_dir = Path(model_dir)
-    if not (model_dir / "model.keras").exists():
+    if not (model_dir / layout.MODEL_FILE).exists():
         raise UserError(f"no trained model in {model_dir}: run `dvc repro` first (or pass --model-dir).")
     missing = [name for name in BUNDLE_FILES if not (model_dir / name).exists()]
     if missing:
@@ -68,14 +68,14 @@ def _neighbours_npz(path: Path) -> None:
         raise ValueError(f"it lacks {', '.join(sorted(missing))}")
 
 
-_READABLE = {"backbone.json": _backbone_json, "vocab.json": _vocab_json, "ngram_df.json": _ngram_json,
-             "neighbours.npz": _neighbours_npz}
+_READABLE = {layout.BACKBONE_SPEC: _backbone_json, layout.VOCAB_FILE: _vocab_json,
+             layout.NGRAM_STATISTICS: _ngram_json, layout.NEIGHBOUR_INDEX: _neighbours_npz}
 
 
 def save_decode_settings(path: Path, model_dir: Path, settings: dict) -> None:
     """What `evaluate` writes: the decode settings it captioned the test images with, and which model
     (by sha256) they belong to, so the caption command and the server decode exactly as it did."""
-    files.write_json(path, {"model_sha256": files.sha256(Path(model_dir) / "model.keras"), "settings": settings})
+    files.write_json(path, {"model_sha256": files.sha256(Path(model_dir) / layout.MODEL_FILE), "settings": settings})
 
 
 def decode_settings(model_dir: Path, path: Path = layout.DECODE_SETTINGS) -> dict:
@@ -92,7 +92,7 @@ def decode_settings(model_dir: Path, path: Path = layout.DECODE_SETTINGS) -> dic
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise UserError(f"{path} is not a decode settings file (it has no 'settings'). Pass --decode-settings "
                         "with the file `evaluate` wrote for this model (data/decode.json).")
-    if saved.get("model_sha256") != files.sha256(Path(model_dir) / "model.keras"):
+    if saved.get("model_sha256") != files.sha256(Path(model_dir) / layout.MODEL_FILE):
         raise UserError(f"{path} belongs to another model than {model_dir} (the model changed after evaluate ran): "
                         "run `dvc repro`, or pass the --decode-settings file of this model.")
     return _checked_settings(saved["settings"], path)

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from captioning import consensus
+from captioning import consensus, layout
 from captioning.errors import UserError
 from captioning.model import inference_models
-from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 from captioning.neighbours import NeighbourIndex
 from captioning.tf_setup import keras, tf
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -66,12 +65,12 @@ class Captioner:
         import captioning.model  # noqa: F401  registers the custom loss and metric
 
         model_dir = Path(model_dir)
-        model = keras.models.load_model(model_dir / "model.keras", compile=False)
-        statistics_file = model_dir / consensus.FILE_NAME
+        model = keras.models.load_model(model_dir / layout.MODEL_FILE, compile=False)
+        statistics_file = model_dir / layout.NGRAM_STATISTICS
         statistics = consensus.NgramStatistics.load(statistics_file) if statistics_file.is_file() else None
-        index_file = model_dir / NEIGHBOURS_FILE
+        index_file = model_dir / layout.NEIGHBOUR_INDEX
         neighbour_index = NeighbourIndex.load(index_file) if index_file.is_file() else None
-        return cls(model, Vocabulary.load(model_dir / "vocab.json"), statistics, neighbour_index)
+        return cls(model, Vocabulary.load(model_dir / layout.VOCAB_FILE), statistics, neighbour_index)
 
     def _log_probs(self, tokens, states, first_step, history, no_repeat_ngram):
         """Next-word log-probabilities of each row, after the rules above; `history` is (rows, words so far)."""
@@ -200,9 +199,9 @@ class Captioner:
         """Stop with one line, before any decoding, when these settings need statistics the model lacks."""
         if method != "beam" or rerank == "none":
             return
-        needed = {consensus.FILE_NAME: self.statistics}
+        needed = {layout.NGRAM_STATISTICS: self.statistics}
         if rerank == "neighbours":
-            needed[NEIGHBOURS_FILE] = self.neighbour_index
+            needed[layout.NEIGHBOUR_INDEX] = self.neighbour_index
         missing = [name for name, loaded in needed.items() if loaded is None]
         if missing:
             raise UserError(f"decode.rerank: {rerank} needs {' and '.join(missing)} beside the model (written by "

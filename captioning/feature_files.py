@@ -15,6 +15,7 @@ import pandas as pd
 
 from captioning import files
 from captioning.errors import UserError
+from captioning.layout import BACKBONE_SPEC, EXTRACT_REPORT, FEATURE_INDEX, FEATURE_MATRIX
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class BackboneSpec:
                             "with `dvc repro -f -s extract_resnet_features`, then `dvc repro`.")
 
 
-FEATURE_FILES = ("features.npy", "index.parquet", "backbone.json")  # features.npy is written last
+FEATURE_FILES = (FEATURE_MATRIX, FEATURE_INDEX, BACKBONE_SPEC)  # FEATURE_MATRIX is written last
 
 
 class FeatureStore:
@@ -65,29 +66,27 @@ class FeatureStore:
         # Each file whole and the two agreeing, or one line naming the file: a folder copied in part (an
         # interrupted copy, a full disk) has every file but not every file's bytes, and training and
         # evaluation stopped with a NumPy, Arrow or JSON traceback, or an IndexError epochs later.
-        name = "features.npy"
+        name = FEATURE_MATRIX
         try:
             self.matrix = np.load(folder / name, mmap_mode="r", allow_pickle=False)
-            name = "index.parquet"
+            name = FEATURE_INDEX
             index = pd.read_parquet(folder / name)
             rows = index["row"].to_numpy(dtype=np.int64)
             self.row_of = dict(zip(index["image"], rows.tolist(), strict=True))
-            name = "backbone.json"
+            name = BACKBONE_SPEC
             self.spec = BackboneSpec(**files.read_json(folder / name))
         except (OSError, ValueError, TypeError, KeyError) as err:  # ArrowInvalid is a ValueError
             raise _damaged(folder / name, f"{type(err).__name__}: {err}") from None
         self.spec.check_weights_file(missing_ok=True)  # features of other weights must not train or be scored
         if self.matrix.ndim != 2 or len(self.matrix) != len(index) or \
                 not np.array_equal(np.sort(rows), np.arange(len(index))):
-            raise _damaged(folder / "features.npy", f"{self.matrix.shape} features for the {len(index)} rows "
-                                                    "of index.parquet")
+            raise _damaged(folder / FEATURE_MATRIX, f"{self.matrix.shape} features for the {len(index)} rows "
+                                                  f"of {FEATURE_INDEX}")
 
     def without_features(self, images, split: str, consequence: str, stage: str) -> list[str]:
         """The photos of `images` whose extraction failed (listed in the extract report), sorted; when there
         are any, one stderr line names them and says what `stage` does without them: results over fewer
         photos than the split holds must not pass for results over all of them."""
-        from captioning.layout import EXTRACT_REPORT
-
         missing = sorted(name for name in set(images) if name not in self.row_of)
         if missing:
             shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")

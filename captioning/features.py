@@ -23,6 +23,7 @@ from captioning.backbones import build_backbone, feature_dim
 from captioning.errors import UserError
 from captioning.feature_files import FEATURE_FILES, BackboneSpec
 from captioning.images import ImageError, load_image
+from captioning.layout import BACKBONE_SPEC, FEATURE_INDEX, FEATURE_MATRIX
 from captioning.tf_setup import keras, tf
 from captioning.timing import Stopwatch
 
@@ -114,7 +115,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
                         "folder holding the photos named in the captions file.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # An earlier run's files go first, and features.npy is written last: a run killed half-way leaves an
+    # An earlier run's files go first, and the feature matrix is written last: a run killed half-way leaves an
     # incomplete folder (which FeatureStore refuses), never one run's index beside another's features.
     for name in FEATURE_FILES:
         (out_dir / name).unlink(missing_ok=True)
@@ -133,14 +134,14 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
-        files.write_parquet(out_dir / "index.parquet",
+        files.write_parquet(out_dir / FEATURE_INDEX,
                             pd.DataFrame({"image": [images[r] for r in good], "row": np.arange(len(good))}))
-        files.write_json(out_dir / "backbone.json", spec.to_json())
+        files.write_json(out_dir / BACKBONE_SPEC, spec.to_json())
         if errors:
-            _write_rows(raw, good, out_dir / "features.npy")
+            _write_rows(raw, good, out_dir / FEATURE_MATRIX)
         else:
             del raw
-            os.replace(raw_path, out_dir / "features.npy")  # complete, so the rename is the commit
+            os.replace(raw_path, out_dir / FEATURE_MATRIX)  # complete, so the rename is the commit
     finally:
         raw_path.unlink(missing_ok=True)
     report = {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning import files
+from captioning import files, layout
 from captioning.backbones import build_backbone
 from captioning.batching import allowed_batch_sizes, padded_size
 from captioning.bundle import check_bundle
@@ -27,7 +27,7 @@ from captioning.images import ImageError, load_image
 
 def load_backbone(model_dir: Path):
     """The backbone the model's features came from, and its spec: the one place it is rebuilt."""
-    spec = BackboneSpec(**files.read_json(Path(model_dir) / "backbone.json"))
+    spec = BackboneSpec(**files.read_json(Path(model_dir) / layout.BACKBONE_SPEC))
     return build_backbone(spec), spec
 
 

@@ -26,6 +26,18 @@ DECODE_SETTINGS = Path("data/decode.json")  # evaluate's decode settings, which 
 PLOTS_DIR = Path("plots")
 SPLITS = ("train", "dev", "test")
 
+# The files of a feature folder (FEATURES_DIR, or any folder extraction wrote) and of a model folder
+# (MODEL_DIR, or a --model-dir): extraction and training write them; the stages, the caption command, the
+# server and the benchmarks read them. BACKBONE_SPEC is in both: training copies it beside the model, so
+# new images get the backbone the training features came from.
+FEATURE_MATRIX = "features.npy"
+FEATURE_INDEX = "index.parquet"  # image name -> row of FEATURE_MATRIX
+BACKBONE_SPEC = "backbone.json"
+MODEL_FILE = "model.keras"
+VOCAB_FILE = "vocab.json"
+NGRAM_STATISTICS = "ngram_df.json"  # consensus.NgramStatistics, which both reranks weigh n-grams by
+NEIGHBOUR_INDEX = "neighbours.npz"  # neighbours.NeighbourIndex, which the neighbours rerank compares with
+
 
 def split_file(name: str) -> Path:
     return SPLIT_DIR / f"{name}.txt"

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from captioning import files
+from captioning import files, layout
 
-FILE_NAME = "neighbours.npz"
+FILE_NAME = layout.NEIGHBOUR_INDEX
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:

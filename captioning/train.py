@@ -37,7 +37,7 @@ from captioning.checkpoints import (
     resume_state,
     starting_over,
 )
-from captioning.consensus import FILE_NAME, NgramStatistics
+from captioning.consensus import NgramStatistics
 from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
 from captioning.errors import UserError, one_line
 from captioning.feature_files import FeatureStore
@@ -49,7 +49,6 @@ from captioning.model import (
     make_optimizer,
     save_for_decoding,
 )
-from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 from captioning.neighbours import NeighbourIndex
 from captioning.params import TrainConfig
 from captioning.scst import RewardSet, fine_tune
@@ -395,10 +394,10 @@ def save_bundle(model: keras.Model, vocab: Vocabulary, store: FeatureStore, conf
     captions' n-gram statistics that both reranks weigh n-grams by, and the training photos' features and
     captions that the neighbours rerank compares with."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    statistics.save(model_dir / FILE_NAME)
-    neighbour_index.save(model_dir / NEIGHBOURS_FILE)
-    with files.atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
+    statistics.save(model_dir / layout.NGRAM_STATISTICS)
+    neighbour_index.save(model_dir / layout.NEIGHBOUR_INDEX)
+    with files.atomic_path(model_dir / layout.MODEL_FILE, suffix=".keras") as tmp:
         save_for_decoding(model, tmp)
-    vocab.save(model_dir / "vocab.json")
-    files.write_json(model_dir / "backbone.json", store.spec.to_json())
+    vocab.save(model_dir / layout.VOCAB_FILE)
+    files.write_json(model_dir / layout.BACKBONE_SPEC, store.spec.to_json())
     files.write_json(model_dir / "train_config.json", asdict(config))

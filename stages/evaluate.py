@@ -9,8 +9,8 @@ from captioning.params import read_section
 
 def main() -> None:
     settings = read_section("decode")
-    layout.require(layout.MODEL_DIR / "model.keras", layout.FEATURES_DIR / "index.parquet", layout.CAPTIONS_TABLE,
-                   layout.split_file("train"), layout.split_file("test"))
+    layout.require(layout.MODEL_DIR / layout.MODEL_FILE, layout.FEATURES_DIR / layout.FEATURE_INDEX,
+                   layout.CAPTIONS_TABLE, layout.split_file("train"), layout.split_file("test"))
     from captioning.evaluation import evaluate  # TensorFlow only past the checks above
 
     metrics, predictions = evaluate(layout.MODEL_DIR, layout.FEATURES_DIR, pd.read_parquet(layout.CAPTIONS_TABLE),

@@ -9,7 +9,7 @@ from captioning.params import read_section
 def main() -> None:
     config = read_section("train")
     inputs = [layout.CAPTIONS_TABLE, *(layout.split_file(n) for n in ("train", "dev")),
-              layout.FEATURES_DIR / "features.npy", layout.FEATURES_DIR / "index.parquet"]
+              layout.FEATURES_DIR / layout.FEATURE_MATRIX, layout.FEATURES_DIR / layout.FEATURE_INDEX]
     layout.require(*inputs)
     from captioning.train import TrainPaths, train  # TensorFlow only past the checks above
 
