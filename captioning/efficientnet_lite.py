@@ -88,8 +88,7 @@ def torch_prefix(layer_name: str) -> str:
 def load_state_dict(model: keras.Model, state: dict, source: str) -> None:
     """Set every weight of `model` from the PyTorch state dict, each tensor used exactly once.
 
-    PyTorch kernels are (out, in, kh, kw), depthwise (channels, 1, kh, kw), dense (out, in); Keras wants
-    (kh, kw, in, out), (kh, kw, channels, 1) and (in, out). A missing, unused or misshapen tensor is an error.
+    A missing, unused or misshapen tensor is an error.
     """
     unused = dict(state)
 
@@ -100,28 +99,40 @@ def load_state_dict(model: keras.Model, state: dict, source: str) -> None:
         return unused.pop(name)
 
     for layer in model.layers:
-        if not layer.weights:
-            continue
-        prefix = torch_prefix(layer.name)
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
-            arrays = [take(f"{prefix}.weight").transpose(2, 3, 0, 1)]
-        elif isinstance(layer, keras.layers.Conv2D):
-            arrays = [take(f"{prefix}.weight").transpose(2, 3, 1, 0)]
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            arrays = [take(f"{prefix}.{key}") for key in ("weight", "bias", "running_mean", "running_var")]
-            take(f"{prefix}.num_batches_tracked")  # training bookkeeping: consumed, not needed for inference
-        elif isinstance(layer, keras.layers.Dense):
-            arrays = [take(f"{prefix}.weight").T, take(f"{prefix}.bias")]
-        else:
-            raise AssertionError(f"no weight mapping for layer {layer.name}")
-        for variable, array in zip(layer.weights, arrays, strict=True):
-            if tuple(variable.shape) != array.shape:
-                raise UserError(f"{source}: {prefix} has shape {array.shape} where EfficientNet-Lite0 needs "
-                                f"{tuple(variable.shape)}.")
-        layer.set_weights(arrays)
+        if layer.weights:
+            prefix = torch_prefix(layer.name)
+            arrays = _keras_arrays(layer, prefix, take)
+            _check_shapes(layer, arrays, prefix, source)
+            layer.set_weights(arrays)
     if unused:
         raise UserError(f"{source}: {len(unused)} tensors of the checkpoint have no place in EfficientNet-Lite0 "
                         f"(first: {sorted(unused)[:3]}).")
+
+
+def _keras_arrays(layer: keras.layers.Layer, prefix: str, take) -> list:
+    """The PyTorch tensors of one layer (`take(name)` hands each out once), in Keras' order and layout.
+
+    PyTorch kernels are (out, in, kh, kw), depthwise (channels, 1, kh, kw), dense (out, in); Keras wants
+    (kh, kw, in, out), (kh, kw, channels, 1) and (in, out).
+    """
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return [take(f"{prefix}.weight").transpose(2, 3, 0, 1)]
+    if isinstance(layer, keras.layers.Conv2D):
+        return [take(f"{prefix}.weight").transpose(2, 3, 1, 0)]
+    if isinstance(layer, keras.layers.BatchNormalization):
+        arrays = [take(f"{prefix}.{key}") for key in ("weight", "bias", "running_mean", "running_var")]
+        take(f"{prefix}.num_batches_tracked")  # training bookkeeping: consumed, not needed for inference
+        return arrays
+    if isinstance(layer, keras.layers.Dense):
+        return [take(f"{prefix}.weight").T, take(f"{prefix}.bias")]
+    raise AssertionError(f"no weight mapping for layer {layer.name}")
+
+
+def _check_shapes(layer: keras.layers.Layer, arrays: list, prefix: str, source: str) -> None:
+    for variable, array in zip(layer.weights, arrays, strict=True):
+        if tuple(variable.shape) != array.shape:
+            raise UserError(f"{source}: {prefix} has shape {array.shape} where EfficientNet-Lite0 needs "
+                            f"{tuple(variable.shape)}.")
 
 
 def package_checkpoint() -> Path:
