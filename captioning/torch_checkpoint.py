@@ -156,6 +156,21 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read(stream: io.BytesIO, source: str) -> dict[str, np.ndarray]:
+    """The five pickles and the storages, in the order the format writes them (see the module docstring)."""
+    _check_header(stream, source)
+    unpickler = _CheckpointUnpickler(stream, source)
+    state = unpickler.load()
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _TensorRef)
+                                              for k, v in state.items()):
+        raise UserError(f"{source}: the checkpoint does not hold a state dict of named tensors.")
+    data = _read_storages(stream, source, unpickler.storages)
+    if stream.read(1):
+        raise UserError(f"{source}: unexpected bytes after the last storage.")
+    return {name: _view(data[t.storage.key], t) for name, t in state.items()}
+
+
+def _check_header(stream: io.BytesIO, source: str) -> None:
+    """The magic number, the protocol version and the system info: only what this reader understands."""
     def header():
         return _CheckpointUnpickler(stream, source).load()
 
@@ -167,27 +182,25 @@ def _read(stream: io.BytesIO, source: str) -> dict[str, np.ndarray]:
     info = header()
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise UserError(f"{source}: only little-endian checkpoints are supported.")
-    unpickler = _CheckpointUnpickler(stream, source)
-    state = unpickler.load()
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _TensorRef)
-                                              for k, v in state.items()):
-        raise UserError(f"{source}: the checkpoint does not hold a state dict of named tensors.")
+
+
+def _read_storages(stream: io.BytesIO, source: str, storages: dict[str, _StorageRef]) -> dict[str, np.ndarray]:
+    """{key: elements} of each storage the tensors use, read in the order of the file's storage list."""
     keys = _CheckpointUnpickler(stream, source).load()
-    if not isinstance(keys, list) or sorted(keys) != sorted(unpickler.storages) or len(set(keys)) != len(keys):
+    if not isinstance(keys, list) or sorted(keys) != sorted(storages) or len(set(keys)) != len(keys):
         raise UserError(f"{source}: the checkpoint's storage list does not match the storages its tensors use.")
-    data = {}
-    for key in keys:
-        ref = unpickler.storages[key]
-        (count,) = struct.unpack("<q", stream.read(8))
-        if count != ref.numel:
-            raise UserError(f"{source}: storage {key} holds {count} elements where {ref.numel} were declared.")
-        raw = stream.read(count * ref.dtype.itemsize)
-        if len(raw) != count * ref.dtype.itemsize:
-            raise UserError(f"{source}: the file ends inside storage {key} (truncated download?).")
-        data[key] = np.frombuffer(raw, dtype=ref.dtype)
-    if stream.read(1):
-        raise UserError(f"{source}: unexpected bytes after the last storage.")
-    return {name: _view(data[t.storage.key], t) for name, t in state.items()}
+    return {key: _read_storage(stream, source, key, storages[key]) for key in keys}
+
+
+def _read_storage(stream: io.BytesIO, source: str, key: str, ref: _StorageRef) -> np.ndarray:
+    """One storage: an 8-byte element count, which must be the declared one, then the elements."""
+    (count,) = struct.unpack("<q", stream.read(8))
+    if count != ref.numel:
+        raise UserError(f"{source}: storage {key} holds {count} elements where {ref.numel} were declared.")
+    raw = stream.read(count * ref.dtype.itemsize)
+    if len(raw) != count * ref.dtype.itemsize:
+        raise UserError(f"{source}: the file ends inside storage {key} (truncated download?).")
+    return np.frombuffer(raw, dtype=ref.dtype)
 
 
 def _view(storage: np.ndarray, tensor: _TensorRef) -> np.ndarray:
