@@ -23,31 +23,13 @@ def references_of(captions: pd.DataFrame, images: list[str]) -> dict[str, list[s
 def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_images: list[str],
              test_images: list[str], settings: DecodeSettings) -> tuple[dict, pd.DataFrame]:
     store = FeatureStore(features_dir)
-    # A test photo whose extraction failed has no features and cannot be captioned: it is left out of every
-    # score, and counted in eval.json.
-    without_features = store.without_features(test_images, "test", "are not scored", "evaluate")
-    test_images = sorted(name for name in test_images if name in store.row_of)
-    # Two different causes, two different remedies: a seeded split's user was told to set the seeded split.
-    if not test_images and without_features:
-        raise UserError(f"none of the {len(without_features)} test images has features: their extraction failed "
-                        f"(see {EXTRACT_REPORT} for why), so there is nothing to evaluate. Replace or repair those "
-                        "photos and run `dvc repro`.")
-    if not test_images:
-        raise UserError("the test split is empty, so there is nothing to evaluate. With data.split_dir set, the "
-                        "official test list names none of your photos (or set data.split_dir: null for a seeded "
-                        "split); with a seeded split, test gets the photos that split.train_fraction and "
-                        "split.dev_fraction leave: lower them, or add photos.")
+    test_images, without_features = _test_images_with_features(store, test_images)
     references = references_of(captions, test_images)
     test_features = store.get(test_images)
     # One METEOR process for the model and both baselines; its Java loads while the baselines are chosen
     # and TensorFlow and the model load.
     with CaptionScorer() as scorer:
-        train_images = sorted(name for name in train_images if name in store.row_of)
-        train_captions = captions[captions["image"].isin(set(train_images))]
-        frequent = most_frequent_caption(train_captions["caption"])
-        consensus = consensus_captions(train_captions)
-        neighbour = nearest_neighbours(test_features, store.get(train_images))[:, 0]
-        nearest = {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
+        frequent, nearest = _baselines(store, captions, train_images, test_images, test_features)
         generated, decode_seconds = _caption(model_dir, test_features, settings, scorer)
         candidates = dict(zip(test_images, generated, strict=True))
         metrics, per_image = scorer.score(candidates, references, progress="scoring the model")
@@ -70,6 +52,36 @@ def evaluate(model_dir: Path, features_dir: Path, captions: pd.DataFrame, train_
         baseline_nearest=[nearest[k] for k in per_image["image"]],
     )[["image", "generated", "references", "bleu4", "cider", "meteor", "rouge_l", "baseline_nearest"]]
     return metrics, predictions
+
+
+def _test_images_with_features(store: FeatureStore, test_images: list[str]) -> tuple[list[str], list[str]]:
+    """The test photos that can be captioned (sorted), and those whose extraction failed. A photo without
+    features is left out of every score, and counted in eval.json."""
+    without_features = store.without_features(test_images, "test", "are not scored", "evaluate")
+    test_images = sorted(name for name in test_images if name in store.row_of)
+    # Two different causes, two different remedies: a seeded split's user was told to set the seeded split.
+    if not test_images and without_features:
+        raise UserError(f"none of the {len(without_features)} test images has features: their extraction failed "
+                        f"(see {EXTRACT_REPORT} for why), so there is nothing to evaluate. Replace or repair those "
+                        "photos and run `dvc repro`.")
+    if not test_images:
+        raise UserError("the test split is empty, so there is nothing to evaluate. With data.split_dir set, the "
+                        "official test list names none of your photos (or set data.split_dir: null for a seeded "
+                        "split); with a seeded split, test gets the photos that split.train_fraction and "
+                        "split.dev_fraction leave: lower them, or add photos.")
+    return test_images, without_features
+
+
+def _baselines(store: FeatureStore, captions: pd.DataFrame, train_images: list[str], test_images: list[str],
+               test_features) -> tuple[str, dict[str, str]]:
+    """The two captions a model must beat: the most frequent training caption (for every test photo), and
+    per test photo the consensus caption of its nearest training photo."""
+    train_images = sorted(name for name in train_images if name in store.row_of)
+    train_captions = captions[captions["image"].isin(set(train_images))]
+    frequent = most_frequent_caption(train_captions["caption"])
+    consensus = consensus_captions(train_captions)
+    neighbour = nearest_neighbours(test_features, store.get(train_images))[:, 0]
+    return frequent, {k: consensus[train_images[i]] for k, i in zip(test_images, neighbour, strict=True)}
 
 
 def _caption(model_dir: Path, features, settings: DecodeSettings, scorer: CaptionScorer) -> tuple[list[str], float]:
