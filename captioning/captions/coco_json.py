@@ -11,6 +11,17 @@ from captioning.safe_pickle import MAX_NESTING
 
 def coco_records(body: bytes, path: Path) -> list[Record]:
     """One record per annotation; `image_id` is looked up in the `images` list."""
+    document = _parse(body, path)
+    if not (isinstance(document, dict) and isinstance(document.get("images"), list)
+            and isinstance(document.get("annotations"), list)):
+        raise UserError(f"{path}: JSON but not COCO captions: it needs an 'images' list of "
+                        "{id, file_name} and an 'annotations' list of {image_id, caption}.")
+    names = _file_names(document["images"], path)
+    return [_coco_record(i, annotation, names) for i, annotation in enumerate(document["annotations"])]
+
+
+def _parse(body: bytes, path: Path):
+    """The parsed JSON, or one line naming what keeps `body` from being read."""
     try:
         document = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -25,18 +36,20 @@ def coco_records(body: bytes, path: Path) -> list[Record]:
     if _deeper_than(document, MAX_NESTING):  # json.dumps of a part, below, would recurse as deep
         raise UserError(f"{path}: the JSON nests arrays or objects more than {MAX_NESTING} levels deep; "
                         "COCO captions need 3.")
-    if not (isinstance(document, dict) and isinstance(document.get("images"), list)
-            and isinstance(document.get("annotations"), list)):
-        raise UserError(f"{path}: JSON but not COCO captions: it needs an 'images' list of "
-                        "{id, file_name} and an 'annotations' list of {image_id, caption}.")
+    return document
+
+
+def _file_names(images: list, path: Path) -> dict:
+    """{image id: file_name} of the `images` list; one id given to two files is an error. An entry without
+    both keys names no file: the annotations of its id are then skipped as not in the list, and reported."""
     names = {}
-    for image in document["images"]:
+    for image in images:
         if isinstance(image, dict) and "id" in image and "file_name" in image:
             known = names.setdefault(_hashable(image["id"]), image["file_name"])
             if known != image["file_name"]:  # which photo its captions describe cannot be told
                 raise UserError(f"{path}: the 'images' list gives id {image['id']!r} to both {known!r} and "
                                 f"{image['file_name']!r}. Give each image its own id.")
-    return [_coco_record(i, annotation, names) for i, annotation in enumerate(document["annotations"])]
+    return names
 
 
 def _deeper_than(document, limit: int) -> bool:
