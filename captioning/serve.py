@@ -80,7 +80,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-FIELDS = ("url", "beam_size", "method")  # what a request may send besides its files (multipart field "image")
+OVERRIDES = ("beam_size", "method")  # the decode settings one request may change
+FIELDS = ("url", *OVERRIDES)  # what a request may send besides its files (multipart field "image")
 
 
 def _refuse_unknown(names, accepted: tuple[str, ...]) -> None:
@@ -121,24 +122,9 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
     upload or a JSON {"url": ...}."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await request.form(max_files=limits.max_files, max_fields=16)
-        _refuse_unknown(form.keys(), ("image", *FIELDS))
-        uploads = form.getlist("image")
-        if any(not isinstance(upload, UploadFile) for upload in uploads):
-            raise ApiError(400, "the field 'image' must hold files, not text")
-        images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
-        fields = {key: form.get(key) for key in FIELDS}
-        if len(form.getlist("url")) > 1:  # form.get keeps the last: the others were dropped without a word
-            raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
+        images, fields = await _multipart_fields(request, limits)
     elif kind == "application/json":
-        try:
-            fields = json.loads(await request.body(), object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
-            raise ApiError(400, "the body is not valid JSON; send {\"url\": \"https://...\"}") from None
-        if not isinstance(fields, dict):
-            raise ApiError(400, "send a JSON object: {\"url\": \"https://...\"}")
-        _refuse_unknown(fields, FIELDS)
-        images = []
+        images, fields = [], await _json_fields(request)
     else:
         raise ApiError(415, "send the image as multipart/form-data (field 'image') or JSON {\"url\": \"https://...\"}")
     url = fields.get("url") or None
@@ -149,7 +135,31 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
         raise ApiError(400, "no image: send files in the multipart field 'image' or a JSON {\"url\": \"https://...\"}")
     if count > limits.max_files:
         raise ApiError(400, f"{count} images in one request; at most {limits.max_files} (--max-files)")
-    return images, url, {name: _override(fields.get(name), name) for name in ("beam_size", "method")}
+    return images, url, {name: _override(fields.get(name), name) for name in OVERRIDES}
+
+
+async def _multipart_fields(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], dict]:
+    """The uploaded files of the field 'image', and the one 'url' and the overrides, if sent."""
+    form = await request.form(max_files=limits.max_files, max_fields=16)
+    _refuse_unknown(form.keys(), ("image", *FIELDS))
+    uploads = form.getlist("image")
+    if any(not isinstance(upload, UploadFile) for upload in uploads):
+        raise ApiError(400, "the field 'image' must hold files, not text")
+    if len(form.getlist("url")) > 1:  # form.get keeps the last: the others were dropped without a word
+        raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
+    images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
+    return images, {key: form.get(key) for key in FIELDS}
+
+
+async def _json_fields(request: Request) -> dict:
+    try:
+        fields = json.loads(await request.body(), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        raise ApiError(400, "the body is not valid JSON; send {\"url\": \"https://...\"}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "send a JSON object: {\"url\": \"https://...\"}")
+    _refuse_unknown(fields, FIELDS)
+    return fields
 
 
 def _pixels(name: str, data: bytes, size: int, limits: ServeLimits):
