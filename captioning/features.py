@@ -24,6 +24,7 @@ from captioning.errors import UserError
 from captioning.feature_files import FEATURE_FILES, BackboneSpec
 from captioning.images import ImageError, load_image
 from captioning.layout import BACKBONE_SPEC, FEATURE_INDEX, FEATURE_MATRIX
+from captioning.params import missing_images_folder
 from captioning.tf_setup import keras, tf
 from captioning.timing import Stopwatch
 
@@ -111,8 +112,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
     if not images:
         raise UserError("no images to extract features for: the captions table is empty.")
     if not Path(images_dir).is_dir():
-        raise UserError(f"images folder not found: {images_dir}. Set data.images in params.yaml to the "
-                        "folder holding the photos named in the captions file.")
+        raise missing_images_folder(images_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier run's files go first, and the feature matrix is written last: a run killed half-way leaves an

@@ -140,6 +140,13 @@ class DataParams:
     max_skipped_fraction: float = knob(number(0, 1))
 
 
+def missing_images_folder(folder) -> UserError:
+    """The error when data.images names no folder: parse_pickle, which lists it, and extraction, which reads
+    it, both say it this way."""
+    return UserError(f"images folder not found: {folder}. Set data.images in params.yaml to the folder holding "
+                     "the photos named in the captions file.")
+
+
 @dataclass(frozen=True)
 class DemoParams:
     out_dir: str = knob(text)

@@ -65,6 +65,7 @@ from captioning.captions.report import check_records, fail_if_unusable, summaris
 from captioning.captions.token_text import text_records
 from captioning.encodings import as_utf8
 from captioning.errors import UserError
+from captioning.params import missing_images_folder
 
 __all__ = ["load_captions"]
 
@@ -106,8 +107,7 @@ def _list_folder(images_dir) -> set[str]:
         with os.scandir(images_dir) as entries:
             return {entry.name for entry in entries if entry.is_file()}
     except (FileNotFoundError, NotADirectoryError) as err:
-        raise UserError(f"images folder not found: {images_dir}. Set data.images in params.yaml "
-                        "to the folder holding the photos named in the captions file.") from err
+        raise missing_images_folder(images_dir) from err
     except OSError as err:
         raise UserError(f"cannot list images folder {images_dir}: {err.strerror}.") from err
 
