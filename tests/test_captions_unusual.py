@@ -17,7 +17,7 @@ from helpers import user_error_in_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from captioning import safe_pickle
+from captioning import pickle_scan, safe_pickle
 from captioning.captions import load_captions
 from captioning.captions.records import short_repr
 from captioning.errors import UserError
@@ -330,10 +330,10 @@ def test_the_expansion_bound_leaves_room_for_the_most_records_of_every_shape(mon
     dicts pickled at protocols 0-2 (each bytes a call of 4-5 items) were refused as repeated references."""
     from captioning.captions.pickles import MAX_RECORDS
     n = 1_000
-    monkeypatch.setattr(safe_pickle, "MAX_EXPANDED", safe_pickle.MAX_EXPANDED * n // MAX_RECORDS)
+    monkeypatch.setattr(pickle_scan, "MAX_EXPANDED", pickle_scan.MAX_EXPANDED * n // MAX_RECORDS)
     for shape, obj in every_shape(n, text).items():
         for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-            safe_pickle.check_nesting(pickle.dumps(obj, protocol=protocol), f"{shape}, protocol {protocol}")
+            pickle_scan.check_nesting(pickle.dumps(obj, protocol=protocol), f"{shape}, protocol {protocol}")
 
 
 def doubling_tuple_key_pickle(levels: int) -> bytes:

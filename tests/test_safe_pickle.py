@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from helpers import user_error_in_child
 
-from captioning import safe_pickle
+from captioning import pickle_scan, safe_pickle
 from captioning.errors import UserError
 
 PROTOCOLS = range(0, pickle.HIGHEST_PROTOCOL + 1)
@@ -266,7 +266,7 @@ def test_the_scan_reads_text_without_decoding_it(monkeypatch):
     records = [{"image": f"{i}.jpg", "caption": f"A dog runs {i} ."} for i in range(2_000)]
     for protocol in PROTOCOLS:
         calls.clear()
-        safe_pickle.check_nesting(pickle.dumps(records, protocol=protocol))
+        pickle_scan.check_nesting(pickle.dumps(records, protocol=protocol))
         assert len(calls) < len(records) // 10, protocol  # a few numbers and memo indexes, not one per str
 
 

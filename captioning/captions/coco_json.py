@@ -6,7 +6,7 @@ from pathlib import Path
 
 from captioning.captions.records import Record, pair_record
 from captioning.errors import UserError
-from captioning.safe_pickle import MAX_NESTING
+from captioning.pickle_scan import MAX_NESTING
 
 
 def coco_records(body: bytes, path: Path) -> list[Record]:
