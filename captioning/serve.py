@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -110,10 +111,10 @@ def _override(value, name: str):
     if isinstance(value, UploadFile):  # its repr (filename, every part header) made an error of any length
         raise ApiError(400, f"{name} must be a text field, not a file")
     if name == "beam_size" and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ApiError(400, f"beam_size must be a whole number, got {clipped(repr(value))}") from None
+        # ASCII digits only: int() also took "1_0" as 10 and other scripts' digits ("٣") as numbers
+        if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            raise ApiError(400, f"beam_size must be a whole number, got {clipped(repr(value))}")
+        return int(value)
     return value
 
 

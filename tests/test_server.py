@@ -133,6 +133,10 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "text in the image field": (400, httpx.post(url, **text_form(("image", "hello")))),
         "beam too wide": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "99"})),
         "beam not a number": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "wide"})),
+        # int() read these as 10 and 3
+        "beam with an underscore": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"beam_size": "1_0"})),
+        "beam in Arabic-Indic digits": (400, httpx.post(url, json={"url": f"{images_site}/missing.jpg",
+                                                                    "beam_size": "\u0663"})),
         "beam_size as a file": (400, httpx.post(url, files={"image": ("a.jpg", jpeg), "beam_size": ("b" * 300, b"3")})),
         "method as a file": (400, httpx.post(url, files={"image": ("a.jpg", jpeg), "method": ("m" * 300, b"beam")})),
         "unknown method": (400, httpx.post(url, files={"image": ("a.jpg", jpeg)}, data={"method": "sample"})),
