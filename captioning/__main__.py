@@ -13,9 +13,10 @@ from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
 from captioning.params import read_section
 
-# The smallest --max-body-mb: a request must hold at least one small photo (a 640-pixel JPEG is 50-100 KB).
-# Below it the server started, loaded its model and then refused every upload with a 413.
-MIN_BODY_MB = 0.1
+# The smallest --max-body-mb and --fetch-max-mb: each must hold at least one small photo (a 640-pixel JPEG is
+# 50-100 KB). Below it the server started, loaded its model and then refused every upload with a 413, and
+# every URL fetch failed.
+MIN_PHOTO_MB = 0.1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=_finite, default=5.0,
                        help="how long a request waits for others to share its pass (default: %(default)s)")
     serve.add_argument("--max-body-mb", type=_finite, default=20.0,
-                       help=f"request body limit, at least {MIN_BODY_MB:g} (default: %(default)s)")
+                       help=f"request body limit, at least {MIN_PHOTO_MB:g} (default: %(default)s)")
     serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="width x height limit of one image (default: %(default)s)")
@@ -95,7 +96,7 @@ def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fetch-timeout", type=_finite, default=defaults.timeout_s,
                         help="seconds one image URL may take in all, DNS and redirects included (default: %(default)s)")
     parser.add_argument("--fetch-max-mb", type=_finite, default=defaults.max_bytes / 2**20,
-                        help="size limit of an image fetched from a URL (default: %(default)s)")
+                        help=f"size limit of an image from a URL, at least {MIN_PHOTO_MB:g} (default: %(default)s)")
     parser.add_argument("--fetch-max-redirects", type=int, default=defaults.max_redirects,
                         help="redirects followed per URL (default: %(default)s)")
     parser.add_argument("--allow-private-urls", action="store_true",
@@ -107,9 +108,16 @@ def _decode_argument(parser: argparse.ArgumentParser) -> None:
                         help="the decode settings evaluate wrote for this model (default: %(default)s)")
 
 
+def _check_holds_a_photo(flag: str, megabytes: float) -> None:
+    if megabytes < MIN_PHOTO_MB:
+        raise UserError(f"{flag} {megabytes:g} would refuse nearly every photo; use at least {MIN_PHOTO_MB:g} "
+                        "(about 100 KB)")
+
+
 def _fetch_limits(args) -> FetchLimits:
-    if args.fetch_timeout <= 0 or args.fetch_max_mb <= 0 or args.fetch_max_redirects < 0:
-        raise UserError("--fetch-timeout and --fetch-max-mb must be positive, --fetch-max-redirects at least 0")
+    if args.fetch_timeout <= 0 or args.fetch_max_redirects < 0:
+        raise UserError("--fetch-timeout must be positive, --fetch-max-redirects at least 0")
+    _check_holds_a_photo("--fetch-max-mb", args.fetch_max_mb)
     return FetchLimits(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mb * 2**20),
                        max_redirects=args.fetch_max_redirects, allow_private=args.allow_private_urls)
 
@@ -145,9 +153,7 @@ def serve_command(args) -> int:
             or args.request_timeout <= 0:
         raise UserError("--max-batch, --max-files, --max-pixels, --max-connections must be at least 1, "
                         "--request-timeout positive, --max-wait-ms at least 0")
-    if args.max_body_mb < MIN_BODY_MB:
-        raise UserError(f"--max-body-mb {args.max_body_mb:g} would refuse nearly every photo; "
-                        f"use at least {MIN_BODY_MB:g} (about 100 KB)")
+    _check_holds_a_photo("--max-body-mb", args.max_body_mb)
     fetch_limits = _fetch_limits(args)
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
 

@@ -268,9 +268,24 @@ def test_serve_checks_its_fetch_flags_before_loading_the_model(monkeypatch):
     monkeypatch.setattr(cli, "check_bundle", lambda model_dir: None)
     monkeypatch.setattr(cli, "decode_settings", lambda model_dir, path: {"method": "greedy", "beam_size": 1})
     monkeypatch.setattr("captioning.malloc.limit_arenas", lambda: reached.append("arenas"))
-    with pytest.raises(UserError, match="--fetch-timeout and --fetch-max-mb must be positive"):
+    with pytest.raises(UserError, match="--fetch-timeout must be positive"):
         cli.serve_command(cli._parser().parse_args(["serve", "--fetch-timeout", "0"]))
     assert reached == []
+
+
+@pytest.mark.parametrize("command", ["caption", "serve"])
+def test_a_fetch_size_limit_too_small_for_a_photo_is_refused(monkeypatch, command):
+    """--fetch-max-mb 0.00001 was accepted: every URL then failed as too large, in the caption command and in
+    the server after its model had loaded. It has --max-body-mb's minimum (one small photo)."""
+    from captioning import __main__ as cli
+    from captioning.errors import UserError
+
+    monkeypatch.setattr(cli, "check_bundle", lambda model_dir: None)
+    monkeypatch.setattr(cli, "decode_settings", lambda model_dir, path: {"method": "greedy", "beam_size": 1})
+    run_command = cli.caption_command if command == "caption" else cli.serve_command
+    images = ["a.jpg"] if command == "caption" else []
+    with pytest.raises(UserError, match=r"^--fetch-max-mb 0.05 would refuse nearly every photo; use at least 0.1"):
+        run_command(cli._parser().parse_args([command, *images, "--fetch-max-mb", "0.05"]))
 
 
 @pytest.mark.parametrize("args,words", [
