@@ -148,7 +148,9 @@ async def _multipart_fields(request: Request, limits: ServeLimits) -> tuple[list
         raise ApiError(400, "the field 'image' must hold files, not text")
     if len(form.getlist("url")) > 1:  # form.get keeps the last: the others were dropped without a word
         raise ApiError(400, "one 'url' field per request; send more images as files in the field 'image'")
-    images = [(upload.filename or f"image {n + 1}", await upload.read()) for n, upload in enumerate(uploads)]
+    # a blank file name (only spaces) named no image in the errors, which then began with ": "
+    images = [((upload.filename or "").strip() or f"image {n + 1}", await upload.read())
+              for n, upload in enumerate(uploads)]
     return images, {key: form.get(key) for key in FIELDS}
 
 

@@ -197,6 +197,15 @@ def test_an_unknown_field_is_named_with_the_accepted_ones(server, demo_run, test
     assert not asked.is_set()  # refused before its URL was fetched
 
 
+def test_an_image_without_a_usable_file_name_is_named_by_its_place(server):
+    """A file sent without a name, or named only with spaces, was named "" or "   " in its error (": not an
+    image ..."): it is "image N", N its place in the request."""
+    files = [("image", ("   ", b"not a photo", "image/jpeg"))]
+    answer = httpx.post(f"{server[0]}/caption", files=files, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"].startswith("image 1: not an image"), answer.text
+
+
 def test_head_asks_the_page_and_health_without_their_body(server):
     """`curl -I` and load balancers' health checks ask with HEAD; it was a 405."""
     for path in ("/", "/health"):
