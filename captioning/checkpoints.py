@@ -2,9 +2,10 @@
 
 After every epoch the compiled model (weights + optimizer state), the history, the dropout RNG state
 and, when it improved, the best epoch's weights are written, each to a file of its own, and only
-then the state file that names them (`state.json`, written atomically). A kill at any moment leaves a
-state that matches its files, so a rerun with the same inputs and params continues from the last
-finished epoch and ends with exactly the numbers of an uninterrupted run.
+then the state file that names them (`state.json`, written atomically) with each file's sha256. A kill
+at any moment leaves a state that matches its files, so a rerun with the same inputs and params
+continues from the last finished epoch and ends with exactly the numbers of an uninterrupted run; a
+file cut short or changed since (HDF5 weights have no checksum of their own) is not resumed.
 
 A checkpoint is resumed only when its fingerprint matches: every param but `epochs` and the `scst_*`
 ones, every input file, the training code (train_lstm's code deps in dvc.yaml), and the number of
@@ -51,7 +52,7 @@ def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:
 
 def new_state(print_fingerprint: str) -> dict:
     return {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": [],
-            "best_epoch": None, "best_val_loss": None, "best_file": None, "stopped_early": False}
+            "best_epoch": None, "best_val_loss": None, "best_file": None, "stopped_early": False, "sha256": {}}
 
 
 class EpochEnd(keras.callbacks.Callback):
@@ -75,19 +76,18 @@ class EpochEnd(keras.callbacks.Callback):
         state["epoch"] = epoch + 1
         log_epoch(self.live, record)
         stale = [state.get("model_file")]
-        state["model_file"] = save_file(self.checkpoint_dir, f"epoch-{epoch + 1:04d}.keras", self.model.save)
+        state["model_file"] = save_file(self.checkpoint_dir, f"epoch-{epoch + 1:04d}.keras", self.model.save, state)
         val_loss = record.get("val_loss", math.inf)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             stale.append(state["best_file"])
             state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
                          best_file=save_file(self.checkpoint_dir, f"best-{epoch + 1:04d}.weights.h5",
-                                             self.model.save_weights))
+                                             self.model.save_weights, state))
         if self.patience and state["epoch"] - state["best_epoch"] >= self.patience:
             state["stopped_early"] = True
             self.model.stop_training = True
         state["rng_state"] = rng_state(self.model)
-        files.write_json(self.checkpoint_dir / STATE_FILE, state)  # the commit point
-        remove_stale(self.checkpoint_dir, stale, keep=(state["model_file"], state["best_file"]))
+        commit(self.checkpoint_dir, state, stale, ("model_file", "best_file"))
         print(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, val loss {val_loss:.4f}, {seconds:.1f} s"
               f"{' (best so far)' if state['best_epoch'] == epoch + 1 else ''}", flush=True)
         if state["stopped_early"]:
@@ -95,18 +95,23 @@ class EpochEnd(keras.callbacks.Callback):
                   f"(best: epoch {state['best_epoch']})", flush=True)
 
 
-def save_file(folder: Path, name: str, save) -> str:
+def save_file(folder: Path, name: str, save, state: dict) -> str:
     """Write one checkpoint file with `save(path)` under its own name (never over the file the state
-    names), atomically; return the name for the state file."""
+    names), atomically, and record its sha256 in `state` for resume_state to check; return the name."""
     with files.atomic_path(folder / name, suffix="." + name.split(".", 1)[1]) as tmp:
         save(tmp)
+        state["sha256"][name] = files.sha256(tmp)
     return name
 
 
-def remove_stale(folder: Path, names, keep) -> None:
-    """After the state file names the new files: delete the files it named before (not those in `keep`)."""
-    for name in names:
-        if name and name not in keep:
+def commit(folder: Path, state: dict, stale, keys) -> None:
+    """Write the state file (the commit point), naming the files of its `keys` with their sha256; then
+    delete the files it named before (`stale`) that it names no more."""
+    named = [state[key] for key in keys if state.get(key)]
+    state["sha256"] = {name: state["sha256"][name] for name in named}
+    files.write_json(folder / STATE_FILE, state)
+    for name in stale:
+        if name and name not in named:
             (folder / name).unlink(missing_ok=True)
 
 
@@ -167,6 +172,10 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
         return starting_over(state_path, "it names files outside its folder")
     if not all((checkpoint_dir / name).is_file() for name in needed):
         return None
+    for name in needed:  # a cut-off or changed file: HDF5 weights would load without a word
+        if files.sha256(checkpoint_dir / name) != state["sha256"].get(name):
+            return starting_over(checkpoint_dir / name, "its sha256 is not the one recorded when it was written: "
+                                                        "the file was cut short or changed since")
     return state
 
 

@@ -30,13 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from captioning import files
 from captioning.checkpoints import (
     DAMAGED_FILE_ERRORS,
-    STATE_FILE,
     clear_checkpoints,
+    commit,
     remove_partial_writes,
-    remove_stale,
     resume_state,
     save_file,
     starting_over,
@@ -109,7 +107,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
     optimizer = keras.optimizers.Adam(learning_rate=config.scst_learning_rate, clipnorm=config.clipnorm)
     optimizer.build(model.trainable_variables)
     print_fingerprint = _fingerprint(config, origin)
-    fresh = {"fingerprint": print_fingerprint, "epoch": 0, "rewards": [], "seconds": 0.0}
+    fresh = {"fingerprint": print_fingerprint, "epoch": 0, "rewards": [], "seconds": 0.0, "sha256": {}}
     state = resume_state(folder, print_fingerprint, config.scst_epochs,
                          required=("weights_file", "optimizer_file"), optional=(), fresh=fresh)
     if state and not _resumed(model, optimizer, folder, state):
@@ -176,8 +174,7 @@ def _checkpoint(folder: Path, state: dict, model: keras.Model, optimizer: keras.
     """This epoch's weights and optimizer state under new names, then the state file that names them."""
     stale = [state.get("weights_file"), state.get("optimizer_file")]
     epoch = state["epoch"]
-    state["weights_file"] = save_file(folder, f"epoch-{epoch:04d}.weights.h5", model.save_weights)
+    state["weights_file"] = save_file(folder, f"epoch-{epoch:04d}.weights.h5", model.save_weights, state)
     state["optimizer_file"] = save_file(folder, f"epoch-{epoch:04d}.optimizer.npz",
-                                        lambda path: np.savez(path, *[v.numpy() for v in optimizer.variables]))
-    files.write_json(folder / STATE_FILE, state)  # the commit point
-    remove_stale(folder, stale, keep=(state["weights_file"], state["optimizer_file"]))
+                                        lambda path: np.savez(path, *[v.numpy() for v in optimizer.variables]), state)
+    commit(folder, state, stale, ("weights_file", "optimizer_file"))

@@ -2,6 +2,7 @@
 line, never a traceback; a good one is resumed."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -13,7 +14,8 @@ FINGERPRINT = "abc"
 
 def good_state() -> dict:
     return {**new_state(FINGERPRINT), "epoch": 2, "train_seconds": 3.5, "history": [{}, {}],
-            "model_file": "epoch-0002.keras", "rng_state": []}
+            "model_file": "epoch-0002.keras", "rng_state": [],
+            "sha256": {"epoch-0002.keras": hashlib.sha256(b"model").hexdigest()}}
 
 
 @pytest.fixture
@@ -72,3 +74,20 @@ def test_asking_for_fewer_epochs_than_the_checkpoint_has_says_it_starts_over(che
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and "2 epochs done, more than the 1 asked for" in said[0]
     assert said[0].endswith("training starts over")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[:-1],                                    # cut short
+    lambda data: data[:2] + bytes([data[2] ^ 1]) + data[3:],   # one bit changed, same size
+])
+def test_a_checkpoint_file_cut_short_or_changed_is_not_resumed(checkpoints, damage, capsys):
+    """HDF5 weights files carry no checksum: a changed byte in the weights loads without a word. The state
+    records each file's sha256 when it is written, and a file that no longer matches is not resumed."""
+    (checkpoints / STATE_FILE).write_text(json.dumps(good_state()))
+    model_file = checkpoints / "epoch-0002.keras"
+    model_file.write_bytes(damage(model_file.read_bytes()))
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"cannot resume from {model_file} (its sha256")
+    assert said[0].endswith("training starts over")
+

@@ -321,10 +321,26 @@ def flip_model_file(checkpoints: Path) -> None:
     model_file.write_bytes(flip_middle_byte(model_file.read_bytes()))
 
 
-@pytest.mark.parametrize("damage", [edit_rng_state, flip_model_file])
+def flip_best_weights(checkpoints: Path) -> None:
+    """Change one byte of the best epoch's largest weight array: HDF5 keeps no checksum, so such a file
+    still loads, with other weights."""
+    import h5py
+
+    best = checkpoints / json.loads((checkpoints / "state.json").read_text())["best_file"]
+    with h5py.File(best, "r") as stored:
+        arrays = []
+        stored.visititems(lambda _, item: arrays.append(item) if isinstance(item, h5py.Dataset) else None)
+        offset = max(arrays, key=lambda array: array.size).id.get_offset()
+    data = bytearray(best.read_bytes())
+    data[offset] ^= 0x40
+    best.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [edit_rng_state, flip_model_file, flip_best_weights])
 def test_starting_over_ends_with_the_numbers_of_a_run_without_checkpoint(default_run, tmp_path, capsys, damage):
     """Reading a checkpoint that then proves damaged builds layers, which draws from the global RNG: the
-    fresh model must still be the one a run without any checkpoint builds (same seed, same numbers)."""
+    fresh model must still be the one a run without any checkpoint builds (same seed, same numbers). A
+    changed best-weights file is found by its sha256 (it would load), not kept in the saved model."""
     run_in_process(tmp_path, "default")
     damage(tmp_path / "checkpoints")
     shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
