@@ -251,9 +251,10 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
     state = resume_state(paths.checkpoints, print_fingerprint, config.epochs)
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
     # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
-    # others resume. Outside the strategy's scope, so this load runs no collective op.
+    # others resume. Outside the strategy's scope, so this load runs no collective op. The best epoch's
+    # weights, loaded once training ends, resume_state has already checked against their sha256.
     model = load_checkpoint(paths.checkpoints, state) if state else None
-    if model is None or (config.restore_best_weights and not best_weights_readable(model, paths.checkpoints, state)):
+    if model is None:
         state = None
     check_agreement(placement, print_fingerprint, state["epoch"] if state else 0)
     with placement.scope():
@@ -286,23 +287,6 @@ def load_checkpoint(folder: Path, state: dict) -> keras.Model | None:
         starting_over(folder / state["model_file"], one_line(err))
         return None
     return model
-
-
-def best_weights_readable(model: keras.Model, folder: Path, state: dict) -> bool:
-    """Whether the best epoch's weights, which fit loads after the remaining epochs, can be read; checked
-    before training, so a damaged file means starting over now, not a traceback once the epochs are spent.
-    The model keeps its own weights."""
-    if not state["best_file"]:
-        return True
-    weights = model.get_weights()
-    try:
-        model.load_weights(folder / state["best_file"])
-    except DAMAGED_FILE_ERRORS as err:
-        starting_over(folder / state["best_file"], one_line(err))
-        return False
-    finally:
-        model.set_weights(weights)
-    return True
 
 
 def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData, store: FeatureStore,

@@ -352,6 +352,26 @@ def test_starting_over_ends_with_the_numbers_of_a_run_without_checkpoint(default
     for mine, theirs in zip(weights, default_run[1], strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
+def test_resuming_reads_the_best_weights_once(tmp_path, monkeypatch, capsys):
+    """They are loaded when training ends; checking them when the checkpoint is read (their sha256) must
+    not load them a second time (a whole model's weights, read and thrown away)."""
+    from captioning.tf_setup import keras
+
+    first, _ = run_in_process(tmp_path, "default")
+    best = json.loads((tmp_path / "checkpoints/state.json").read_text())["best_file"]
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    loaded = []
+    load_weights = keras.Model.load_weights
+    monkeypatch.setattr(keras.Model, "load_weights",
+                        lambda model, path, *args, **kwargs: (loaded.append(Path(path).name),
+                                                              load_weights(model, path, *args, **kwargs))[1])
+    capsys.readouterr()
+    again, _ = run_in_process(tmp_path, "default")
+    assert "resuming from the checkpoint after epoch 1" in capsys.readouterr().out
+    assert loaded == [best]
+    assert without_timing(again) == without_timing(first)
+
+
 def test_a_resumed_run_removes_the_partial_writes_a_kill_left(tmp_path, capsys):
     """A kill while a checkpoint file is written leaves files.atomic_path's temporary file behind (as big
     as a model); the rerun resumes and deletes it instead of keeping one more for every kill."""
