@@ -6,6 +6,8 @@ then the state file that names them (`state.json`, written atomically) with each
 at any moment leaves a state that matches its files, so a rerun with the same inputs and params
 continues from the last finished epoch and ends with exactly the numbers of an uninterrupted run; a
 file cut short or changed since (HDF5 weights have no checksum of their own) is not resumed.
+An epoch whose loss is not finite (NaN or inf: training diverged) is neither checkpointed nor kept as
+the best one: training stops there and says so.
 
 A checkpoint is resumed only when its fingerprint matches: every param but `epochs` and the `scst_*`
 ones, every input file, the training code (train_lstm's code deps in dvc.yaml), and the number of
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning import files
+from captioning.errors import UserError
 from captioning.tf_setup import keras
 from captioning.timing import Stopwatch
 
@@ -70,6 +73,7 @@ class EpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = self.epoch_watch.elapsed
         record = {key: float(value) for key, value in (logs or {}).items()}
+        stop_if_diverged(epoch + 1, record, self.state)
         state = self.state
         state["history"].append(record)
         state["train_seconds"] += seconds
@@ -77,7 +81,7 @@ class EpochEnd(keras.callbacks.Callback):
         log_epoch(self.live, record)
         stale = [state.get("model_file")]
         state["model_file"] = save_file(self.checkpoint_dir, f"epoch-{epoch + 1:04d}.keras", self.model.save, state)
-        val_loss = record.get("val_loss", math.inf)
+        val_loss = record["val_loss"]
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             stale.append(state["best_file"])
             state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
@@ -93,6 +97,26 @@ class EpochEnd(keras.callbacks.Callback):
         if state["stopped_early"]:
             print(f"stopping early: val loss has not improved for {self.patience} epochs "
                   f"(best: epoch {state['best_epoch']})", flush=True)
+
+
+def stop_if_diverged(epoch: int, record: dict, state: dict) -> None:
+    """Stop training when epoch `epoch`'s loss or dev loss is NaN or inf, before anything of it is kept.
+
+    Such an epoch can never be the best one (every comparison with NaN is false, so a NaN first epoch
+    would stay "best" for good, as it does in Keras 3's EarlyStopping, whose best starts as None), and
+    the epochs after it start from broken weights. So, like Keras' TerminateOnNaN(raise_error=True),
+    stop at once; the checkpoint keeps the epochs before it."""
+    losses = {"train loss": record.get("loss", math.nan), "val loss": record.get("val_loss", math.nan)}
+    if all(math.isfinite(value) for value in losses.values()):
+        return
+    done = state["epoch"]
+    # Fewer epochs than a checkpoint has means starting over, so with train.ensemble > 1 this works only
+    # when no other decoder ran more epochs.
+    keep = (f", or finish with the {done} epoch(s) before it, which the checkpoint keeps: train.epochs: {done} "
+            "(for a single decoder)" if done else "")
+    raise UserError(f"training diverged in epoch {epoch}: {', '.join(f'{k} {v}' for k, v in losses.items())}. "
+                    "Lower train.learning_rate or train.clipnorm and train again (non-finite features do this "
+                    f"too){keep}.")
 
 
 def save_file(folder: Path, name: str, save, state: dict) -> str:

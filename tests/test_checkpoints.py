@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
+import numpy as np
 import pytest
 
-from captioning.checkpoints import STATE_FILE, new_state, resume_state
+from captioning.checkpoints import STATE_FILE, EpochEnd, new_state, resume_state
+from captioning.distribute import NullLive
+from captioning.errors import UserError
 
 FINGERPRINT = "abc"
 
@@ -91,3 +95,37 @@ def test_a_checkpoint_file_cut_short_or_changed_is_not_resumed(checkpoints, dama
     assert len(said) == 1 and said[0].startswith(f"cannot resume from {model_file} (its sha256")
     assert said[0].endswith("training starts over")
 
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from captioning.model import build_decoder, compile_decoder, make_optimizer
+
+    features = np.zeros((2, 8), np.float32)
+    model = build_decoder(10, 4, 1e-6, 0.0, features.mean(0), features.var(0) + 1)
+    compile_decoder(model, make_optimizer("adam", 0.001, 1.0))
+    return model
+
+
+@pytest.mark.parametrize("finite_epochs, bad", [
+    (0, {"loss": math.nan, "val_loss": math.nan}),  # the first epoch: "best" for good, as nothing compares lower
+    (0, {"loss": 2.0, "val_loss": math.inf}),
+    (2, {"loss": math.nan, "val_loss": 1.0}),       # the training loss alone: the weights are broken
+])
+def test_a_diverged_epoch_is_never_kept_and_stops_training_with_one_clear_line(tiny_model, tmp_path, finite_epochs,
+                                                                                  bad):
+    state = new_state(FINGERPRINT)
+    callback = EpochEnd(NullLive(), tmp_path, state)
+    callback.set_model(tiny_model)
+    for epoch in range(finite_epochs):
+        callback.on_epoch_end(epoch, {"loss": 3.0 - epoch, "val_loss": 3.0 - epoch})
+    written = sorted((path.name, path.read_bytes()) for path in tmp_path.iterdir())
+    with pytest.raises(UserError, match=rf"^training diverged in epoch {finite_epochs + 1}: train loss "
+                                        rf"{bad['loss']}, val loss {bad['val_loss']}\. ") as raised:
+        callback.on_epoch_end(finite_epochs, bad)
+    assert "train.learning_rate" in str(raised.value) and "\n" not in str(raised.value)
+    if finite_epochs:  # what the user can do with the epochs done
+        assert f"finish with the {finite_epochs} epoch(s) before it, which the checkpoint keeps: train.epochs: " \
+               f"{finite_epochs}" in str(raised.value)
+    assert sorted((path.name, path.read_bytes()) for path in tmp_path.iterdir()) == written  # nothing of it kept
+    assert state["epoch"] == finite_epochs and len(state["history"]) == finite_epochs
+    assert state["best_epoch"] == (finite_epochs or None)
