@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -165,6 +166,32 @@ def check_agreement(placement: Placement, fingerprint: str, epoch: int) -> None:
     if len(set(rows[:, 1])) > 1:
         raise UserError(f"the workers would start from different epochs ({sorted(set(rows[:, 1].tolist()))}): the "
                         "checkpoint folder must be shared by all workers (or deleted on all of them to start over).")
+
+
+@contextlib.contextmanager
+def stop_cleanly_when_a_worker_is_lost(placement: Placement) -> Iterator[None]:
+    """Under multi_worker, turn TensorFlow's error for a lost worker into one line that says what to do.
+
+    A worker that fails after the agreement (a crash, a kill, an error of its own) leaves the others in,
+    or on their way to, a collective op that can never complete. They do not hang: TensorFlow's
+    coordination service notices the missing heartbeats (about 10 s) or the refused connection, aborts
+    every collective op, and the op raises UnavailableError, the documented signal that "it's required
+    to restart in order to recover". Its message is a traceback of gRPC details; the workers it names
+    (other than this one) are the ones lost. A worker that is alive but stuck keeps sending heartbeats,
+    so the others wait for it: only killing it ends that.
+    """
+    try:
+        yield
+    except tf.errors.UnavailableError as err:
+        if placement.name != "multi_worker":
+            raise
+        resolver = placement.strategy.cluster_resolver
+        me = f"{resolver.task_type} {resolver.task_id}"
+        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", str(err))}
+                      - {me}) or ["another worker"]
+        raise UserError(f"{' and '.join(lost)} stopped or cannot be reached, so {me} stops too. "
+                        "The lost worker's own output says why; fix that and start every worker again (with a "
+                        "shared checkpoints/ folder they resume from the last finished epoch).") from None
 
 
 @contextlib.contextmanager

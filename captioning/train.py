@@ -38,7 +38,14 @@ from captioning.checkpoints import (
     starting_over,
 )
 from captioning.consensus import NgramStatistics
-from captioning.distribute import NullLive, check_agreement, make_placement, output_dir, shard_by_data
+from captioning.distribute import (
+    NullLive,
+    check_agreement,
+    make_placement,
+    output_dir,
+    shard_by_data,
+    stop_cleanly_when_a_worker_is_lost,
+)
 from captioning.errors import UserError, one_line
 from captioning.feature_files import FeatureStore
 from captioning.model import (
@@ -179,25 +186,27 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     rewards = RewardSet.build(seen_captions, store, statistics) if config.scst_epochs else None
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
-    runs = []
-    for member in range(config.ensemble):
-        member_config, member_paths = member_run(config, paths, member)
-        if config.ensemble > 1:
-            print(f"ensemble member {member + 1} of {config.ensemble} (seed {member_config.seed})", flush=True)
-        seed_everything(member_config.seed)
-        model, state = resume_or_build(member_config, data, store, placement, member_paths)
-        if member == 0:
-            model.summary()
-        kept = fit(model, state, member_config, data, store, placement, member_paths, log_curves=member == 0)
-        scst = None
-        if rewards is not None:
-            origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
-            scst = fine_tune(model, data.vocab, rewards, store.matrix, member_config, member_paths.checkpoints, origin)
-        runs.append(MemberRun(model, state, kept, scst))
-    model = ensemble_of([run.model for run in runs])
-    with output_dir(placement, paths.model) as model_out:
-        save_bundle(model, data.vocab, store, config, model_out, statistics,
-                    NeighbourIndex.from_table(seen_captions, store))
+    with stop_cleanly_when_a_worker_is_lost(placement):
+        runs = []
+        for member in range(config.ensemble):
+            member_config, member_paths = member_run(config, paths, member)
+            if config.ensemble > 1:
+                print(f"ensemble member {member + 1} of {config.ensemble} (seed {member_config.seed})", flush=True)
+            seed_everything(member_config.seed)
+            model, state = resume_or_build(member_config, data, store, placement, member_paths)
+            if member == 0:
+                model.summary()
+            kept = fit(model, state, member_config, data, store, placement, member_paths, log_curves=member == 0)
+            scst = None
+            if rewards is not None:
+                origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
+                scst = fine_tune(model, data.vocab, rewards, store.matrix, member_config, member_paths.checkpoints,
+                                 origin)
+            runs.append(MemberRun(model, state, kept, scst))
+        model = ensemble_of([run.model for run in runs])
+        with output_dir(placement, paths.model) as model_out:
+            save_bundle(model, data.vocab, store, config, model_out, statistics,
+                        NeighbourIndex.from_table(seen_captions, store))
     return training_metrics(model, runs, data, store) if placement.is_chief else None
 
 

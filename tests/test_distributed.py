@@ -77,17 +77,23 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def run_workers(projects: list[Path]) -> list[str]:
-    """train_lstm on one worker per project folder (index = position), all on 127.0.0.1; their logs,
-    after checking that every worker succeeded."""
+def start_workers(projects: list[Path], script: str = WORKER) -> list[subprocess.Popen]:
+    """`script` (train_lstm) on one worker per project folder (index = position), all on 127.0.0.1,
+    each writing its output to log.txt in its folder."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(len(projects))]
     processes = []
     for index, project in enumerate(projects):
         env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
         with open(project / "log.txt", "w") as log:
-            processes.append(subprocess.Popen([sys.executable, "-c", WORKER, str(project / "weights.npz")],
+            processes.append(subprocess.Popen([sys.executable, "-c", script, str(project / "weights.npz")],
                                               cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return processes
+
+
+def run_workers(projects: list[Path]) -> list[str]:
+    """train_lstm on one worker per project folder; their logs, after checking that every worker succeeded."""
+    processes = start_workers(projects)
     deadline = time.monotonic() + 85
     try:
         for process in processes:
@@ -162,6 +168,51 @@ def test_two_workers_resume_a_shared_checkpoint_and_still_only_the_chief_writes(
         assert len(after) == len(before) > 10
         for index in range(len(before)):
             np.testing.assert_array_equal(after[f"arr_{index}"], before[f"arr_{index}"])
+
+# train_lstm, but the worker whose index is argv[2] dies (as in a crash or a kill) once the workers agreed.
+FAILING_AFTER_AGREEMENT = """
+import os, sys, time
+import captioning.train as train
+agree = train.check_agreement
+def agree_then_die(placement, *args):
+    agree(placement, *args)
+    if placement.worker.startswith(f"worker {sys.argv[2]} "):
+        print(f"dying at {time.time()}", flush=True)
+        os._exit(3)
+train.check_agreement = agree_then_die
+from captioning.errors import run_cli
+from stages.train_lstm import main
+run_cli(main)
+"""
+
+
+@pytest.mark.slow  # about 40 s on 2 cores
+@pytest.mark.parametrize("lost", [0, 1])  # the chief (which leads TensorFlow's coordination service), the other
+def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(tmp_path, lost):
+    """The other worker waits in a collective op that can never complete; TensorFlow aborts it once the lost
+    worker stops sending heartbeats (or refuses connections). It must stop soon after, with one line naming
+    the lost worker, not a traceback of gRPC details (nor wait forever)."""
+    projects = [tmp_path / f"machine{index}" for index in range(2)]
+    for project in projects:
+        write_inputs(project, "multi_worker")
+    processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", str(lost)))
+    survivor = processes[1 - lost]
+    try:
+        survivor.wait(timeout=150)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    ended = time.time()
+    log = (projects[1 - lost] / "log.txt").read_text()
+    died = float(re.search(r"dying at ([\d.]+)", (projects[lost] / "log.txt").read_text())[1])
+    assert ended - died < 60, log[-4000:]  # TensorFlow's heartbeats time out in about 10 s
+    assert survivor.returncode == 2 and "Traceback" not in log, log[-4000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: worker {lost} stopped or cannot be reached, so worker "
+                                                     f"{1 - lost} stops too."), log[-4000:]
+
 
 def run_in_process(project: Path, strategy: str) -> tuple[dict, list[np.ndarray]]:
     """One epoch through captioning.train.train in this process; its metrics and final weights."""
