@@ -52,8 +52,11 @@ def make_placement(name: str) -> Placement:
         return Placement(strategy, name, True, f"{strategy.num_replicas_in_sync} local replica(s)")
     # multi_worker: the one left of params.STRATEGIES, which read_section checked
     task_type, task_id, cluster = _tf_config()
-    strategy = _reduce_nested_values(tf.distribute.MultiWorkerMirroredStrategy())
     workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    # The strategy waits, without a timeout or a word, until every worker of TF_CONFIG has started it: say
+    # so first, or a worker whose peers failed before they got here (or never started) looks hung.
+    print(f"{task_type} {task_id}: waiting for all {workers} workers of TF_CONFIG to start", flush=True)
+    strategy = _reduce_nested_values(tf.distribute.MultiWorkerMirroredStrategy())
     chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
     return Placement(strategy, name, chief, f"{task_type} {task_id} of {workers} workers"
                      f"{' (chief)' if chief else ''}, {strategy.num_replicas_in_sync} replicas in all")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -274,6 +275,24 @@ def test_mirrored_with_two_replicas_learns_like_one(default_run, tmp_path):
     for key in ("loss", "val_loss"):  # a loss counted twice (summed gradients) would be ~2x
         assert metrics[key] == pytest.approx(expected[key], rel=0.01), key
     assert metrics["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=0.02)
+
+
+def test_a_worker_waiting_for_the_others_says_so(tmp_path):
+    """Until every worker has started, the first one waits inside TensorFlow, with no timeout. One line
+    must say what it waits for (a worker that failed before joining, or was never started, otherwise
+    leaves it silent for good)."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}))
+    process = subprocess.Popen([sys.executable, "-c", "from captioning.distribute import make_placement; "
+                                "make_placement('multi_worker'); print('started')"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:  # TensorFlow's import takes a few seconds; the wait itself never ends
+        line = process.stdout.readline() if select.select([process.stdout], [], [], 120)[0] else ""
+    finally:
+        process.kill()  # it does not heed SIGTERM while it waits
+        process.wait()
+    assert line == "worker 0: waiting for all 2 workers of TF_CONFIG to start\n"
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
