@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 from pycocoevalcap.cider.cider_scorer import precook
 
-from captioning import layout
 from captioning.files import read_json, write_json
 from captioning.text import clean_caption
 
 MAX_N = 4
 SIGMA = 6.0
-FILE_NAME = layout.NGRAM_STATISTICS
 
 
 class NgramStatistics:

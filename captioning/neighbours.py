@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from captioning import files, layout
-
-FILE_NAME = layout.NEIGHBOUR_INDEX
+from captioning import files
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:

@@ -8,11 +8,10 @@ import pandas as pd
 import pytest
 from helpers import saved_weight_paths
 
+from captioning import layout
 from captioning.bundle import decode_settings
-from captioning.consensus import FILE_NAME as STATISTICS_FILE
 from captioning.images import load_image
 from captioning.inference import LoadedCaptioner
-from captioning.neighbours import FILE_NAME as NEIGHBOURS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +59,9 @@ def test_a_setting_that_fails_to_decode_fails_only_its_own_images(demo_run):
     assert [results[0].caption, results[2].caption] == list(predictions["generated"].iloc[[0, 2]])
 
 
-@pytest.mark.parametrize(("rerank", "missing"), [("consensus", STATISTICS_FILE), ("neighbours", STATISTICS_FILE),
-                                                ("neighbours", NEIGHBOURS_FILE)])
+@pytest.mark.parametrize(("rerank", "missing"), [("consensus", layout.NGRAM_STATISTICS),
+                                                ("neighbours", layout.NGRAM_STATISTICS),
+                                                ("neighbours", layout.NEIGHBOUR_INDEX)])
 def test_a_rerank_without_its_files_stops_at_warm_up_with_one_line(demo_run, tmp_path, rerank, missing):
     from captioning.errors import UserError
 
