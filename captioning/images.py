@@ -8,6 +8,7 @@ Using the same function at training and serving time removes one source of train
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +23,16 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # itself (the size check below), so the warning is noise. Silenced once here rather than per call with
 # warnings.catch_warnings(), which is not thread-safe, and load_image runs in tf.data's parallel threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+# What the user can do about each kind of unusable file: one wording for extraction's report, the caption
+# command's error lines and the server's replies.
+REDO = "download, copy or export it again"
+CONVERT = "convert it to JPEG or PNG"
+UNDECODABLE = f"{REDO}, or {CONVERT}"  # damaged, cut short, or a variant Pillow cannot decode
+# ISO-BMFF brands of HEIF/HEIC stills (iPhones save photos so): Pillow has no reader for them. (AVIF, the
+# other HEIF brand, it does read, so an AVIF never gets as far as the check.)
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
 class ImageError(Exception):
@@ -58,7 +69,7 @@ def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
     """A path to open, or a file object (bytes are wrapped); empty input and folders are refused here."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
-            raise ImageError("empty file (0 bytes)")
+            raise ImageError(f"empty file (0 bytes): {REDO}")
         return io.BytesIO(image)
     if hasattr(image, "read"):
         return image
@@ -66,8 +77,33 @@ def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
     if path.is_dir():
         raise ImageError("is a folder, not an image file")
     if path.is_file() and path.stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError(f"empty file (0 bytes): {REDO}")
+    if path.is_symlink() and not path.exists():
+        # "file not found" would send the user looking for a file that is right there, as a link
+        raise ImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist): "
+                         "point it at the image or replace it with the file")
     return path
+
+
+def _too_large(what: str, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(f"refused as a possible decompression bomb: {what} is over the limit of {max_pixels} "
+                         "pixels; resize it to fewer")
+
+
+def _unidentified(source: Path | BinaryIO) -> ImageError:
+    """Pillow knows no format for these bytes: name an iPhone's HEIC photo, which is a photo, for what it is."""
+    try:
+        if isinstance(source, Path):
+            with source.open("rb") as file:
+                head = file.read(12)
+        else:
+            source.seek(0)
+            head = source.read(12)
+    except (OSError, ValueError):  # a stream that cannot seek back (io.UnsupportedOperation is both)
+        head = b""
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return ImageError("HEIC/HEIF photo (as iPhones save them), which Pillow cannot read: convert it to JPEG")
+    return ImageError(f"not an image file Pillow can read (unknown or corrupt format): {CONVERT}")
 
 
 def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
@@ -76,8 +112,10 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     the same decoding and the same guards as the files extraction reads. `max_pixels` (default
     MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    source = None
     try:
-        with Image.open(_source(image)) as image:
+        source = _source(image)
+        with Image.open(source) as image:
             if image.format == "EPS":
                 # Pillow renders PostScript by running Ghostscript (a whole interpreter, with a record of
                 # -dSAFER escapes) on the file, here an upload or a URL's body from anyone: no photo needs it.
@@ -85,8 +123,7 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
                                  "convert it to PNG or JPEG")
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageTooLarge(f"refused as a possible decompression bomb: {width}x{height} pixels is over "
-                                    f"the limit of {max_pixels}")
+                raise _too_large(f"{width}x{height} pixels", max_pixels)
             # JPEG draft mode decodes straight at a reduced scale: several times faster.
             image.draft("RGB", (size, size))
             image = ImageOps.exif_transpose(image)
@@ -95,15 +132,16 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError("file not found") from None
+        raise ImageError("file not found: check the path") from None
     except PermissionError:
-        raise ImageError("permission denied: cannot read the file") from None
+        raise ImageError("permission denied: cannot read the file; check its permissions") from None
     except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"refused as a possible decompression bomb: {err}") from None
+        raise ImageTooLarge(f"refused as a possible decompression bomb: {str(err).rstrip('.')}; "
+                            "resize it to fewer pixels") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image file Pillow can read (unknown or corrupt format)") from None
+        raise _unidentified(source) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"cannot decode image ({err})") from None
+        raise ImageError(f"cannot decode image ({err}): {UNDECODABLE}") from None
     except Exception as err:  # noqa: BLE001 - a malformed file may trip any decoder error; one bad
         # photo must not stop an extraction of thousands (in tf.data it would abort the whole run).
-        raise ImageError(f"cannot decode image ({type(err).__name__}: {err})") from None
+        raise ImageError(f"cannot decode image ({type(err).__name__}: {err}): {UNDECODABLE}") from None

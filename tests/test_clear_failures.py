@@ -170,8 +170,9 @@ def test_caption_bad_files_are_reported_and_the_others_captioned(demo_run, tmp_p
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors[:2] == [f"error: {missing}: file not found",
-                          f"error: {text}: not an image file Pillow can read (unknown or corrupt format)"]
+    assert errors[:2] == [f"error: {missing}: file not found: check the path",
+                          f"error: {text}: not an image file Pillow can read (unknown or corrupt format): "
+                          "convert it to JPEG or PNG"]
     # Numbered by place among the arguments (1st and 4th), not by how many images before them could be read.
     assert [line.split(": ")[1] for line in errors[2:]] == [str(text / "out-1.png"), str(text / "out-4.png")]
     assert all("cannot write the captioned image" in line for line in errors[2:])

@@ -54,7 +54,44 @@ def reason(path, size: int = 16) -> str:
 # ------------------------------------------------------------------------------------------ refused
 
 def test_missing_file(tmp_path):
-    assert reason(tmp_path / "nowhere.jpg") == "file not found"
+    assert reason(tmp_path / "nowhere.jpg") == "file not found: check the path"
+
+
+def test_a_broken_symlink_is_named_with_its_target(tmp_path):
+    """A link whose target is gone was "file not found", sending the user after a file that is right there."""
+    (tmp_path / "photo.jpg").symlink_to(tmp_path / "moved away.jpg")
+    text = reason(tmp_path / "photo.jpg")
+    assert text.startswith("broken symbolic link") and str(tmp_path / "moved away.jpg") in text
+
+
+def test_a_symlink_to_an_image_is_read_through(tmp_path):
+    Image.new("RGB", (32, 32), RED).save(tmp_path / "real.png")
+    (tmp_path / "link.jpg").symlink_to("real.png")  # relative, as `ln -s` makes it
+    assert_colour(load_image(tmp_path / "link.jpg", 8), RED, 0)
+
+
+def test_an_iphone_heic_photo_is_named_and_converting_it_suggested(tmp_path):
+    """An iPhone's HEIC photo was "not an image file": it is one, which Pillow has no reader for."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    text = reason(tmp_path / "IMG_0001.HEIC")
+    assert "HEIC" in text and "convert it to JPEG" in text
+    assert reason((tmp_path / "IMG_0001.HEIC").read_bytes()) == text  # an upload is told the same
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "not an image", "missing"])
+def test_every_refusal_says_what_to_do(tmp_path, kind):
+    """The team's rule for bad input: the error names the problem and what to do about it, the same for
+    extraction's report, the caption command and the server (all read this message)."""
+    path = tmp_path / "photo.jpg"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        Image.new("RGB", (64, 64), RED).save(tmp_path / "full.jpg")
+        path.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    elif kind == "not an image":
+        path.write_text("holiday notes\n")
+    problem, _, advice = reason(path).rpartition(": ")
+    assert problem and any(verb in advice for verb in ("again", "convert", "check")), (problem, advice)
 
 
 def test_folder_instead_of_file(tmp_path):
@@ -64,7 +101,7 @@ def test_folder_instead_of_file(tmp_path):
 
 def test_zero_byte_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
-    assert reason(tmp_path / "empty.jpg") == "empty file (0 bytes)"
+    assert reason(tmp_path / "empty.jpg").startswith("empty file (0 bytes)")
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.98], ids=["half", "tail-cut"])
