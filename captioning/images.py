@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -136,8 +137,10 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     except PermissionError:
         raise ImageError("permission denied: cannot read the file; check its permissions") from None
     except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"refused as a possible decompression bomb: {str(err).rstrip('.')}; "
-                            "resize it to fewer pixels") from None
+        # Pillow's own refusal, above twice its limit and before the check above, names twice Pillow's limit
+        # whatever max_pixels is (the server's --max-pixels): say it as that check does, with the limit in force.
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(f"{pixels[1]} pixels" if pixels else "the image", max_pixels) from None
     except Image.UnidentifiedImageError:
         raise _unidentified(source) from None
     except (OSError, ValueError, SyntaxError) as err:

@@ -326,3 +326,14 @@ def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch
         load_image(eps, 16)
     assert not marker.exists()
 
+
+def test_pillows_own_bomb_refusal_names_the_limit_in_force(tmp_path):
+    """Above twice Pillow's limit Image.open refuses by itself, and the message named Pillow's 178956970
+    whatever limit was in force: the server's `--max-pixels` 40000000 reply named a limit it does not have.
+    Now it reads as the check below that limit does: the image's pixels and the limit in force."""
+    (tmp_path / "bomb.png").write_bytes(png_header(20_000, 20_000))  # 400 Mpx > 2 x 89.5 Mpx
+    with pytest.raises(images.ImageTooLarge) as caught:
+        load_image(tmp_path / "bomb.png", 16, max_pixels=40_000_000)
+    text = str(caught.value)
+    assert "400000000 pixels is over the limit of 40000000" in text
+    assert str(2 * images.MAX_PIXELS) not in text
