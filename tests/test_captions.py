@@ -182,6 +182,16 @@ def test_images_without_captions_lists_only_image_files(tmp_path, images):
     assert report["images_without_captions"] == {"count": 5, "images": ["B.JPG", "b.jpg", "c.jpg", "d.jpeg", "e.PNG"]}
 
 
+def test_images_without_captions_lists_every_format_extraction_reads(tmp_path, images):
+    """Only .jpg/.jpeg/.png were listed: a WebP, TIFF, BMP or GIF photo that extraction reads when a caption
+    names it, or an iPhone's HEIC, was left out of the report without a word when none did."""
+    others = ["f.webp", "g.TIF", "h.tiff", "i.bmp", "j.gif", "k.avif", "IMG_1.HEIC"]
+    for name in others:
+        (images / name).write_bytes(b"")
+    _, report = load_captions(token_file(tmp_path, GOOD[:1]), images)
+    assert set(others) <= set(report["images_without_captions"]["images"])
+
+
 def test_nothing_outside_the_images_folder_is_used(tmp_path, images):
     (tmp_path / "secret.jpg").write_bytes(b"")
     lines = [*GOOD, "../secret.jpg#0\tA secret .", f"{tmp_path / 'secret.jpg'}#0\tA secret ."]
