@@ -60,10 +60,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and "transparency" in image.info):
         # (P: a transparent palette entry; RGB and L: a PNG's tRNS colour key)
         # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    # convert() copies even an image already in the mode: a full-size copy of a large photo, for nothing
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
@@ -127,7 +128,8 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
                 raise _too_large(f"{width}x{height} pixels", max_pixels)
             # JPEG draft mode decodes straight at a reduced scale: several times faster.
             image.draft("RGB", (size, size))
-            image = ImageOps.exif_transpose(image)
+            # In place: otherwise a photo already upright is copied whole, beside the decoded one held open here.
+            ImageOps.exif_transpose(image, in_place=True)
             image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
     except ImageError:

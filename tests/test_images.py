@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -337,3 +339,20 @@ def test_pillows_own_bomb_refusal_names_the_limit_in_force(tmp_path):
     text = str(caught.value)
     assert "400000000 pixels is over the limit of 40000000" in text
     assert str(2 * images.MAX_PIXELS) not in text
+
+
+def test_a_large_photo_is_not_copied_whole_on_its_way_to_the_network(tmp_path):
+    """A 16-megapixel PNG took four times its decoded size at peak: exif_transpose copied the upright photo and
+    convert("RGB") copied it again, beside the decoded image held open. Now it takes about its own size.
+    Measured in a fresh process by its peak resident memory (VmHWM: ru_maxrss would count the forking
+    parent's too)."""
+    side = 4000
+    gradient = np.broadcast_to(np.linspace(0, 255, side, dtype=np.uint8)[:, None, None], (side, side, 3))
+    Image.fromarray(np.ascontiguousarray(gradient)).save(tmp_path / "large.png", compress_level=1)
+    probe = ("import re, sys; from captioning.images import load_image\n"
+             "peak = lambda: int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1])\n"
+             "before = peak(); load_image(sys.argv[1], 224); print(peak() - before)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "large.png")],
+                            capture_output=True, text=True, check=True)
+    decoded_kb = side * side * 3 / 1024
+    assert int(result.stdout) < 2 * decoded_kb, (int(result.stdout), decoded_kb)
