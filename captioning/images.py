@@ -77,7 +77,7 @@ def _source(image: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
         return image
     path = Path(image)
     if path.is_dir():
-        raise ImageError("is a folder, not an image file")
+        raise ImageError("is a folder, not an image file: name the images in it (folder/*.jpg)")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(f"empty file (0 bytes): {REDO}")
     if path.is_symlink() and not path.exists():

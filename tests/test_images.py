@@ -80,7 +80,7 @@ def test_an_iphone_heic_photo_is_named_and_converting_it_suggested(tmp_path):
     assert reason((tmp_path / "IMG_0001.HEIC").read_bytes()) == text  # an upload is told the same
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "not an image", "missing"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "not an image", "missing", "folder"])
 def test_every_refusal_says_what_to_do(tmp_path, kind):
     """The team's rule for bad input: the error names the problem and what to do about it, the same for
     extraction's report, the caption command and the server (all read this message)."""
@@ -92,8 +92,10 @@ def test_every_refusal_says_what_to_do(tmp_path, kind):
         path.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
     elif kind == "not an image":
         path.write_text("holiday notes\n")
+    elif kind == "folder":
+        path.mkdir()
     problem, _, advice = reason(path).rpartition(": ")
-    assert problem and any(verb in advice for verb in ("again", "convert", "check")), (problem, advice)
+    assert problem and any(verb in advice for verb in ("again", "convert", "check", "name")), (problem, advice)
 
 
 def test_folder_instead_of_file(tmp_path):
