@@ -92,19 +92,30 @@ def _too_large(what: str, max_pixels: int) -> ImageTooLarge:
                          "pixels; resize it to fewer")
 
 
-def _unidentified(source: Path | BinaryIO) -> ImageError:
-    """Pillow knows no format for these bytes: name an iPhone's HEIC photo, which is a photo, for what it is."""
+def _head(source: Path | BinaryIO, count: int = 512) -> bytes:
+    """The first bytes of a file or stream, or b"" when they cannot be read again."""
     try:
         if isinstance(source, Path):
             with source.open("rb") as file:
-                head = file.read(12)
-        else:
-            source.seek(0)
-            head = source.read(12)
+                return file.read(count)
+        source.seek(0)
+        return source.read(count)
     except (OSError, ValueError):  # a stream that cannot seek back (io.UnsupportedOperation is both)
-        head = b""
+        return b""
+
+
+def _unidentified(source: Path | BinaryIO) -> ImageError:
+    """Pillow knows no format for these bytes. Name the usual non-images for what they are, each with its
+    remedy: an iPhone's HEIC photo; an SVG drawing; a web page saved as .jpg by a download that got an error
+    page, or a page's address given where its image's was meant."""
+    head = _head(source)
+    start = head.lstrip().lower()
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return ImageError("HEIC/HEIF photo (as iPhones save them), which Pillow cannot read: convert it to JPEG")
+    if start.startswith(b"<svg") or (start.startswith(b"<?xml") and b"<svg" in start):
+        return ImageError("SVG drawing, which Pillow cannot read: convert it to PNG")
+    if start.startswith((b"<!doctype html", b"<html", b"<head")):
+        return ImageError("a web page (HTML), not an image: download the image itself, not the page it is on")
     return ImageError(f"not an image file Pillow can read (unknown or corrupt format): {CONVERT}")
 
 

@@ -80,6 +80,22 @@ def test_an_iphone_heic_photo_is_named_and_converting_it_suggested(tmp_path):
     assert reason((tmp_path / "IMG_0001.HEIC").read_bytes()) == text  # an upload is told the same
 
 
+@pytest.mark.parametrize(("content", "named", "remedy"), [
+    (b"\n<!DOCTYPE html>\n<html><head><title>404 Not Found</title>", "web page", "download the image itself"),
+    (b"<html lang='en'><body><img src='dog.jpg'></body></html>", "web page", "download the image itself"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "SVG", "PNG"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', "SVG", "PNG"),
+], ids=["html error page", "html page", "svg with xml header", "svg"])
+def test_a_web_page_or_a_drawing_is_named_for_what_it_is(tmp_path, content, named, remedy):
+    """A download that got an error page, saved as photo.jpg, or a page's URL given to the server or the
+    caption command where its image's was meant, and an SVG logo: all were "not an image file Pillow can
+    read ...: convert it to JPEG or PNG", which is no help for a web page."""
+    (tmp_path / "photo.jpg").write_bytes(content)
+    text = reason(tmp_path / "photo.jpg")
+    assert named in text and remedy in text
+    assert reason(content) == text  # an upload, or a URL's body, is told the same
+
+
 @pytest.mark.parametrize("kind", ["empty", "truncated", "not an image", "missing", "folder"])
 def test_every_refusal_says_what_to_do(tmp_path, kind):
     """The team's rule for bad input: the error names the problem and what to do about it, the same for
