@@ -1,6 +1,7 @@
 """Stage parse_pickle: the user's captions file -> captions table (parquet) + data report (json)."""
 from captioning import files, layout
 from captioning.captions import load_captions
+from captioning.captions.report import near_match_hint
 from captioning.demo import match_params
 from captioning.errors import run_stage
 from captioning.params import read_params
@@ -21,6 +22,8 @@ def main() -> None:
           f"{report['images_found']} images; {report['skipped_count']} lines skipped, "
           f"{report['missing_images']['captions_excluded']} captions of {report['missing_images']['count']} "
           f"missing images excluded (details: {layout.PARSE_REPORT})")
+    if hint := near_match_hint(report):
+        print(f"warning: {hint}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_token_file_gives_the_table_and_the_whole_report(tmp_path, images):
     assert report == {
         "source": str(path), "format": "token_txt", "lines_read": 6, "rows_parsed": 6,
         "skipped_count": 0, "skipped": [], "image_names": 4, "images_found": 3, "rows_kept": 4,
-        "missing_images": {"count": 1, "captions_excluded": 2, "images": {"zzz.jpg": ["line 5", "line 6"]}},
+        "missing_images": {"count": 1, "captions_excluded": 2, "images": {"zzz.jpg": ["line 5", "line 6"]},
+                           "near_matches": {}},
         "images_without_captions": {"count": 1, "images": ["lonely.png"]},
         "separator_repairs": NO_REPAIRS,
         "decoded_as_cp1252": {"count": 0, "lines": []}, "decoded_as_latin1": {"count": 0, "lines": []},
@@ -170,7 +171,8 @@ def test_only_the_final_newline_does_not_make_a_line(tmp_path, images, ending, l
 def test_the_lines_of_a_real_line_number_are_reported_for_missing_images(tmp_path, images):
     path = token_file(tmp_path, ["q.jpg#0\tA q .", *GOOD, "q.jpg#1\tAnother q ."])
     _, report = load_captions(path, images)
-    assert report["missing_images"] == {"count": 1, "captions_excluded": 2, "images": {"q.jpg": ["line 1", "line 6"]}}
+    assert report["missing_images"] == {"count": 1, "captions_excluded": 2, "images": {"q.jpg": ["line 1", "line 6"]},
+                                        "near_matches": {}}
     assert_counts_add_up(report)
 
 
@@ -180,6 +182,32 @@ def test_images_without_captions_lists_only_image_files(tmp_path, images):
     (images / "folder.jpg").mkdir()
     _, report = load_captions(token_file(tmp_path, GOOD[:1]), images)
     assert report["images_without_captions"] == {"count": 5, "images": ["B.JPG", "b.jpg", "c.jpg", "d.jpeg", "e.PNG"]}
+
+
+def test_names_that_differ_from_a_file_only_in_case_or_unicode_form_are_reported_with_the_file(tmp_path, images):
+    """A camera's IMG_1.JPG named img_1.jpg in the captions, or a name typed composed (NFC) beside a file copied
+    from a Mac in decomposed form (NFD), looked like any missing photo: the report listed the name alone, and
+    the folder seemed to hold it. The report now pairs each with its file; nothing is matched silently."""
+    (images / "IMG_1.JPG").write_bytes(b"")
+    (images / "cafe\u0301.jpg").write_bytes(b"")  # "café" decomposed, as macOS's HFS+ stores it
+    lines = [*GOOD, "img_1.jpg#0\tA camera photo .", "caf\u00e9.jpg#0\tA cafe ."]
+    table, report = load_captions(token_file(tmp_path, lines), images)
+    assert report["missing_images"]["near_matches"] == {"caf\u00e9.jpg": "cafe\u0301.jpg", "img_1.jpg": "IMG_1.JPG"}
+    assert report["missing_images"]["count"] == 2 and set(table["image"]) == set(IMAGES)
+
+
+def test_when_no_name_has_a_file_because_of_case_the_error_says_so(tmp_path):
+    """All of a camera's IMG_n.JPG named img_n.jpg: the error said to point data.images at the folder holding
+    the photos, which it already did."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("IMG_1.JPG", "IMG_2.JPG"):
+        (folder / name).write_bytes(b"")
+    path = token_file(tmp_path, ["img_1.jpg#0\tA dog .", "img_2.jpg#0\tA cat ."])
+    with pytest.raises(UserError) as caught:
+        load_captions(path, folder)
+    text = str(caught.value)
+    assert "upper/lower case" in text and "'img_1.jpg'" in text and "'IMG_1.JPG'" in text and "rename" in text
 
 
 def test_images_without_captions_lists_every_format_extraction_reads(tmp_path, images):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def summarise(records: list[Record], files: set[str], *, source: str, fmt: str) 
             "count": len(missing),
             "captions_excluded": sum(map(len, missing.values())),
             "images": {name: missing[name] for name in sorted(missing)},
+            "near_matches": near_matches(missing, files),
         },
         "images_without_captions": {"count": len(unnamed), "images": unnamed},
         "separator_repairs": {kind: repairs[kind] for kind in SEPARATOR_KINDS},
@@ -147,6 +149,22 @@ def _table(records: list[Record]) -> pd.DataFrame:
     }, columns=TABLE_COLUMNS)
 
 
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def near_matches(missing, files: set[str]) -> dict[str, str]:
+    """{missing name: the folder's file} for names that differ from one file only in upper/lower case or
+    Unicode form: a camera's IMG_1.JPG named img_1.jpg, a name typed composed (NFC) beside a file copied from a
+    Mac in decomposed form (NFD). Reported, not matched: on Linux x.jpg and X.JPG can be two photos, and the
+    split lists name images as the captions do."""
+    by_folded = defaultdict(list)
+    for name in files:
+        by_folded[_folded(name)].append(name)
+    matches = {name: by_folded.get(_folded(name), []) for name in sorted(missing)}
+    return {name: found[0] for name, found in matches.items() if len(found) == 1}
+
+
 def fail_if_unusable(report: dict, path: Path, images_dir, max_skipped_fraction: float) -> None:
     """Stop the pipeline when the file is mostly broken or leaves nothing to train on."""
     read, skipped = report["lines_read"], report["skipped_count"]
@@ -161,4 +179,15 @@ def fail_if_unusable(report: dict, path: Path, images_dir, max_skipped_fraction:
         raise UserError(f"{path}: no usable caption in {read} records. Check the file format.")
     if report["rows_kept"] == 0:
         raise UserError(f"{path}: none of its {report['image_names']} image names has a file in {images_dir}. "
-                        "Set data.images to the folder that holds these photos.")
+                        f"{near_match_hint(report) or 'Set data.images to the folder that holds these photos.'}")
+
+
+def near_match_hint(report: dict) -> str:
+    """What to do about missing names that differ from a file only in case or Unicode form ('' if none)."""
+    near = report["missing_images"]["near_matches"]
+    if not near:
+        return ""
+    name, file = next(iter(near.items()))
+    return (f"{len(near)} of the missing names differ from a file in the folder only in upper/lower case or "
+            f"Unicode form (as {name!r} and {file!r}; all in the report's missing_images.near_matches): rename "
+            "the files or the names in the captions file to match.")
