@@ -174,6 +174,20 @@ def _pixels(name: str, data: bytes, size: int, limits: ServeLimits):
         raise ApiError(422, f"{clipped(name)}: {err}") from None
 
 
+async def _all_pixels(images: list[tuple[str, bytes]], size: int, limits: ServeLimits) -> list:
+    """Every image's pixels, or one error naming every image that cannot be used (the first one's status), as
+    the caption command names each: a client sending several learns of them all at once, not one per retry."""
+    pixels, refused = [], []
+    for name, data in images:
+        try:
+            pixels.append(await asyncio.to_thread(_pixels, name, data, size, limits))
+        except ApiError as err:
+            refused.append(err)
+    if refused:
+        raise ApiError(refused[0].status, "; ".join(map(str, refused)))
+    return pixels
+
+
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
     batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
 
@@ -221,7 +235,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
         # is the 400 the README promises, not the fetch's outcome, and makes the server fetch nothing.
         if url is not None:
             images.append((url, await fetch_async(url, limits.fetch)))
-        pixels = [await asyncio.to_thread(_pixels, name, data, loaded.image_size, limits) for name, data in images]
+        pixels = await _all_pixels(images, loaded.image_size, limits)
         decoded = await asyncio.gather(*(batcher.submit(p, settings) for p in pixels))
         return {"model": loaded.describe(), "decode": settings,
                 "images": [{"name": name, "caption": d.caption, "beams": d.beams}

@@ -323,3 +323,36 @@ def test_decode_settings_that_are_not_json_are_one_line(demo_run, tmp_path):
     image = next((demo_run / "data/demo/images").glob("*.jpg"))
     result = run_cli(["captioning", "caption", str(image), "--decode-settings", str(broken)], demo_run, tmp_path)
     assert_clear_failure(result, "is not readable decode settings")
+
+
+def test_the_server_names_every_unusable_upload_of_a_request():
+    """Of several uploaded files, the server named only the first unusable one: a client learnt of the others
+    one retry at a time, where the caption command names each. Now the error names them all, with the first
+    one's status."""
+    import asyncio
+    import io
+
+    import httpx
+
+    from captioning.serve import create_app
+
+    class NoModel:  # the files are refused before any model is needed
+        image_size, settings = 16, {"method": "greedy", "beam_size": 1}
+
+        def caption_many(self, pixels, settings):
+            raise AssertionError("a request with unusable files was captioned")
+
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(good, format="PNG")
+    files = [("image", ("notes.jpg", b"holiday notes", "image/jpeg")),
+             ("image", ("good.png", good.getvalue(), "image/png")), ("image", ("empty.jpg", b"", "image/jpeg"))]
+
+    async def post():
+        transport = httpx.ASGITransport(app=create_app(NoModel()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            return await client.post("/caption", files=files)
+
+    answer = asyncio.run(post())
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert "notes.jpg: not an image" in error and "empty.jpg: empty file" in error and "good.png" not in error
