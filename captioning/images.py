@@ -132,8 +132,7 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
             if image.format == "EPS":
                 # Pillow renders PostScript by running Ghostscript (a whole interpreter, with a record of
                 # -dSAFER escapes) on the file, here an upload or a URL's body from anyone: no photo needs it.
-                raise ImageError("PostScript (EPS) is not accepted: reading it would run Ghostscript; "
-                                 "convert it to PNG or JPEG")
+                raise ImageError(f"PostScript (EPS) is not accepted: reading it would run Ghostscript; {CONVERT}")
             width, height = image.size
             if width * height > max_pixels:
                 raise _too_large(f"{width}x{height} pixels", max_pixels)
