@@ -257,7 +257,7 @@ def read_params(*names: str, path: str | Path = PARAMS_FILE) -> dict[str, dict[s
         if section_name not in out:  # once per section, however many of its keys are read
             # Before the missing keys: a misspelling that replaced its key (`epoch:` for `epochs:`) is then
             # named with the likely intended key, not reported only as the intended key missing.
-            check_known_keys(values, section_name)
+            refuse_unknown(values, tuple(SCHEMA[section_name]), path, section_name)
         require_keys(values, section_name, keys)
         out.setdefault(section_name, {}).update(check_values(values, section_name, keys, source=Path(path).name))
     return out
@@ -288,6 +288,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(params, dict):
         raise UserError(f"{path} must be a mapping of sections (data, split, features, train, ...).")
+    # Every reader refuses a misspelt section (`trian:` beside or instead of `train:`), whichever it reads:
+    # no stage lists such a section, so it would otherwise be ignored while the defaults run.
+    refuse_unknown(params, tuple(SECTIONS), path)
     return params
 
 
@@ -308,17 +311,33 @@ def require_keys(values: dict[str, Any], name: str, required: tuple[str, ...]) -
                         "with a comment).")
 
 
-def check_known_keys(values: dict[str, Any], section_name: str) -> None:
-    """A misspelt knob (`train.epoch: 3`) would otherwise be ignored while the default runs."""
-    unknown = sorted(str(key) for key in values if key not in SCHEMA[section_name])
-    if unknown:
-        known = tuple(SCHEMA[section_name])
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{section_name}.{key}" + (f" (did you mean {section_name}.{close[0]}?)" if close else ""))
-        raise UserError(f"params.yaml has unknown keys: {', '.join(hints)}. The `{section_name}` section takes "
-                        f"{', '.join(known)}.")
+def refuse_unknown(found: dict[str, Any], known: tuple[str, ...], path: str | Path, section_name: str = "") -> None:
+    """Stop on a misspelt section (`trian:`) or knob (`train.epoch: 3`), naming each with its line in `path` and
+    the likely intended name: otherwise it is ignored while the default runs."""
+    unknown = [str(name) for name in found if name not in known]
+    if not unknown:
+        return
+    prefix = f"{section_name}." if section_name else ""
+    lines = key_lines(path, section_name)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        hints.append(f"{prefix}{name}{hint} on line {lines.get(name, '?')}")
+    takes = f"the `{section_name}` section takes" if section_name else "its sections are"
+    raise UserError(f"{path} has unknown {'keys' if section_name else 'sections'}: {', '.join(hints)}; "
+                    f"{takes} {', '.join(known)}.")
+
+
+def key_lines(path: str | Path, section_name: str = "") -> dict[str, int]:
+    """{key: 1-based line} of the file's top-level keys, or of one section's keys: for error messages only,
+    so the file is parsed again (with PyYAML's node positions) only when one is written."""
+    node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    if section_name:
+        node = next((value for key, value in node.value if key.value == section_name), None)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
 
 
 def choice(value: Any, allowed: tuple[str, ...], key: str) -> str:

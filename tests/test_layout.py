@@ -115,37 +115,63 @@ def test_image_names_survive_the_line_files_between_stages(tmp_path, monkeypatch
     assert layout.read_image_list() == kept  # what extract_resnet_features reads
 
 
+def named_params() -> list[str]:
+    """The params the stages list by section or key (not split's whole-file entry, which reruns only split)."""
+    return [param for stage in STAGES.values() for param in stage.get("params", []) if isinstance(param, str)]
+
+
+def params_read_by(stage: str) -> set[str]:
+    """The sections and keys stages/<stage>.py asks read_params / read_section for."""
+    calls = [node for node in ast.walk(ast.parse((PROJECT / "stages" / f"{stage}.py").read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("read_params", "read_section")]
+    return {arg.value for call in calls for arg in call.args if isinstance(arg, ast.Constant)}
+
+
 def test_every_section_a_stage_reads_is_listed_whole_by_some_stage():
     """Stages refuse unknown keys in a section they read, but only when they run: a key added to a section
-    that every stage lists key by key (`data.split_directory:` for `data.split_dir:`) would rerun nothing."""
-    listed = [param for stage in STAGES.values() for param in stage.get("params", [])]
-    read = {param.split(".")[0] for param in listed}
-    assert read <= set(listed)
+    that every stage lists key by key (`data.split_directory:` for `data.split_dir:`) would rerun nothing
+    but for split's listing of the whole file, and reran only split, not the other readers of the section."""
+    read = {param.split(".")[0] for param in named_params()}
+    assert read - {"data"} <= set(named_params())  # data: split reads it, and lists the whole file
+
+
+def test_split_lists_the_whole_params_file():
+    """A section no stage names (`trian:` beside `train:`) changes no listed param: only a stage that lists
+    the whole file reruns on it, and split, the cheapest, stops there on the misspelling."""
+    assert {"params.yaml": None} in STAGES["split"]["params"]
 
 
 def test_every_knob_of_params_yaml_is_a_param_of_some_stage():
     """A knob that no stage lists is invisible to DVC: `dvc exp run -S demo.n_images=500` reran nothing while
     the demo params were read only by `python -m captioning demo`, and the experiment measured the old data."""
     defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    listed = {param for stage in STAGES.values() for param in stage.get("params", [])}
+    listed = set(named_params()) | params_read_by("split")  # split lists the whole file
+    assert params_read_by("split") == {"data.split_dir", "split"}  # the parsing above finds them
     unlisted = [f"{section}.{key}" for section, knobs in defaults.items() for key in knobs
                 if section not in listed and f"{section}.{key}" not in listed]
     assert not unlisted, f"params no stage of dvc.yaml lists: {unlisted}"
 
 
-def test_a_key_added_to_data_by_hand_reruns_a_stage_that_names_it(tmp_path):
-    """In a tiny project: after parse_pickle and split ran, a misspelt `data` key makes `dvc status` report
-    a change, and `dvc repro` stops with the key and the likely intended one instead of skipping it."""
+@pytest.mark.parametrize("added, named", [
+    ({"data": {"split_directory": "elsewhere"}}, "data.split_directory (did you mean data.split_dir?)"),
+    ({"trian": {"epochs": 3}}, "trian (did you mean train?)"),  # a section no stage lists: it reran nothing
+])
+def test_a_misspelling_added_by_hand_reruns_a_stage_that_names_it(tmp_path, added, named):
+    """In a tiny project: after parse_pickle and split ran, a misspelt key or section makes `dvc status` report
+    a change, and `dvc repro` stops with it, its line and the likely intended name instead of skipping it."""
     from captioning.tiny_project import make_project, run, set_params
 
     project = make_project(tmp_path / "project")
     run(["dvc", "repro", "split"], project)  # parse_pickle and split only: no TensorFlow
-    set_params(project, {"data": {"split_directory": "elsewhere"}})
+    set_params(project, added)
     status = run(["dvc", "status", "split"], project).stdout
-    assert "split:" in status and "modified:" in status, status
+    assert "split:" in status and ("modified:" in status or "new:" in status), status
     result = run(["dvc", "repro", "split"], project, check=False)
     assert result.returncode != 0
-    assert "data.split_directory (did you mean data.split_dir?)" in result.stderr
+    misspelt = named.split()[0].split(".")[-1]
+    line = next(number for number, text in enumerate((project / "params.yaml").read_text().splitlines(), 1)
+                if text.strip().startswith(f"{misspelt}:"))
+    assert f"{named} on line {line}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

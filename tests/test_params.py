@@ -134,3 +134,24 @@ def test_each_section_is_a_frozen_dataclass_of_its_knobs():
     assert config.epochs == yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
     with pytest.raises(FrozenInstanceError):
         config.epochs = 1
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_misspelt_section_is_named_with_its_line_and_the_likely_one(tmp_path, beside):
+    """`trian:` beside `train:` (or instead of it) was ignored while train's defaults ran: whatever section
+    a stage reads, the loader stops with the misspelt section, its line and the likely intended name."""
+    text = (PROJECT / "params.yaml").read_text()
+    text = text + "trian:\n  epochs: 3\n" if beside else text.replace("\ntrain:\n", "\ntrian:\n")
+    (tmp_path / "params.yaml").write_text(text)
+    line = text.splitlines().index("trian:") + 1
+    with pytest.raises(UserError, match=rf"params\.yaml has unknown sections: trian \(did you mean train\?\) "
+                                        rf"on line {line}; its sections are data, demo, "):
+        read_params("decode", path=tmp_path / "params.yaml")
+
+
+def test_a_misspelt_key_is_named_with_its_line(tmp_path):
+    text = (PROJECT / "params.yaml").read_text().replace("\n  beam_size:", "\n  beam_width:")
+    (tmp_path / "params.yaml").write_text(text)
+    line = next(number for number, row in enumerate(text.splitlines(), 1) if row.startswith("  beam_width:"))
+    with pytest.raises(UserError, match=rf"decode\.beam_width \(did you mean decode\.beam_size\?\) on line {line};"):
+        read_params("decode", path=tmp_path / "params.yaml")
