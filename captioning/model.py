@@ -23,6 +23,8 @@ Design choices (the README repeats them):
 """
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,29 @@ def save_for_decoding(model: keras.Model, path: Path) -> None:
         return keras.Model(decoder.input, decoder.output, name=decoder.name)
 
     ensemble_of([uncompiled(member) for member in members_of(model)]).save(path)
+    without_save_date(path)
+
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry holds; Keras gives it to two of its three
+
+
+def without_save_date(path: Path) -> None:
+    """Rewrite a .keras file so that the same model always gives the same bytes. Keras 3 writes the time of
+    saving twice: `date_saved` in metadata.json (which loading never reads) and the weights entry's zip date,
+    so an identical retrain changed model.keras, data/model's hash in dvc.lock, and the model_sha256 that
+    data/decode.json pairs with it. The entries, their order, compression and contents stay as Keras wrote
+    them, so keras.models.load_model reads the file as before."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            archive.writestr(fixed, data)
 
 
 def build_decoder(vocab_size: int, units: int, l1: float, dropout: float,

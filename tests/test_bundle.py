@@ -106,3 +106,26 @@ def test_the_optional_rerank_files_may_be_absent(model_dir):
     (model_dir / "ngram_df.json").unlink()
     (model_dir / "neighbours.npz").unlink()
     check_bundle(model_dir)
+
+
+def test_the_same_model_saved_twice_gives_the_same_file(tmp_path):
+    """Keras writes the time of saving into model.keras (metadata.json's date_saved, the weights entry's zip
+    date): an identical retrain changed data/model's hash and decode.json's model_sha256. Saved seconds apart
+    (zip dates count in 2 s steps), the file is now the same, and still loads to the same predictions."""
+    import time
+
+    import numpy as np
+
+    from captioning import files
+    from captioning.model import build_decoder, save_for_decoding
+    from captioning.tf_setup import keras
+
+    features = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    decoder = build_decoder(12, 4, 1e-6, 0.2, features.mean(0), features.var(0) + 1)
+    save_for_decoding(decoder, tmp_path / "first.keras")
+    time.sleep(2.1)
+    save_for_decoding(decoder, tmp_path / "second.keras")
+    assert files.sha256(tmp_path / "first.keras") == files.sha256(tmp_path / "second.keras")
+    loaded = keras.models.load_model(tmp_path / "second.keras", compile=False)
+    inputs = [features, np.ones((4, 5), np.int32)]
+    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0), decoder.predict(inputs, verbose=0))
