@@ -106,18 +106,19 @@ def save_for_decoding(model: keras.Model, path: Path) -> None:
         return keras.Model(decoder.input, decoder.output, name=decoder.name)
 
     ensemble_of([uncompiled(member) for member in members_of(model)]).save(path)
-    without_save_date(path)
+    canonical_keras_file(path)
 
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry holds; Keras gives it to two of its three
 
 
-def without_save_date(path: Path) -> None:
-    """Rewrite a .keras file so that the same model always gives the same bytes. Keras 3 writes the time of
-    saving twice: `date_saved` in metadata.json (which loading never reads) and the weights entry's zip date,
-    so an identical retrain changed model.keras, data/model's hash in dvc.lock, and the model_sha256 that
-    data/decode.json pairs with it. The entries, their order, compression and contents stay as Keras wrote
-    them, so keras.models.load_model reads the file as before."""
+def canonical_keras_file(path: Path) -> None:
+    """Rewrite a .keras file so that the same model always gives the same bytes. Keras 3 writes into it the
+    time of saving (`date_saved` in metadata.json, which loading never reads, and the weights entry's zip
+    date) and, in config.json, Python's id() of each shared object (`shared_object_id`), a memory address
+    that differs from process to process. So an identical retrain changed model.keras, data/model's hash in
+    dvc.lock and the model_sha256 of data/decode.json. The date goes; the ids are renumbered 1, 2, ... in
+    order of appearance, which links the same objects on loading. The rest stays as Keras wrote it."""
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
     with zipfile.ZipFile(path, "w") as archive:
@@ -126,9 +127,21 @@ def without_save_date(path: Path) -> None:
                 metadata = json.loads(data)
                 metadata.pop("date_saved", None)
                 data = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumbered_shared_objects(json.loads(data), {})).encode()
             fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
             fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
             archive.writestr(fixed, data)
+
+
+def _renumbered_shared_objects(config, numbers: dict):
+    """`config` with each shared_object_id replaced by its rank of first appearance (`numbers` holds them)."""
+    if isinstance(config, list):
+        return [_renumbered_shared_objects(item, numbers) for item in config]
+    if not isinstance(config, dict):
+        return config
+    return {key: numbers.setdefault(value, len(numbers) + 1) if key == "shared_object_id"
+            else _renumbered_shared_objects(value, numbers) for key, value in config.items()}
 
 
 def build_decoder(vocab_size: int, units: int, l1: float, dropout: float,
