@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from captioning.errors import UserError
-from captioning.files import read_lines
+from captioning.files import read_json, read_lines, sha256
 
 CAPTIONS_TABLE = Path("data/captions.parquet")
 PARSE_REPORT = Path("data/reports/parse_report.json")
@@ -44,7 +44,23 @@ def split_file(name: str) -> Path:
 
 
 def read_split(name: str) -> list[str]:
+    require_current_split()
     return read_lines(split_file(name))
+
+
+def require_current_split() -> None:
+    """Stop when a file of data.split_dir changed after the split stage read it. dvc.yaml cannot list those
+    files (data.split_dir may be null), so after an edit in place DVC reran nothing, and training and
+    scoring went on with the old lists. The split report records each file's sha256; a report without
+    them (a seeded split, one written before they were recorded, or none in a clone) has nothing to compare,
+    and a file that is gone (a clone that pulled the split, on a machine without the files) is no reason
+    to stop, as for the backbone weights file (feature_files.FeatureStore)."""
+    sources = read_json(SPLIT_REPORT).get("sources", {}) if SPLIT_REPORT.is_file() else {}
+    changed = [path for path, digest in sources.items() if Path(path).is_file() and sha256(path) != digest]
+    if changed:
+        raise UserError(f"{', '.join(changed)} changed since the split stage read it, so {SPLIT_DIR} is out of "
+                        "date (DVC does not track the files in data.split_dir): run `dvc repro -f -s split`, "
+                        "then `dvc repro`.")
 
 
 def read_image_list() -> list[str]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning import files
 from captioning.encodings import as_utf8, decode
 from captioning.errors import UserError
 
@@ -30,6 +31,8 @@ def official_split(split_dir: str | Path, images: list[str]) -> tuple[dict[str, 
             seen[image] = name
         splits[name] = sorted(set(listed) & available)
         report[name] = {"listed": len(listed), "available": len(splits[name])}
+        # DVC cannot list these files (data.split_dir may be null): readers of data/split compare them with this
+        report.setdefault("sources", {})[str(path)] = files.sha256(path)
     unlisted = sorted(available - seen.keys())
     report["images_in_no_split"] = {"count": len(unlisted), "images": unlisted}
     return splits, report

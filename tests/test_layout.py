@@ -205,3 +205,32 @@ def test_features_of_a_weights_file_replaced_at_the_same_path_are_neither_traine
 
     weights.unlink()
     assert FeatureStore(folder).spec == spec
+
+
+def test_split_files_edited_in_place_stop_the_readers_of_the_split(tmp_path, monkeypatch):
+    """dvc.yaml cannot list the files of data.split_dir (it may be null), so after one was edited in place
+    `dvc repro` reran nothing and training and scoring used the old lists. The split report records each
+    file's sha256, and reading a split compares them, naming the file and what to run."""
+    from captioning import files
+    from captioning.errors import UserError
+    from captioning.split import OFFICIAL_FILES, official_split
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "official").mkdir()
+    for number, filename in enumerate(OFFICIAL_FILES.values()):
+        (tmp_path / "official" / filename).write_text(f"{number}.jpg\n")
+    splits, report = official_split("official", ["0.jpg", "1.jpg", "2.jpg"])
+    for name in layout.SPLITS:  # as the split stage writes them
+        files.write_lines(layout.split_file(name), splits[name])
+    files.write_json(layout.SPLIT_REPORT, report)
+    assert layout.read_split("test") == ["2.jpg"]  # unchanged: read as written
+
+    edited = tmp_path / "official" / OFFICIAL_FILES["test"]
+    edited.write_text("2.jpg\n3.jpg\n")
+    with pytest.raises(UserError, match=r"changed since the split stage read it") as refused:
+        layout.read_split("train")
+    assert str(Path("official") / OFFICIAL_FILES["test"]) in str(refused.value)
+    assert "dvc repro -f -s split" in str(refused.value)
+
+    edited.unlink()  # gone, as on a machine that pulled the split without the files: read as written
+    assert layout.read_split("test") == ["2.jpg"]
