@@ -135,13 +135,18 @@ def canonical_keras_file(path: Path) -> None:
 
 
 def _renumbered_shared_objects(config, numbers: dict):
-    """`config` with each shared_object_id replaced by its rank of first appearance (`numbers` holds them)."""
+    """`config` with each shared_object_id replaced by its rank of first appearance (`numbers` holds them).
+    A dtype policy's is dropped: a freshly built decoder's layers share one policy object, those of a decoder
+    resumed from a checkpoint each have their own, and a policy is a mere name ("float32"), so the weights of
+    a resumed run, the same as an uninterrupted run's, are saved the same way too."""
     if isinstance(config, list):
         return [_renumbered_shared_objects(item, numbers) for item in config]
     if not isinstance(config, dict):
         return config
+    policy = str(config.get("class_name", "")).endswith("DTypePolicy")
     return {key: numbers.setdefault(value, len(numbers) + 1) if key == "shared_object_id"
-            else _renumbered_shared_objects(value, numbers) for key, value in config.items()}
+            else _renumbered_shared_objects(value, numbers) for key, value in config.items()
+            if not (policy and key == "shared_object_id")}
 
 
 def build_decoder(vocab_size: int, units: int, l1: float, dropout: float,

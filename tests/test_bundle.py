@@ -111,8 +111,9 @@ def test_the_optional_rerank_files_may_be_absent(model_dir):
 def test_the_same_model_saved_twice_gives_the_same_file(tmp_path):
     """Keras writes into model.keras the time of saving (metadata.json's date_saved, the weights entry's zip
     date) and each shared object's id(), a memory address: an identical retrain changed data/model's hash and
-    decode.json's model_sha256. Two copies of a decoder (other objects, other addresses) saved seconds apart
-    (zip dates count in 2 s steps) now give the same file, which loads to the same predictions."""
+    decode.json's model_sha256. A decoder, and the same decoder saved and loaded back as a checkpoint is on a
+    resume (other objects, other addresses, dtype policies no longer shared), saved seconds apart (zip dates
+    count in 2 s steps), now give the same file, which loads to the same predictions."""
     import time
 
     import numpy as np
@@ -122,11 +123,12 @@ def test_the_same_model_saved_twice_gives_the_same_file(tmp_path):
     from captioning.tf_setup import keras
 
     features = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
-    decoder, copy = (build_decoder(12, 4, 1e-6, 0.2, features.mean(0), features.var(0) + 1) for _ in range(2))
-    copy.set_weights(decoder.get_weights())
+    decoder = build_decoder(12, 4, 1e-6, 0.2, features.mean(0), features.var(0) + 1)
+    decoder.save(tmp_path / "checkpoint.keras")  # as checkpoints.py saves it after each epoch
+    resumed = keras.models.load_model(tmp_path / "checkpoint.keras")
     save_for_decoding(decoder, tmp_path / "first.keras")
     time.sleep(2.1)
-    save_for_decoding(copy, tmp_path / "second.keras")
+    save_for_decoding(resumed, tmp_path / "second.keras")
     assert files.sha256(tmp_path / "first.keras") == files.sha256(tmp_path / "second.keras")
     loaded = keras.models.load_model(tmp_path / "second.keras", compile=False)
     inputs = [features, np.ones((4, 5), np.int32)]
