@@ -162,6 +162,15 @@ def test_kill_during_training_then_repro_resumes_to_the_same_metrics(demo_run, t
     assert metrics_without_timing(killed) == metrics_without_timing(straight)
     assert pd.read_parquet(killed / "data/predictions.parquet").equals(
         pd.read_parquet(straight / "data/predictions.parquet"))
+    assert_same_model_files(killed, straight)  # or dvc.lock, `dvc status` and decode.json see another model
+
+
+def assert_same_model_files(project: Path, other: Path) -> None:
+    """Every file of the two projects' model bundles, byte for byte (model.keras held save times and ids)."""
+    names = sorted(path.name for path in (other / "data/model").iterdir())
+    assert sorted(path.name for path in (project / "data/model").iterdir()) == names
+    for name in names:
+        assert (project / "data/model" / name).read_bytes() == (other / "data/model" / name).read_bytes(), name
 
 
 def test_two_clean_runs_are_identical(demo_run, tmp_path):
@@ -172,3 +181,4 @@ def test_two_clean_runs_are_identical(demo_run, tmp_path):
         pd.read_parquet(demo_run / "data/predictions.parquet"))
     for name in ("features/features.npy", "captions.parquet"):
         assert (again / "data" / name).read_bytes() == (demo_run / "data" / name).read_bytes()
+    assert_same_model_files(again, demo_run)
