@@ -16,7 +16,9 @@ naming it. The check happens before anything is imported, so a refused module is
   They were found by recording every `find_class` request, and tests/test_safe_pickle.py records them
   again, so a pandas upgrade that needs a new name fails a test instead of failing in the pipeline.
   A few older spellings of the same objects (numpy 1.x `numpy.core...`, pandas < 3 `pandas.core...`)
-  map to the very same objects, so pickles from older versions load too. Three are checked stand-ins:
+  map to the very same objects, so pickles from older versions load too: tests/fixtures/old_pandas holds
+  DataFrame pickles that pandas 1.5 and 2.3 (numpy 1 and 2) wrote, object, int and `dtype="string"` columns,
+  protocols 2-5, and a test loads each to the records it was made from. Three are checked stand-ins:
   numpy's `_reconstruct` only starts the empty array numpy writes, `numpy.dtype` always makes a new
   dtype (whose state is checked after loading: `RestrictedUnpickler.restore_numpy_state`), and pyarrow's
   `_restore_array` rebuilds only a plain string column, validated (see each). The bounds below apply to
@@ -140,6 +142,9 @@ _PANDAS = {
     ("pandas.core.frame", "DataFrame"): "pandas:DataFrame",
     ("pandas.core.indexes.base", "Index"): "pandas:Index",
     ("pandas.core.indexes.range", "RangeIndex"): "pandas:RangeIndex",
+    ("pandas.core.arrays.string_", "StringArray"): "pandas.arrays:StringArray",  # pandas < 3, dtype="string"
+    ("pandas.core.arrays.string_", "StringDtype"): "pandas:StringDtype",
+    ("pandas._libs.missing", "NA"): "pandas:NA",
 }
 
 _PANDAS_MODULES = ("pandas", "numpy", "pyarrow")

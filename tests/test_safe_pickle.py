@@ -14,7 +14,9 @@ import pytest
 from helpers import user_error_in_child
 
 from captioning import pickle_scan, safe_pickle
+from captioning.captions import load_captions
 from captioning.errors import UserError
+from captioning.tiny_project import PROJECT
 
 PROTOCOLS = range(0, pickle.HIGHEST_PROTOCOL + 1)
 
@@ -373,3 +375,27 @@ def test_only_a_plain_arrow_string_column_is_rebuilt():
                 (kind, length, null_count, offset, buffers, [column], None)]:      # children
         with pytest.raises(pickle.UnpicklingError, match="not a plain string column"):
             safe_pickle._checked_arrow_array(odd)
+
+
+# ------------------------------------------------------------------- DataFrame pickles of older pandas
+
+OLD_PANDAS = PROJECT / "tests" / "fixtures" / "old_pandas"  # made by make_fixtures.py there, which says how
+
+
+@pytest.mark.parametrize("path", sorted(OLD_PANDAS.glob("*.pkl")), ids=lambda path: path.stem)
+def test_dataframe_pickles_of_older_pandas_load_to_the_same_records(tmp_path, path):
+    """pandas < 3 and numpy 1.x spell their classes otherwise (`pandas.core.frame.DataFrame`, `numpy.core...`,
+    and for `dtype="string"` columns `pandas.core.arrays.string_.StringArray` and `pandas._libs.missing.NA`,
+    which were refused). Each file holds ROWS (object, int or string columns) at protocols 2-5."""
+    from fixtures.old_pandas.make_fixtures import ROWS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in {row[0] for row in ROWS}:
+        (images / image).write_bytes(b"")
+    with pytest.raises(UserError, match="data.allow_pandas_pickle: true"):
+        load_captions(path, images)
+    table, report = load_captions(path, images, allow_pandas_pickle=True)
+    assert report["skipped_count"] == 0
+    read = list(zip(table["image"], table["caption_number"], table["raw_caption"], strict=True))
+    assert read == sorted(ROWS)
