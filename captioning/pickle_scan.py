@@ -27,7 +27,9 @@ and counts, per dict or set, the comparisons its keys would cost; a file costing
 """
 from __future__ import annotations
 
+import gc
 import io
+import operator
 import pickle
 import pickletools
 
@@ -64,16 +66,23 @@ _GET = {"GET", "BINGET", "LONG_BINGET"}
 _PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
+_SMALL_TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_KEY = operator.itemgetter(2)  # a node's key (see `_new_node`)
+
+
 def _opcode_table() -> list:
-    """opcode byte -> (opcode, what the scan does with it) for the 256 byte values; None if unknown."""
+    """opcode byte -> (opcode, what the scan does with it, the width of its argument or the items it takes)
+    for the 256 byte values; None if unknown. The width is looked up once here, not for every opcode."""
     table: list = [None] * 256
     for op in pickletools.opcodes:
         name = op.name
         kind = ("text" if name in _TEXT_WIDTH else "line" if name in _TEXT_LINE else "skip" if name in _SKIP
                 else "get" if name in _GET else "put" if name in _PUT
                 else "empty" if name in _EMPTY else name if name in ("MARK", "MEMOIZE")
+                else "small tuple" if name in _SMALL_TUPLES
                 else "in place" if name in _IN_PLACE else "other")
-        table[ord(op.code)] = op, kind
+        width = {**_TEXT_WIDTH, **_SKIP, **_MEMO_INDEX, **_SMALL_TUPLES}.get(name, 0)  # 0: a PUT/GET in decimal
+        table[ord(op.code)] = op, kind, width
     return table
 
 
@@ -150,45 +159,74 @@ def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING)
     Text is by far the most of a captions pickle, so its opcodes are read here by position, without
     decoding (its raw bytes stand for its hash); the rarer opcodes are read by pickletools' readers.
     """
+    collecting = gc.isenabled()
+    gc.disable()  # see `_scan`
+    try:
+        _scan(data, source, limit)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _scan(data: bytes, source: str, limit: int) -> None:
+    """`check_nesting` itself. It makes millions of small lists and tuples, and the garbage collector walked
+    all of them again and again (a third of the time); they hold no cycles, so it is off meanwhile."""
     stream = io.BytesIO(data)
     stack: list = []
     marks: list = []
     memo: dict = {}
     budgets = [0, 0]  # items hashed, keys compared
     position = 0
-    while position < len(data):
-        op, kind = _OPCODES[data[position]] or _unknown_opcode(data, position)
-        at, position = position, position + 1
-        if kind == "text":
-            width = _TEXT_WIDTH[op.name]
+    end_of_data = len(data)
+    while position < end_of_data:
+        op, kind, width = _OPCODES[data[position]] or _unknown_opcode(data, position)
+        at = position
+        position += 1
+        if kind == "text":  # the most common opcode by far: a text node is (0, 1, raw bytes, False, 0, None)
             start = position + width
-            position = start + int.from_bytes(data[position:start], "little")
+            if start > end_of_data:  # the file ends inside the length
+                break
+            position = start + (data[position] if width == 1 else int.from_bytes(data[position:start], "little"))
             stack.append((0, 1, data[start:position], False, 0, None))
-        elif kind == "MEMOIZE":
+            continue
+        if kind == "MEMOIZE":
             memo[len(memo)] = stack[-1]
-        elif kind == "get" or kind == "put":
-            if op.name in _MEMO_INDEX:
-                start, position = position, position + _MEMO_INDEX[op.name]
-                index = int.from_bytes(data[start:position], "little")
+            continue
+        if kind == "get" or kind == "put":
+            if position + width > end_of_data:  # the file ends inside the index
+                break
+            if width:  # BINPUT/BINGET, LONG_BINPUT/LONG_BINGET: the index in `width` bytes
+                index = data[position] if width == 1 else int.from_bytes(data[position:position + width], "little")
+                position += width
             else:  # protocol 0: the index in decimal, up to a newline
                 start, position = position, data.index(b"\n", position) + 1
                 index = int(data[start:position])
             if kind == "get":
                 stack.append(memo[index])
-            elif index > len(data):  # the unpickler's memo is an array: index 2**31 allocated 32 GB of it
+            elif index > end_of_data:  # the unpickler's memo is an array: index 2**31 allocated 32 GB of it
                 raise pickle.UnpicklingError(f"memo index {index:,} at byte {at} is larger than the file")
             else:
                 memo[index] = stack[-1]
-        elif kind == "MARK":
+            continue
+        if kind == "MARK":
             marks.append(len(stack))
-        elif kind == "empty":
+            continue
+        if kind == "small tuple" and (keys := _text_keys(stack, marks, width)) is not None:
+            # (image, caption) pairs: a tuple of text is one level deep, hashes as its texts, costs nothing
+            # to hash and cannot pass a bound (what `_new_node` gives it, without its general bookkeeping)
+            node = [1, 1 + width, hash(keys), False, 0, None]
+            stack[-width:] = [node]
+            if limit < 1:
+                _refuse(node, budgets[0], limit, source, at)
+            continue
+        if kind == "empty":
             stack.append([1, 1, None, False, 0, None])
         elif kind == "line":
             end = data.index(b"\n", position)
             stack.append((0, 1, data[position:end], False, 0, None))
             position = end + 1
         elif kind == "skip":
-            position += _SKIP[op.name]
+            position += width
         else:
             stream.seek(position)
             arg = op.arg.reader(stream) if op.arg else None
@@ -201,6 +239,21 @@ def check_nesting(data: bytes, source: str = "pickle", limit: int = MAX_NESTING)
             if op.name == "STOP":
                 return
     raise pickle.UnpicklingError("the pickle ends before its STOP opcode")
+
+
+def _text_keys(stack: list, marks: list, count: int) -> tuple | None:
+    """The keys of the top `count` items of the stack if they are all text above the last MARK, else None
+    (and `_step` says what is wrong, as the unpickler would)."""
+    start = len(stack) - count
+    if start < (marks[-1] if marks else 0) or start < 0:
+        return None
+    keys = tuple(map(_KEY, stack[start:]))
+    return keys if _only_text(keys) else None
+
+
+def _only_text(keys) -> bool:
+    """Whether `keys` are all raw bytes, which only text nodes have as their key (C loops, not Python's)."""
+    return {*map(type, keys)} <= {bytes}
 
 
 def _pop(stack: list, marks: list, before: list) -> list:
@@ -231,20 +284,7 @@ def _step(op, kind: str, arg, stack: list, marks: list, memo: dict, budgets: lis
         return None
     if kind == "in place":
         node, *items = popped
-        if name == "BUILD" and isinstance(node[2], tuple) and node[2][0] == "global":
-            # BUILD sets attributes on the object below it; on a class itself (`pandas.RangeIndex`) they
-            # would change that class for the whole process. Pickles BUILD only the objects they create.
-            raise pickle.UnpicklingError(f"the pickle sets attributes on `{node[2][1]}` itself")
-        if items:
-            depths, sizes, *_ = zip(*items, strict=True)
-            node[0] = max(node[0], max(depths) + 1)
-            node[1] += sum(sizes)
-        if name in _SETS_ITEMS:
-            keys = items[::_SETS_ITEMS[name]]
-            budgets[0] += sum(key[1] for key in keys)
-            budgets[1] += _count_keys(node, keys)
-        elif name != "BUILD":  # APPEND(S) hash nothing, but `set(the list)` would hash its items
-            _count_keys(node, items)
+        _fill(name, node, items, budgets)
     elif name in ("DUP", "READONLY_BUFFER", "STOP"):
         node = popped[0]
     else:
@@ -258,6 +298,31 @@ def _step(op, kind: str, arg, stack: list, marks: list, memo: dict, budgets: lis
             budgets[1] += _count_keys(node, keys)
     stack.extend([node] * len(op.stack_after))
     return node
+
+
+def _fill(name: str, node: list, items: list, budgets: list) -> None:
+    """Add `items` to the container `node` in place (APPEND(S), SETITEM(S), ADDITEMS, BUILD) and what that
+    hashes and compares to `budgets`."""
+    if name == "BUILD" and isinstance(node[2], tuple) and node[2][0] == "global":
+        # BUILD sets attributes on the object below it; on a class itself (`pandas.RangeIndex`) they
+        # would change that class for the whole process. Pickles BUILD only the objects they create.
+        raise pickle.UnpicklingError(f"the pickle sets attributes on `{node[2][1]}` itself")
+    if _only_text(map(_KEY, items)):
+        # Text only (most fills of a captions file): each item is 0 deep and 1 item, and costs no comparison,
+        # since the hash of text is randomized: the general case below gives the same, more slowly.
+        node[0] = max(node[0], 1 if items else 0)
+        node[1] += len(items)
+        budgets[0] += len(items[::_SETS_ITEMS[name]]) if name in _SETS_ITEMS else 0  # the keys
+        return
+    depths, sizes, *_ = zip(*items, strict=True)
+    node[0] = max(node[0], max(depths) + 1)
+    node[1] += sum(sizes)
+    if name in _SETS_ITEMS:
+        keys = items[::_SETS_ITEMS[name]]
+        budgets[0] += sum(key[1] for key in keys)
+        budgets[1] += _count_keys(node, keys)
+    elif name != "BUILD":  # APPEND(S) hash nothing, but `set(the list)` would hash its items
+        _count_keys(node, items)
 
 
 def _unknown_opcode(data: bytes, position: int):
