@@ -191,7 +191,9 @@ def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pa
 # such a call, and memo references let a file pass one large text to it again and again: 5,000 calls on
 # one 1 MB str are a 1 MB file that asked for 5 GB. What they build is counted against MAX_BYTES_BUILT:
 # 2,000,000 captions of 250 characters (the captions readers' text bound) are 500 MB, and a DataFrame
-# pickle at protocols 0-2 copies its text twice (text -> bytes -> bytearray).
+# pickle at protocols 0-2 copies its text twice (text -> bytes -> bytearray). At the bound, one 1 MB text
+# copied 1,000 times loaded in 0.66 s of CPU but the process peaked at 969 MB (`bench/bench_pickle.py`,
+# `limits`): this is above all a memory bound.
 _COPIES = {("builtins", "bytearray"), ("builtins", "bytes"), ("_codecs", "encode")}
 MAX_BYTES_BUILT = 1_000_000_000
 _TAMPERED: list = []  # numpy objects whose state could not be restored: never freed (see restore_numpy_state)
