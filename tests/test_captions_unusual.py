@@ -526,6 +526,16 @@ def test_any_pickled_structure_gives_a_table_or_a_user_error(tmp_path, images):
     assert outcomes["table"] >= sum(outcomes.values()) / 10, outcomes
 
 
+def test_a_dataframe_without_caption_column_is_a_clear_error_whatever_its_column_names(tmp_path, images):
+    """The error listed the columns with str(), which raises ValueError for an int of more than 4,300 digits: a
+    traceback instead of the message. Now a bounded repr, as for skipped records."""
+    frame = pd.DataFrame({"image": ["a.jpg"], "x": ["A dog ."]})
+    frame.columns = pd.Index(["image", 10 ** 5000], dtype=object)
+    data = pickle.dumps(frame, protocol=4)
+    with pytest.raises(UserError, match=r"needs an image column .* it has \['image', <int of \d+ bits>\]"):
+        parse(tmp_path, images, "c.pkl", data, allow_pandas_pickle=True)
+
+
 def test_a_dataframe_pickle_without_its_data_is_a_clear_error(tmp_path, images):
     """A DataFrame whose pickled state lacks `_mgr` (one changed byte) loads half-built: reading its columns
     raised AttributeError, a traceback, out of the parse stage."""

@@ -209,7 +209,7 @@ def _dataframe_records(frame, path: Path) -> list[Record]:
     caption_column = _find_column(frame.columns, CAPTION_COLUMNS)
     if image_column is None or caption_column is None:
         raise UserError(f"{path}: the pickled DataFrame needs an image column ({', '.join(IMAGE_COLUMNS)}) and "
-                        f"a caption column ({', '.join(CAPTION_COLUMNS)}); it has {list(map(str, frame.columns))}.")
+                        f"a caption column ({', '.join(CAPTION_COLUMNS)}); it has {short_repr(list(frame.columns))}.")
     number_column = _find_column(frame.columns, NUMBER_COLUMNS)
     # The same bounds as for plain data: an object column can hold one long caption under many rows.
     images, captions = frame[image_column].tolist(), frame[caption_column].tolist()
