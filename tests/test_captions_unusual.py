@@ -536,6 +536,19 @@ def test_a_dataframe_without_caption_column_is_a_clear_error_whatever_its_column
         parse(tmp_path, images, "c.pkl", data, allow_pandas_pickle=True)
 
 
+def test_a_dataframe_caption_number_of_any_size_or_sign_is_a_skipped_record(tmp_path, images):
+    """A negative caption number of more than 4,300 digits was shown with repr(), which raises ValueError for
+    it: a traceback from parse_pickle instead of a skipped record."""
+    numbers = [0, 1, 2, 3, -10 ** 5000, 10 ** 5000, 2.5]
+    frame = pd.DataFrame({"image": ["a.jpg"] * 7, "caption_number": pd.Series(numbers, dtype=object),
+                          "caption": [f"A dog {i} ." for i in range(7)]})
+    table, report = parse(tmp_path, images, "c.pkl", pickle.dumps(frame, protocol=4), allow_pandas_pickle=True)
+    assert list(table["caption_number"]) == [0, 1, 2, 3] and report["skipped_count"] == 3
+    reasons = [skipped["reason"] for skipped in report["skipped"]]
+    assert reasons[0].startswith("caption number <int of") and "is not a non-negative integer" in reasons[0]
+    assert "larger than" in reasons[1] and "2.5 is not a non-negative integer" in reasons[2], reasons
+
+
 def test_a_dataframe_pickle_without_its_data_is_a_clear_error(tmp_path, images):
     """A DataFrame whose pickled state lacks `_mgr` (one changed byte) loads half-built: reading its columns
     raised AttributeError, a traceback, out of the parse stage."""

@@ -219,7 +219,7 @@ def _dataframe_records(frame, path: Path) -> list[Record]:
     for i, (image, caption, number) in enumerate(zip(images, captions, numbers, strict=True)):
         text = {"image": image, "caption": caption}
         if number is not None and not _is_whole_number(number):
-            problem = f"caption number {number!r} is not a non-negative integer"
+            problem = f"caption number {short_repr(number)} is not a non-negative integer"  # repr fails on long ints
             records.append(Record(f"row {i}", text, problem=problem))
             continue
         records.append(pair_record(f"row {i}", text, image, caption, None if number is None else int(number)))
