@@ -47,7 +47,7 @@ import io
 import pickle
 import reprlib
 
-from captioning.errors import UserError
+from captioning.errors import UserError, clipped
 from captioning.pickle_scan import check_nesting
 
 
@@ -169,13 +169,14 @@ def _is_pandas_name(key: tuple[str, str]) -> bool:
 
 
 def _refusal(source: str, asked: tuple[str, str], key: tuple[str, str], allow_pandas: bool) -> UserError:
-    shown = f"`{'.'.join(key)}`"
+    # The names come from the file: a 1 MB one made a 1 MB error line, so they are clipped.
+    shown = f"`{clipped('.'.join(key))}`"
     if asked != key:
-        shown += f" (written as `{'.'.join(asked)}`)"
+        shown += f" (written as `{clipped('.'.join(asked))}`)"
     message = (f"{source}: refused to load {shown} from the pickle. Pickles can run code when "
                "they are loaded, so only plain data (str, bytes, numbers, list, tuple, dict, set) is accepted")
     if _is_pandas_name(key) and not allow_pandas:
-        message += (f". `{key[0]}.{key[1]}` belongs to a pandas DataFrame pickle: if you trust this file, "
+        message += (f". `{clipped('.'.join(key))}` belongs to a pandas DataFrame pickle: if you trust this file, "
                     "set `data.allow_pandas_pickle: true` in params.yaml; otherwise convert it to a "
                     "Flickr8k token text file (`name.jpg#0<TAB>caption` lines)")
     elif allow_pandas:

@@ -206,6 +206,16 @@ def test_the_opt_in_allows_only_the_dataframe_classes(data, name):
     assert "allow_pandas_pickle: true" not in str(caught.value)  # already on: no advice to turn it on
 
 
+@pytest.mark.parametrize("allow_pandas", [False, True])
+def test_a_refused_name_of_any_length_gives_a_short_error(allow_pandas):
+    """The refusal quoted the file's module and name whole: a 1 MB name made a 1 MB error line."""
+    data = b"\x80\x04\x8c\x06pandas\x94\x8c\x08" + (200_000).to_bytes(8, "little") + b"x" * 200_000 + b"\x93."
+    data = data.replace(b"\x8c\x08", b"\x8d", 1)  # BINUNICODE8: a 200,000-character name
+    with pytest.raises(UserError, match=r"refused to load `pandas\.xxx.*\[200007 characters\]") as caught:
+        safe_pickle.loads(data, allow_pandas=allow_pandas)
+    assert len(str(caught.value)) < 1_000
+
+
 # ------------------------------------------------------------------------------------------ work bounds
 
 MODULUS = sys.hash_info.modulus  # k * MODULUS hashes to 0 for every k; -1 and -2 both hash to -2
