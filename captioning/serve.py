@@ -9,6 +9,7 @@ JSON `{"error": ...}` with a 4xx status. Pages load nothing from the network: Fa
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -210,7 +211,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     app.add_exception_handler(RequestValidationError, lambda request, err: error_response(422, err.errors()))
 
     async def internal(request, err):
-        log.exception("unexpected error answering %s", request.url.path)  # the traceback stays in the log
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)  # traceback: log only
         return error_response(500, f"internal error ({type(err).__name__}); the server log has the details")
 
     app.add_exception_handler(Exception, internal)
@@ -273,6 +274,45 @@ def shutdown_grace_s(limits: ServeLimits) -> float:
     return limits.fetch.timeout_s + 5.0
 
 
+def answered_errors_not_raised(app):
+    """The ASGI app `app`, except that an error the app has answered already is not raised on to uvicorn.
+
+    Starlette raises every unexpected error again once its handler has answered it (a JSON 500 here, logged
+    with its traceback by `internal`), so that a server may log it: uvicorn logged each a second time
+    ("Exception in ASGI application", a second traceback). An error before any answer still goes on to uvicorn,
+    which logs it and answers 500."""
+    async def wrapped(scope, receive, send):
+        answered = False
+
+        async def noting_send(message):
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, noting_send)
+        except Exception:
+            if not answered:
+                raise
+
+    return wrapped
+
+
+def log_config() -> dict:
+    """uvicorn's logging set-up, with this package's log lines and python-multipart's in the same server log.
+
+    Without a handler they went to Python's last-resort one: bare lines on stderr with no level (python-multipart
+    wrote "Expected boundary character 121, got 120 at index 4" for a malformed upload). python-multipart's
+    warnings only describe a client's malformed body, which the client is told in its 400 and the access log
+    shows, so they are left out: errors only."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["captioning"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["python_multipart"] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
+    return config
+
+
 def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLimits, access_log: bool = False) -> None:
     import uvicorn
 
@@ -282,7 +322,8 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
           flush=True)
-    config = uvicorn.Config(create_app(loaded, limits), log_level="warning", access_log=access_log,
+    config = uvicorn.Config(answered_errors_not_raised(create_app(loaded, limits)), log_level="warning",
+                            log_config=log_config(), access_log=access_log,
                             backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits),
                             http=bounded_protocol(limits.request_timeout_s, limits.max_connections),
                             timeout_keep_alive=KEEP_ALIVE_S)

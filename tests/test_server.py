@@ -547,3 +547,69 @@ def test_access_log_logs_every_request(demo_run):
     for request in ('"GET /health HTTP/1.1" 200', '"GET /nothing HTTP/1.1" 404'):
         assert request in logged, logged  # --access-log printed nothing at all
 
+
+# The server of the log tests: its `_pixels` fails on a file of this name, as a bug would, for an unexpected error
+PLANTED_FAULT = "planted-fault.png"
+SERVE_WITH_A_PLANTED_FAULT = f"""
+import sys
+from captioning import __main__ as cli, serve
+real = serve._pixels
+def planted(name, *args):
+    if name == {PLANTED_FAULT!r}:
+        raise RuntimeError("a fault the test planted")
+    return real(name, *args)
+serve._pixels = planted
+sys.argv[0] = "captioning"
+cli.main()
+"""
+MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def logged_server(demo_run, tmp_path_factory):
+    """A server with --access-log, its stdout and stderr (the whole server log) in one file: (address, log path)."""
+    log = tmp_path_factory.mktemp("logged_server") / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SERVE_WITH_A_PLANTED_FAULT, "serve", "--port", "0", "--access-log",
+             "--allow-private-urls", "--request-timeout", str(REQUEST_TIMEOUT_S), "--max-connections",
+             str(MAX_CONNECTIONS)],
+            cwd=demo_run, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (match := re.search(r"http://127\.0\.0\.1:(\d+)/", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{match.group(1)}", log
+    finally:
+        process.kill()
+        process.wait()
+
+
+def settled_log(log: Path) -> str:
+    """The server log once the lines of what was just answered are in (uvicorn logs some after answering)."""
+    time.sleep(0.5)
+    return log.read_text()
+
+
+def test_an_unexpected_error_is_logged_once_with_its_traceback(logged_server):
+    """Our handler logged it and Starlette raised it again for uvicorn, which logged it a second time."""
+    address, log = logged_server
+    answer = httpx.post(f"{address}/caption", files={"image": (PLANTED_FAULT, png(8, 8), "image/png")}, timeout=60)
+    assert answer.status_code == 500 and "RuntimeError" in answer.json()["error"], answer.text
+    assert "Traceback" not in answer.text and "planted" not in answer.text
+    logged = settled_log(log)
+    assert logged.count("RuntimeError: a fault the test planted") == 1, logged
+    assert "Exception in ASGI application" not in logged
+    assert "unexpected error answering POST /caption" in logged
+    assert httpx.get(f"{address}/health", timeout=10).status_code == 200  # and it goes on serving
+
+
+def test_a_malformed_multipart_body_is_a_400_without_a_bare_log_line(logged_server):
+    """python-multipart printed "Expected boundary character ..." alone on stderr, outside the server log's
+    format; the client's 400 and the access log already tell it."""
+    address, log = logged_server
+    answer = httpx.post(f"{address}/caption", content=b"--x\r\nContent-Disposition: form-data; name=image\r\n\r\nabc",
+                        headers={"Content-Type": "multipart/form-data; boundary=y"}, timeout=60)
+    assert answer.status_code == 400 and "multipart" in answer.json()["error"], answer.text
+    assert "boundary character" not in settled_log(log)
