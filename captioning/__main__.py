@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="width x height limit of one image (default: %(default)s)")
     serve.add_argument("--request-timeout", type=_finite, default=60.0,
-                       help="seconds a client has to send a whole request, headers and body; then 408 and the "
-                            "connection is closed (default: %(default)s)")
+                       help="seconds a client has to send a request's headers, and the first part of its body; "
+                            "then 408 and the connection is closed (default: %(default)s)")
+    serve.add_argument("--min-body-rate", type=_finite, default=16.0,
+                       help="KB/s: each KB of a body that arrives gives the client 1/N s more past --request-timeout "
+                            "(default: %(default)s)")
     serve.add_argument("--max-connections", type=int, default=100,
                        help="connections open at once; more are answered 503 (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
@@ -150,9 +153,9 @@ def serve_command(args) -> int:
     check_bundle(args.model_dir)
     settings = decode_settings(args.model_dir, args.decode_settings)  # fails here, before TensorFlow loads
     if min(args.max_batch, args.max_files, args.max_pixels, args.max_connections) < 1 or args.max_wait_ms < 0 \
-            or args.request_timeout <= 0:
+            or args.request_timeout <= 0 or args.min_body_rate <= 0:
         raise UserError("--max-batch, --max-files, --max-pixels, --max-connections must be at least 1, "
-                        "--request-timeout positive, --max-wait-ms at least 0")
+                        "--request-timeout and --min-body-rate positive, --max-wait-ms at least 0")
     _check_holds_a_photo("--max-body-mb", args.max_body_mb)
     fetch_limits = _fetch_limits(args)
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
@@ -162,7 +165,8 @@ def serve_command(args) -> int:
 
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
-                         request_timeout_s=args.request_timeout, max_connections=args.max_connections,
+                         request_timeout_s=args.request_timeout, min_body_rate=args.min_body_rate * 1024,
+                         max_connections=args.max_connections,
                          fetch=fetch_limits)
     serve(args.model_dir, settings, args.host, args.port, limits, access_log=args.access_log)
     return 0

@@ -1,12 +1,14 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with the two bounds it lacks: a deadline for receiving each request, and a
-cap on the connections open at once. Also the one shape of every error the server answers, `{"error": ...}`,
-uvicorn's own 400 for a request it cannot parse included.
+"""uvicorn's HTTP/1.1 protocol (h11) with the two bounds it lacks: deadlines for receiving each request (its
+headers, then its body at a minimum rate), and a cap on the connections open at once. Also the one shape of every
+error the server answers, `{"error": ...}`, uvicorn's own 400 for a request it cannot parse included.
 
 uvicorn (0.55) times out only a kept-alive connection that is idle after an answer, and any byte the client
 sends cancels that timer. A client that connects and sends nothing, or half its headers, or its body a byte
 at a time, held its connection for ever, so a few hundred of them (slowloris) held every connection the
 server could take. ASGI middleware cannot help: the application is called only once the headers are in.
-uvicorn's own `limit_concurrency` answers a plain-text 503; here the refusal is JSON like every other error.
+uvicorn's own `limit_concurrency` answers a plain-text 503 once the request's headers are in; here the refusal
+is JSON like every other error, written as the connection opens. The answers written here go to the access log
+as uvicorn's own do.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from http import HTTPStatus
 import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from captioning.errors import one_line
+from captioning.errors import clipped, one_line
 
 # The client has sent all of its request: stop its clock (MUST_CLOSE: an HTTP/1.0 body that ended).
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+LINGER_S = 2.0  # how long a refused connection's request is read and dropped before the socket is closed
 
 
 def error_response(status: int, message, headers: dict | None = None) -> JSONResponse:
@@ -27,10 +31,10 @@ def error_response(status: int, message, headers: dict | None = None) -> JSONRes
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
-def last_answer(status: int, message: str) -> bytes:
+def last_answer(status: int, message: str, headers: dict | None = None) -> bytes:
     """The bytes of a whole JSON error response, then the connection is closed: for a connection that no
-    request cycle answers (a request that never arrived in full, or that cannot be parsed)."""
-    response = error_response(status, message, {"connection": "close"})
+    request cycle answers (a request that never arrived in full, that cannot be parsed, or over the cap)."""
+    response = error_response(status, message, {"connection": "close", **(headers or {})})
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
     head += [name + b": " + value for name, value in response.raw_headers]
     return b"\r\n".join(head) + b"\r\n\r\n" + response.body
@@ -40,66 +44,118 @@ def last_answer(status: int, message: str) -> bytes:
 NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
 
 
-def bounded_protocol(request_timeout_s: float, max_connections: int) -> type[H11Protocol]:
-    """The protocol class to give uvicorn.Config(http=...), with these limits."""
-    timed_out = last_answer(408, f"the request did not arrive in full within {request_timeout_s:g} s "
-                                 "(--request-timeout); send it again")
-    too_many = error_response(
+def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_rate: float) -> type[H11Protocol]:
+    """The protocol class to give uvicorn.Config(http=...), with these limits (`min_body_rate` in bytes/s)."""
+    headers_late = last_answer(408, f"the request's headers did not arrive within {request_timeout_s:g} s "
+                                    "(--request-timeout); send it again")
+    body_late = last_answer(408, f"the request body came slower than {min_body_rate / 1024:g} KB/s after its first "
+                                 f"{request_timeout_s:g} s (--min-body-rate, --request-timeout); send it again")
+    too_many = last_answer(
         503, f"the server has {max_connections} connections open (--max-connections); try again shortly",
-        {"connection": "close", "retry-after": "1"})
+        {"retry-after": "1"})
 
     class BoundedH11Protocol(H11Protocol):
-        """A connection's clock starts when it opens and again after each answer (for the next request, or the
-        rest of a body the answer did not wait for); it stops once the whole request has arrived, so reading
-        a slow URL or captioning does not count. When it runs out, a client that sent part of a request gets
-        a 408 (unless it was answered already) and the connection is closed; one that sent nothing is closed."""
+        """The headers of a request must arrive within `request_timeout_s` of the connection opening, or of the
+        previous answer. Its body then has `request_timeout_s` too, and one second more for every
+        `min_body_rate` bytes that arrive (Apache's mod_reqtimeout `body=T,MinRate=R`): a body of any allowed
+        size can come at that rate, and a client that stalls or trickles is cut off within
+        `request_timeout_s + max_body / min_body_rate`. The clock stops once the whole request has arrived, so
+        reading a slow URL or captioning does not count. When it runs out, a client that sent part of a request
+        gets a 408 (unless it was answered already) and the connection is closed; one that sent nothing is
+        closed. A connection over `max_connections` is answered 503 at once, without waiting for its request.
+        Every answer written here is in the access log too, as uvicorn writes the application's."""
 
         _clock = None
+        _deadline = 0.0
+        _refused = False
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:  # self is counted: this one is over the cap
-                self.app = too_many  # answered, and closed, as soon as its request's headers are in
-            self._start_clock()
+                self._refuse()
+            else:
+                self._start_clock()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered already: what the client sends meanwhile is read and dropped
+            in_body = self.conn.their_state is h11.SEND_BODY
             super().data_received(data)
-            self._stop_clock_if_received()
+            if self.conn.their_state in RECEIVED:
+                self._stop_clock()
+            elif in_body:
+                self._deadline += len(data) / min_body_rate
+            elif self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
+                self._start_clock()
 
         def on_response_complete(self) -> None:
             self._start_clock()
             super().on_response_complete()  # may take in a pipelined request that had arrived whole
-            self._stop_clock_if_received()
+            if self.conn.their_state in RECEIVED:
+                self._stop_clock()
 
         def connection_lost(self, exc) -> None:
             self._stop_clock()
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            self.transport.write(NOT_HTTP)
+            self._answer_and_close(400, NOT_HTTP)
+
+        def _refuse(self) -> None:
+            """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
+            for up to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the
+            answer before the client reads it."""
+            self._refused = True
+            self.transport.write(too_many)
+            self._log_access(503)
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def _answer_and_close(self, status: int, answer: bytes) -> None:
+            self.transport.write(answer)
+            self._log_access(status)
             self.transport.close()
+
+        def _log_access(self, status: int) -> None:
+            """The access log line uvicorn writes for an application's answer, for one written here."""
+            if self.access_log:
+                client = get_client_addr({"client": self.client})
+                self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, *self._request_line(), status)
+
+        def _request_line(self) -> tuple[str, str, str]:
+            """Method, target and HTTP version of the request being answered: the parsed one while its body is
+            awaited, else as much of its first line as arrived ("-" for what did not)."""
+            if self.cycle is not None and not self.cycle.response_complete:
+                scope = self.cycle.scope
+                return scope["method"], get_path_with_query_string(scope), scope["http_version"]
+            first, complete, _ = bytes(self.conn.trailing_data[0]).partition(b"\r\n")
+            parts = first.decode("ascii", "backslashreplace").split(" ") if complete else []
+            if len(parts) == 3 and parts[2].startswith("HTTP/"):
+                return parts[0][:20], clipped(parts[1]), parts[2][5:][:8]
+            return "-", "-", "-"
 
         def _start_clock(self) -> None:
             self._stop_clock()
             if not self.transport.is_closing():
-                self._clock = self.loop.call_later(request_timeout_s, self._time_out)
+                self._deadline = self.loop.time() + request_timeout_s
+                self._clock = self.loop.call_at(self._deadline, self._tick)
 
         def _stop_clock(self) -> None:
             if self._clock is not None:
                 self._clock.cancel()
                 self._clock = None
 
-        def _stop_clock_if_received(self) -> None:
-            if self.conn.their_state in RECEIVED:
-                self._stop_clock()
-
-        def _time_out(self) -> None:
+        def _tick(self) -> None:
+            if self.loop.time() < self._deadline:  # the body's bytes pushed the deadline back meanwhile
+                self._clock = self.loop.call_at(self._deadline, self._tick)
+                return
             self._clock = None
             state = self.conn.their_state
-            headers_partly_in = state is h11.IDLE and bool(self.conn.trailing_data[0])
-            body_awaited = state is h11.SEND_BODY and not self.cycle.response_started
-            if headers_partly_in or body_awaited:
-                self.transport.write(timed_out)
-            self.transport.close()  # an application waiting for the body gets http.disconnect
+            if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
+                self._answer_and_close(408, headers_late)
+            elif state is h11.SEND_BODY and not self.cycle.response_started:
+                self._answer_and_close(408, body_late)
+            else:
+                self.transport.close()  # an application waiting for the body gets http.disconnect
 
     return BoundedH11Protocol

@@ -45,7 +45,8 @@ class ServeLimits:
     max_pixels: int = 40_000_000       # width x height of one image, checked before decoding
     max_batch: int = 16                # images in one forward pass
     max_wait_s: float = 0.005          # how long the first image of a batch waits for company
-    request_timeout_s: float = 60.0    # to send a whole request, headers and body (slow clients, slowloris)
+    request_timeout_s: float = 60.0    # to send a request's headers, and the first part of its body (slowloris)
+    min_body_rate: float = 16 * 1024   # bytes/s a body must keep up past request_timeout_s (http_limits)
     max_connections: int = 100         # open at once; each may hold a body of max_body_bytes in memory
     fetch: FetchLimits = field(default_factory=FetchLimits)
 
@@ -325,7 +326,8 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     config = uvicorn.Config(answered_errors_not_raised(create_app(loaded, limits)), log_level="warning",
                             log_config=log_config(), access_log=access_log,
                             backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits),
-                            http=bounded_protocol(limits.request_timeout_s, limits.max_connections),
+                            http=bounded_protocol(limits.request_timeout_s, limits.max_connections,
+                                                  limits.min_body_rate),
                             timeout_keep_alive=KEEP_ALIVE_S)
     if access_log:
         # uvicorn sets its access logger to log_level and logs each request at INFO: at "warning" alone,

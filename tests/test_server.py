@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -563,6 +564,7 @@ sys.argv[0] = "captioning"
 cli.main()
 """
 MAX_CONNECTIONS = 4
+MIN_BODY_RATE_KB = 4
 
 
 @pytest.fixture(scope="module")
@@ -573,7 +575,7 @@ def logged_server(demo_run, tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-c", SERVE_WITH_A_PLANTED_FAULT, "serve", "--port", "0", "--access-log",
              "--allow-private-urls", "--request-timeout", str(REQUEST_TIMEOUT_S), "--max-connections",
-             str(MAX_CONNECTIONS)],
+             str(MAX_CONNECTIONS), "--min-body-rate", str(MIN_BODY_RATE_KB)],
             cwd=demo_run, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
@@ -603,6 +605,70 @@ def test_an_unexpected_error_is_logged_once_with_its_traceback(logged_server):
     assert "Exception in ASGI application" not in logged
     assert "unexpected error answering POST /caption" in logged
     assert httpx.get(f"{address}/health", timeout=10).status_code == 200  # and it goes on serving
+
+
+def test_the_access_log_has_the_answers_the_protocol_writes(logged_server):
+    """The 400 for a request that is not HTTP and the 408s of --request-timeout were answered without a line in
+    the access log."""
+    address, log = logged_server
+    port = httpx.URL(address).port
+    stall(port, b"NOT HTTP\r\n\r\n")
+    stall(port, b"POST /caption?late=headers HTTP/1.1\r\nHost: x\r\n")
+    stall(port, b"POST /caption?late=body HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{\"url")
+    logged = settled_log(log)
+    for line in ('"- - HTTP/-" 400', '"POST /caption?late=headers HTTP/1.1" 408',
+                 '"POST /caption?late=body HTTP/1.1" 408'):
+        assert line in logged, (line, logged)
+
+
+def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
+    """It was held, unanswered, until its headers came or --request-timeout ran out."""
+    address, log = logged_server
+    port = httpx.URL(address).port
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # the server has taken them all
+        seconds, answer = stall(port, b"")
+    finally:
+        for client in held:
+            client.close()
+    assert seconds < REQUEST_TIMEOUT_S / 2, seconds
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in answer, answer
+    assert '"- - HTTP/-" 503' in settled_log(log)
+
+
+def send_body_at(port: int, body: bytes, bytes_per_s: float) -> tuple[float, bytes]:
+    """POST /caption a JSON body in pieces at this rate: the seconds until it was answered, and the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body))
+        start, piece = time.monotonic(), 256
+        with contextlib.suppress(OSError):  # cut off halfway: the answer says why
+            for offset in range(0, len(body), piece):
+                if select.select([client], [], [], 0)[0]:  # answered already: more bytes would get a reset back
+                    break
+                client.sendall(body[offset:offset + piece])
+                time.sleep(piece / bytes_per_s)
+        client.settimeout(10)
+        answer = b""
+        while chunk := client.recv(65536):  # until the server closes
+            answer += chunk
+        return time.monotonic() - start, answer
+
+
+def test_a_body_that_keeps_the_minimum_rate_may_take_longer_than_the_timeout(logged_server):
+    """--request-timeout was a deadline for the whole request: a 20 MB body needed ~2.8 Mbit/s within 60 s. Past
+    it, a body must keep up --min-body-rate; one that trickles below it is still cut off."""
+    port = httpx.URL(logged_server[0]).port
+    rate = MIN_BODY_RATE_KB * 1024
+    body = b'{"url": ""' + b" " * int(1.5 * REQUEST_TIMEOUT_S * 2 * rate) + b"}"  # 3 timeouts long at twice the rate
+    seconds, answer = send_body_at(port, body, 2 * rate)
+    assert seconds > REQUEST_TIMEOUT_S + 0.5 and answer.startswith(b"HTTP/1.1 400 ") and b"no image" in answer, answer
+    seconds, answer = send_body_at(port, body, rate / 4)
+    # due once the time past the timeout outruns the bytes' credit: T / (1 - 1/4)
+    assert seconds < REQUEST_TIMEOUT_S / 0.75 + 1, seconds
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"--min-body-rate" in answer, answer
 
 
 def test_a_malformed_multipart_body_is_a_400_without_a_bare_log_line(logged_server):
