@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.utils import get_client_addr
 
 from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
@@ -190,6 +191,28 @@ async def _all_pixels(images: list[tuple[str, bytes]], size: int, limits: ServeL
     return pixels
 
 
+async def _disconnected(receive) -> None:
+    """Returns once the client has gone (its whole body was read already, so nothing else can come)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _while_connected(request: Request, work):
+    """The result of `work` (the fetching, decoding and captioning of one request), or ClientDisconnect if its
+    client leaves first. A client that left had all its images captioned for nobody; now its work is cancelled:
+    the URL fetch, the images not yet decoded, and those still waiting for a pass, which the batcher skips."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if task in done or gone.exception() is not None:  # a watcher that failed watches no more: just wait
+            return await task
+        raise ClientDisconnect("its images were not captioned")
+    finally:  # also when the server stops: nothing is left running
+        gone.cancel()
+        task.cancel()
+
+
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
     batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
 
@@ -215,10 +238,16 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
         log.exception("unexpected error answering %s %s", request.method, request.url.path)  # traceback: log only
         return error_response(500, f"internal error ({type(err).__name__}); the server log has the details")
 
+    async def client_left(request, err):
+        # The client went away (or was cut off by --request-timeout) before its answer: nobody reads one, and it
+        # is no server error (it was logged as one, with two tracebacks). One line says what was dropped.
+        client = get_client_addr(request.scope) or "a client"
+        log.warning("the connection of %s closed before its answer to %s %s: %s", client, request.method,
+                    request.url.path, str(err) or "its request had not arrived in full")
+        return error_response(400, "the client disconnected")
+
     app.add_exception_handler(Exception, internal)
-    # The client went away (or was cut off by --request-timeout) before its whole body came: nobody reads an
-    # answer, and it is no server error (it was logged as one, with two tracebacks).
-    app.add_exception_handler(ClientDisconnect, lambda request, err: error_response(400, "the client disconnected"))
+    app.add_exception_handler(ClientDisconnect, client_left)
 
     # HEAD too: `curl -I` and the health checks of load balancers and uptime monitors ask with it
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
@@ -229,10 +258,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
     async def health() -> dict:
         return {"status": "ok", "model": loaded.describe(), "batches": batcher.batches, "images": batcher.items}
 
-    @app.post("/caption")
-    async def caption(request: Request) -> dict:
-        images, url, overrides = await _read_request(request, limits)
-        settings = with_overrides(loaded.settings, **overrides)
+    async def caption_all(images: list[tuple[str, bytes]], url: str | None, settings: dict) -> dict:
         # Fetched only once the rest of the request is known good: a bad beam_size or one file too many
         # is the 400 the README promises, not the fetch's outcome, and makes the server fetch nothing.
         if url is not None:
@@ -242,6 +268,12 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> 
         return {"model": loaded.describe(), "decode": settings,
                 "images": [{"name": name, "caption": d.caption, "beams": d.beams}
                            for (name, _), d in zip(images, decoded, strict=True)]}
+
+    @app.post("/caption")
+    async def caption(request: Request) -> dict:
+        images, url, overrides = await _read_request(request, limits)
+        settings = with_overrides(loaded.settings, **overrides)
+        return await _while_connected(request, caption_all(images, url, settings))
 
     return app
 

@@ -329,9 +329,10 @@ def test_the_page_shows_no_broken_image_for_a_file_it_cannot_show(server, tmp_pa
         assert "notes.jpg" in page.inner_text("#error")
 
 
-@pytest.fixture
-def held_url():
-    """A URL whose server answers 404 only once the test lets it: a slow image URL, in the test's hands."""
+@contextlib.contextmanager
+def held_site(status: int, body: bytes = b""):
+    """A URL whose server answers (status, body) only once the test lets it: a slow image URL, in the test's
+    hands. Yields (url, asked, release)."""
     asked, release = threading.Event(), threading.Event()
 
     class Held(SimpleHTTPRequestHandler):
@@ -341,16 +342,27 @@ def held_url():
         def do_GET(self):
             asked.set()
             release.wait(30)
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            with contextlib.suppress(OSError):  # the server stopped the fetch: its client had left
+                self.wfile.write(body)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Held)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.jpg", asked, release
-    release.set()
-    httpd.shutdown()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.jpg", asked, release
+    finally:
+        release.set()
+        httpd.shutdown()
+
+
+@pytest.fixture
+def held_url():
+    """A slow image URL that answers 404 once released."""
+    with held_site(404) as held:
+        yield held
 
 
 def test_the_page_shows_only_the_latest_requests_answer(server, demo_run, test_images, held_url, tmp_path):
@@ -669,6 +681,26 @@ def test_a_body_that_keeps_the_minimum_rate_may_take_longer_than_the_timeout(log
     # due once the time past the timeout outruns the bytes' credit: T / (1 - 1/4)
     assert seconds < REQUEST_TIMEOUT_S / 0.75 + 1, seconds
     assert answer.startswith(b"HTTP/1.1 408 ") and b"--min-body-rate" in answer, answer
+
+
+def test_a_client_that_leaves_has_its_images_left_uncaptioned(logged_server, demo_run, test_images):
+    """Its images were fetched, decoded and captioned all the same, for nobody."""
+    address, log = logged_server
+    photo = demo_run / "data/demo/images" / test_images["image"].iloc[0]
+    with held_site(200, photo.read_bytes()) as (url, asked, release):
+        request = httpx.Request("POST", f"{address}/caption", data={"url": url},
+                                files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+        head = b"".join(b"%s: %s\r\n" % header for header in request.headers.raw)
+        before = httpx.get(f"{address}/health", timeout=10).json()["images"]
+        with socket.create_connection(("127.0.0.1", httpx.URL(address).port), timeout=10) as client:
+            client.sendall(b"POST /caption HTTP/1.1\r\n" + head + b"\r\n" + request.read())
+            assert asked.wait(30), "the server never fetched the URL"
+        time.sleep(0.5)  # the server has seen it go
+        release.set()
+        time.sleep(2)  # long enough for the fetch and the captions, had they gone on
+    assert httpx.get(f"{address}/health", timeout=10).json()["images"] == before
+    left = [line for line in settled_log(log).splitlines() if "its images were not captioned" in line]
+    assert len(left) == 1 and left[0].startswith("WARNING:") and "POST /caption" in left[0], left
 
 
 def test_a_malformed_multipart_body_is_a_400_without_a_bare_log_line(logged_server):
