@@ -9,6 +9,7 @@ JSON `{"error": ...}` with a 4xx status. Pages load nothing from the network: Fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -22,8 +23,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import get_client_addr
 
@@ -142,9 +144,41 @@ async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tup
     return images, url, {name: _override(fields.get(name), name) for name in OVERRIDES}
 
 
+class _EndedMultiPartParser(MultiPartParser):
+    """Starlette's parser (what request.form uses), noting whether the body reached its closing boundary."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def _parse_form(request: Request, limits: ServeLimits) -> FormData:
+    """request.form(), except that a body cut off before its closing boundary (a client or proxy that stopped
+    halfway) is a 400: it parsed without an error, and the part it cut into was dropped without a word (the
+    other images were captioned, or the request got "no image")."""
+    async with contextlib.aclosing(request.stream()) as stream:
+        parser = _EndedMultiPartParser(request.headers, stream, max_files=limits.max_files, max_fields=16)
+        try:
+            form = await parser.parse()
+        except MultiPartException as err:  # request.form's 400 for these: a missing boundary, too many files
+            raise ApiError(400, err.message) from None
+    if not parser.ended:
+        await form.close()
+        raise ApiError(400, "the multipart body ends before its closing boundary: it was cut off; send it whole")
+    return form
+
+
 async def _multipart_fields(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], dict]:
+    form = await _parse_form(request, limits)
+    try:
+        return await _form_fields(form)
+    finally:
+        await form.close()  # its files (request.form's are closed with the request)
+
+
+async def _form_fields(form: FormData) -> tuple[list[tuple[str, bytes]], dict]:
     """The uploaded files of the field 'image', and the one 'url' and the overrides, if sent."""
-    form = await request.form(max_files=limits.max_files, max_fields=16)
     _refuse_unknown(form.keys(), ("image", *FIELDS))
     uploads = form.getlist("image")
     if any(not isinstance(upload, UploadFile) for upload in uploads):

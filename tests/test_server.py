@@ -198,6 +198,23 @@ def test_an_unknown_field_is_named_with_the_accepted_ones(server, demo_run, test
     assert not asked.is_set()  # refused before its URL was fetched
 
 
+def test_a_multipart_body_cut_off_before_its_end_is_refused(server, demo_run, test_images):
+    """A body that stopped halfway (a client or proxy that cut it) parsed without an error: the image it cut into
+    was dropped without a word and the others were captioned (or the answer was "no image")."""
+    jpeg = (demo_run / "data/demo/images" / test_images["image"].iloc[0]).read_bytes()
+
+    def part(name: str) -> bytes:
+        return (b'--x\r\nContent-Disposition: form-data; name="image"; filename="%s"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" % name.encode() + jpeg)
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    whole = httpx.post(f"{server[0]}/caption", content=part("a.jpg") + b"\r\n" + part("b.jpg") + b"\r\n--x--\r\n",
+                       headers=headers, timeout=60)
+    assert whole.status_code == 200 and len(whole.json()["images"]) == 2, whole.text
+    for cut in (part("a.jpg") + b"\r\n" + part("b.jpg")[:-100], part("a.jpg")[:-100]):
+        answer = httpx.post(f"{server[0]}/caption", content=cut, headers=headers, timeout=60)
+        assert answer.status_code == 400 and "cut off" in answer.json()["error"], answer.text
+
+
 def test_an_image_without_a_usable_file_name_is_named_by_its_place(server):
     """A file sent without a name, or named only with spaces, was named "" or "   " in its error (": not an
     image ..."): it is "image N", N its place in the request."""
