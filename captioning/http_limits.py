@@ -83,10 +83,11 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             super().data_received(data)
             if self.conn.their_state in RECEIVED:
                 self._stop_clock()
-            elif in_body:
+            elif not in_body:
+                if self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
+                    self._start_clock()
+            elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
                 self._deadline += len(data) / min_body_rate
-            elif self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
-                self._start_clock()
 
         def on_response_complete(self) -> None:
             self._start_clock()

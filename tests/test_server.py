@@ -700,6 +700,24 @@ def test_a_body_that_keeps_the_minimum_rate_may_take_longer_than_the_timeout(log
     assert answer.startswith(b"HTTP/1.1 408 ") and b"--min-body-rate" in answer, answer
 
 
+def test_a_body_sent_on_after_its_answer_earns_no_time(logged_server):
+    """A body refused by its Content-Length (413) is not awaited: a client that sent on at the minimum rate held
+    its connection for as long as the Content-Length it declared, say a terabyte."""
+    port = httpx.URL(logged_server[0]).port
+    piece, rate = b" " * 256, 2 * MIN_BODY_RATE_KB * 1024
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % 2**40)
+        start, closed_after = time.monotonic(), None
+        while closed_after is None and time.monotonic() - start < 3 * REQUEST_TIMEOUT_S:
+            try:
+                client.sendall(piece)
+            except OSError:  # the server closed the connection
+                closed_after = time.monotonic() - start
+            time.sleep(len(piece) / rate)
+    assert closed_after is not None and closed_after < REQUEST_TIMEOUT_S + 1.5, closed_after
+
+
 def test_a_client_that_leaves_has_its_images_left_uncaptioned(logged_server, demo_run, test_images):
     """Its images were fetched, decoded and captioned all the same, for nobody."""
     address, log = logged_server
