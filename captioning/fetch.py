@@ -147,6 +147,11 @@ def _checked_url(text: str) -> httpx.URL:
                          f"{clipped(text)}", status=400)
     if not host:
         raise FetchError(f"the URL has no host: {clipped(text)}", status=400)
+    if "%" in host and ":" not in host:  # ":": an IPv6 literal, whose zone (fe80::1%eth0) is no concern here
+        # httpx percent-encodes what a host name cannot hold ("a b" -> "a%20b"), and that went to DNS: a 422
+        # "cannot resolve host" for a URL that was never valid
+        raise FetchError(f"not a valid URL: {clipped(text)!r} (a host name cannot hold {clipped(host)!r})",
+                         status=400)
     if url.port is not None and not 0 < url.port < 65536:
         # httpx takes any number as a port; the socket layer then raised OverflowError (a 500, a traceback)
         raise FetchError(f"not a valid URL: {clipped(text)!r} (port {url.port} is not 1 to 65535)", status=400)

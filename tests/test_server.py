@@ -145,6 +145,8 @@ def bad_requests(address: str, images_site: str, image: Path) -> dict:
         "JSON nested too deep": (400, httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000,
                                                  headers={"Content-Type": "application/json"})),
         "URL with a broken IDNA name": (400, httpx.post(url, json={"url": "http://xn--/a.jpg"})),
+        # percent-encoded by httpx and looked up in DNS as "a%20b": a 422, "cannot resolve host"
+        "URL with a space in its host": (400, httpx.post(url, json={"url": "http://a b/a.jpg"})),
         "JSON without url": (400, httpx.post(url, json={"link": "x"})),
         "JSON with the url twice": (400, httpx.post(url, headers={"Content-Type": "application/json"},
                                                     content=f'{{"url": "{images_site}/a", "url": "{images_site}/b"}}')),
