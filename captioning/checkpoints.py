@@ -106,17 +106,24 @@ def stop_if_diverged(epoch: int, record: dict, state: dict) -> None:
     would stay "best" for good, as it does in Keras 3's EarlyStopping, whose best starts as None), and
     the epochs after it start from broken weights. So, like Keras' TerminateOnNaN(raise_error=True),
     stop at once; the checkpoint keeps the epochs before it."""
-    losses = {"train loss": record.get("loss", math.nan), "val loss": record.get("val_loss", math.nan)}
-    if all(math.isfinite(value) for value in losses.values()):
+    losses = non_finite({"train loss": record.get("loss", math.nan), "val loss": record.get("val_loss", math.nan)})
+    if losses is None:
         return
     done = state["epoch"]
     # Fewer epochs than a checkpoint has means starting over, so with train.ensemble > 1 this works only
     # when no other decoder ran more epochs.
     keep = (f", or finish with the {done} epoch(s) before it, which the checkpoint keeps: train.epochs: {done} "
             "(for a single decoder)" if done else "")
-    raise UserError(f"training diverged in epoch {epoch}: {', '.join(f'{k} {v}' for k, v in losses.items())}. "
+    raise UserError(f"training diverged in epoch {epoch}: {losses}. "
                     "Lower train.learning_rate or train.clipnorm and train again (non-finite features do this "
                     f"too){keep}.")
+
+
+def non_finite(values: dict[str, float]) -> str | None:
+    """"name value, name value" when any of `values` is NaN or inf (a diverged run), else None."""
+    if all(math.isfinite(value) for value in values.values()):
+        return None
+    return ", ".join(f"{name} {value}" for name, value in values.items())
 
 
 def save_file(folder: Path, name: str, save, state: dict) -> str:

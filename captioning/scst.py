@@ -34,6 +34,7 @@ from captioning.checkpoints import (
     DAMAGED_FILE_ERRORS,
     clear_checkpoints,
     commit,
+    non_finite,
     remove_partial_writes,
     resume_state,
     save_file,
@@ -41,7 +42,7 @@ from captioning.checkpoints import (
 )
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
-from captioning.errors import one_line
+from captioning.errors import UserError, one_line
 from captioning.feature_files import FeatureStore
 from captioning.params import TrainConfig
 from captioning.tf_setup import keras, tf
@@ -131,7 +132,9 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
             ids = captioner.sample_ids(features, seeds)
             reward = rewards.rewards([vocab.decode(row) for row in ids], images).reshape(-1, samples)
             baseline = (reward.sum(axis=1, keepdims=True) - reward) / (samples - 1)
-            step(tf.constant(features), tf.constant(ids), tf.constant((reward - baseline).reshape(-1)))
+            loss, norm = step(tf.constant(features), tf.constant(ids), tf.constant((reward - baseline).reshape(-1)))
+            stop_if_diverged(epoch + 1, batch + 1, {"loss": float(loss), "mean reward": float(reward.mean()),
+                                                    "weight norm": float(norm)})
             epoch_rewards.append(reward.ravel())
         seconds = watch.elapsed
         state["epoch"] = epoch + 1
@@ -145,7 +148,8 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
 
 
 def _gradient_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, vocab_size: int):
-    """One REINFORCE step: minimise -mean(advantage * log p(sampled caption)) + L1."""
+    """One REINFORCE step: minimise -mean(advantage * log p(sampled caption)) + L1; return the loss and
+    the updated weights' global norm (NaN or inf once any weight is: the next sampling would fail on them)."""
     banned, no_end = (tf.constant(mask) for mask in word_rules(vocab_size))
 
     @tf.function(autograph=False, reduce_retracing=True)
@@ -160,8 +164,26 @@ def _gradient_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, vo
             loss = tf.add_n([-tf.reduce_mean(advantages * caption_log_prob), *model.losses])
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return loss, tf.linalg.global_norm(model.trainable_variables)
 
     return step
+
+
+def stop_if_diverged(epoch: int, batch: int, values: dict[str, float]) -> None:
+    """Stop SCST at the first step whose loss or reward is NaN or inf, before its epoch is checkpointed.
+
+    The step has already moved the weights, and every step after it would start from broken ones; the
+    checkpoint keeps the SCST epochs before it (and the cross-entropy one the run started from), as
+    checkpoints.stop_if_diverged does for cross-entropy training."""
+    shown = non_finite(values)
+    if shown is None:
+        return
+    done = epoch - 1
+    keep = (f"train.scst_epochs: {done} finishes with the {done} SCST epoch(s) before it, which the checkpoint keeps"
+            if done else "train.scst_epochs: 0 keeps the cross-entropy model")
+    raise UserError(f"SCST fine-tuning diverged in epoch {epoch}, step {batch}: {shown}. Lower "
+                    "train.scst_learning_rate or train.clipnorm and train again (non-finite features do this too), "
+                    f"or {keep}.")
 
 
 def _fingerprint(config: TrainConfig, origin: dict) -> str:

@@ -115,6 +115,22 @@ def test_a_damaged_optimizer_file_means_starting_over(toy, tmp_path, capsys):
     assert "cannot resume from" in said and "training starts over" in said and "resuming" not in said
     assert again["rewards"] == whole["rewards"]
 
+def test_a_diverged_scst_step_stops_with_one_line_and_keeps_nothing_of_its_epoch(toy, tmp_path):
+    """A NaN reward (and so a NaN loss and NaN weights) stops SCST at that step with one line naming it;
+    the checkpoint keeps the epoch before it, untouched."""
+    decoder, vocab, features, rewards = toy
+    fine_tune(decoder, vocab, rewards, features, config(scst_epochs=1), tmp_path, ORIGIN)
+    written = sorted((path.name, path.read_bytes()) for path in (tmp_path / "scst").iterdir())
+    rewards.rewards = lambda captions, images: np.full(len(captions), np.nan, np.float32)
+    with pytest.raises(UserError, match=r"^SCST fine-tuning diverged in epoch 2, step 1: loss nan, mean reward nan, "
+                                        r"weight norm nan\. ") as raised:
+        fine_tune(decoder, vocab, rewards, features, config(scst_epochs=2), tmp_path, ORIGIN)
+    message = str(raised.value)
+    assert "train.scst_learning_rate" in message and "train.scst_epochs: 1 finishes" in message
+    assert "\n" not in message
+    assert sorted((path.name, path.read_bytes()) for path in (tmp_path / "scst").iterdir()) == written
+
+
 def test_scst_knobs_keep_the_cross_entropy_checkpoint(tmp_path):
     inputs = [PROJECT / "params.yaml"]
     assert fingerprint(config(scst_epochs=5, scst_samples=7), inputs) == fingerprint(config(), inputs)
