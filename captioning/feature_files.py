@@ -82,6 +82,15 @@ class FeatureStore:
                 not np.array_equal(np.sort(rows), np.arange(len(index))):
             raise _damaged(folder / FEATURE_MATRIX, f"{self.matrix.shape} features for the {len(index)} rows "
                                                   f"of {FEATURE_INDEX}")
+        # Extraction refuses NaN/inf features, but a folder from before that check (or edited since) may
+        # hold them: training would stop at a NaN loss that blames the learning rate, and evaluation would
+        # write garbage captions without a word.
+        image_of = {row: image for image, row in self.row_of.items()}
+        bad = [image_of[row] for row in nonfinite_rows(self.matrix)]
+        if bad:
+            raise UserError(f"{folder / FEATURE_MATRIX} holds NaN or inf features for {len(bad)} images "
+                            f"({first_few(bad)}): a damaged backbone weights file gives them. Check features.weights "
+                            "and run `dvc repro -f extract_resnet_features`.")
 
     def without_features(self, images, split: str, consequence: str, stage: str) -> list[str]:
         """The photos of `images` whose extraction failed (listed in the extract report), sorted; when there
@@ -89,9 +98,8 @@ class FeatureStore:
         photos than the split holds must not pass for results over all of them."""
         missing = sorted(name for name in set(images) if name not in self.row_of)
         if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
             print(f"{stage}: {len(missing)} {split} images have no features (see {EXTRACT_REPORT}) and {consequence}: "
-                  f"{shown}", file=sys.stderr, flush=True)
+                  f"{first_few(missing)}", file=sys.stderr, flush=True)
         return missing
 
     def rows(self, images) -> np.ndarray:
@@ -99,6 +107,21 @@ class FeatureStore:
 
     def get(self, images) -> np.ndarray:
         return np.asarray(self.matrix[self.rows(images)], dtype=np.float32)
+
+
+def nonfinite_rows(matrix: np.ndarray, rows=None, chunk: int = 4096) -> list[int]:
+    """The rows of `matrix` (all, or those of `rows`) holding a NaN or inf, read in chunks: memory stays flat."""
+    rows = np.arange(len(matrix)) if rows is None else np.asarray(rows, np.int64)
+    bad: list[int] = []
+    for start in range(0, len(rows), chunk):
+        picked = rows[start:start + chunk]
+        bad.extend(picked[~np.isfinite(np.asarray(matrix[picked])).all(axis=1)].tolist())
+    return bad
+
+
+def first_few(names: list[str], shown: int = 10) -> str:
+    """The first `shown` of `names` for a one-line message, "..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _damaged(path: Path, reason: str) -> UserError:

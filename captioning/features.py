@@ -21,7 +21,7 @@ from tqdm import tqdm
 from captioning import files
 from captioning.backbones import build_backbone, feature_dim
 from captioning.errors import UserError
-from captioning.feature_files import FEATURE_FILES, BackboneSpec
+from captioning.feature_files import FEATURE_FILES, BackboneSpec, first_few, nonfinite_rows
 from captioning.images import ImageError, load_image
 from captioning.layout import BACKBONE_SPEC, FEATURE_INDEX, FEATURE_MATRIX
 from captioning.params import missing_images_folder
@@ -134,6 +134,7 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         if not good:
             raise UserError(f"none of the {len(paths)} images in {images_dir} could be decoded; "
                             f"first error: {images[0]}: {errors[0]}")
+        refuse_nonfinite(raw, good, images, spec)
         files.write_parquet(out_dir / FEATURE_INDEX,
                             pd.DataFrame({"image": [images[r] for r in good], "row": np.arange(len(good))}))
         files.write_json(out_dir / BACKBONE_SPEC, spec.to_json())
@@ -155,6 +156,17 @@ def extract_features(images: list[str], images_dir: Path, out_dir: Path, spec: B
         **({"engine": engine_report()} if engine_report else {}),
     }
     return report
+
+
+def refuse_nonfinite(raw: np.ndarray, good: list[int], images: list[str], spec: BackboneSpec) -> None:
+    """Stop, before any file is written, when the backbone gave NaN or inf features: they would train
+    silently into garbage (or stop training at a NaN loss that blames the learning rate)."""
+    bad = [images[row] for row in nonfinite_rows(raw, good)]
+    if bad:
+        raise UserError(f"{len(bad)} of {len(good)} images got NaN or inf features from the {spec.backbone} backbone "
+                        f"({first_few(bad)}): its weights ({spec.weights}) are likely damaged or not of this network, "
+                        f"or features.precision {spec.precision} overflowed. Check features.weights and "
+                        "features.precision, then extract again; nothing was written.")
 
 
 def _write_rows(source: np.ndarray, rows: list[int], path: Path, chunk: int = 4096) -> None:

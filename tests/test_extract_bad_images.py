@@ -142,6 +142,40 @@ def test_a_damaged_feature_folder_is_one_line_naming_the_file(tmp_path, good_ima
         FeatureStore(tmp_path / "out")
 
 
+def nan_rows(bad_rows):
+    """An engine (extract_features' compute_rows) whose backbone gives NaN for the images at `bad_rows`,
+    as a damaged weights file does; the other rows are finite."""
+    def compute_rows(paths, out):
+        out[:] = 1.0
+        out[bad_rows, 5] = np.nan
+        return {}
+    return compute_rows
+
+
+def test_nan_features_are_refused_at_extraction_naming_the_images(tmp_path):
+    names = [f"{i:02d}.jpg" for i in range(14)]
+    (tmp_path / "images").mkdir()
+    with pytest.raises(UserError, match=r"^12 of 14 images got NaN or inf features from the resnet50 backbone "
+                                        r"\(02.jpg, 03.jpg, .*, 11.jpg, \.\.\.\): its weights \(random\) are "
+                                        r"likely damaged") as raised:
+        extract_features(names, tmp_path / "images", tmp_path / "out", SPEC, 2, compute_rows=nan_rows(slice(2, None)))
+    assert "\n" not in str(raised.value) and "features.weights" in str(raised.value)
+    assert not list((tmp_path / "out").iterdir())  # nothing a later stage could read
+
+
+def test_a_feature_folder_with_nan_rows_is_refused_by_its_readers(tmp_path):
+    """A folder from before the extraction check (or edited since): training and evaluation refuse it."""
+    (tmp_path / "images").mkdir()
+    extract_features(GOOD, tmp_path / "images", tmp_path / "out", SPEC, 2, compute_rows=nan_rows([]))
+    assert len(FeatureStore(tmp_path / "out").row_of) == 3
+    matrix = np.load(tmp_path / "out/features.npy", mmap_mode="r+")
+    matrix[1, 7] = np.inf
+    matrix.flush()
+    del matrix
+    with pytest.raises(UserError, match=r"features.npy holds NaN or inf features for 1 images \(b.jpg\)"):
+        FeatureStore(tmp_path / "out")
+
+
 def test_all_bad_is_a_user_error(tmp_path, backbone, monkeypatch):
     monkeypatch.setattr(features, "build_backbone", lambda spec: backbone)  # same spec; saves a rebuild
     images_dir = tmp_path / "images"
