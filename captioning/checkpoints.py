@@ -173,13 +173,16 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
 
 
 def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, required=("model_file",),
-                 optional=("best_file",), fresh: dict | None = None) -> dict | None:
+                 optional=("best_file",), fresh: dict | None = None,
+                 spare: dict[str, str] | None = None) -> dict | None:
     """The checkpoint state to resume from, or None when there is none that fits this run: same
     fingerprint, no more epochs than asked for, and the files its `required` keys name (and its
-    `optional` ones, when set) all there. The keys are the cross-entropy run's unless given (scst.py):
+    `optional` ones, when set) all there and whole. The keys are the cross-entropy run's unless given (scst.py):
     `fresh` is the state a new run starts with, whose every key (and type, where not None) a state
     file must have; one that is unreadable or lacks them (damaged, or edited by hand) does not fit
-    either, and training says so and starts over."""
+    either, and training says so and starts over. `spare` {key: why this run does not need its file}: a
+    file this run can resume without; when it is missing or damaged, one line says it is ignored (and why),
+    the file goes and the state resumes without it (the key set to None)."""
     state_path = checkpoint_dir / STATE_FILE
     if not state_path.exists():
         return None
@@ -196,18 +199,35 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
         return None
     if state["epoch"] > epochs:  # a checkpoint holds its last epoch only: an earlier one cannot be had from it
         return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
+    spare = spare or {}
     needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
-    if not all(isinstance(name, str) and Path(name).name == name for name in needed):
+    if not all(isinstance(name, str) and Path(name).name == name
+               for name in needed + [state[key] for key in spare if state.get(key)]):
         # The files a state names are read, and later deleted as stale: only names inside this folder, so a
         # hand-edited (or planted, on a shared folder) "../x" or "/x" cannot make training delete other files.
         return starting_over(state_path, "it names files outside its folder")
-    if not all((checkpoint_dir / name).is_file() for name in needed):
-        return None
-    for name in needed:  # a cut-off or changed file: HDF5 weights would load without a word
-        if files.sha256(checkpoint_dir / name) != state["sha256"].get(name):
-            return starting_over(checkpoint_dir / name, "its sha256 is not the one recorded when it was written: "
-                                                        "the file was cut short or changed since")
+    for name in needed:
+        problem = _not_as_written(checkpoint_dir, name, state)
+        if problem:
+            return starting_over(checkpoint_dir / name, problem)
+    for key, why in spare.items():
+        problem = state.get(key) and _not_as_written(checkpoint_dir, state[key], state)
+        if problem:
+            print(f"ignoring {checkpoint_dir / state[key]} ({problem}): {why}", flush=True)
+            (checkpoint_dir / state[key]).unlink(missing_ok=True)  # no state names it any more
+            state[key] = None
     return state
+
+
+def _not_as_written(checkpoint_dir: Path, name: str, state: dict) -> str | None:
+    """Why checkpoint file `name` is not the one the state recorded (a cut-off or changed file: HDF5
+    weights would load without a word), or None when it is."""
+    path = checkpoint_dir / name
+    if not path.is_file():
+        return "it is missing"
+    if files.sha256(path) != state["sha256"].get(name):
+        return "its sha256 is not the one recorded when it was written: the file was cut short or changed since"
+    return None
 
 
 def starting_over(path: Path, why: str) -> None:

@@ -257,7 +257,7 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(paths.checkpoints)
     print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
-    state = resume_state(paths.checkpoints, print_fingerprint, config.epochs)
+    state = resume_state(paths.checkpoints, print_fingerprint, config.epochs, **best_weights_use(config))
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
     # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
     # others resume. Outside the strategy's scope, so this load runs no collective op. The best epoch's
@@ -284,6 +284,15 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         model = build_decoder(len(data.vocab), config.units, config.l1, config.dropout, mean, variance)
         compile_decoder(model, make_optimizer(config.optimizer, config.learning_rate, config.clipnorm))
         return model, new_state(print_fingerprint)
+
+
+def best_weights_use(config: TrainConfig) -> dict:
+    """How resume_state treats the best epoch's weights file: needed to resume when training ends by
+    loading it (train.restore_best_weights), else spare, so a damaged one does not mean starting over."""
+    if config.restore_best_weights:
+        return {"optional": ("best_file",)}
+    return {"optional": (), "spare": {"best_file": "train.restore_best_weights is false, so the best epoch's "
+                                                   "weights are not needed; training resumes without them"}}
 
 
 def load_checkpoint(folder: Path, state: dict) -> keras.Model | None:

@@ -80,6 +80,15 @@ def test_asking_for_fewer_epochs_than_the_checkpoint_has_says_it_starts_over(che
     assert said[0].endswith("training starts over")
 
 
+def test_a_checkpoint_file_gone_means_starting_over_with_one_line(checkpoints, capsys):
+    """Training started over from epoch 1 without a word when a file its state names was deleted."""
+    (checkpoints / STATE_FILE).write_text(json.dumps(good_state()))
+    (checkpoints / "epoch-0002.keras").unlink()
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"cannot resume from {checkpoints / 'epoch-0002.keras'} (it is missing): training starts over"]
+
+
 @pytest.mark.parametrize("damage", [
     lambda data: data[:-1],                                    # cut short
     lambda data: data[:2] + bytes([data[2] ^ 1]) + data[3:],   # one bit changed, same size

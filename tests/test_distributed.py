@@ -215,13 +215,14 @@ def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(t
                                                      f"{1 - lost} stops too."), log[-4000:]
 
 
-def run_in_process(project: Path, strategy: str) -> tuple[dict, list[np.ndarray]]:
-    """One epoch through captioning.train.train in this process; its metrics and final weights."""
+def run_in_process(project: Path, strategy: str, **knobs) -> tuple[dict, list[np.ndarray]]:
+    """One epoch (unless `knobs` say otherwise) through captioning.train.train in this process; its metrics
+    and final weights."""
     from captioning.train import TrainConfig, TrainPaths, keras, train
 
     write_inputs(project, strategy)
     data = project / "data"
-    metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy}),
+    metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy, **knobs}),
                     pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
                     (data / "split/dev.txt").read_text().split(),
                     TrainPaths(data / "features", data / "model", project / "checkpoints", project / "dvclive",
@@ -380,6 +381,31 @@ def test_a_damaged_best_weights_file_means_starting_over_not_a_traceback_at_the_
     said = capsys.readouterr().out
     assert f"cannot resume from {best}" in said and "training starts over" in said and "resuming" not in said
     assert again["epochs"] == 1 and again["kept_epoch"] == 1
+
+@pytest.mark.parametrize("damage", [lambda best: best.write_bytes(best.read_bytes()[:len(best.read_bytes()) // 2]),
+                                    lambda best: best.unlink()], ids=["cut-short", "deleted"])
+def test_without_restore_best_weights_a_damaged_best_weights_file_is_ignored_and_the_run_resumes(tmp_path, capsys,
+                                                                                                 damage):
+    """With train.restore_best_weights: false the best epoch's weights are never loaded, so a damaged (or
+    lost) file is no reason to train again from epoch 1: one line says it is ignored, and the run resumes
+    to the numbers of a run that was never interrupted."""
+    off = {"restore_best_weights": False}
+    whole, whole_weights = run_in_process(tmp_path / "whole", "default", **off, epochs=2)
+    run_in_process(tmp_path / "killed", "default", **off)
+    checkpoints = tmp_path / "killed/checkpoints"
+    best = checkpoints / json.loads((checkpoints / "state.json").read_text())["best_file"]
+    damage(best)
+    shutil.rmtree(tmp_path / "killed/data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    resumed, weights = run_in_process(tmp_path / "killed", "default", **off, epochs=2)
+    said = capsys.readouterr().out
+    assert "resuming from the checkpoint after epoch 1" in said and "starts over" not in said
+    assert re.search(rf"^ignoring {re.escape(str(best))} \(.+\): train.restore_best_weights is false", said, re.M)
+    assert without_timing(resumed) == without_timing(whole)
+    for mine, theirs in zip(weights, whole_weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert not best.exists()  # no state names it any more
+
 
 def edit_rng_state(checkpoints: Path) -> None:
     state = json.loads((checkpoints / "state.json").read_text())
