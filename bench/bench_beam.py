@@ -33,6 +33,9 @@ from captioning.vocab import END_ID, START_ID
 
 SETTINGS = {key: PARAMS["decode"][key] for key in ("beam_size", "max_length", "length_penalty", "batch_size")}
 RERANK_SETTINGS = {"neighbours": PARAMS["decode"]["neighbours"]}
+# The loop knows neither n-gram blocking nor reranking: the batched side decodes without them too (each
+# rerank's timing replaces only `rerank`). Captioner.caption_ids has no defaults, so this says so.
+PLAIN = {"rerank": "none", "no_repeat_ngram": 0}
 TIMED_RERANKS = [rerank for rerank in RERANKS if rerank != "none"]
 
 
@@ -86,16 +89,17 @@ def run(workdir: Path, n_images: int, loop_images: int, train_epochs: int, repea
     captioner = Captioner(model, vocab, NgramStatistics.from_table(table),  # what train_lstm saves
                           NeighbourIndex.from_table(table, store))
     features = np.asarray(store.matrix, np.float32)
-    captioner.caption_ids(features[:SETTINGS["batch_size"]], method="beam", **SETTINGS)  # trace once
+    captioner.caption_ids(features[:SETTINGS["batch_size"]], method="beam", **SETTINGS, **PLAIN)  # trace once
 
     batched_rates, reranked_rates = [], {rerank: [] for rerank in TIMED_RERANKS}
     for _ in range(repeats):
         with Stopwatch() as watch:
-            batched = captioner.caption_ids(features, method="beam", **SETTINGS)
+            batched = captioner.caption_ids(features, method="beam", **SETTINGS, **PLAIN)
         batched_rates.append(len(features) / watch.seconds)
         for rerank, rates in reranked_rates.items():
             with Stopwatch() as watch:
-                captioner.caption_ids(features, method="beam", rerank=rerank, **SETTINGS, **RERANK_SETTINGS)
+                captioner.caption_ids(features, method="beam", **SETTINGS, **{**PLAIN, "rerank": rerank},
+                                      **RERANK_SETTINGS)
             rates.append(len(features) / watch.seconds)
     looped = features[:loop_images]
     loop, loop_ids = loop_rates(captioner, lambda inputs: captioner.step(inputs, training=False), looped, loop_chunks)

@@ -176,23 +176,25 @@ class Captioner:
         normalised = normalise(scores, tf.where(finished, pool_lengths, tf.cast(max_length, tf.float32)))
         return tf.where(finished[:, :, None], pool, history), tf.where(_real(scores), normalised, NEG_INF * 10.0)
 
-    def caption_ids(self, features: np.ndarray, method: str = "beam", beam_size: int = 3,
-                    max_length: int = 20, length_penalty: float = 0.0, batch_size: int = 256,
-                    rerank: str = "none", neighbours: int | None = None, no_repeat_ngram: int = 0,
-                    progress: bool = False) -> list[np.ndarray]:
+    def caption_ids(self, features: np.ndarray, *, method: str, beam_size: int, max_length: int,
+                    length_penalty: float, batch_size: int, rerank: str, no_repeat_ngram: int,
+                    neighbours: int | None = None, progress: bool = False) -> list[np.ndarray]:
+        """Each image's caption as word ids. The settings have no defaults: params.yaml's `decode` section
+        is their one source (`**read_section("decode").as_kwargs()`, as evaluate passes them), so a library
+        caller cannot decode otherwise than the pipeline without saying so. `neighbours` is needed only by
+        `rerank: neighbours` (which stops without it)."""
         self.require_rerank_support(method, rerank)
         results = []
         with tqdm(total=len(features), desc=f"{method} decoding", unit="img", disable=not progress) as bar:
             for start in range(0, len(features), batch_size):
                 rows = np.asarray(features[start:start + batch_size], np.float32)
-                chunk = tf.constant(rows)
                 if method == "greedy":
-                    ids = self._greedy(chunk, tf.constant(max_length), tf.constant(no_repeat_ngram))
+                    ids = self.greedy_ids(rows, max_length, no_repeat_ngram)
                 else:
-                    beams, scores = self.final_beams(chunk, beam_size, max_length, length_penalty, no_repeat_ngram)
+                    beams, scores = self.final_beams(rows, beam_size, max_length, length_penalty, no_repeat_ngram)
                     ids = self.choose_beams(rows, beams, scores, rerank, neighbours)
                 results.extend(np.asarray(ids))
-                bar.update(len(chunk))
+                bar.update(len(rows))
         return results
 
     def require_rerank_support(self, method: str, rerank: str) -> None:
@@ -208,8 +210,13 @@ class Captioner:
                             "train_lstm), and this model has none. Retrain it with `dvc repro`, or set "
                             "decode.rerank: none.")
 
+    def greedy_ids(self, features, max_length: int, no_repeat_ngram: int) -> np.ndarray:
+        """Greedy captions' word ids (rows, max_length) for one batch of features, <pad> after <end>."""
+        return self._greedy(tf.constant(np.asarray(features, np.float32)), tf.constant(max_length),
+                            tf.constant(no_repeat_ngram)).numpy()
+
     def final_beams(self, features, beam_size: int, max_length: int, length_penalty: float,
-                    no_repeat_ngram: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    no_repeat_ngram: int) -> tuple[np.ndarray, np.ndarray]:
         """Every image's final beams (image, beam, word ids) and their scores, before the pick:
         what the server shows as the alternatives to the chosen caption."""
         beams, scores = self._beam(tf.constant(np.asarray(features, np.float32)), tf.constant(beam_size),
@@ -220,7 +227,7 @@ class Captioner:
     def captions(self, features: np.ndarray, **settings) -> list[str]:
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, **settings)]
 
-    def choose_beams(self, features: np.ndarray, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
+    def choose_beams(self, features: np.ndarray, beams: np.ndarray, scores: np.ndarray, rerank: str,
                      neighbours: int | None = None) -> list[np.ndarray]:
         """Each image's pick among its final beams (`final_beams`' output for the rows of `features`);
         `neighbours` (decode.neighbours) is how many nearest training photos the `neighbours` rerank asks."""
@@ -241,7 +248,7 @@ class Captioner:
             self._photo_vectors[photo] = [self.statistics.vector(c) for c in self.neighbour_index.captions[photo]]
         return self._photo_vectors[photo]
 
-    def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str = "none",
+    def choose_beam(self, beams: np.ndarray, scores: np.ndarray, rerank: str,
                     references: list[tuple] | None = None) -> np.ndarray:
         """Pick one of an image's final beams (rows of `beams`, scored by `scores`).
 

@@ -84,8 +84,7 @@ class LoadedCaptioner:
         count = len(features)
         features = self._padded(features)
         if settings["method"] == "greedy":
-            ids = self.captioner.caption_ids(features, method="greedy", max_length=settings["max_length"],
-                                             no_repeat_ngram=settings["no_repeat_ngram"])
+            ids = self.captioner.greedy_ids(features, settings["max_length"], settings["no_repeat_ngram"])
             captions = [self.captioner.vocab.decode(row) for row in ids]
             out = [Decoded(caption, [{"caption": caption, "score": None}]) for caption in captions]
         else:

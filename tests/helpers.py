@@ -30,6 +30,17 @@ def copy_project(source: Path, dest: Path) -> Path:
     return dest
 
 
+# The decoder tests' baseline: beam search's most probable beam, no n-gram blocking. Captioner.caption_ids
+# has no defaults (params.yaml's `decode` section is their one source), so each test says what it decodes with.
+PLAIN_DECODE = {"method": "beam", "beam_size": 3, "max_length": 20, "length_penalty": 0.0, "batch_size": 256,
+                "rerank": "none", "no_repeat_ngram": 0}
+
+
+def plain_decode(**settings) -> dict:
+    """Captioner.caption_ids' keyword arguments: PLAIN_DECODE with `settings` laid over it."""
+    return {**PLAIN_DECODE, **settings}
+
+
 TOY_CAPTIONS = ["a red circle", "two blue squares", "three green triangles", "a red square"]
 
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder, saved_weight_paths
+from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode, saved_weight_paths
 
 from captioning.decode import Captioner
 from captioning.model import (
@@ -88,8 +88,8 @@ def test_decoding_step_scores_the_members_mean_probability(trained):
 def test_ensemble_captions(trained):
     model, vocab, features, _, _ = trained
     captioner = Captioner(model, vocab)
-    assert captioner.captions(features, method="greedy", max_length=10) == CAPTIONS
-    assert captioner.captions(features, method="beam", beam_size=3, max_length=10) == CAPTIONS
+    assert captioner.captions(features, **plain_decode(method="greedy", max_length=10)) == CAPTIONS
+    assert captioner.captions(features, **plain_decode(method="beam", beam_size=3, max_length=10)) == CAPTIONS
 
 
 def test_member_k_is_the_single_run_of_seed_plus_k(tmp_path):

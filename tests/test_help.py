@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import stages_env
+from helpers import plain_decode, stages_env
 
 from captioning.__main__ import _parser
 from captioning.scoring import score_captions
@@ -94,9 +94,9 @@ def test_decoding_shows_a_bar_over_images_only_when_asked(capsys):
     vocab = Vocabulary.build(["a red circle", "two blue squares"], 1)
     features = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
     captioner = Captioner(build_decoder(len(vocab), 4, 1e-6, 0.2, features.mean(0), features.var(0)), vocab)
-    quiet = captioner.captions(features, method="greedy", max_length=3, batch_size=2)
+    quiet = captioner.captions(features, **plain_decode(method="greedy", max_length=3, batch_size=2))
     assert capsys.readouterr().err == ""
-    shown = captioner.captions(features, method="greedy", max_length=3, batch_size=2, progress=True)
+    shown = captioner.captions(features, **plain_decode(method="greedy", max_length=3, batch_size=2, progress=True))
     err = capsys.readouterr().err
     assert "greedy decoding: 100%" in err and "5/5" in err
     assert shown == quiet

@@ -1,7 +1,9 @@
 """The decoder's structure, its masked loss and metric, and the decoding rules (tiny sizes)."""
+import inspect
+
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder
+from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode
 
 from captioning.decode import NEG_INF, Captioner
 from captioning.model import (
@@ -9,6 +11,7 @@ from captioning.model import (
     MaskedAccuracy,
     masked_loss,
 )
+from captioning.params import SCHEMA
 from captioning.tf_setup import keras
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -19,6 +22,24 @@ CAPTIONS = TOY_CAPTIONS
 def trained():
     model, vocab, features = fit_toy_decoder(seed=0, epochs=40)
     return Captioner(model, vocab), features, model
+
+
+def test_decoding_has_no_settings_of_its_own(trained):
+    """caption_ids' defaults (rerank none, no n-gram blocking) differed from params.yaml's (neighbours rerank,
+    no_repeat_ngram 3): a library caller decoded otherwise than evaluate, the caption command and the server
+    without a word. params.yaml's `decode` section is now the one source: every setting must be passed (all
+    of DecodeSettings.as_kwargs()), and so must the ones the server passes to final_beams and choose_beams."""
+    captioner, features, _ = trained
+    for method, settings in ((captioner.caption_ids, SCHEMA["decode"]),
+                             (captioner.final_beams, ("beam_size", "max_length", "length_penalty", "no_repeat_ngram")),
+                             (captioner.choose_beams, ("rerank",))):
+        parameters = inspect.signature(method).parameters
+        for name in settings:
+            # `neighbours` alone may be left out: only rerank neighbours uses it, and stops without it
+            assert parameters[name].default is inspect.Parameter.empty or name == "neighbours", (method, name)
+    assert inspect.signature(captioner.caption_ids).parameters["neighbours"].default is None
+    with pytest.raises(TypeError, match="missing 7 required keyword-only arguments"):
+        captioner.caption_ids(features)
 
 
 def test_architecture_five_lstms_l1_one_dropout(trained):
@@ -48,9 +69,10 @@ def test_masked_loss_and_accuracy_ignore_padding():
 
 def test_model_learns_and_decodes(trained):
     captioner, features, _ = trained
-    assert captioner.captions(features, method="greedy", max_length=10) == CAPTIONS
+    assert captioner.captions(features, **plain_decode(method="greedy", max_length=10)) == CAPTIONS
     for size in (1, 3):  # any batch size, one image included, through the same compiled function
-        assert captioner.captions(features[:size], method="beam", beam_size=3, max_length=10) == CAPTIONS[:size]
+        assert captioner.captions(features[:size], **plain_decode(method="beam", beam_size=3, max_length=10)) \
+            == CAPTIONS[:size]
 
 
 def test_decoding_does_not_need_autograph(trained, monkeypatch):
@@ -65,16 +87,17 @@ def test_decoding_does_not_need_autograph(trained, monkeypatch):
     monkeypatch.setattr(inspect_utils, "getimmediatesource", no_source)
     captioner, features, model = trained
     fresh = Captioner(model, captioner.vocab)  # new tf.functions, traced with AutoGraph blind
-    assert fresh.captions(features, method="greedy", max_length=10) == CAPTIONS
-    assert fresh.captions(features, method="beam", beam_size=3, max_length=10) == CAPTIONS
+    assert fresh.captions(features, **plain_decode(method="greedy", max_length=10)) == CAPTIONS
+    assert fresh.captions(features, **plain_decode(method="beam", beam_size=3, max_length=10)) == CAPTIONS
 
 
 def test_beam_width_one_equals_greedy(trained):
     captioner, features, _ = trained
     noisy = features + np.random.default_rng(1).normal(scale=2.0, size=features.shape).astype("float32")
     for batch in (features, noisy):
-        greedy = captioner.caption_ids(batch, method="greedy", max_length=10)
-        beam = captioner.caption_ids(batch, method="beam", beam_size=1, max_length=10, length_penalty=0.7)
+        greedy = captioner.caption_ids(batch, **plain_decode(method="greedy", max_length=10))
+        beam = captioner.caption_ids(batch, **plain_decode(method="beam", beam_size=1, max_length=10,
+                                                           length_penalty=0.7))
         assert [list(g) for g in greedy] == [list(b) for b in beam]
 
 
@@ -82,12 +105,12 @@ def test_beam_width_one_equals_greedy(trained):
 def test_decoding_never_emits_specials_nor_empty(trained, method):
     captioner, features, _ = trained
     noisy = np.random.default_rng(2).normal(scale=5.0, size=(16, features.shape[1])).astype("float32")
-    for ids in captioner.caption_ids(noisy, method=method, beam_size=3, max_length=4):
+    for ids in captioner.caption_ids(noisy, **plain_decode(method=method, beam_size=3, max_length=4)):
         words = list(ids)
         assert len(words) == 4
         assert not {PAD_ID, START_ID, UNK_ID} & set(words[: words.index(END_ID)] if END_ID in words else words)
         assert words[0] != END_ID  # never an empty caption
-    assert all(captioner.captions(noisy, method=method, beam_size=3, max_length=1))
+    assert all(captioner.captions(noisy, **plain_decode(method=method, beam_size=3, max_length=1)))
 
 
 def test_a_beam_wider_than_the_allowed_words_keeps_only_real_beams(trained):
@@ -97,10 +120,11 @@ def test_a_beam_wider_than_the_allowed_words_keeps_only_real_beams(trained):
     allowed_first_words = len(captioner.vocab) - 4  # no <pad>, <start>, <unk>, and no <end> first
     wide = allowed_first_words + 6
     for max_length in (1, 10):
-        expected = captioner.captions(features, method="beam", beam_size=3, max_length=max_length)
-        assert captioner.captions(features, method="beam", beam_size=wide, max_length=max_length) == expected
+        expected = captioner.captions(features, **plain_decode(method="beam", beam_size=3, max_length=max_length))
+        assert captioner.captions(features, **plain_decode(method="beam", beam_size=wide,
+                                                           max_length=max_length)) == expected
     for length_penalty in (0.0, 1.0):
-        beams, scores = captioner.final_beams(features, wide, 1, length_penalty)  # one word: only 10 can exist
+        beams, scores = captioner.final_beams(features, wide, 1, length_penalty, 0)  # one word: only 10 can exist
         real = scores > NEG_INF  # the server lists these as the alternatives
         assert (real.sum(axis=1) == allowed_first_words).all()
         assert all(ids[0] not in (PAD_ID, START_ID, UNK_ID, END_ID) for ids in beams[real])
@@ -143,15 +167,16 @@ def test_beam_search_keeps_a_finished_caption_that_partial_ones_outscore_for_a_w
     features = np.zeros((2, 1), np.float32)
     for length_penalty in (0.0, 0.5):
         for beam_size in (2, 3):
-            assert captioner.captions(features, method="beam", beam_size=beam_size, max_length=6,
-                                      length_penalty=length_penalty) == ["b", "b"]
-            beams, scores = captioner.final_beams(features, beam_size, 6, length_penalty)
+            assert captioner.captions(features, **plain_decode(method="beam", beam_size=beam_size, max_length=6,
+                                                               length_penalty=length_penalty)) == ["b", "b"]
+            beams, scores = captioner.final_beams(features, beam_size, 6, length_penalty, 0)
             live = scores > NEG_INF
             assert live.sum(axis=1).min() >= 2
             assert all(END_ID in list(ids) for ids in beams[live])  # a caption ended: no partial one offered
         # Beam width 1 still stops where greedy stops.
-        assert captioner.captions(features, method="beam", beam_size=1, max_length=6, length_penalty=length_penalty) \
-            == captioner.captions(features, method="greedy", max_length=6)
+        assert captioner.captions(features, **plain_decode(method="beam", beam_size=1, max_length=6,
+                                                           length_penalty=length_penalty)) \
+            == captioner.captions(features, **plain_decode(method="greedy", max_length=6))
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple]:
@@ -175,9 +200,9 @@ def test_no_ngram_of_no_repeat_ngram_words_occurs_twice(n):
         for method in ("greedy", "beam"):
             settings = {"method": method, "beam_size": 3, "max_length": 10}
             if table is loop and method == "greedy":  # without blocking it loops: the check below is not vacuous
-                looping = captioner.captions(features, **settings, no_repeat_ngram=0)[0].split()
+                looping = captioner.captions(features, **plain_decode(**settings, no_repeat_ngram=0))[0].split()
                 assert len(set(_ngrams(looping, n))) < len(_ngrams(looping, n))
-            words = captioner.captions(features, **settings, no_repeat_ngram=n)[0].split()
+            words = captioner.captions(features, **plain_decode(**settings, no_repeat_ngram=n))[0].split()
             assert words and len(set(_ngrams(words, n))) == len(_ngrams(words, n)), (method, words)
         beams, scores = captioner.final_beams(features, 3, 10, 0.0, n)
         for ids in beams[scores > NEG_INF]:
@@ -188,7 +213,7 @@ def test_no_ngram_of_no_repeat_ngram_words_occurs_twice(n):
 def test_unfinished_caption_is_returned_at_max_length(trained):
     captioner, features, _ = trained
     for method in ("greedy", "beam"):
-        captions = captioner.captions(features, method=method, beam_size=3, max_length=2)
+        captions = captioner.captions(features, **plain_decode(method=method, beam_size=3, max_length=2))
         assert all(1 <= len(c.split()) <= 2 for c in captions)
         assert captions[1] == "two blue"  # cut at 2 words, the partial caption is kept
 
@@ -201,7 +226,7 @@ def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
     captioner, features, model = trained
     vocab = captioner.vocab
     with pytest.raises(UserError, match="rerank: none"):  # no n-gram statistics: say so, don't guess
-        captioner.caption_ids(features, method="beam", rerank="consensus")
+        captioner.caption_ids(features, **plain_decode(method="beam", rerank="consensus"))
 
     def ids(text: str) -> list[int]:
         return ([vocab.stoi[w] for w in text.split()] + [END_ID, PAD_ID, PAD_ID])[:5]
@@ -216,7 +241,7 @@ def test_consensus_rerank_picks_the_beam_the_others_agree_with(trained):
     assert list(reranking.choose_beam(beams, scores, "none")) == list(beams[0])
     assert list(reranking.choose_beam(beams, scores, "consensus")) == list(beams[1])
     assert list(reranking.choose_beam(beams[:1], scores[:1], "consensus")) == list(beams[0])  # width 1: greedy's pick
-    assert len(reranking.captions(features, method="beam", rerank="consensus")) == len(features)
+    assert len(reranking.captions(features, **plain_decode(method="beam", rerank="consensus"))) == len(features)
 
 
 def test_neighbours_rerank_picks_the_beam_the_nearest_photos_captions_agree_with(trained):
@@ -228,18 +253,18 @@ def test_neighbours_rerank_picks_the_beam_the_nearest_photos_captions_agree_with
     statistics = NgramStatistics.from_captions([[c] for c in CAPTIONS])
     without_index = Captioner(model, captioner.vocab, statistics)
     with pytest.raises(UserError, match="neighbours.npz"):  # a model saved before the index existed
-        without_index.caption_ids(features, method="beam", rerank="neighbours", neighbours=1)
+        without_index.caption_ids(features, **plain_decode(method="beam", rerank="neighbours", neighbours=1))
     # Each toy photo's nearest "training photo" is itself, described with the wording of its second most
     # probable beam: the rerank must pick that beam, where plain beam search picks the first.
-    beams, scores = without_index.final_beams(features, 4, 10, 0.0)
+    beams, scores = without_index.final_beams(features, 4, 10, 0.0, 0)
     offered = [[captioner.vocab.decode(ids) for ids in image_beams[np.argsort(-image_scores, kind="stable")]]
                for image_beams, image_scores in zip(beams, scores, strict=True)]
     reranking = Captioner(model, captioner.vocab, statistics, NeighbourIndex(features, [[o[1]] for o in offered]))
     chosen = [reranking.vocab.decode(ids) for ids in reranking.choose_beams(features, beams, scores, "neighbours", 1)]
     assert chosen == [o[1] for o in offered]
-    assert [reranking.vocab.decode(ids) for ids in reranking.choose_beams(features, beams, scores)] == \
+    assert [reranking.vocab.decode(ids) for ids in reranking.choose_beams(features, beams, scores, "none")] == \
         [o[0] for o in offered]
-    assert reranking.captions(features, method="beam", beam_size=4, max_length=10, rerank="neighbours",
-                              neighbours=1) == chosen
+    assert reranking.captions(features, **plain_decode(method="beam", beam_size=4, max_length=10, rerank="neighbours",
+                                                       neighbours=1)) == chosen
     with pytest.raises(ValueError, match="decode.neighbours"):  # how many to ask has no silent default
         reranking.choose_beams(features, beams, scores, "neighbours")

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder
+from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode
 
 from captioning.checkpoints import fingerprint
 from captioning.consensus import NgramStatistics
@@ -62,7 +62,7 @@ def test_fine_tuning_raises_the_reward_it_optimises(toy, tmp_path):
     captioner = Captioner(decoder, vocab)
 
     def greedy_reward():
-        captions = captioner.captions(features, method="greedy", max_length=10)
+        captions = captioner.captions(features, **plain_decode(method="greedy", max_length=10))
         return rewards.rewards(captions, np.arange(len(captions))).mean()
 
     before = greedy_reward()
