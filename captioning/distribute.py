@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,13 +56,71 @@ def make_placement(name: str) -> Placement:
     # multi_worker: the one left of params.STRATEGIES, which read_section checked
     task_type, task_id, cluster = _tf_config()
     workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-    # The strategy waits, without a timeout or a word, until every worker of TF_CONFIG has started it: say
-    # so first, or a worker whose peers failed before they got here (or never started) looks hung.
-    print(f"{task_type} {task_id}: waiting for all {workers} workers of TF_CONFIG to start", flush=True)
-    strategy = _reduce_nested_values(tf.distribute.MultiWorkerMirroredStrategy())
+    # The strategy waits, without a timeout of its own or a word, until every worker of TF_CONFIG has started
+    # it: say so first, or a worker whose peers failed before they got here (or never started) looks hung.
+    seconds = join_timeout()
+    limit = f"at most {seconds:g} s, {JOIN_TIMEOUT_VARIABLE}" if seconds else f"no limit: {JOIN_TIMEOUT_VARIABLE}=0"
+    print(f"{task_type} {task_id}: waiting for all {workers} workers of TF_CONFIG to start ({limit})", flush=True)
+    with join_deadline(seconds, f"{task_type} {task_id}", workers):
+        strategy = _reduce_nested_values(tf.distribute.MultiWorkerMirroredStrategy())
     chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
     return Placement(strategy, name, chief, f"{task_type} {task_id} of {workers} workers"
                      f"{' (chief)' if chief else ''}, {strategy.num_replicas_in_sync} replicas in all")
+
+
+JOIN_TIMEOUT_VARIABLE = "CAPTIONING_JOIN_TIMEOUT"  # seconds a multi_worker worker waits for the others to start
+DEFAULT_JOIN_TIMEOUT = 600.0  # "start all workers within a few minutes of each other" (README), with room to spare
+
+# The join's watchdog, a plain Python process (no TensorFlow: it starts in milliseconds). While the worker waits
+# inside TensorFlow it holds the GIL and heeds neither Ctrl-C nor SIGTERM (TensorFlow catches it), so no thread,
+# timer or signal handler of its own can end the wait, and coordination's cluster_register_timeout_in_ms does
+# not bound it either: the watchdog says why and ends it with SIGKILL, which nothing can catch (and so does
+# Ctrl-C while it waits).
+WATCHDOG = """
+import os, signal, sys, time
+worker, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+# Ctrl-C reaches the watchdog too (same process group): end the deaf worker with it, as the user asked.
+signal.signal(signal.SIGINT, lambda *_: (os.kill(worker, signal.SIGKILL), sys.exit(1)))
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    time.sleep(0.2)
+    if os.getppid() != worker:  # the worker ended some other way
+        sys.exit(0)
+print(message, file=sys.stderr, flush=True)
+os.kill(worker, signal.SIGKILL)
+"""
+
+
+def join_timeout() -> float:
+    """$CAPTIONING_JOIN_TIMEOUT in seconds (0: wait for ever), DEFAULT_JOIN_TIMEOUT when it is unset."""
+    raw = os.environ.get(JOIN_TIMEOUT_VARIABLE, "")
+    try:
+        seconds = float(raw) if raw.strip() else DEFAULT_JOIN_TIMEOUT
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UserError(f"{JOIN_TIMEOUT_VARIABLE} is {raw!r}: use the seconds a multi_worker worker waits for the "
+                        "others to start (0: no limit), or unset it for the default "
+                        f"{DEFAULT_JOIN_TIMEOUT:g}.")
+    return seconds
+
+
+@contextlib.contextmanager
+def join_deadline(seconds: float, worker: str, workers: int) -> Iterator[None]:
+    """End this process with one line on stderr when the body (the strategy's start, which waits for every
+    worker of TF_CONFIG) takes more than `seconds`; 0: no limit."""
+    if not seconds:
+        yield
+        return
+    message = (f"error: {worker}: not all {workers} workers of TF_CONFIG started within {seconds:g} s, so it stops "
+               f"({JOIN_TIMEOUT_VARIABLE}). Start the missing ones (a worker that stopped says why in its own "
+               f"output), then every worker again; {JOIN_TIMEOUT_VARIABLE}=0 waits with no limit.")
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _reduce_nested_values(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:

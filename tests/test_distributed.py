@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -278,22 +278,42 @@ def test_mirrored_with_two_replicas_learns_like_one(default_run, tmp_path):
     assert metrics["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=0.02)
 
 
-def test_a_worker_waiting_for_the_others_says_so(tmp_path):
-    """Until every worker has started, the first one waits inside TensorFlow, with no timeout. One line
-    must say what it waits for (a worker that failed before joining, or was never started, otherwise
-    leaves it silent for good)."""
+def test_a_worker_waiting_for_the_others_says_so_and_stops_at_the_join_timeout(tmp_path):
+    """Until every worker has started, the first one waits inside TensorFlow, which sets no time limit and
+    heeds neither SIGTERM nor Ctrl-C. One line must say what it waits for and for how long, and the wait
+    must end there with one line saying what to do (a worker that failed before joining, or was never
+    started, left it waiting silently for good)."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+    env = stages_env(CUDA_VISIBLE_DEVICES="", CAPTIONING_JOIN_TIMEOUT="5", TF_CONFIG=json.dumps(
         {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}))
     process = subprocess.Popen([sys.executable, "-c", "from captioning.distribute import make_placement; "
                                 "make_placement('multi_worker'); print('started')"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:  # TensorFlow's import takes a few seconds; the wait itself never ends
-        line = process.stdout.readline() if select.select([process.stdout], [], [], 120)[0] else ""
-    finally:
-        process.kill()  # it does not heed SIGTERM while it waits
-        process.wait()
-    assert line == "worker 0: waiting for all 2 workers of TF_CONFIG to start\n"
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # TensorFlow's import takes a few seconds, then the 5 s limit
+        out, err = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        process.kill()  # the old code's wait never ends
+        out, err = process.communicate()
+    assert out == "worker 0: waiting for all 2 workers of TF_CONFIG to start (at most 5 s, CAPTIONING_JOIN_TIMEOUT)\n"
+    assert process.returncode == -signal.SIGKILL
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error: worker 0: not all 2 workers of TF_CONFIG started within 5 s, so it stops "
+                                "(CAPTIONING_JOIN_TIMEOUT). Start the missing"), err
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_join_timeout_that_is_no_number_of_seconds_is_one_clear_line(monkeypatch, value):
+    from captioning.distribute import join_timeout
+    from captioning.errors import UserError
+
+    monkeypatch.setenv("CAPTIONING_JOIN_TIMEOUT", value)
+    with pytest.raises(UserError, match=rf"^CAPTIONING_JOIN_TIMEOUT is '{value}': use the seconds .*\(0: no limit\)"):
+        join_timeout()
+    monkeypatch.setenv("CAPTIONING_JOIN_TIMEOUT", "0")
+    assert join_timeout() == 0
+    monkeypatch.delenv("CAPTIONING_JOIN_TIMEOUT")
+    assert join_timeout() > 60  # a default that leaves a few minutes to start every worker
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
