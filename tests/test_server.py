@@ -348,6 +348,21 @@ def test_the_page_shows_no_broken_image_for_a_file_it_cannot_show(server, tmp_pa
         assert "notes.jpg" in page.inner_text("#error")
 
 
+def test_the_page_gives_the_status_of_an_answer_that_is_not_json(server, tmp_path):
+    """A proxy in front of the server may answer with its own HTML page (a 502): the page showed the JSON
+    syntax error of parsing it ("Unexpected token '<'") instead of the status."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"any bytes: the answer is the proxy's")
+    with offline_page(tmp_path / "profile") as page:
+        page.route("**/caption", lambda route: route.fulfill(
+            status=502, content_type="text/html", body="<html><body>502 Bad Gateway</body></html>"))
+        page.goto(server[0] + "/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        error = page.inner_text("#error")
+    assert "HTTP 502" in error and "token" not in error.lower(), error
+
+
 @contextlib.contextmanager
 def held_site(status: int, body: bytes = b""):
     """A URL whose server answers (status, body) only once the test lets it: a slow image URL, in the test's
