@@ -1,7 +1,7 @@
 """Loading one image robustly with Pillow, for extraction and for the caption command alike.
 
 Pillow rather than `tf.io.decode_image` because user photos come in every shape: EXIF-rotated
-phone pictures, CMYK and 16-bit files, PNG bytes named `.jpg`, truncated downloads. Each is either
+phone pictures, iPhones' HEIC, CMYK and 16-bit files, PNG bytes named `.jpg`, truncated downloads. Each is either
 turned into a correct RGB array or refused with a reason; a failure never stops the pipeline.
 Using the same function at training and serving time removes one source of train/serve skew.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pi_heif
 from PIL import Image, ImageOps
 
 # Pillow's own limit (~89 megapixels): anything larger is refused as a possible decompression bomb.
@@ -25,14 +26,25 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # warnings.catch_warnings(), which is not thread-safe, and load_image runs in tf.data's parallel threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# HEIC/HEIF (iPhones save photos so) through pi-heif's Pillow opener, registered here, the one module every image
+# is opened through, so extraction, the caption command, the server and the plots read it alike. Pillow's own
+# readers are registered first (init()): a file of the shared "mif1" brand may be AVIF or HEIC, and Pillow's
+# AVIF reader passes an HEVC one on, while pi-heif, which has no AV1 decoder, would fail an AVIF outright.
+# pi-heif applies the HEIF rotation and mirroring (irot/imir) while decoding and sets the EXIF Orientation
+# it hands Pillow to 1 (keeping the original in info["original_orientation"]), so exif_transpose below leaves an
+# iPhone's photo, which carries both, as decoded: upright once. Only the primary image is used: no thumbnails,
+# depth maps or auxiliary images are listed.
+Image.init()
+pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
 
 # What the user can do about each kind of unusable file: one wording for extraction's report, the caption
 # command's error lines and the server's replies.
 REDO = "download, copy or export it again"
 CONVERT = "convert it to JPEG or PNG"
 UNDECODABLE = f"{REDO}, or {CONVERT}"  # damaged, cut short, or a variant Pillow cannot decode
-# ISO-BMFF brands of HEIF/HEIC stills (iPhones save photos so): Pillow has no reader for them. (AVIF, the
-# other HEIF brand, it does read, so an AVIF never gets as far as the check.)
+# ISO-BMFF brands of HEIF/HEIC files: one that no reader identified has a header libheif cannot read (an AVIF,
+# the other HEIF kind, Pillow reads, so it never gets as far as the check).
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
@@ -106,12 +118,12 @@ def _head(source: Path | BinaryIO, count: int = 512) -> bytes:
 
 def _unidentified(source: Path | BinaryIO) -> ImageError:
     """Pillow knows no format for these bytes. Name the usual non-images for what they are, each with its
-    remedy: an iPhone's HEIC photo; an SVG drawing; a web page saved as .jpg by a download that got an error
-    page, or a page's address given where its image's was meant."""
+    remedy: an HEIC photo whose header is damaged or cut short; an SVG drawing; a web page saved as .jpg by a
+    download that got an error page, or a page's address given where its image's was meant."""
     head = _head(source)
     start = head.lstrip().lower()
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
-        return ImageError("HEIC/HEIF photo (as iPhones save them), which Pillow cannot read: convert it to JPEG")
+        return ImageError(f"HEIC/HEIF photo whose header cannot be read (damaged or cut short): {UNDECODABLE}")
     if start.startswith(b"<svg") or (start.startswith(b"<?xml") and b"<svg" in start):
         return ImageError("SVG drawing, which Pillow cannot read: convert it to PNG")
     if start.startswith((b"<!doctype html", b"<html", b"<head")):
@@ -121,9 +133,9 @@ def _unidentified(source: Path | BinaryIO) -> ImageError:
 
 def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Return the image (a path, its bytes, or a file object) as a (size, size, 3) uint8 RGB array,
-    upright per EXIF, or raise ImageError. Uploads and downloads go through here too, so they get
-    the same decoding and the same guards as the files extraction reads. `max_pixels` (default
-    MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
+    upright (per EXIF; an HEIC per its own rotation), or raise ImageError. Uploads and downloads go through
+    here too, so they get the same decoding and the same guards as the files extraction reads. `max_pixels`
+    (default MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     source = None
     try:
@@ -156,7 +168,12 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     except Image.UnidentifiedImageError:
         raise _unidentified(source) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"cannot decode image ({err}): {UNDECODABLE}") from None
+        raise ImageError(f"cannot decode image ({_one_line(err)}): {UNDECODABLE}") from None
     except Exception as err:  # noqa: BLE001 - a malformed file may trip any decoder error; one bad
         # photo must not stop an extraction of thousands (in tf.data it would abort the whole run).
-        raise ImageError(f"cannot decode image ({type(err).__name__}: {err}): {UNDECODABLE}") from None
+        raise ImageError(f"cannot decode image ({type(err).__name__}: {_one_line(err)}): {UNDECODABLE}") from None
+
+
+def _one_line(err: Exception) -> str:
+    """A decoder's message on one line: libheif's end with a newline, and some span several lines."""
+    return " ".join(str(err).split())

@@ -18,7 +18,7 @@ from captioning.backbones import build_backbone, make_spec
 from captioning.errors import UserError
 from captioning.feature_files import FEATURE_FILES, FeatureStore
 from captioning.features import compute_features, extract_features
-from captioning.tiny_project import make_project, run
+from captioning.tiny_project import PROJECT, make_project, run
 
 SIZE = 32
 SPEC = make_spec("random", 0, SIZE, "float32")
@@ -43,6 +43,7 @@ def write_bad(folder) -> dict[str, str]:
 
 
 GOOD = ["a.jpg", "b.jpg", "c.jpg"]
+HEIC_PHOTO = PROJECT / "tests/fixtures/heic/upright.heic"  # an iPhone's, see make_fixtures.py there
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +217,19 @@ def test_the_stage_reads_image_names_with_spaces_whole(tmp_path):
     report = files.read_json(project / "data/reports/extract_report.json")
     assert (report["images_requested"], report["images_extracted"], report["failed"]) == (2, 2, [])
     assert sorted(pd.read_parquet(project / "data/features/index.parquet")["image"]) == ["b.jpg", "my photo.jpg"]
+
+
+def test_the_stage_extracts_an_iphone_heic_photo(tmp_path):
+    """An HEIC photo in the images folder was listed as failed ("convert it to JPEG"): it is extracted now."""
+    project = make_project(tmp_path / "project", demo=False,
+                           params={"data": {"images": "photos"}, "features": {"image_size": SIZE}})
+    (project / "photos").mkdir()
+    write_good(project / "photos", "b.jpg", 2)
+    shutil.copy(HEIC_PHOTO, project / "photos" / "IMG_0001.HEIC")
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data/images.txt").write_text("IMG_0001.HEIC\nb.jpg\n")
+    run([sys.executable, "-m", "stages.extract_resnet_features"], project)
+    report = files.read_json(project / "data/reports/extract_report.json")
+    assert (report["images_requested"], report["images_extracted"], report["failed"]) == (2, 2, [])
+    store = FeatureStore(project / "data/features")
+    assert np.abs(store.get(["IMG_0001.HEIC"])).sum() > 0  # a real feature row, not a failed image's zeros

@@ -29,6 +29,7 @@ from captioning.tiny_project import PROJECT, run, tool_env
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
+HEIC_PHOTO = Path(__file__).parent / "fixtures/heic/rotated.heic"  # an iPhone's, see make_fixtures.py there
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -442,6 +443,24 @@ def test_the_caption_command_takes_urls(demo_run, images_site, test_images):
     assert result.returncode == 2 and len(errors) == 1 and "notes.txt" in errors[0] and "not an image" in errors[0]
     refused = run([sys.executable, "-m", "captioning", "caption", url], demo_run, check=False)
     assert refused.returncode == 2 and "refused" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_an_iphone_heic_photo_gets_one_caption_from_the_command_the_api_and_the_page(server, demo_run, tmp_path):
+    """HEIC was refused ("convert it to JPEG") by all three. Now each reads it through the same load_image: the
+    same caption (no train/serve skew), and the page, whose browser cannot show HEIC, still gives it."""
+    photo = HEIC_PHOTO
+    command = run([sys.executable, "-m", "captioning", "caption", str(photo)], demo_run)
+    (line,) = command.stdout.splitlines()
+    name, caption = line.split("\t")
+    assert name == str(photo) and caption
+    answer = post_files(server[0], [photo])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["images"][0]["caption"] == caption
+    with offline_page(tmp_path / "profile") as page:
+        page.goto(server[0] + "/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=30_000)
+        assert page.inner_text("#caption") == caption and page.inner_text("#error") == ""
 
 
 def test_a_missing_model_is_one_line(tmp_path):
