@@ -212,8 +212,9 @@ def test_when_no_name_has_a_file_because_of_case_the_error_says_so(tmp_path):
 
 def test_images_without_captions_lists_every_format_extraction_reads(tmp_path, images):
     """Only .jpg/.jpeg/.png were listed: a WebP, TIFF, BMP or GIF photo that extraction reads when a caption
-    names it, or an iPhone's HEIC, was left out of the report without a word when none did."""
-    others = ["f.webp", "g.TIF", "h.tiff", "i.bmp", "j.gif", "k.avif", "IMG_1.HEIC"]
+    names it, or an iPhone's HEIC, was left out of the report without a word when none did; so was a camera's
+    HEIF (.HIF, as Canon and Sony save them), which extraction reads like an iPhone's."""
+    others = ["f.webp", "g.TIF", "h.tiff", "i.bmp", "j.gif", "k.avif", "IMG_1.HEIC", "IMG_2.heif", "C0001.HIF"]
     for name in others:
         (images / name).write_bytes(b"")
     _, report = load_captions(token_file(tmp_path, GOOD[:1]), images)

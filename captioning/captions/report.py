@@ -15,9 +15,11 @@ from captioning.encodings import FALLBACK_ENCODINGS
 from captioning.errors import UserError
 from captioning.text import clean_caption
 
-# The photo formats extraction reads (images.load_image), and HEIC, which it names as a photo to convert: a file
-# of any of them that no caption names is listed. (Not read from Pillow, whose list holds PDF, EPS, HDF5...)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif")
+# The photo formats extraction reads (images.load_image; HEIC/HEIF, iPhones' and, as .hif, cameras', through
+# pi-heif): a file of any of them that no caption names is listed. (Not read from Pillow, whose list holds PDF,
+# EPS, HDF5...)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif",
+                  ".hif")
 TABLE_COLUMNS = ["image", "caption_number", "raw_caption", "caption", "source"]
 # Names that could reach outside the images folder (separators, `..`, a Windows drive; an absolute
 # POSIX path starts with `/`), or hold control characters.
