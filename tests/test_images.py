@@ -328,6 +328,19 @@ def test_a_heic_photo_loads_upright_close_to_the_jpeg_it_was_made_from(flickr8k,
     assert np.array_equal(load_image((HEIC / name).read_bytes(), SIZE), heic)  # an upload reads the same
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_heic_of_every_exif_orientation_comes_out_upright_once(orientation):
+    """Cameras store the sensor's pixels turned and/or mirrored, with both the HEIF irot/imir and the EXIF tag:
+    applying either once gives the picture upright; applying both (twice) gives it turned or mirrored again."""
+    from fixtures.heic.make_fixtures import QUADRANTS
+
+    array = load_image(HEIC / f"orientation-{orientation}.heic", 32)
+    for row, colours in enumerate(QUADRANTS):
+        for column, colour in enumerate(colours):
+            quadrant = array[row * 16: (row + 1) * 16, column * 16: (column + 1) * 16]
+            assert_colour(quadrant[3:-3, 3:-3], colour, 20)
+
+
 def test_a_heic_with_alpha_is_composited_on_white(flickr8k):
     """alpha.heic's right half is fully transparent: white, as for a PNG, and its left half is the photo."""
     from fixtures.heic.make_fixtures import PHOTOS
