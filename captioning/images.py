@@ -43,9 +43,6 @@ pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=Fa
 REDO = "download, copy or export it again"
 CONVERT = "convert it to JPEG or PNG"
 UNDECODABLE = f"{REDO}, or {CONVERT}"  # damaged, cut short, or a variant Pillow cannot decode
-# ISO-BMFF brands of HEIF/HEIC files: one that no reader identified has a header libheif cannot read (an AVIF,
-# the other HEIF kind, Pillow reads, so it never gets as far as the check).
-HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
 class ImageError(Exception):
@@ -116,14 +113,32 @@ def _head(source: Path | BinaryIO, count: int = 512) -> bytes:
         return b""
 
 
+def _signature_of(head: bytes) -> str | None:
+    """The image format whose signature the file starts with, by the readers' own checks (Pillow's and
+    pi-heif's), or None. Readers without a check, which would claim anything, are left out."""
+    prefix = head[:16]  # as much as Image.open hands the checks
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            # True only: a check may instead return a message saying the format's support is not installed
+            if accept is not None and accept(prefix) is True:
+                return name
+        except Exception:  # noqa: BLE001 - a check that trips on these bytes does not recognise them
+            continue
+    return None
+
+
 def _unidentified(source: Path | BinaryIO) -> ImageError:
     """Pillow knows no format for these bytes. Name the usual non-images for what they are, each with its
-    remedy: an HEIC photo whose header is damaged or cut short; an SVG drawing; a web page saved as .jpg by a
-    download that got an error page, or a page's address given where its image's was meant."""
+    remedy: a photo whose start is a known format's but whose header is damaged or cut short (an interrupted
+    download of a GIF, AVIF or iPhone HEIC was "not an image file ...: convert it", which a cut file cannot be);
+    an SVG drawing; a web page saved as .jpg by a download that got an error page, or a page's address given
+    where its image's was meant."""
     head = _head(source)
     start = head.lstrip().lower()
-    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
-        return ImageError(f"HEIC/HEIF photo whose header cannot be read (damaged or cut short): {UNDECODABLE}")
+    if name := _signature_of(head):
+        return ImageError(f"{name} file that cannot be opened (damaged, cut short, or a variant not supported "
+                          f"here): {UNDECODABLE}")
     if start.startswith(b"<svg") or (start.startswith(b"<?xml") and b"<svg" in start):
         return ImageError("SVG drawing, which Pillow cannot read: convert it to PNG")
     if start.startswith((b"<!doctype html", b"<html", b"<head")):

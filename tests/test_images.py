@@ -2,6 +2,7 @@
 ImageError. Every file is built here, tiny, with Pillow/NumPy (no TensorFlow, runs in about a second)."""
 from __future__ import annotations
 
+import io
 import os
 import struct
 import subprocess
@@ -73,12 +74,24 @@ def test_a_symlink_to_an_image_is_read_through(tmp_path):
     assert_colour(load_image(tmp_path / "link.jpg", 8), RED, 0)
 
 
-def test_a_heic_whose_header_is_cut_short_is_named_as_damaged(tmp_path):
-    """An HEIC that no reader identifies is damaged, not a format to convert: one line, what to do."""
-    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
-    text = reason(tmp_path / "IMG_0001.HEIC")
-    assert text.startswith("HEIC/HEIF photo") and "damaged or cut short" in text and images.REDO in text
-    assert reason((tmp_path / "IMG_0001.HEIC").read_bytes()) == text  # an upload is told the same
+def cut_file(kind: str) -> bytes:
+    """The first bytes of a file of that kind: its signature, and not enough header to open it."""
+    if kind == "HEIF":
+        return b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an iPhone's photo
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), RED).save(buffer, format=kind)
+    return buffer.getvalue()[:{"GIF": 20, "AVIF": 100}[kind]]
+
+
+@pytest.mark.parametrize("kind", ["HEIF", "AVIF", "GIF"])
+def test_a_photo_cut_short_in_its_header_is_named_as_damaged(tmp_path, kind):
+    """A download of a GIF, AVIF or HEIC interrupted in its header was "not an image file Pillow can read ...:
+    convert it to JPEG or PNG", which a cut file cannot be: it is named as the damaged photo it is, with
+    getting it again first among what to do."""
+    (tmp_path / "photo.img").write_bytes(cut_file(kind))
+    text = reason(tmp_path / "photo.img")
+    assert text.startswith(f"{kind} file that cannot be opened") and "cut short" in text and images.REDO in text
+    assert reason(cut_file(kind)) == text  # an upload is told the same
 
 
 @pytest.mark.parametrize(("content", "named", "remedy"), [
