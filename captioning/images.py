@@ -28,12 +28,14 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # HEIC/HEIF (iPhones save photos so) through pi-heif's Pillow opener, registered here, the one module every image
 # is opened through, so extraction, the caption command, the server and the plots read it alike. Pillow's own
-# readers are registered first (init()): a file of the shared "mif1" brand may be AVIF or HEIC, and Pillow's
-# AVIF reader passes an HEVC one on, while pi-heif, which has no AV1 decoder, would fail an AVIF outright.
+# readers are registered first, in the order Image.open tries them (preinit's common formats, then init's):
+# a file of the shared "mif1" brand may be AVIF or HEIC, and Pillow's AVIF reader passes an HEVC one on, while
+# pi-heif, which has no AV1 decoder, would fail an AVIF outright.
 # pi-heif applies the HEIF rotation and mirroring (irot/imir) while decoding and sets the EXIF Orientation
 # it hands Pillow to 1 (keeping the original in info["original_orientation"]), so exif_transpose below leaves an
 # iPhone's photo, which carries both, as decoded: upright once. Only the primary image is used: no thumbnails,
 # depth maps or auxiliary images are listed.
+Image.preinit()
 Image.init()
 pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
