@@ -55,6 +55,9 @@ class ImageTooLarge(ImageError):
     """The image has more pixels than allowed (a possible decompression bomb)."""
 
 
+PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}  # Pillow's premultiplied-alpha modes -> their plain ones
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit integer and 32-bit float grey: scale to 8 bits, not clip as Pillow's conversion does
@@ -68,6 +71,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             # The key is matched before scaling (several 16-bit greys share one 8-bit grey); the mask makes it
             # "LA", so the see-through pixels come out white below, as they do in an 8-bit keyed PNG.
             image.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), mode="L"))
+    if image.mode in PREMULTIPLIED:
+        # Colours stored multiplied by their alpha (an HEIC whose alpha is marked so, a TIFF's associated alpha):
+        # divided back, then composited below; convert("RGB") dropped the alpha, leaving see-through pixels black.
+        image = image.convert(PREMULTIPLIED[image.mode])
     if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and "transparency" in image.info):
         # (P: a transparent palette entry; RGB and L: a PNG's tRNS colour key)
         # Composite transparency on white, as a viewer shows it, instead of dropping alpha to black.

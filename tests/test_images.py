@@ -364,6 +364,17 @@ def test_a_heic_with_alpha_is_composited_on_white(flickr8k):
     assert mean_difference(heic[:, : SIZE // 2 - 2], jpeg[:, : SIZE // 2 - 2]) < 4
 
 
+def test_premultiplied_alpha_is_composited_on_white_too():
+    """An HEIC whose colours are stored multiplied by alpha reads as Pillow's mode "RGBa" (as does "La", and a
+    TIFF's associated alpha): convert("RGB") dropped its alpha and left the see-through half black."""
+    array = load_image(HEIC / "premultiplied-alpha.heic", 32)
+    assert_colour(array[:, :14], RED, 12)
+    assert_colour(array[:, 18:], WHITE, 1)
+    grey = Image.fromarray(halves(8, 16, (90, 90, 90), (200, 200, 200))).convert("LA")
+    grey.putalpha(Image.fromarray(halves(8, 16, WHITE, (0, 0, 0))[..., 0]))
+    assert_colour(np.asarray(images._to_rgb(grey.convert("La")))[:, 8:], WHITE, 0)
+
+
 @pytest.mark.parametrize("kept", [0.05, 0.5, 0.95])
 def test_a_heic_cut_short_is_one_line_saying_what_to_do(tmp_path, kept):
     """libheif's message ends with a newline: the error went out on two lines (a broken report line)."""
