@@ -18,6 +18,8 @@ import numpy as np
 import pi_heif
 from PIL import Image, ImageOps
 
+from captioning.errors import one_line
+
 # Pillow's own limit (~89 megapixels): anything larger is refused as a possible decompression bomb.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -192,12 +194,7 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     except Image.UnidentifiedImageError:
         raise _unidentified(source) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"cannot decode image ({_one_line(err)}): {UNDECODABLE}") from None
+        raise ImageError(f"cannot decode image ({one_line(err)}): {UNDECODABLE}") from None
     except Exception as err:  # noqa: BLE001 - a malformed file may trip any decoder error; one bad
         # photo must not stop an extraction of thousands (in tf.data it would abort the whole run).
-        raise ImageError(f"cannot decode image ({type(err).__name__}: {_one_line(err)}): {UNDECODABLE}") from None
-
-
-def _one_line(err: Exception) -> str:
-    """A decoder's message on one line: libheif's end with a newline, and some span several lines."""
-    return " ".join(str(err).split())
+        raise ImageError(f"cannot decode image ({type(err).__name__}: {one_line(err)}): {UNDECODABLE}") from None

@@ -263,6 +263,15 @@ def test_no_page_loads_anything_from_the_network(server):
         assert httpx.get(f"{server[0]}{docs}").status_code == 404
 
 
+
+def test_the_pages_file_picker_offers_iphone_photos(server):
+    """The server reads HEIC, but `accept="image/*"` alone hides .heic files from the file picker on systems
+    that know no MIME type for them (Windows without its HEIF extension)."""
+    page = httpx.get(f"{server[0]}/").text
+    accepted = re.search(r'<input id="file" type="file" accept="([^"]*)"', page)[1].split(",")
+    assert {"image/*", ".heic", ".heif"} <= set(accepted), accepted
+
+
 @contextlib.contextmanager
 def offline_page(profile: Path):
     """A blank page of headless Chromium with a fresh profile; every host but 127.0.0.1 unresolvable and a
