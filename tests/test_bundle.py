@@ -131,5 +131,5 @@ def test_the_same_model_saved_twice_gives_the_same_file(tmp_path):
     save_for_decoding(resumed, tmp_path / "second.keras")
     assert files.sha256(tmp_path / "first.keras") == files.sha256(tmp_path / "second.keras")
     loaded = keras.models.load_model(tmp_path / "second.keras", compile=False)
-    inputs = [features, np.ones((4, 5), np.int32)]
+    inputs = {"features": features, "tokens": np.ones((4, 5), np.int32)}
     np.testing.assert_array_equal(loaded.predict(inputs, verbose=0), decoder.predict(inputs, verbose=0))

@@ -718,9 +718,12 @@ def send_body_at(port: int, body: bytes, bytes_per_s: float) -> tuple[float, byt
         client.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
                        b"Content-Length: %d\r\n\r\n" % len(body))
         start, piece = time.monotonic(), 256
+        # poll, not select: select refuses a descriptor past 1023, which a long test session's can be
+        answered = select.poll()
+        answered.register(client, select.POLLIN)
         with contextlib.suppress(OSError):  # cut off halfway: the answer says why
             for offset in range(0, len(body), piece):
-                if select.select([client], [], [], 0)[0]:  # answered already: more bytes would get a reset back
+                if answered.poll(0):  # answered already: more bytes would get a reset back
                     break
                 client.sendall(body[offset:offset + piece])
                 time.sleep(piece / bytes_per_s)
