@@ -85,9 +85,10 @@ class FeatureStore:
         # Extraction refuses NaN/inf features, but a folder from before that check (or edited since) may
         # hold them: training would stop at a NaN loss that blames the learning rate, and evaluation would
         # write garbage captions without a word.
-        image_of = {row: image for image, row in self.row_of.items()}
-        bad = [image_of[row] for row in nonfinite_rows(self.matrix)]
-        if bad:
+        bad_rows = nonfinite_rows(self.matrix)
+        if bad_rows:  # the row -> image map only then: opening a sound folder builds none
+            image_of = {row: image for image, row in self.row_of.items()}
+            bad = [image_of[row] for row in bad_rows]
             raise UserError(f"{folder / FEATURE_MATRIX} holds NaN or inf features for {len(bad)} images "
                             f"({first_few(bad)}): a damaged backbone weights file gives them. Check features.weights "
                             "and run `dvc repro -f extract_resnet_features`.")
