@@ -12,6 +12,7 @@ from captioning.bundle import check_bundle, decode_settings, with_overrides
 from captioning.errors import UserError, one_line, run_cli
 from captioning.fetch import FetchLimits
 from captioning.params import read_section
+from captioning.serve_limits import ServeLimits
 
 # The smallest --max-body-mb and --fetch-max-mb: each must hold at least one small photo (a 640-pixel JPEG is
 # 50-100 KB). Below it the server started, loaded its model and then refused every upload with a 413, and
@@ -47,21 +48,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
                        help="trained model bundle (default: %(default)s)")
     _decode_argument(serve)
-    serve.add_argument("--max-batch", type=int, default=16, help="images in one batched pass (default: %(default)s)")
-    serve.add_argument("--max-wait-ms", type=_finite, default=5.0,
+    limits = ServeLimits()  # the flags' defaults
+    serve.add_argument("--max-batch", type=int, default=limits.max_batch,
+                       help="images in one batched pass (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=_finite, default=limits.max_wait_s * 1000,
                        help="how long a request waits for others to share its pass (default: %(default)s)")
-    serve.add_argument("--max-body-mb", type=_finite, default=20.0,
+    serve.add_argument("--max-body-mb", type=_finite, default=limits.max_body_bytes / 2**20,
                        help=f"request body limit, at least {MIN_PHOTO_MB:g} (default: %(default)s)")
-    serve.add_argument("--max-files", type=int, default=8, help="images in one request (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000,
+    serve.add_argument("--max-files", type=int, default=limits.max_files,
+                       help="images in one request (default: %(default)s)")
+    serve.add_argument("--max-pixels", type=int, default=limits.max_pixels,
                        help="width x height limit of one image (default: %(default)s)")
-    serve.add_argument("--request-timeout", type=_finite, default=60.0,
+    serve.add_argument("--request-timeout", type=_finite, default=limits.request_timeout_s,
                        help="seconds a client has to send a request's headers, and the first part of its body; "
                             "then 408 and the connection is closed (default: %(default)s)")
-    serve.add_argument("--min-body-rate", type=_finite, default=16.0,
+    serve.add_argument("--min-body-rate", type=_finite, default=limits.min_body_rate / 1024,
                        help="KB/s: each KB of a body that arrives gives the client 1/N s more past --request-timeout "
                             "(default: %(default)s)")
-    serve.add_argument("--max-connections", type=int, default=100,
+    serve.add_argument("--max-connections", type=int, default=limits.max_connections,
                        help="connections open at once; more are answered 503 (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     _fetch_arguments(serve)
@@ -161,15 +165,19 @@ def serve_command(args) -> int:
     from captioning.malloc import limit_arenas  # ctypes: only the server needs it
 
     limit_arenas()  # before TensorFlow and the request threads start
-    from captioning.serve import ServeLimits, serve  # TensorFlow only past the checks above
+    from captioning.serve import serve  # TensorFlow only past the checks above
 
-    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
-                         max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
-                         request_timeout_s=args.request_timeout, min_body_rate=args.min_body_rate * 1024,
-                         max_connections=args.max_connections,
-                         fetch=fetch_limits)
-    serve(args.model_dir, settings, args.host, args.port, limits, access_log=args.access_log)
+    serve(args.model_dir, settings, args.host, args.port, _serve_limits(args, fetch_limits),
+          access_log=args.access_log)
     return 0
+
+
+def _serve_limits(args, fetch_limits: FetchLimits) -> ServeLimits:
+    """The flags in the server's units (the inverse of the defaults' conversions in _parser)."""
+    return ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
+                       max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+                       request_timeout_s=args.request_timeout, min_body_rate=args.min_body_rate * 1024,
+                       max_connections=args.max_connections, fetch=fetch_limits)
 
 
 def demo_command(args) -> int:

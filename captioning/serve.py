@@ -17,7 +17,6 @@ import re
 import socket
 from collections import Counter
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -32,26 +31,14 @@ from uvicorn.protocols.utils import get_client_addr
 from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
 from captioning.errors import UserError, clipped
-from captioning.fetch import FetchError, FetchLimits, fetch_async
+from captioning.fetch import FetchError, fetch_async
 from captioning.http_limits import bounded_protocol, error_response
 from captioning.images import ImageError, ImageTooLarge, load_image
 from captioning.inference import LoadedCaptioner
+from captioning.serve_limits import ServeLimits
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("captioning.serve")
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    max_body_bytes: int = 20 * 2**20
-    max_files: int = 8                 # images in one request
-    max_pixels: int = 40_000_000       # width x height of one image, checked before decoding
-    max_batch: int = 16                # images in one forward pass
-    max_wait_s: float = 0.005          # how long the first image of a batch waits for company
-    request_timeout_s: float = 60.0    # to send a request's headers, and the first part of its body (slowloris)
-    min_body_rate: float = 16 * 1024   # bytes/s a body must keep up past request_timeout_s (http_limits)
-    max_connections: int = 100         # open at once; each may hold a body of max_body_bytes in memory
-    fetch: FetchLimits = field(default_factory=FetchLimits)
 
 
 class ApiError(Exception):
@@ -247,7 +234,8 @@ async def _while_connected(request: Request, work):
         task.cancel()
 
 
-def create_app(loaded: LoadedCaptioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
+def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> FastAPI:
+    limits = limits or ServeLimits()
     batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
 
     @asynccontextmanager

@@ -263,8 +263,7 @@ def test_serve_checks_its_fetch_flags_before_loading_the_model(monkeypatch):
     from captioning.errors import UserError
 
     reached = []
-    stub = types.SimpleNamespace(ServeLimits=lambda **kwargs: reached.append("limits"),
-                                 serve=lambda *args, **kwargs: reached.append("serve"))
+    stub = types.SimpleNamespace(serve=lambda *args, **kwargs: reached.append("serve"))
     monkeypatch.setitem(sys.modules, "captioning.serve", stub)
     monkeypatch.setattr(cli, "check_bundle", lambda model_dir: None)
     monkeypatch.setattr(cli, "decode_settings", lambda model_dir, path: {"method": "greedy", "beam_size": 1})

@@ -76,6 +76,21 @@ def test_subcommand_help(command, no_tensorflow, tmp_path):
     assert "options:" in result.stdout
 
 
+def test_serve_flags_default_to_the_servers_own_limits():
+    """The flags' defaults were written a second time in the parser (20, 8, 40_000_000, ...): one changed
+    alone would make `captioning serve` differ from `create_app()`'s defaults without a word."""
+    from captioning.__main__ import _fetch_limits, _serve_limits
+    from captioning.fetch import FetchLimits
+    from captioning.serve_limits import ServeLimits
+
+    args = _parser().parse_args(["serve"])
+    assert _serve_limits(args, _fetch_limits(args)) == ServeLimits()
+    assert _fetch_limits(args) == FetchLimits()
+    changed = _serve_limits(_parser().parse_args(["serve", "--max-wait-ms", "7", "--max-body-mb", "3",
+                                                   "--min-body-rate", "2"]), FetchLimits())
+    assert (changed.max_wait_s, changed.max_body_bytes, changed.min_body_rate) == (0.007, 3 * 2**20, 2048)
+
+
 def test_scoring_shows_a_bar_per_metric_only_when_asked(capsys):
     candidates, references = {"a": "a dog runs", "b": "a cat"}, {"a": ["a dog runs fast"], "b": ["the cat"]}
     quiet, _ = score_captions(candidates, references, meteor=False)
