@@ -162,6 +162,15 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
     upright (per EXIF; an HEIC per its own rotation), or raise ImageError. Uploads and downloads go through
     here too, so they get the same decoding and the same guards as the files extraction reads. `max_pixels`
     (default MAX_PIXELS, read at call time) is the bomb guard's limit; the server sets a lower one."""
+    upright = open_upright_rgb(image, size, max_pixels)
+    return np.asarray(upright.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def open_upright_rgb(image: str | Path | bytes | BinaryIO, draft_side: int,
+                     max_pixels: int | None = None) -> Image.Image:
+    """The image decoded, upright and in RGB, at its own size and proportions, or ImageError: load_image's
+    steps before the resize, which the plots also draw from, so a figure shows the picture the model was given.
+    A JPEG is decoded at the smallest scale that keeps `draft_side` pixels a side (draft mode)."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     source = None
     try:
@@ -175,11 +184,12 @@ def load_image(image: str | Path | bytes | BinaryIO, size: int, max_pixels: int 
             if width * height > max_pixels:
                 raise _too_large(f"{width}x{height} pixels", max_pixels)
             # JPEG draft mode decodes straight at a reduced scale: several times faster.
-            image.draft("RGB", (size, size))
+            image.draft("RGB", (draft_side, draft_side))
             # In place: otherwise a photo already upright is copied whole, beside the decoded one held open here.
             ImageOps.exif_transpose(image, in_place=True)
-            image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            image = _to_rgb(image)
+            image.load()  # decoded here, inside these guards, and usable once the file is closed
+            return image
     except ImageError:
         raise
     except FileNotFoundError:

@@ -9,11 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from captioning.files import atomic_path  # noqa: E402
-from captioning.images import MAX_PIXELS, ImageTooLarge  # noqa: E402
-from captioning.images import _to_rgb as to_rgb  # noqa: E402 - shared, not copied
+from captioning.images import ImageTooLarge, open_upright_rgb  # noqa: E402
 
 # Longest side an image is drawn from: a grid cell is 4 in (400 px at the figures' 100 dpi) wide.
 DISPLAY_SIDE = 800
@@ -24,27 +23,20 @@ def _wrap(text: str, width: int = 42) -> str:
 
 
 def _picture(path: Path) -> Image.Image:
-    """The image upright and in RGB as extraction makes it, shrunk to DISPLAY_SIDE; refused (ImageTooLarge)
-    above the pixel limit extraction refuses too, rather than decoding hundreds of megapixels only to draw
-    them 400 px wide."""
-    with Image.open(path) as image:  # raises DecompressionBombError itself above twice that limit
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ImageTooLarge(f"{width}x{height} pixels")
-        image.draft("RGB", (DISPLAY_SIDE, DISPLAY_SIDE))  # JPEG: decode at a reduced scale, much faster
-        # Extraction's conversion, not Pillow's convert("RGB"), which draws a 16-bit photo white, a float
-        # one black and transparent pixels black: the figures show the picture the model was given.
-        image = to_rgb(ImageOps.exif_transpose(image))
-        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        return image
+    """The image upright and in RGB as extraction makes it (the same decoding, bomb guard and refusals: a 16-bit
+    photo not drawn white, transparency on white), shrunk to DISPLAY_SIDE; refused (ImageTooLarge) above the
+    pixel limit extraction refuses too, rather than decoding hundreds of megapixels only to draw them 400 px wide."""
+    image = open_upright_rgb(path, DISPLAY_SIDE)
+    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    return image
 
 
 def _show(ax, path: Path, text: str) -> None:
     try:
         ax.imshow(_picture(path))
-    except (ImageTooLarge, Image.DecompressionBombError):
+    except ImageTooLarge:
         ax.text(0.5, 0.5, "image too large to show", ha="center", va="center")
-    except Exception:  # noqa: BLE001 - any decoder error (not only OSError): one bad photo among
+    except Exception:  # noqa: BLE001 - an unusable photo (ImageError) or anything else: one bad photo among
         # the samples must not fail the plot stage at the end of a whole run, nor lose the other figures
         ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
     ax.set_axis_off()

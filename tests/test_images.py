@@ -422,9 +422,19 @@ def test_the_captioned_picture_shows_what_was_captioned(tmp_path, kind):
     assert np.abs(middle.reshape(-1, 3).mean(0) - captioned).max() <= 12, (middle.mean((0, 1)), captioned)
 
 
-def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+def plot_picture(data: bytes, folder) -> object:
+    from captioning import plots
+
+    (folder / "drawing.eps").write_bytes(data)
+    return plots._picture(folder / "drawing.eps")
+
+
+@pytest.mark.parametrize("read", [lambda data, folder: load_image(data, 16), plot_picture],
+                         ids=["load_image", "plot"])
+def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch, read):
     """Pillow renders EPS by running Ghostscript on the file: for an upload or a URL's body from anyone, an
-    interpreter run on untrusted input (and its failure named the server's temporary files)."""
+    interpreter run on untrusted input (and its failure named the server's temporary files). The plots
+    opened images with steps of their own and ran it on an EPS among the photos."""
     from PIL import EpsImagePlugin
 
     marker = tmp_path / "ghostscript-ran"
@@ -436,7 +446,7 @@ def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # looked up again: found, as where Ghostscript is installed
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
     with pytest.raises(ImageError, match="PostScript"):
-        load_image(eps, 16)
+        read(eps, tmp_path)
     assert not marker.exists()
 
 
