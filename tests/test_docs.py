@@ -188,3 +188,28 @@ def test_docs_pages_quote_no_benchmark_speeds():
     speed = re.compile(r"\d[\d.,]*\s*(?:photos|images|captions)(?:/s| per second)")
     quoted = {page.name: speed.findall(page.read_text(encoding="utf-8")) for page in PAGES if page != README}
     assert not any(quoted.values()), f"speeds copied into docs/ (name the bench/results.json key instead): {quoted}"
+
+
+def readme_quote(pattern: str) -> str:
+    """The one text of the README that `pattern`'s group matches (the README's line breaks read as spaces)."""
+    found = re.findall(pattern, " ".join(README.read_text(encoding="utf-8").split()))
+    assert len(found) == 1, f"{pattern!r} matches {len(found)} times in the README"
+    return found[0]
+
+
+def test_the_errors_the_readme_quotes_are_the_codes(tmp_path, monkeypatch):
+    """A message the README quotes is the one a user gets: it quoted "not an existing weights file", which no
+    message says. The misspelt key's message is the one of its sentence on what names a line of params.yaml."""
+    from captioning.errors import UserError
+    from captioning.params import BadValue, backbone_weights, read_section
+
+    with pytest.raises(BadValue) as weights:
+        backbone_weights("weights/mine.weights.h5")  # the file a queued `dvc exp run` left behind
+    assert readme_quote(r'the queued run stops with "([^"]+)"') in str(weights.value)
+
+    params = (PROJECT / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(params.replace("\n  epochs:", "\n  epoch:", 1), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as misspelt:
+        read_section("train")
+    assert str(misspelt.value).startswith(readme_quote(r"\(`(params\.yaml has unknown keys: [^`]+?); \.\.\.`\)"))
