@@ -213,3 +213,14 @@ def test_the_errors_the_readme_quotes_are_the_codes(tmp_path, monkeypatch):
     with pytest.raises(UserError) as misspelt:
         read_section("train")
     assert str(misspelt.value).startswith(readme_quote(r"\(`(params\.yaml has unknown keys: [^`]+?); \.\.\.`\)"))
+
+
+def test_troubleshooting_names_messages_the_package_prints():
+    """Troubleshooting is found by the words of an error: each message it names in backticks (a path before
+    it and `...` after it left out) is text of the package, so a reworded message cannot strand its entry."""
+    section = README.read_text(encoding="utf-8").split("\n## Troubleshooting\n", 1)[1]
+    quoted = re.findall(r"\*\*`([^`]+)`\*\*|`([^`]+?) ?\.\.\.`", section)
+    messages = [re.sub(r"^\S+/\S+ ", "", bold or cut) for bold, cut in quoted]  # "data/decode.json belongs ..."
+    assert len(messages) >= 3, messages
+    source = "\n".join(path.read_text(encoding="utf-8") for path in (PROJECT / "captioning").rglob("*.py"))
+    assert not [message for message in messages if message not in source], messages
