@@ -1,6 +1,6 @@
 """DVC experiments on the tiny project: the README's "Compare experiments" commands, as written.
 
-Two queued runs (1 and 3 epochs) rerun train_lstm, evaluate and plot in temporary folders; then
+Two queued runs (1 and 3 epochs) rerun split, train_lstm, evaluate and plot in temporary folders; then
 `dvc exp show`, `dvc metrics diff` and `dvc plots diff` compare them. This needs the metrics and the
 DVCLive curves in git (`cache: false` outputs that .gitignore must not hide) and the PNG plots in
 DVC's cache: otherwise every experiment shows `!` for its metrics and nothing to plot.
@@ -8,6 +8,7 @@ DVC's cache: otherwise every experiment shows `!` for its metrics and nothing to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import copy_project, stages_run
@@ -16,6 +17,12 @@ from captioning.tiny_project import make_project, run
 
 EXPERIMENTS = {"epochs-1": 1, "epochs-3": 3}
 SHOW_COLUMNS = "Experiment|train.epochs|val_loss|bleu4|cider"  # the README's `dvc exp show` view
+
+
+def readme_rerun_sentence() -> str:
+    """The README's sentence on which stages a queued variant reruns."""
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    return text.split("only the stages the change affects rerun", 1)[1].split(":", 1)[0]
 
 
 def experiments_by_name(show: list[dict]) -> dict[str, dict]:
@@ -46,6 +53,9 @@ def test_queued_experiments_are_compared(demo_run, tmp_path):
             assert "Success" in line, f"{name} did not succeed:\n{run(['dvc', 'queue', 'logs', name], project).stdout}"
         logs = run(["dvc", "queue", "logs", "epochs-1"], project).stdout
         assert "Stage 'extract_resnet_features' didn't change, skipping" in logs
+        rerun = stages_run(logs)  # split reruns on any change of params.yaml; the README's sentence left it out
+        assert rerun == ["split", "train_lstm", "evaluate", "plot"], rerun
+        assert all(f"`{stage}`" in readme_rerun_sentence() for stage in rerun), f"the README names not all of {rerun}"
         assert " decoding: " in logs and "scoring the model: " in logs  # evaluate's progress bars
 
         table = run(["dvc", "exp", "show", "--drop", ".*", "--keep", SHOW_COLUMNS, "--csv"], project).stdout
