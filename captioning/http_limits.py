@@ -8,14 +8,17 @@ at a time, held its connection for ever, so a few hundred of them (slowloris) he
 server could take. ASGI middleware cannot help: the application is called only once the headers are in.
 uvicorn's own `limit_concurrency` answers a plain-text 503 once the request's headers are in; here the refusal
 is JSON like every other error, written as the connection opens. The answers written here go to the access log
-as uvicorn's own do.
+in the shape of uvicorn's own lines, with what was received of a request that was never parsed.
 """
 from __future__ import annotations
 
+import logging
+from copy import copy
 from http import HTTPStatus
 
 import h11
 from starlette.responses import JSONResponse
+from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
@@ -24,6 +27,8 @@ from captioning.errors import clipped, one_line
 # The client has sent all of its request: stop its clock (MUST_CLOSE: an HTTP/1.0 body that ended).
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
 LINGER_S = 2.0  # how long a refused connection's request is read and dropped before the socket is closed
+HEAD_KEPT = 1024  # bytes of a request's start kept while its head arrives, to show it if it cannot be parsed
+UVICORNS_400_WARNING = "Invalid HTTP request received."  # logged by uvicorn beside the access line of its 400
 
 
 def error_response(status: int, message, headers: dict | None = None) -> JSONResponse:
@@ -42,6 +47,41 @@ def last_answer(status: int, message: str, headers: dict | None = None) -> bytes
 
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
 NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
+
+
+def printable(raw: bytes) -> str:
+    """Bytes a client sent, as a log line may quote them: control characters (a bare line feed could forge a
+    second log line), double quotes and non-ASCII bytes escaped as \\xNN, and cut as `clipped` cuts."""
+    escaped = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return clipped(escaped.replace('"', "\\x22"))
+
+
+def request_line(head: bytes) -> tuple[str, bool]:
+    """The first line of a request head as received (printable), and whether it arrived whole."""
+    line, ended, _ = head.partition(b"\n")
+    return printable(line.removesuffix(b"\r")), bool(ended)
+
+
+class ProtocolAccessFormatter(AccessFormatter):
+    """uvicorn's access lines, and the same shape for the answers the protocol writes itself: their records carry
+    (client, what to show between the quotes, status), since a request that was never parsed has no method, path
+    and version to show (uvicorn's shape made them `"- - HTTP/-"`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if len(record.args) != 3:
+            return super().formatMessage(record)
+        client, shown, status = record.args
+        record = copy(record)  # as uvicorn's: other handlers get the record as logged
+        record.__dict__.update(client_addr=client, request_line=shown, status_code=self.get_status_code(int(status)))
+        return super(AccessFormatter, self).formatMessage(record)  # uvicorn's level prefix and format
+
+
+class WithoutUvicorns400Warning(logging.Filter):
+    """Drops uvicorn's "Invalid HTTP request received." when the access log is on: the protocol's access line of
+    that 400 says it, with the client and what it sent (one event, one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != UVICORNS_400_WARNING
 
 
 def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_rate: float) -> type[H11Protocol]:
@@ -68,6 +108,7 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
         _clock = None
         _deadline = 0.0
         _refused = False
+        _head = b""  # the start of the request whose head is being received
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -89,6 +130,11 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
                 self._deadline += len(data) / min_body_rate
 
+        def handle_events(self) -> None:
+            if self.conn.their_state is h11.IDLE:  # h11 drops a head it cannot parse: keep its start to log
+                self._head = self.conn.trailing_data[0][:HEAD_KEPT]
+            super().handle_events()
+
         def on_response_complete(self) -> None:
             self._start_clock()
             super().on_response_complete()  # may take in a pipelined request that had arrived whole
@@ -100,7 +146,7 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            self._answer_and_close(400, NOT_HTTP)
+            self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
 
         def _refuse(self) -> None:
             """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
@@ -108,32 +154,30 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             answer before the client reads it."""
             self._refused = True
             self.transport.write(too_many)
-            self._log_access(503)
+            self._log_access(503, "not read: over --max-connections")
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
 
-        def _answer_and_close(self, status: int, answer: bytes) -> None:
+        def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
             self.transport.write(answer)
-            self._log_access(status)
+            self._log_access(status, shown)
             self.transport.close()
 
-        def _log_access(self, status: int) -> None:
-            """The access log line uvicorn writes for an application's answer, for one written here."""
+        def _log_access(self, status: int, shown: str) -> None:
+            """An access log line for an answer written here, in the shape of uvicorn's for the application's
+            (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
             if self.access_log:
-                client = get_client_addr({"client": self.client})
-                self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, *self._request_line(), status)
+                self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
 
-        def _request_line(self) -> tuple[str, str, str]:
-            """Method, target and HTTP version of the request being answered: the parsed one while its body is
-            awaited, else as much of its first line as arrived ("-" for what did not)."""
-            if self.cycle is not None and not self.cycle.response_complete:
-                scope = self.cycle.scope
-                return scope["method"], get_path_with_query_string(scope), scope["http_version"]
-            first, complete, _ = bytes(self.conn.trailing_data[0]).partition(b"\r\n")
-            parts = first.decode("ascii", "backslashreplace").split(" ") if complete else []
-            if len(parts) == 3 and parts[2].startswith("HTTP/"):
-                return parts[0][:20], clipped(parts[1]), parts[2][5:][:8]
-            return "-", "-", "-"
+        def _parsed_request_line(self) -> str:
+            """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
+            scope = self.cycle.scope
+            return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
+
+        def _received_request_line(self) -> str:
+            """As much as arrived of the first line of a request whose head did not arrive in full."""
+            line, whole = request_line(self._head)
+            return line if whole else f"incomplete request line: {line}"
 
         def _start_clock(self) -> None:
             self._stop_clock()
@@ -153,9 +197,9 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             self._clock = None
             state = self.conn.their_state
             if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
-                self._answer_and_close(408, headers_late)
+                self._answer_and_close(408, headers_late, self._received_request_line())
             elif state is h11.SEND_BODY and not self.cycle.response_started:
-                self._answer_and_close(408, body_late)
+                self._answer_and_close(408, body_late, self._parsed_request_line())
             else:
                 self.transport.close()  # an application waiting for the body gets http.disconnect
 

@@ -32,7 +32,12 @@ from captioning.batching import DynamicBatcher
 from captioning.bundle import with_overrides
 from captioning.errors import UserError, clipped
 from captioning.fetch import FetchError, fetch_async
-from captioning.http_limits import bounded_protocol, error_response
+from captioning.http_limits import (
+    ProtocolAccessFormatter,
+    WithoutUvicorns400Warning,
+    bounded_protocol,
+    error_response,
+)
 from captioning.images import ImageError, ImageTooLarge, load_image
 from captioning.inference import LoadedCaptioner
 from captioning.serve_limits import ServeLimits
@@ -353,18 +358,24 @@ def answered_errors_not_raised(app):
     return wrapped
 
 
-def log_config() -> dict:
+def log_config(access_log: bool = False) -> dict:
     """uvicorn's logging set-up, with this package's log lines and python-multipart's in the same server log.
 
     Without a handler they went to Python's last-resort one: bare lines on stderr with no level (python-multipart
     wrote "Expected boundary character 121, got 120 at index 4" for a malformed upload). python-multipart's
     warnings only describe a client's malformed body, which the client is told in its 400 and the access log
-    shows, so they are left out: errors only."""
+    shows, so they are left out: errors only. The access lines of the answers the protocol writes itself have
+    their own shape (http_limits.ProtocolAccessFormatter); with them on, uvicorn's bare warning about a request it
+    cannot parse goes, as the access line of its 400 says more."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"]["()"] = ProtocolAccessFormatter
     config["loggers"]["captioning"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     config["loggers"]["python_multipart"] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
+    if access_log:
+        config["filters"] = {"without_400_warning": {"()": WithoutUvicorns400Warning}}
+        config["loggers"]["uvicorn.error"]["filters"] = ["without_400_warning"]
     return config
 
 
@@ -378,7 +389,7 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
     print(f"serving {model_dir} on http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C or SIGTERM stops it)",
           flush=True)
     config = uvicorn.Config(answered_errors_not_raised(create_app(loaded, limits)), log_level="warning",
-                            log_config=log_config(), access_log=access_log,
+                            log_config=log_config(access_log), access_log=access_log,
                             backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits),
                             http=bounded_protocol(limits.request_timeout_s, limits.max_connections,
                                                   limits.min_body_rate),
