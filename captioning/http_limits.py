@@ -151,8 +151,10 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
         def _refuse(self) -> None:
             """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
             for up to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the
-            answer before the client reads it."""
+            answer before the client reads it. Meanwhile the connection no longer counts against the cap: it
+            holds no request, and a burst of refused ones kept the good clients after it out for LINGER_S more."""
             self._refused = True
+            self.connections.discard(self)
             self.transport.write(too_many)
             self._log_access(503, "not read: over --max-connections")
             self.transport.write_eof()

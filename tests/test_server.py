@@ -716,6 +716,29 @@ def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
     assert re.search(r'127\.0\.0\.1:\d+ - "not read: over --max-connections" 503', settled_log(log))
 
 
+def test_refused_connections_hold_no_place_under_the_cap(logged_server):
+    """A refused connection counted against --max-connections for the 2 s its request is read and dropped, so a
+    burst of them kept good clients out for that long after the connections that filled the cap had gone."""
+    from captioning.http_limits import LINGER_S
+
+    port = httpx.URL(logged_server[0]).port
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    time.sleep(0.3)  # the server has taken them all
+    refused = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        assert all(client.recv(65536).startswith(b"HTTP/1.1 503 ") for client in refused)
+        start = time.monotonic()
+        for client in held:
+            client.close()
+        time.sleep(0.3)  # the server has seen them go
+        answer = httpx.get(f"{logged_server[0]}/health", timeout=10)
+        assert time.monotonic() - start < LINGER_S  # asked while the refused ones still linger
+    finally:
+        for client in refused:
+            client.close()
+    assert answer.status_code == 200, answer.text
+
+
 def send_body_at(port: int, body: bytes, bytes_per_s: float) -> tuple[float, bytes]:
     """POST /caption a JSON body in pieces at this rate: the seconds until it was answered, and the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
