@@ -115,9 +115,19 @@ def _override(value, name: str):
     return value
 
 
+def _refuse_query(request: Request) -> None:
+    """The fields come in the body only: a query string (`/caption?beam_size=5`, as curl users often write it)
+    was ignored without a word, and the request decoded with the model's own settings."""
+    if request.query_params:
+        names = clipped(", ".join(repr(name) for name in dict.fromkeys(request.query_params.keys())))
+        raise ApiError(400, f"the query string is not read (it has {names}); send {', '.join(FIELDS)} as form "
+                            "fields or JSON keys")
+
+
 async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], str | None, dict]:
     """[(name, image bytes)], the image URL (not fetched yet) and the decode overrides, from a multipart
     upload or a JSON {"url": ...}."""
+    _refuse_query(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         images, fields = await _multipart_fields(request, limits)

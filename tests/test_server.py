@@ -201,6 +201,16 @@ def test_an_unknown_field_is_named_with_the_accepted_ones(server, demo_run, test
     assert not asked.is_set()  # refused before its URL was fetched
 
 
+def test_a_query_string_on_caption_is_refused_with_the_fields_to_send(server, demo_run, test_images):
+    """`POST /caption?beam_size=5&method=beam` was answered 200, decoded with the model's own settings: the query
+    string was ignored without a word."""
+    jpeg = (demo_run / "data/demo/images" / test_images["image"].iloc[0]).read_bytes()
+    answer = httpx.post(f"{server[0]}/caption?beam_size=5&method=beam", files={"image": ("a.jpg", jpeg)}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert "query string" in error and "'beam_size', 'method'" in error and "form fields or JSON keys" in error, error
+
+
 def test_a_multipart_body_cut_off_before_its_end_is_refused(server, demo_run, test_images):
     """A body that stopped halfway (a client or proxy that cut it) parsed without an error: the image it cut into
     was dropped without a word and the others were captioned (or the answer was "no image")."""
@@ -688,13 +698,13 @@ def test_the_access_log_has_the_answers_the_protocol_writes(logged_server):
     port = httpx.URL(address).port
     stall(port, b"NOT HTTP\r\n\r\n")
     stall(port, b"POST /caption?late=headers HTTP/1.1\r\nHost: x\r\n")
-    stall(port, b"POST /caption?late=body HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 1000\r\n\r\n{\"url")
+    # HTTP/1.0 marks its line: a query string on /caption is answered 400 before its body is read
+    stall(port, b"POST /caption HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"url")
     stall(port, b"POST /capt")
     stall(port, b'GET /?\x1b[2J"late HTTP/1.1\r\n')  # a terminal's escape and a quote, written raw into the log
     logged = settled_log(log)
     for line in (' - "invalid request: NOT HTTP" 400 Bad Request', ' - "POST /caption?late=headers HTTP/1.1" 408',
-                 ' - "POST /caption?late=body HTTP/1.1" 408', ' - "incomplete request line: POST /capt" 408',
+                 ' - "POST /caption HTTP/1.0" 408', ' - "incomplete request line: POST /capt" 408',
                  r' - "GET /?\x1b[2J\x22late HTTP/1.1" 408'):
         assert re.search(r"^INFO: +127\.0\.0\.1:\d+" + re.escape(line), logged, re.MULTILINE), (line, logged)
     assert "Invalid HTTP request received" not in logged  # one event, one line
