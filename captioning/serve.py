@@ -47,9 +47,9 @@ log = logging.getLogger("captioning.serve")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 class BodyLimit:
@@ -124,10 +124,21 @@ def _refuse_query(request: Request) -> None:
                             "fields or JSON keys")
 
 
+def _refuse_compressed(request: Request) -> None:
+    """A body sent compressed (`Content-Encoding: gzip`) was parsed as it came: "not valid JSON", or a malformed
+    multipart body. It is not inflated, as a small gzip body can inflate past --max-body-mb by any factor: a 415
+    that says so, with the Accept-Encoding RFC 7694 asks for."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"the body is compressed (Content-Encoding: {clipped(encoding)}); send it uncompressed",
+                       {"accept-encoding": "identity"})
+
+
 async def _read_request(request: Request, limits: ServeLimits) -> tuple[list[tuple[str, bytes]], str | None, dict]:
     """[(name, image bytes)], the image URL (not fetched yet) and the decode overrides, from a multipart
     upload or a JSON {"url": ...}."""
     _refuse_query(request)
+    _refuse_compressed(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         images, fields = await _multipart_fields(request, limits)
@@ -263,7 +274,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     page = PAGE.read_text(encoding="utf-8")
 
-    app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err))
+    app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err, err.headers))
     app.add_exception_handler(FetchError, lambda request, err: error_response(err.status, err))
     app.add_exception_handler(UserError, lambda request, err: error_response(400, err))
     # err.headers: a 405's Allow, which HTTP requires and which tells the client the methods to use

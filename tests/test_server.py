@@ -3,6 +3,7 @@ requests, image URLs on a local HTTP server, and the page in headless Chromium (
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -209,6 +210,15 @@ def test_a_query_string_on_caption_is_refused_with_the_fields_to_send(server, de
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert "query string" in error and "'beam_size', 'method'" in error and "form fields or JSON keys" in error, error
+
+
+def test_a_compressed_body_is_a_415_that_says_so(server):
+    """A gzip-compressed JSON body got "the body is not valid JSON", a compressed upload a multipart error."""
+    body = gzip.compress(json.dumps({"url": "http://127.0.0.1:9/a.jpg"}).encode())
+    answer = httpx.post(f"{server[0]}/caption", content=body, timeout=60,
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert answer.status_code == 415 and answer.headers["accept-encoding"] == "identity", answer.text
+    assert "Content-Encoding: gzip" in answer.json()["error"] and "uncompressed" in answer.json()["error"]
 
 
 def test_a_multipart_body_cut_off_before_its_end_is_refused(server, demo_run, test_images):
