@@ -145,6 +145,11 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             self._stop_clock()
             super().connection_lost(exc)
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered
+            in HTTP/1.1, as HTTP lets a server do. uvicorn logged two warnings for each, the second telling the
+            operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
+
         def send_400_response(self, msg: str) -> None:
             self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
 

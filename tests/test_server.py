@@ -759,6 +759,21 @@ def test_refused_connections_hold_no_place_under_the_cap(logged_server):
     assert answer.status_code == 200, answer.text
 
 
+def test_a_request_asking_to_upgrade_is_answered_without_a_warning(logged_server):
+    """`curl --http2` asks each plain-HTTP request to upgrade to h2c; uvicorn answered in HTTP/1.1 (as it may) and
+    logged two warnings for each, the second telling the operator to install a WebSocket library."""
+    address, log = logged_server
+    before = len(log.read_text())
+    for upgrade in ({"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+                     "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA"},
+                    {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}):
+        answer = httpx.get(f"{address}/health?upgrade={upgrade['Upgrade']}", headers=upgrade, timeout=10)
+        assert answer.status_code == 200 and answer.http_version == "HTTP/1.1", (upgrade, answer.text)
+    logged = settled_log(log)[before:].splitlines()
+    assert len(logged) == 2 and all(line.startswith("INFO:") and " 200 OK" in line for line in logged), logged
+
+
 def send_body_at(port: int, body: bytes, bytes_per_s: float) -> tuple[float, bytes]:
     """POST /caption a JSON body in pieces at this rate: the seconds until it was answered, and the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
