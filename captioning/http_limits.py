@@ -47,6 +47,8 @@ def last_answer(status: int, message: str, headers: dict | None = None) -> bytes
 
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
 NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
+# h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
+BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is malformed; send it again")
 
 
 def printable(raw: bytes) -> str:
@@ -151,7 +153,15 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
 
         def send_400_response(self, msg: str) -> None:
-            self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
+            """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
+            has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
+            answer to one request followed the first."""
+            if self.conn.our_state is h11.IDLE:  # no request parsed
+                self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
+            elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
+                self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
+            else:
+                self.transport.close()
 
         def _refuse(self) -> None:
             """Answer 503 now and close our side. The client's request may still be on its way: read and dropped

@@ -531,6 +531,27 @@ def test_the_port_takes_connections_as_soon_as_it_is_announced():
         sock.close()
 
 
+CHUNKED_POST = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def test_a_malformed_chunked_body_gets_one_answer_that_says_so(server):
+    """A bad chunk got the 400 of a request line or headers the server cannot parse; one that came after the 413 of
+    a chunked body over --max-body-mb got that 400 too, a second answer to the same request."""
+    port = httpx.URL(server[0]).port
+    _, answer = stall(port, CHUNKED_POST + b"ZZZ\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"chunked transfer coding" in answer, answer
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        piece = b" " * 2**16
+        client.sendall(CHUNKED_POST + b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(20)))  # 1.25 MB
+        answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+        client.sendall(b"ZZZ\r\n")
+        while chunk := client.recv(65536):  # until the server closes
+            answer += chunk
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 1, answer
+
+
 def test_sigterm_stops_it_cleanly(server):
     address, process = server  # the last test of the module: the fixture's server is stopped here
     process.send_signal(signal.SIGTERM)
