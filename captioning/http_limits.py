@@ -27,6 +27,7 @@ from captioning.errors import clipped, one_line
 # The client has sent all of its request: stop its clock (MUST_CLOSE: an HTTP/1.0 body that ended).
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
 LINGER_S = 2.0  # how long a refused connection's request is read and dropped before the socket is closed
+HEAD_MAX = 16 * 1024  # bytes of a request's line and headers (h11's default, given to it by serve)
 HEAD_KEPT = 1024  # bytes of a request's start kept while its head arrives, to show it if it cannot be parsed
 UVICORNS_400_WARNING = "Invalid HTTP request received."  # logged by uvicorn beside the access line of its 400
 
@@ -47,6 +48,9 @@ def last_answer(status: int, message: str, headers: dict | None = None) -> bytes
 
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
 NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
+# h11 fails on a head that grows past HEAD_MAX unfinished: big cookies, not a malformed request
+HEAD_TOO_LARGE = last_answer(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
+                                  "smaller headers (cookies)")
 # h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
 BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is malformed; send it again")
 
@@ -156,7 +160,9 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
             has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
             answer to one request followed the first."""
-            if self.conn.our_state is h11.IDLE:  # no request parsed
+            if self.conn.our_state is h11.IDLE and len(self.conn.trailing_data[0]) > HEAD_MAX:  # left unparsed
+                self._answer_and_close(431, HEAD_TOO_LARGE, f"headers too large: {request_line(self._head)[0]}")
+            elif self.conn.our_state is h11.IDLE:  # no request parsed
                 self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
             elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
                 self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")

@@ -33,6 +33,7 @@ from captioning.bundle import with_overrides
 from captioning.errors import UserError, clipped
 from captioning.fetch import FetchError, fetch_async
 from captioning.http_limits import (
+    HEAD_MAX,
     ProtocolAccessFormatter,
     WithoutUvicorns400Warning,
     bounded_protocol,
@@ -414,7 +415,7 @@ def serve(model_dir: Path, settings: dict, host: str, port: int, limits: ServeLi
                             backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=shutdown_grace_s(limits),
                             http=bounded_protocol(limits.request_timeout_s, limits.max_connections,
                                                   limits.min_body_rate),
-                            timeout_keep_alive=KEEP_ALIVE_S)
+                            h11_max_incomplete_event_size=HEAD_MAX, timeout_keep_alive=KEEP_ALIVE_S)
     if access_log:
         # uvicorn sets its access logger to log_level and logs each request at INFO: at "warning" alone,
         # --access-log printed nothing at all

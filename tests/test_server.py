@@ -531,6 +531,19 @@ def test_the_port_takes_connections_as_soon_as_it_is_announced():
         sock.close()
 
 
+def test_headers_too_large_get_a_431_that_says_so(server):
+    """Headers past 16 KB that arrive in pieces (a browser's big cookies) got the 400 of a request that is not
+    HTTP/1.1 the server can parse."""
+    with socket.create_connection(("127.0.0.1", httpx.URL(server[0]).port), timeout=10) as client:
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 10_000)
+        time.sleep(0.2)  # read apart: a head over 16 KB that came in one read was taken
+        client.sendall(b"a" * 10_000)  # and no more: bytes sent after the answer would reset it away
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"headers are over 16 KB" in answer, answer
+
+
 CHUNKED_POST = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
 
