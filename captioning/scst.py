@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import pandas as pd
 
 from captioning.checkpoints import (
     DAMAGED_FILE_ERRORS,
+    SCST_KNOBS,
     clear_checkpoints,
     commit,
     non_finite,
@@ -43,8 +44,8 @@ from captioning.checkpoints import (
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner, word_rules
 from captioning.errors import UserError, one_line
-from captioning.feature_files import FeatureStore
-from captioning.params import TrainConfig
+from captioning.feature_files import FeatureStore, first_few, nonfinite_rows
+from captioning.params import TrainConfig, check_values
 from captioning.tf_setup import keras, tf
 from captioning.timing import Stopwatch
 from captioning.vocab import PAD_ID, START_ID, Vocabulary
@@ -102,6 +103,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
 
     `origin` identifies the cross-entropy run the model comes from (fingerprint, epochs, kept epoch).
     """
+    check_inputs(model, vocab, rewards, matrix, config)
     folder = checkpoint_dir / SCST_DIR
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(folder)
@@ -145,6 +147,36 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
               f"images, {seconds:.1f} s", flush=True)
     print(f"SCST: {state['epoch']} epochs, {state['seconds']:.1f} s", flush=True)
     return {"epochs": state["epoch"], "rewards": state["rewards"], "seconds": round(state["seconds"], 2)}
+
+
+# The knobs fine_tune reads, checked by params.yaml's own rules: a config made in code skips read_section.
+CHECKED_KNOBS = ("seed", "max_length", "clipnorm", *SCST_KNOBS)
+
+
+def check_inputs(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix: np.ndarray,
+                 config: TrainConfig) -> None:
+    """One line for what a caller of fine_tune other than the pipeline (the notebook, a user's script) may get
+    wrong, instead of a TensorFlow traceback deep in sampling: NaN/inf features make NaN word probabilities,
+    and sampling from them draws word ids outside the vocabulary. The pipeline refuses such features when it
+    reads them (FeatureStore); this checks only the rows SCST reads."""
+    check_values(asdict(config), "train", CHECKED_KNOBS, source="fine_tune's config")
+    if model.output.shape[-1] != len(vocab):
+        raise UserError(f"fine_tune: the model predicts {model.output.shape[-1]} words but the vocabulary has "
+                        f"{len(vocab)}: pass the vocabulary the model was trained with.")
+    rows, width = np.asarray(rewards.feature_rows), model.inputs[0].shape[-1]
+    if len(rows) == 0:
+        raise UserError("fine_tune: the reward set has no training images: build it from training captions "
+                        "whose images have features (RewardSet.build).")
+    if np.ndim(matrix) != 2 or matrix.shape[1] != width or rows.min() < 0 or rows.max() >= len(matrix):
+        raise UserError(f"fine_tune: the features (shape {np.shape(matrix)}) do not hold the rows the reward set "
+                        f"names ({rows.min()}..{rows.max()}) with the model's {width} features each: pass the "
+                        "feature matrix the reward set was built from.")
+    bad = nonfinite_rows(matrix, rows)
+    if bad:
+        raise UserError(f"fine_tune: feature rows {first_few([str(row) for row in bad])} ({len(bad)} of the "
+                        f"{len(rows)} the reward set names) hold NaN or inf, so the sampled words' probabilities "
+                        "would be NaN. Pass finite features (extract them again: `dvc repro -f "
+                        "extract_resnet_features`).")
 
 
 def _gradient_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, vocab_size: int):

@@ -18,7 +18,7 @@ from captioning.params import read_section
 from captioning.scst import RewardSet, fine_tune
 from captioning.tiny_project import PROJECT
 from captioning.train import TrainPaths, train
-from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 ORIGIN = {"fingerprint": "cross-entropy run", "epochs": 2, "kept_epoch": 2}
 
@@ -35,9 +35,22 @@ def toy():
     """A decoder trained too briefly to caption the toy set well, and its rewards: each toy image's
     reference is its own caption."""
     decoder, vocab, features = fit_toy_decoder(seed=0, epochs=2)
+    return decoder, vocab, features, toy_rewards()
+
+
+def toy_rewards() -> RewardSet:
     statistics = NgramStatistics.from_captions([[c] for c in TOY_CAPTIONS])
-    rewards = RewardSet(np.arange(len(TOY_CAPTIONS)), [[statistics.vector(c)] for c in TOY_CAPTIONS], statistics)
-    return decoder, vocab, features, rewards
+    return RewardSet(np.arange(len(TOY_CAPTIONS)), [[statistics.vector(c)] for c in TOY_CAPTIONS], statistics)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """The toy set's decoder, never fitted and built once: fine_tune checks its inputs before any training."""
+    from captioning.model import build_decoder
+
+    vocab = Vocabulary.build(TOY_CAPTIONS, 1)
+    features = np.random.default_rng(0).normal(size=(len(TOY_CAPTIONS), 32)).astype("float32")
+    return build_decoder(len(vocab), 16, 1e-6, 0.2, features.mean(0), features.var(0)), vocab, features
 
 
 def test_sampling_is_seeded_and_follows_the_decoding_rules(toy):
@@ -129,6 +142,47 @@ def test_a_diverged_scst_step_stops_with_one_line_and_keeps_nothing_of_its_epoch
     assert "train.scst_learning_rate" in message and "train.scst_epochs: 1 finishes" in message
     assert "\n" not in message
     assert sorted((path.name, path.read_bytes()) for path in (tmp_path / "scst").iterdir()) == written
+
+
+def nan_in(features):
+    features[1, 3] = np.nan
+
+
+def inf_in(features):
+    features[2, 0] = -np.inf
+
+
+@pytest.mark.parametrize("spoil, knobs, words", [
+    (nan_in, {}, r"^fine_tune: feature rows 1 \(1 of the 4 the reward set names\) hold NaN or inf"),
+    (inf_in, {}, r"^fine_tune: feature rows 2 \(1 of the 4 .* hold NaN or inf"),
+    (None, {"scst_samples": 1}, r"^fine_tune's config: train.scst_samples is 1; use a whole number >= 2"),
+    (None, {"scst_batch_images": 0}, r"^fine_tune's config: train.scst_batch_images is 0; "),
+], ids=["nan", "inf", "one-sample", "no-images-per-batch"])
+def test_fine_tune_called_directly_checks_its_own_inputs(untrained, tmp_path, spoil, knobs, words):
+    """A notebook or a user's script calls fine_tune without the pipeline's checks: NaN/inf features made a
+    TensorFlow traceback deep in sampling (word ids outside the vocabulary), one sample per image a NaN
+    baseline blamed on the learning rate. One line instead, before anything is written."""
+    decoder, vocab, features = untrained
+    features = features.copy()
+    if spoil:
+        spoil(features)
+    with pytest.raises(UserError, match=words) as raised:
+        fine_tune(decoder, vocab, toy_rewards(), features, config(scst_epochs=1, **knobs), tmp_path, ORIGIN)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "scst").exists()
+
+
+def test_fine_tune_refuses_a_vocabulary_or_features_of_another_model(untrained, tmp_path):
+    decoder, vocab, features = untrained
+    rewards = toy_rewards()
+    other = Vocabulary.build(TOY_CAPTIONS + ["a yellow star"], 1)
+    with pytest.raises(UserError, match=rf"^fine_tune: the model predicts {len(vocab)} words but the vocabulary "
+                                        rf"has {len(other)}: pass the vocabulary the model was trained with"):
+        fine_tune(decoder, other, rewards, features, config(), tmp_path, ORIGIN)
+    with pytest.raises(UserError, match=r"^fine_tune: the features \(shape \(4, 31\)\) do not hold the rows"):
+        fine_tune(decoder, vocab, rewards, features[:, 1:], config(), tmp_path, ORIGIN)
+    with pytest.raises(UserError, match=r"^fine_tune: the features \(shape \(3, 32\)\) do not hold the rows"):
+        fine_tune(decoder, vocab, rewards, features[:3], config(), tmp_path, ORIGIN)
 
 
 def test_scst_knobs_keep_the_cross_entropy_checkpoint(tmp_path):
