@@ -9,9 +9,9 @@ file cut short or changed since (HDF5 weights have no checksum of their own) is 
 An epoch whose loss is not finite (NaN or inf: training diverged) is neither checkpointed nor kept as
 the best one: training stops there and says so.
 
-A checkpoint is resumed only when its fingerprint matches: every param but `epochs` and the `scst_*`
-ones, every input file, the training code (train_lstm's code deps in dvc.yaml), and the number of
-replicas.
+A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, the `scst_*` ones
+and `restore_best_weights`, every input file, the training code (train_lstm's code deps in dvc.yaml), and
+the number of replicas.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ TRAINING_CODE = [Path(__file__).with_name(name) for name in (
 # The self-critical stage's knobs do not change the cross-entropy run it starts from (scst.py has its own
 # checkpoint), so turning it on or retuning it resumes a finished run instead of training it again.
 SCST_KNOBS = ("scst_epochs", "scst_learning_rate", "scst_samples", "scst_batch_images")
+# Nor does restore_best_weights: every epoch is trained and checkpointed alike, and the best epoch's weights
+# are saved either way; it only decides which weights the run ends with (train.fit).
+END_KNOBS = ("restore_best_weights",)
 # What reading a damaged checkpoint file raises. .keras and .npz files are zip archives, and a damaged
 # one raises zipfile.BadZipFile ("Bad CRC-32", "File is not a zip file"), which is no OSError.
 DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile)
@@ -46,7 +49,7 @@ DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, z
 
 def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:
     """What a checkpoint must match to be resumed (see the module docstring)."""
-    knobs = {**asdict(config), "epochs": None, "replicas": replicas, **dict.fromkeys(SCST_KNOBS)}
+    knobs = {**asdict(config), "epochs": None, "replicas": replicas, **dict.fromkeys(SCST_KNOBS + END_KNOBS)}
     digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
     for path in [*inputs, *TRAINING_CODE]:
         digest.update(files.sha256(path).encode())

@@ -27,6 +27,7 @@ import pandas as pd
 from captioning import files, layout
 from captioning.checkpoints import (
     DAMAGED_FILE_ERRORS,
+    STATE_FILE,
     EpochEnd,
     clear_checkpoints,
     fingerprint,
@@ -258,6 +259,11 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         remove_partial_writes(paths.checkpoints)
     print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
     state = resume_state(paths.checkpoints, print_fingerprint, config.epochs, **best_weights_use(config))
+    if state and config.restore_best_weights and state["best_epoch"] and not state["best_file"]:
+        # A run with train.restore_best_weights: false let its damaged best-weights file go (best_weights_use);
+        # this run ends with the best epoch's weights, which are no longer to be had.
+        state = starting_over(paths.checkpoints / STATE_FILE, f"the weights of its best epoch ({state['best_epoch']}) "
+                              "were dropped by a run with train.restore_best_weights: false")
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
     # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
     # others resume. Outside the strategy's scope, so this load runs no collective op. The best epoch's

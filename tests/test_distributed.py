@@ -429,6 +429,41 @@ def test_without_restore_best_weights_a_damaged_best_weights_file_is_ignored_and
     assert not best.exists()  # no state names it any more
 
 
+def test_switching_restore_best_weights_resumes_the_checkpoint(tmp_path, capsys):
+    """Every epoch is trained and checkpointed alike whatever train.restore_best_weights says (the best
+    epoch's weights are saved either way): switching it only changes which weights the run ends with, so it
+    resumes, to the numbers of a run that had the new value from the start, instead of training again."""
+    whole, whole_weights = run_in_process(tmp_path / "whole", "default", restore_best_weights=False, epochs=2)
+    run_in_process(tmp_path / "switched", "default", restore_best_weights=True)
+    shutil.rmtree(tmp_path / "switched/data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    resumed, weights = run_in_process(tmp_path / "switched", "default", restore_best_weights=False, epochs=2)
+    said = capsys.readouterr().out
+    assert "resuming from the checkpoint after epoch 1" in said and "starts over" not in said
+    assert resumed["epochs"] == 2 and without_timing(resumed) == without_timing(whole)
+    for mine, theirs in zip(weights, whole_weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_best_weights_dropped_without_restore_best_weights_mean_starting_over_when_it_is_back_on(tmp_path, capsys):
+    """With train.restore_best_weights: false a damaged best-weights file is let go and the state names none
+    (its best epoch stays); a run that then asks for the best epoch cannot end with it: one line, a fresh start
+    (not an end with the last epoch's weights passed off as the best)."""
+    run_in_process(tmp_path, "default", restore_best_weights=False)
+    state_file = tmp_path / "checkpoints/state.json"
+    state = json.loads(state_file.read_text())
+    (tmp_path / "checkpoints" / state["best_file"]).unlink()  # as the spare best file's removal leaves it
+    state_file.write_text(json.dumps({**state, "best_file": None,
+                                      "sha256": {state["model_file"]: state["sha256"][state["model_file"]]}}))
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    again, _ = run_in_process(tmp_path, "default", restore_best_weights=True, epochs=2)
+    said = capsys.readouterr().out
+    assert re.search(rf"^cannot resume from {re.escape(str(state_file))} \(the weights of its best epoch \(1\) were "
+                     r"dropped by a run with train.restore_best_weights: false\): training starts over", said, re.M)
+    assert "resuming" not in said and again["epochs"] == 2
+
+
 def edit_rng_state(checkpoints: Path) -> None:
     state = json.loads((checkpoints / "state.json").read_text())
     (checkpoints / "state.json").write_text(json.dumps({**state, "rng_state": state["rng_state"][:1]}))
