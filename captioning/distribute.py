@@ -240,22 +240,37 @@ def stop_cleanly_when_a_worker_is_lost(placement: Placement) -> Iterator[None]:
     or on their way to, a collective op that can never complete. They do not hang: TensorFlow's
     coordination service notices the missing heartbeats (about 10 s) or the refused connection, aborts
     every collective op, and the op raises UnavailableError, the documented signal that "it's required
-    to restart in order to recover". Its message is a traceback of gRPC details; the workers it names
+    to restart in order to recover" (DeadlineExceededError when the chief, which runs the service, is frozen
+    and leaves the heartbeats unanswered). Its message is a traceback of gRPC details; the workers it names
     (other than this one) are the ones lost. A worker that is alive but stuck keeps sending heartbeats,
-    so the others wait for it: only killing it ends that.
+    so the others wait for it: only killing it ends that (before the agreement, check_agreement's deadline).
     """
     try:
         yield
-    except tf.errors.UnavailableError as err:
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as err:
         if placement.name != "multi_worker":
             raise
-        resolver = placement.strategy.cluster_resolver
-        me = f"{resolver.task_type} {resolver.task_id}"
-        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", str(err))}
-                      - {me}) or ["another worker"]
+        me = _me(placement)
+        lost = {f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", str(err))} - {me}
+        if not lost and "CoordinationService" in str(err):
+            # A request to the coordination service that timed out (its heartbeat: DeadlineExceeded) names no other
+            # task: the service runs on the chief, which stopped answering (a frozen process, a lost machine).
+            lost = {_coordinator(placement)} - {me}
+        lost = sorted(lost) or ["another worker"]
         raise UserError(f"{' and '.join(lost)} stopped or cannot be reached, so {me} stops too. "
                         "The lost worker's own output says why; fix that and start every worker again (with a "
                         "shared checkpoints/ folder they resume from the last finished epoch).") from None
+
+
+def _me(placement: Placement) -> str:
+    """This worker as TF_CONFIG names it, e.g. "worker 1"."""
+    resolver = placement.strategy.cluster_resolver
+    return f"{resolver.task_type} {resolver.task_id}"
+
+
+def _coordinator(placement: Placement) -> str:
+    """The task that runs TensorFlow's coordination service: the chief, else worker 0 (TensorFlow's rule)."""
+    return "chief 0" if "chief" in placement.strategy.cluster_resolver.cluster_spec().as_dict() else "worker 0"
 
 
 @contextlib.contextmanager

@@ -78,17 +78,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_workers(projects: list[Path], script: str = WORKER) -> list[subprocess.Popen]:
+def start_workers(projects: list[Path], script: str = WORKER, **env: str) -> list[subprocess.Popen]:
     """`script` (train_lstm) on one worker per project folder (index = position), all on 127.0.0.1,
-    each writing its output to log.txt in its folder."""
+    each writing its output to log.txt in its folder; `env`: more environment variables."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(len(projects))]
     processes = []
     for index, project in enumerate(projects):
-        env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        worker_env = stages_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}), **env)
         with open(project / "log.txt", "w") as log:
             processes.append(subprocess.Popen([sys.executable, "-c", script, str(project / "weights.npz")],
-                                              cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT))
+                                              cwd=project, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
     return processes
 
 
@@ -172,16 +172,17 @@ def test_two_workers_resume_a_shared_checkpoint_and_still_only_the_chief_writes(
         for index in range(len(before)):
             np.testing.assert_array_equal(after[f"arr_{index}"], before[f"arr_{index}"])
 
-# train_lstm, but the worker whose index is argv[2] dies (as in a crash or a kill) once the workers agreed.
+# train_lstm, but the worker whose index is argv[2] dies (as in a crash or a kill) once the workers agreed;
+# or, with FREEZE set, is frozen there (SIGSTOP: alive, but its heartbeats stop too).
 FAILING_AFTER_AGREEMENT = """
-import os, sys, time
+import os, signal, sys, time
 import captioning.train as train
 agree = train.check_agreement
 def agree_then_die(placement, *args):
     agree(placement, *args)
     if placement.worker.startswith(f"worker {sys.argv[2]} "):
         print(f"dying at {time.time()}", flush=True)
-        os._exit(3)
+        os.kill(os.getpid(), signal.SIGSTOP) if os.environ.get("FREEZE") else os._exit(3)
 train.check_agreement = agree_then_die
 from captioning.errors import run_cli
 from stages.train_lstm import main
@@ -190,15 +191,20 @@ run_cli(main)
 
 
 @pytest.mark.slow  # about 40 s on 2 cores
-@pytest.mark.parametrize("lost", [0, 1])  # the chief (which leads TensorFlow's coordination service), the other
-def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(tmp_path, lost):
+@pytest.mark.parametrize("lost, how", [
+    (0, "dies"),  # the chief, which leads TensorFlow's coordination service
+    (1, "dies"),
+    (0, "freezes"),  # its heartbeats time out: DeadlineExceededError, which was a traceback
+])
+def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(tmp_path, lost, how):
     """The other worker waits in a collective op that can never complete; TensorFlow aborts it once the lost
     worker stops sending heartbeats (or refuses connections). It must stop soon after, with one line naming
     the lost worker, not a traceback of gRPC details (nor wait forever)."""
     projects = [tmp_path / f"machine{index}" for index in range(2)]
     for project in projects:
         write_inputs(project, "multi_worker")
-    processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", str(lost)))
+    processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", str(lost)),
+                              **({"FREEZE": "1"} if how == "freezes" else {}))
     survivor = processes[1 - lost]
     try:
         survivor.wait(timeout=150)
