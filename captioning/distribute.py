@@ -109,12 +109,20 @@ def join_timeout() -> float:
 def join_deadline(seconds: float, worker: str, workers: int) -> Iterator[None]:
     """End this process with one line on stderr when the body (the strategy's start, which waits for every
     worker of TF_CONFIG) takes more than `seconds`; 0: no limit."""
+    with deadline(seconds, f"error: {worker}: not all {workers} workers of TF_CONFIG started within {seconds:g} s, "
+                           f"so it stops ({JOIN_TIMEOUT_VARIABLE}). Start the missing ones (a worker that stopped "
+                           f"says why in its own output), then every worker again; {JOIN_TIMEOUT_VARIABLE}=0 waits "
+                           "with no limit."):
+        yield
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: str) -> Iterator[None]:
+    """End this process with `message` on stderr when the body, a wait inside TensorFlow for the other
+    workers, takes more than `seconds` (the WATCHDOG); 0: no limit."""
     if not seconds:
         yield
         return
-    message = (f"error: {worker}: not all {workers} workers of TF_CONFIG started within {seconds:g} s, so it stops "
-               f"({JOIN_TIMEOUT_VARIABLE}). Start the missing ones (a worker that stopped says why in its own "
-               f"output), then every worker again; {JOIN_TIMEOUT_VARIABLE}=0 waits with no limit.")
     watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
     try:
         yield
@@ -223,7 +231,16 @@ def check_agreement(placement: Placement, fingerprint: str, epoch: int) -> None:
     def everyones():
         return placement.strategy.run(lambda: tf.identity(mine))
 
-    rows = placement.strategy.gather(everyones(), axis=0).numpy()  # one row per replica of every worker
+    # The first collective op: it waits, again without a limit of its own, until every worker gets here. A worker
+    # that started but is stuck before it (say, reading its data from a hung network file system) keeps sending
+    # heartbeats, so TensorFlow would wait for it for good and without a word.
+    seconds = join_timeout()
+    with deadline(seconds, f"error: {_me(placement)}: not every worker reached the start of training within "
+                           f"{seconds:g} s of this one, so it stops ({JOIN_TIMEOUT_VARIABLE}). A worker whose "
+                           "output stopped before this one's is stuck (say, on a hung file system): end it with "
+                           "kill -9 (it does not heed SIGTERM), then start every worker again; "
+                           f"{JOIN_TIMEOUT_VARIABLE}=0 waits with no limit."):
+        rows = placement.strategy.gather(everyones(), axis=0).numpy()  # one row per replica of every worker
     if len(set(rows[:, 0])) > 1:
         raise UserError("the workers do not train the same thing: their params, training code or input files "
                         "differ. Give every machine the same commit and the same `dvc pull`ed data.")

@@ -223,6 +223,53 @@ def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(t
                                                      f"{1 - lost} stops too."), log[-4000:]
 
 
+# train_lstm, but worker 1 hangs, alive (its heartbeats go on), after its strategy started and before the
+# workers' agreement: as on a hung network file system while it reads its data.
+STUCK_BEFORE_AGREEMENT = """
+import sys, time
+import captioning.train as train
+agree = train.check_agreement
+def hang_then_agree(placement, *args):
+    if placement.worker.startswith("worker 1 "):
+        print("hanging", flush=True)
+        time.sleep(3600)
+    agree(placement, *args)
+train.check_agreement = hang_then_agree
+from captioning.errors import run_cli
+from stages.train_lstm import main
+run_cli(main)
+"""
+
+
+@pytest.mark.slow  # about 40 s on 2 cores
+def test_a_worker_stuck_before_the_agreement_stops_the_other_at_the_join_timeout(tmp_path):
+    """TensorFlow's first collective op waits for every worker with no limit, and a stuck worker still sends
+    heartbeats: the other waited for good, without a word. It must stop at CAPTIONING_JOIN_TIMEOUT after it
+    got there, with one line saying what to do."""
+    projects = [tmp_path / f"machine{index}" for index in range(2)]
+    for project in projects:
+        write_inputs(project, "multi_worker")
+    timeout = 30  # also the start-up join's: room for the two TensorFlow imports to end apart under load
+    processes = start_workers(projects, STUCK_BEFORE_AGREEMENT, CAPTIONING_JOIN_TIMEOUT=str(timeout))
+    chief = processes[0]
+    try:
+        ended = chief.wait(timeout=240) is not None
+    except subprocess.TimeoutExpired:  # the old code's wait never ends
+        ended = False
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    log = (projects[0] / "log.txt").read_text()
+    assert "hanging" in (projects[1] / "log.txt").read_text()
+    assert ended and chief.returncode == -signal.SIGKILL and "Traceback" not in log, log[-4000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: worker 0: not every worker reached the start of training within {timeout} s of this one, so it "
+        "stops (CAPTIONING_JOIN_TIMEOUT). A worker whose output stopped"), log[-4000:]
+
+
 def run_in_process(project: Path, strategy: str, **knobs) -> tuple[dict, list[np.ndarray]]:
     """One epoch (unless `knobs` say otherwise) through captioning.train.train in this process; its metrics
     and final weights."""
