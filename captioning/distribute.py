@@ -69,7 +69,7 @@ def make_placement(name: str) -> Placement:
 
 
 JOIN_TIMEOUT_VARIABLE = "CAPTIONING_JOIN_TIMEOUT"  # seconds a multi_worker worker waits for the others to start
-DEFAULT_JOIN_TIMEOUT = 600.0  # "start all workers within a few minutes of each other" (README), with room to spare
+DEFAULT_JOIN_TIMEOUT = 600.0  # the README asks to start all workers within 10 minutes of each other
 
 # The join's watchdog, a plain Python process (no TensorFlow: it starts in milliseconds). While the worker waits
 # inside TensorFlow it holds the GIL and heeds neither Ctrl-C nor SIGTERM (TensorFlow catches it), so no thread,
