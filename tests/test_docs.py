@@ -224,3 +224,26 @@ def test_troubleshooting_names_messages_the_package_prints():
     assert len(messages) >= 3, messages
     source = "\n".join(path.read_text(encoding="utf-8") for path in (PROJECT / "captioning").rglob("*.py"))
     assert not [message for message in messages if message not in source], messages
+
+
+def test_the_readme_rehearsal_script_draws_official_format_lists(flickr8k, tmp_path):
+    """The README's script for the rehearsals of the official test split runs as printed (the data path
+    aside) and writes lists `data.split_dir` accepts: 125 test photos of the official train photos that are
+    here, the rest of the official train list as train, the official dev list, no photo in two lists."""
+    from captioning.split import official_split
+
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    script = [block for block in blocks if "default_rng(2027)" in block]
+    assert len(script) == 1, "the README's rehearsal script is gone or printed twice"
+    assert 'Path("/data/flickr8k")' in script[0]
+    (tmp_path / "draw.py").write_text(script[0].replace('Path("/data/flickr8k")', f"Path({str(flickr8k)!r})"))
+    subprocess.run([sys.executable, "draw.py"], cwd=tmp_path, check=True, timeout=60)
+
+    official_train = (flickr8k / "Flickr_8k.trainImages.txt").read_text().split()
+    here = sorted(path.name for path in (flickr8k / "Images").iterdir())
+    splits, report = official_split(tmp_path / "rehearsal", here)
+    assert len(splits["test"]) == report["test"]["listed"] == 125
+    assert set(splits["test"]) <= set(official_train)
+    assert set(splits["train"]) == set(official_train) & set(here) - set(splits["test"])
+    assert (tmp_path / "rehearsal" / "Flickr_8k.devImages.txt").read_bytes() == \
+        (flickr8k / "Flickr_8k.devImages.txt").read_bytes()
