@@ -10,7 +10,9 @@ The actors send back one row per image with its row number; the driver writes it
 memory-mapped raw file extract_features gives it, so neither side holds more than a few batches.
 
 Faults: an actor that dies (process killed, node lost) is restarted by Ray and the batches it held
-are retried, up to MAX_RESTARTS / MAX_TASK_RETRIES; the driver checks that every row arrives
+are retried, by Ray Data's own actor fault tolerance (Ray 2.60 deprecates every way to set other
+max_restarts / max_task_retries, and names no replacement); a batch that keeps killing its worker
+ends the run through Ray Data's no-progress guard. The driver checks that every row arrives
 exactly once and the report counts the restarts it saw. A bad image is an error string in its row,
 as locally (never an exception, so never retried), and so is a backbone a worker cannot build (a
 UserError, in every row it is handed: `fatal`), which the driver raises as the local run does. Ray is
@@ -32,8 +34,6 @@ import captioning
 from captioning.errors import UserError
 from captioning.layout import CACHE_ENV
 
-MAX_RESTARTS = 4      # per actor: a worker killed or lost this often ends the run, with a message
-MAX_TASK_RETRIES = 3  # per batch: one that keeps killing its worker (a crashing decoder) is not retried forever
 CONNECT_TIMEOUT_S = 5
 START_HINT = ("start a cluster with `ray start --head` (see README, Scaling out), or set "
               "features.ray_address: null to start a private local Ray")
@@ -55,9 +55,9 @@ class BackboneActor:
         try:
             self.computer, self.failure = FeatureComputer(build_backbone(spec), spec.image_size), ""
         except UserError as err:
-            # Not raised: Ray keeps only the text of a constructor's exception (ActorDiedError), restarts the
-            # actor MAX_RESTARTS times to fail alike, and Ray Data rewrites a batch's exception. Each batch
-            # this actor gets carries the message instead (`fatal`), and the driver raises it as it is.
+            # Not raised: Ray keeps only the text of a constructor's exception (ActorDiedError), Ray Data
+            # starts other actors to fail alike, and it rewrites a batch's exception. Each batch this
+            # actor gets carries the message instead (`fatal`), and the driver raises it as it is.
             self.computer, self.failure = None, str(err)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,8 +109,7 @@ class RayEngine:
         dataset = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
             BackboneActor, batch_size=1, batch_format="numpy", num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=self.workers),
-            fn_constructor_kwargs={"spec": asdict(_portable(self.spec)), "batch_size": self.batch_size},
-            ray_remote_args_fn=lambda: {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
+            fn_constructor_kwargs={"spec": asdict(_portable(self.spec)), "batch_size": self.batch_size})
         done = np.zeros(len(paths), dtype=bool)
         errors: dict[int, str] = {}
         with tqdm(total=len(paths), desc=f"{self.spec.backbone} features (Ray, {self.workers} workers)", unit="img",
@@ -209,10 +208,11 @@ def _stream(ray, dataset):
         cause = _user_error_in(err)
         if cause:
             raise cause from None
+        patience = ray.data.DataContext.get_current().execution_no_progress_timeout_s
         raise UserError(f"feature extraction on Ray failed: {type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''} (a worker that "
-                        f"dies more than {MAX_TASK_RETRIES} times on one batch ends the run; its log is in "
-                        "/tmp/ray/session_latest/logs).") from None
+                        f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''} (a batch that keeps "
+                        f"killing its worker ends the run once no image has come back for {patience:g} s; the "
+                        "workers' logs are in /tmp/ray/session_latest/logs).") from None
 
 
 def _user_error_in(err: BaseException) -> UserError | None:
