@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import typing
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from captioning import layout
@@ -18,6 +21,63 @@ from captioning.serve_limits import ServeLimits
 # 50-100 KB). Below it the server started, loaded its model and then refused every upload with a 413, and
 # every URL fetch failed.
 MIN_PHOTO_MB = 0.1
+MEGABYTE, KILOBYTE, MILLISECOND = Fraction(2**20), Fraction(1024), Fraction(1, 1000)  # in bytes and seconds
+
+
+@dataclass(frozen=True)
+class LimitFlag:
+    """A flag for one field of ServeLimits or FetchLimits, in the unit a person types (MB, ms): the field holds
+    the flag's value times `scale`. Its default is the field's own, so the flags cannot drift from the server."""
+
+    flag: str
+    field: str
+    number: type  # int or float: what the flag takes
+    help: str
+    scale: Fraction = Fraction(1)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")  # argparse's name for the flag's value
+
+    def add_to(self, parser: argparse.ArgumentParser, limits) -> None:
+        # Fractions keep both conversions exact: 0.005 s shows as 5.0 ms, and 7 ms arrives as 0.007 s.
+        default = self.number(Fraction(getattr(limits, self.field)) / self.scale)
+        parser.add_argument(self.flag, type=_finite if self.number is float else int, default=default, help=self.help)
+
+    def value_of(self, args, field_type: type) -> int | float:
+        return field_type(Fraction(getattr(args, self.dest)) * self.scale)
+
+
+SERVE_FLAGS = (
+    LimitFlag("--max-batch", "max_batch", int, "images in one batched pass (default: %(default)s)"),
+    LimitFlag("--max-wait-ms", "max_wait_s", float,
+              "how long a request waits for others to share its pass (default: %(default)s)", MILLISECOND),
+    LimitFlag("--max-body-mb", "max_body_bytes", float,
+              f"request body limit, at least {MIN_PHOTO_MB:g} (default: %(default)s)", MEGABYTE),
+    LimitFlag("--max-files", "max_files", int, "images in one request (default: %(default)s)"),
+    LimitFlag("--max-pixels", "max_pixels", int, "width x height limit of one image (default: %(default)s)"),
+    LimitFlag("--request-timeout", "request_timeout_s", float,
+              "seconds a client has to send a request's headers, and the first part of its body; "
+              "then 408 and the connection is closed (default: %(default)s)"),
+    LimitFlag("--min-body-rate", "min_body_rate", float,
+              "KB/s: each KB of a body that arrives gives the client 1/N s more past --request-timeout "
+              "(default: %(default)s)", KILOBYTE),
+    LimitFlag("--max-connections", "max_connections", int,
+              "connections open at once; more are answered 503 (default: %(default)s)"),
+)
+FETCH_FLAGS = (
+    LimitFlag("--fetch-timeout", "timeout_s", float,
+              "seconds one image URL may take in all, DNS and redirects included (default: %(default)s)"),
+    LimitFlag("--fetch-max-mb", "max_bytes", float,
+              f"size limit of an image from a URL, at least {MIN_PHOTO_MB:g} (default: %(default)s)", MEGABYTE),
+    LimitFlag("--fetch-max-redirects", "max_redirects", int, "redirects followed per URL (default: %(default)s)"),
+)
+
+
+def _limits_from(args, flags: tuple[LimitFlag, ...], limits_class: type, **others):
+    """`limits_class` (ServeLimits, FetchLimits) from the flags' values, each in the field's unit and type."""
+    field_types = typing.get_type_hints(limits_class)
+    return limits_class(**{flag.field: flag.value_of(args, field_types[flag.field]) for flag in flags}, **others)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,25 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", "--model-dir", dest="model_dir", type=Path, default=layout.MODEL_DIR,
                        help="trained model bundle (default: %(default)s)")
     _decode_argument(serve)
-    limits = ServeLimits()  # the flags' defaults
-    serve.add_argument("--max-batch", type=int, default=limits.max_batch,
-                       help="images in one batched pass (default: %(default)s)")
-    serve.add_argument("--max-wait-ms", type=_finite, default=limits.max_wait_s * 1000,
-                       help="how long a request waits for others to share its pass (default: %(default)s)")
-    serve.add_argument("--max-body-mb", type=_finite, default=limits.max_body_bytes / 2**20,
-                       help=f"request body limit, at least {MIN_PHOTO_MB:g} (default: %(default)s)")
-    serve.add_argument("--max-files", type=int, default=limits.max_files,
-                       help="images in one request (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                       help="width x height limit of one image (default: %(default)s)")
-    serve.add_argument("--request-timeout", type=_finite, default=limits.request_timeout_s,
-                       help="seconds a client has to send a request's headers, and the first part of its body; "
-                            "then 408 and the connection is closed (default: %(default)s)")
-    serve.add_argument("--min-body-rate", type=_finite, default=limits.min_body_rate / 1024,
-                       help="KB/s: each KB of a body that arrives gives the client 1/N s more past --request-timeout "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-connections", type=int, default=limits.max_connections,
-                       help="connections open at once; more are answered 503 (default: %(default)s)")
+    for flag in SERVE_FLAGS:
+        flag.add_to(serve, ServeLimits())
     serve.add_argument("--access-log", action="store_true", help="log every request")
     _fetch_arguments(serve)
     demo = commands.add_parser(
@@ -99,13 +142,8 @@ def _port(text: str) -> int:
 
 
 def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = FetchLimits()
-    parser.add_argument("--fetch-timeout", type=_finite, default=defaults.timeout_s,
-                        help="seconds one image URL may take in all, DNS and redirects included (default: %(default)s)")
-    parser.add_argument("--fetch-max-mb", type=_finite, default=defaults.max_bytes / 2**20,
-                        help=f"size limit of an image from a URL, at least {MIN_PHOTO_MB:g} (default: %(default)s)")
-    parser.add_argument("--fetch-max-redirects", type=int, default=defaults.max_redirects,
-                        help="redirects followed per URL (default: %(default)s)")
+    for flag in FETCH_FLAGS:
+        flag.add_to(parser, FetchLimits())
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="also fetch URLs on loopback, private and link-local addresses (refused by default)")
 
@@ -125,8 +163,7 @@ def _fetch_limits(args) -> FetchLimits:
     if args.fetch_timeout <= 0 or args.fetch_max_redirects < 0:
         raise UserError("--fetch-timeout must be positive, --fetch-max-redirects at least 0")
     _check_holds_a_photo("--fetch-max-mb", args.fetch_max_mb)
-    return FetchLimits(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mb * 2**20),
-                       max_redirects=args.fetch_max_redirects, allow_private=args.allow_private_urls)
+    return _limits_from(args, FETCH_FLAGS, FetchLimits, allow_private=args.allow_private_urls)
 
 
 def caption_command(args) -> int:
@@ -173,11 +210,7 @@ def serve_command(args) -> int:
 
 
 def _serve_limits(args, fetch_limits: FetchLimits) -> ServeLimits:
-    """The flags in the server's units (the inverse of the defaults' conversions in _parser)."""
-    return ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_files=args.max_files,
-                       max_pixels=args.max_pixels, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
-                       request_timeout_s=args.request_timeout, min_body_rate=args.min_body_rate * 1024,
-                       max_connections=args.max_connections, fetch=fetch_limits)
+    return _limits_from(args, SERVE_FLAGS, ServeLimits, fetch=fetch_limits)
 
 
 def demo_command(args) -> int:

@@ -91,6 +91,57 @@ def test_serve_flags_default_to_the_servers_own_limits():
     assert (changed.max_wait_s, changed.max_body_bytes, changed.min_body_rate) == (0.007, 3 * 2**20, 2048)
 
 
+# Each limit flag, a value given to it, and the field (of ServeLimits, or of its FetchLimits) that must then
+# hold it in the server's unit and type. Written out here, not read from the parser's table, so that a wrong
+# scale or a flag wired to the wrong field fails.
+GIVEN_LIMITS = [
+    ("--max-batch", "3", "max_batch", 3),
+    ("--max-wait-ms", "7", "max_wait_s", 0.007),
+    ("--max-body-mb", "3", "max_body_bytes", 3 * 2**20),
+    ("--max-body-mb", "0.5", "max_body_bytes", 2**19),
+    ("--max-files", "3", "max_files", 3),
+    ("--max-pixels", "3000000", "max_pixels", 3_000_000),
+    ("--request-timeout", "2.5", "request_timeout_s", 2.5),
+    ("--min-body-rate", "2", "min_body_rate", 2048.0),
+    ("--max-connections", "3", "max_connections", 3),
+    ("--fetch-timeout", "4", "fetch.timeout_s", 4.0),
+    ("--fetch-max-mb", "2", "fetch.max_bytes", 2 * 2**20),
+    ("--fetch-max-redirects", "0", "fetch.max_redirects", 0),
+]
+
+
+@pytest.mark.parametrize("flag, given, field, expected", GIVEN_LIMITS)
+def test_a_limit_flag_reaches_its_field_in_the_servers_unit(flag, given, field, expected):
+    """`--max-wait-ms 7` is 0.007 s, `--max-body-mb 3` is 3 MiB in bytes (an int), and nothing else moves."""
+    from dataclasses import asdict
+
+    from captioning.__main__ import _fetch_limits, _serve_limits
+    from captioning.serve_limits import ServeLimits
+
+    def by_name(limits: ServeLimits) -> dict:
+        fields = asdict(limits)
+        fetch = fields.pop("fetch")
+        return {**fields, **{f"fetch.{name}": value for name, value in fetch.items()}}
+
+    args = _parser().parse_args(["serve", flag, given])
+    limits, defaults = by_name(_serve_limits(args, _fetch_limits(args))), by_name(ServeLimits())
+    assert limits[field] == expected and type(limits[field]) is type(expected), (flag, limits[field])
+    assert {name: value for name, value in limits.items() if name != field} == \
+        {name: value for name, value in defaults.items() if name != field}
+
+
+def test_every_limit_of_the_server_has_a_flag():
+    """A new ServeLimits or FetchLimits field without a serve flag could not be set from the command line."""
+    from dataclasses import fields
+
+    from captioning.fetch import FetchLimits
+    from captioning.serve_limits import ServeLimits
+
+    limits = {field.name for field in fields(ServeLimits)} - {"fetch"}
+    limits |= {f"fetch.{field.name}" for field in fields(FetchLimits)} - {"fetch.allow_private"}  # a switch
+    assert {field for _, _, field, _ in GIVEN_LIMITS} == limits
+
+
 def test_scoring_shows_a_bar_per_metric_only_when_asked(capsys):
     candidates, references = {"a": "a dog runs", "b": "a cat"}, {"a": ["a dog runs fast"], "b": ["the cat"]}
     quiet, _ = score_captions(candidates, references, meteor=False)
