@@ -80,8 +80,16 @@ def _limits_from(args, flags: tuple[LimitFlag, ...], limits_class: type, **other
     return limits_class(**{flag.field: flag.value_of(args, field_types[flag.field]) for flag in flags}, **others)
 
 
+def _program_name() -> str:
+    """The usage line's name for the way the user ran us: `captioning` (the console script, as the README
+    says to type it) or `python -m captioning`. argparse's own default, the script's file name, would be
+    `__main__.py` under -m (until Python 3.14)."""
+    script = Path(sys.argv[0]).name
+    return "python -m captioning" if script == "__main__.py" else script
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__)
+    parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     caption = commands.add_parser(
         "caption", help="caption new images with the trained model",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from captioning.tiny_project import PROJECT, tool_env
 
+CONSOLE_SCRIPT = Path(sys.executable).parent / "captioning"  # the venv's, from pyproject.toml's [project.scripts]
+
 
 def stages_env(**extra: str) -> dict:
     """tool_env() where `python -m stages.x` works from any folder: the stages are entry points in the

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import plain_decode, stages_env
+from helpers import CONSOLE_SCRIPT, plain_decode, stages_env
 
 from captioning.__main__ import _parser
 from captioning.scoring import score_captions
@@ -140,6 +140,19 @@ def test_every_limit_of_the_server_has_a_flag():
     limits = {field.name for field in fields(ServeLimits)} - {"fetch"}
     limits |= {f"fetch.{field.name}" for field in fields(FetchLimits)} - {"fetch.allow_private"}  # a switch
     assert {field for _, _, field, _ in GIVEN_LIMITS} == limits
+
+
+@pytest.mark.parametrize("command", [[], ["serve"]])
+def test_usage_names_the_way_the_command_was_run(command, no_tensorflow, tmp_path):
+    """The console script printed `usage: python -m captioning ...`, a command the README never tells users
+    to type; each way of running it now shows itself."""
+    words = " ".join(["captioning", *command])
+    script = subprocess.run([str(CONSOLE_SCRIPT), *command, "--help"], cwd=tmp_path, env=no_tensorflow,
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.startswith(f"usage: {words} [-h]")
+    module = run_help(["-m", "captioning", *command, "--help"], no_tensorflow, tmp_path)
+    assert module.stdout.startswith(f"usage: python -m {words} [-h]")
 
 
 def test_scoring_shows_a_bar_per_metric_only_when_asked(capsys):
