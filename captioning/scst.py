@@ -96,14 +96,16 @@ def _resumed(model: keras.Model, optimizer, folder: Path, state: dict) -> bool:
     return True
 
 
-def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix: np.ndarray, config: TrainConfig,
-              checkpoint_dir: Path, origin: dict) -> dict:
+def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, features: FeatureStore | np.ndarray,
+              config: TrainConfig, checkpoint_dir: Path, origin: dict) -> dict:
     """Run `config.scst_epochs` epochs of SCST on `model` in place, resuming a checkpoint of this very run;
     return the history ({"epochs", "rewards": mean sample reward per epoch, "seconds"}).
 
-    `origin` identifies the cross-entropy run the model comes from (fingerprint, epochs, kept epoch).
+    `features`: the FeatureStore the reward set was built from, or its feature matrix. `origin` identifies
+    the cross-entropy run the model comes from (fingerprint, epochs, kept epoch).
     """
-    check_inputs(model, vocab, rewards, matrix, config)
+    check_inputs(model, vocab, rewards, features, config)
+    matrix = _matrix_of(features)
     folder = checkpoint_dir / SCST_DIR
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(folder)
@@ -153,13 +155,18 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix:
 CHECKED_KNOBS = ("seed", "max_length", "clipnorm", *SCST_KNOBS)
 
 
-def check_inputs(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matrix: np.ndarray,
+def _matrix_of(features: FeatureStore | np.ndarray) -> np.ndarray:
+    return features.matrix if isinstance(features, FeatureStore) else features
+
+
+def check_inputs(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, features: FeatureStore | np.ndarray,
                  config: TrainConfig) -> None:
     """One line for what a caller of fine_tune other than the pipeline (the notebook, a user's script) may get
     wrong, instead of a TensorFlow traceback deep in sampling: NaN/inf features make NaN word probabilities,
-    and sampling from them draws word ids outside the vocabulary. The pipeline refuses such features when it
-    reads them (FeatureStore); this checks only the rows SCST reads."""
+    and sampling from them draws word ids outside the vocabulary. A FeatureStore (the pipeline's) refused
+    them when it opened, over its whole read-only matrix; a bare matrix has the rows SCST reads checked here."""
     check_values(asdict(config), "train", CHECKED_KNOBS, source="fine_tune's config")
+    matrix = _matrix_of(features)
     if model.output.shape[-1] != len(vocab):
         raise UserError(f"fine_tune: the model predicts {model.output.shape[-1]} words but the vocabulary has "
                         f"{len(vocab)}: pass the vocabulary the model was trained with.")
@@ -171,7 +178,7 @@ def check_inputs(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, matr
         raise UserError(f"fine_tune: the features (shape {np.shape(matrix)}) do not hold the rows the reward set "
                         f"names ({rows.min()}..{rows.max()}) with the model's {width} features each: pass the "
                         "feature matrix the reward set was built from.")
-    bad = nonfinite_rows(matrix, rows)
+    bad = [] if isinstance(features, FeatureStore) else nonfinite_rows(matrix, rows)
     if bad:
         raise UserError(f"fine_tune: feature rows {first_few([str(row) for row in bad])} ({len(bad)} of the "
                         f"{len(rows)} the reward set names) hold NaN or inf, so the sampled words' probabilities "

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+from captioning import files
 from captioning.tiny_project import PROJECT, tool_env
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "captioning"  # the venv's, from pyproject.toml's [project.scripts]
@@ -19,6 +23,15 @@ def stages_env(**extra: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def write_feature_folder(folder: Path, images: list[str], matrix: np.ndarray) -> None:
+    """A feature folder as extraction writes it: row i of `matrix` is the feature of images[i]."""
+    folder.mkdir()
+    np.save(folder / "features.npy", matrix)
+    pd.DataFrame({"image": images, "row": range(len(images))}).to_parquet(folder / "index.parquet")
+    files.write_json(folder / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
+                                                "precision": "float32"})
 
 
 def stages_run(output: str) -> list[str]:

@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_feature_folder
 
-from captioning import evaluation, files
+from captioning import evaluation
 from captioning.errors import UserError
 from captioning.params import DecodeSettings
 from captioning.scoring import CaptionScorer
@@ -22,12 +23,7 @@ CAPTIONS = {"train1.jpg": ["a red circle", "one red circle"], "train2.jpg": ["tw
 
 def write_features(folder, images: list[str]) -> None:
     """A feature folder as extraction leaves it when the photos not in `images` failed to decode."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(folder / "features.npy", rng.normal(size=(len(images), 4)).astype(np.float32))
-    pd.DataFrame({"image": images, "row": range(len(images))}).to_parquet(folder / "index.parquet")
-    files.write_json(folder / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
-                                                "precision": "float32"})
+    write_feature_folder(folder, images, np.random.default_rng(0).normal(size=(len(images), 4)).astype(np.float32))
 
 
 @pytest.fixture

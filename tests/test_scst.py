@@ -8,14 +8,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode
+from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode, write_feature_folder
 
+from captioning import scst
 from captioning.checkpoints import fingerprint
 from captioning.consensus import NgramStatistics
 from captioning.decode import Captioner
 from captioning.errors import UserError
+from captioning.feature_files import FeatureStore
 from captioning.params import read_section
-from captioning.scst import RewardSet, fine_tune
+from captioning.scst import RewardSet, check_inputs, fine_tune
 from captioning.tiny_project import PROJECT
 from captioning.train import TrainPaths, train
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -183,6 +185,21 @@ def test_fine_tune_refuses_a_vocabulary_or_features_of_another_model(untrained, 
         fine_tune(decoder, vocab, rewards, features[:, 1:], config(), tmp_path, ORIGIN)
     with pytest.raises(UserError, match=r"^fine_tune: the features \(shape \(3, 32\)\) do not hold the rows"):
         fine_tune(decoder, vocab, rewards, features[:3], config(), tmp_path, ORIGIN)
+
+
+def test_the_pipelines_feature_store_is_not_scanned_again(untrained, tmp_path, monkeypatch):
+    """The pipeline's FeatureStore refuses NaN/inf rows when it opens, over its whole (read-only) matrix, and
+    fine_tune scanned the rows SCST reads a second time. Given the store it relies on that scan; given a bare
+    matrix it still makes its own."""
+    decoder, vocab, features = untrained
+    write_feature_folder(tmp_path / "features", [f"{i}.jpg" for i in range(len(features))], features)
+    store = FeatureStore(tmp_path / "features")
+    scanned = []
+    monkeypatch.setattr(scst, "nonfinite_rows", lambda matrix, rows: scanned.append(len(rows)) or [])
+    check_inputs(decoder, vocab, toy_rewards(), store, config())
+    assert scanned == []
+    check_inputs(decoder, vocab, toy_rewards(), features, config())
+    assert scanned == [len(features)]
 
 
 def test_scst_knobs_keep_the_cross_entropy_checkpoint(tmp_path):
