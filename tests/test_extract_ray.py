@@ -4,10 +4,12 @@ files as a local run, byte for byte; a worker killed mid-run loses and duplicate
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -118,6 +120,48 @@ def test_a_killed_worker_loses_and_repeats_no_image(cluster, tmp_path):
     same_outputs(tmp_path / "local", tmp_path / "ray", local, report)
     assert report["engine"]["actor_restarts"] >= 1
     assert sum(report["engine"]["images_per_worker_process"].values()) == len(images)
+
+
+# Appended to the copy of the package the workers get: a batch holding "poison" kills its worker process, as a
+# decoder that crashes on one file would, every time Ray retries it.
+CRASHING_DECODER = """
+
+def _crash_on_poison(fill):
+    def crashing(self, paths, *args, **kwargs):
+        if any("poison" in str(path) for path in paths):
+            os._exit(1)
+        return fill(self, paths, *args, **kwargs)
+    return crashing
+
+
+FeatureComputer.fill = _crash_on_poison(FeatureComputer.fill)
+"""
+
+
+def test_a_batch_that_keeps_killing_its_worker_ends_the_run(cluster, tmp_path, monkeypatch):
+    """Restarts and retries are Ray Data's own, without a limit (Ray 2.60 deprecates setting them): a batch
+    that kills its worker every time must still end the run, with one line, once no image has come back
+    for DataContext.execution_no_progress_timeout_s (short here; 30 minutes by default)."""
+    import ray
+
+    import captioning
+
+    package = tmp_path / "shipped" / "captioning"
+    shutil.copytree(Path(captioning.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(package / "features.py", "a") as source:
+        source.write(CRASHING_DECODER)
+    monkeypatch.setattr(captioning, "__file__", str(package / "__init__.py"))  # what _connect ships to workers
+    monkeypatch.chdir(tmp_path)  # workers start in the driver's folder, and would import the project's package
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 20)
+    images = write_images(tmp_path / "images", 6)
+    shutil.copy(tmp_path / "images" / images[0], tmp_path / "images" / "poison.jpg")
+    engine = RayEngine(SPEC, 4, cluster.address, progress=False)
+    with pytest.raises(UserError, match=r"^feature extraction on Ray failed: ExecutionTimeoutError: .*once no "
+                                        r"image has come back for 20 s") as raised:
+        extract_features([*images, "poison.jpg"], tmp_path / "images", tmp_path / "ray", SPEC, batch_size=4,
+                         compute_rows=engine)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "ray" / "features.npy").exists()
 
 
 def test_a_user_error_in_the_workers_is_the_line_a_local_run_gives(cluster, tmp_path):
