@@ -45,56 +45,64 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _slow_headers(self):
+        time.sleep(6)
+        self._send(200, png_bytes())
+
+    def _late_then_silent(self):  # each step just within the limit, all of them far over it
+        time.sleep(0.9)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(0.9)
+        self.wfile.write(b"\x89")
+        self.wfile.flush()
+        time.sleep(5)
+
+    def _trickle(self):  # headers at once, then a byte every 0.2 s for a minute
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        for _ in range(300):
+            self.wfile.write(b"\x89")
+            self.wfile.flush()
+            time.sleep(0.2)
+
+    def _endless(self):  # a body that never ends, as fast as the socket takes it
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        chunk = b"\0" * 65536
+        while True:
+            self.wfile.write(chunk)
+
+    # path -> what the server does (an unknown path gets no answer at all)
+    routes = {
+        "/image.png": lambda self: self._send(200, png_bytes()),
+        "/hop": lambda self: self._send(302, Location="/image.png"),
+        "/loop": lambda self: self._send(302, Location="/loop"),
+        "/to-file": lambda self: self._send(302, Location="file:///etc/passwd"),
+        "/to-bad-port": lambda self: self._send(302, Location="http://127.0.0.1:99999/image.png"),
+        # 100 KB of zeros that inflate to 100 MB, sent although not asked for
+        "/gzip": lambda self: self._send(200, gzip.compress(bytes(100 * 2**20), compresslevel=1),
+                                         Content_Encoding="gzip"),
+        "/text": lambda self: self._send(200, b"<html>not an image</html>", "text/html"),
+        "/missing": lambda self: self._send(404, b"no such image", "text/plain"),
+        "/slow-headers": _slow_headers,
+        "/late-then-silent": _late_then_silent,
+        "/trickle": _trickle,
+        "/endless": _endless,
+    }
+
     def do_GET(self):
         Handler.hosts.append(self.headers.get("Host", ""))
         Handler.encodings.append(self.headers.get("Accept-Encoding", ""))
-        path = self.path
+        route = self.routes.get(self.path)
         try:
-            if path == "/image.png":
-                self._send(200, png_bytes())
-            elif path == "/hop":
-                self._send(302, Location="/image.png")
-            elif path == "/loop":
-                self._send(302, Location="/loop")
-            elif path == "/to-file":
-                self._send(302, Location="file:///etc/passwd")
-            elif path == "/to-bad-port":
-                self._send(302, Location="http://127.0.0.1:99999/image.png")
-            elif path == "/gzip":  # 100 KB of zeros that inflate to 100 MB, sent although not asked for
-                self._send(200, gzip.compress(bytes(100 * 2**20), compresslevel=1), Content_Encoding="gzip")
-            elif path == "/text":
-                self._send(200, b"<html>not an image</html>", "text/html")
-            elif path == "/missing":
-                self._send(404, b"no such image", "text/plain")
-            elif path == "/slow-headers":
-                time.sleep(6)
-                self._send(200, png_bytes())
-            elif path == "/late-then-silent":  # each step just within the limit, all of them far over it
-                time.sleep(0.9)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "100")
-                self.end_headers()
-                self.wfile.flush()
-                time.sleep(0.9)
-                self.wfile.write(b"\x89")
-                self.wfile.flush()
-                time.sleep(5)
-            elif path == "/trickle":  # headers at once, then a byte every 0.2 s for a minute
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.end_headers()
-                for _ in range(300):
-                    self.wfile.write(b"\x89")
-                    self.wfile.flush()
-                    time.sleep(0.2)
-            elif path == "/endless":  # a body that never ends, as fast as the socket takes it
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.end_headers()
-                chunk = b"\0" * 65536
-                while True:
-                    self.wfile.write(chunk)
+            if route:
+                route(self)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up, as it should
 
