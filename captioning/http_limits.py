@@ -90,141 +90,6 @@ class WithoutUvicorns400Warning(logging.Filter):
         return record.msg != UVICORNS_400_WARNING
 
 
-class BoundedH11Protocol(H11Protocol):
-    """The headers of a request must arrive within `request_timeout_s` of the connection opening, or of the
-    previous answer. Its body then has `request_timeout_s` too, and one second more for every
-    `min_body_rate` bytes that arrive (Apache's mod_reqtimeout `body=T,MinRate=R`): a body of any allowed
-    size can come at that rate, and a client that stalls or trickles is cut off within
-    `request_timeout_s + max_body / min_body_rate`. The clock stops once the whole request has arrived, so
-    reading a slow URL or captioning does not count. When it runs out, a client that sent part of a request
-    gets a 408 (unless it was answered already) and the connection is closed; one that sent nothing is
-    closed. A connection over `max_connections` is answered 503 at once, without waiting for its request.
-    Every answer written here is in the access log too, as uvicorn writes the application's."""
-
-    # Set by bounded_protocol on a subclass: uvicorn makes each connection's protocol from the class alone.
-    request_timeout_s: float
-    max_connections: int
-    min_body_rate: float  # bytes/s
-    headers_late: bytes  # the answers, worded with the limits
-    body_late: bytes
-    too_many: bytes
-
-    _clock = None
-    _deadline = 0.0
-    _refused = False
-    _head = b""  # the start of the request whose head is being received
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        if len(self.connections) > self.max_connections:  # self is counted: this one is over the cap
-            self._refuse()
-        else:
-            self._start_clock()
-
-    def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # answered already: what the client sends meanwhile is read and dropped
-        in_body = self.conn.their_state is h11.SEND_BODY
-        super().data_received(data)
-        if self.conn.their_state in RECEIVED:
-            self._stop_clock()
-        elif not in_body:
-            if self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
-                self._start_clock()
-        elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
-            self._deadline += len(data) / self.min_body_rate
-
-    def handle_events(self) -> None:
-        if self.conn.their_state is h11.IDLE:  # h11 drops a head it cannot parse: keep its start to log
-            self._head = self.conn.trailing_data[0][:HEAD_KEPT]
-        super().handle_events()
-
-    def on_response_complete(self) -> None:
-        self._start_clock()
-        super().on_response_complete()  # may take in a pipelined request that had arrived whole
-        if self.conn.their_state in RECEIVED:
-            self._stop_clock()
-
-    def connection_lost(self, exc) -> None:
-        self._stop_clock()
-        super().connection_lost(exc)
-
-    def _unsupported_upgrade_warning(self) -> None:
-        """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered
-        in HTTP/1.1, as HTTP lets a server do. uvicorn logged two warnings for each, the second telling the
-        operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
-
-    def send_400_response(self, msg: str) -> None:
-        """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
-        has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
-        answer to one request followed the first."""
-        if self.conn.our_state is h11.IDLE and len(self.conn.trailing_data[0]) > HEAD_MAX:  # left unparsed
-            self._answer_and_close(431, HEAD_TOO_LARGE, f"headers too large: {request_line(self._head)[0]}")
-        elif self.conn.our_state is h11.IDLE:  # no request parsed
-            self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
-        elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
-            self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
-        else:
-            self.transport.close()
-
-    def _refuse(self) -> None:
-        """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
-        for up to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the
-        answer before the client reads it. Meanwhile the connection no longer counts against the cap: it
-        holds no request, and a burst of refused ones kept the good clients after it out for LINGER_S more."""
-        self._refused = True
-        self.connections.discard(self)
-        self.transport.write(self.too_many)
-        self._log_access(503, "not read: over --max-connections")
-        self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
-
-    def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
-        self.transport.write(answer)
-        self._log_access(status, shown)
-        self.transport.close()
-
-    def _log_access(self, status: int, shown: str) -> None:
-        """An access log line for an answer written here, in the shape of uvicorn's for the application's
-        (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
-        if self.access_log:
-            self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
-
-    def _parsed_request_line(self) -> str:
-        """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
-        scope = self.cycle.scope
-        return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
-
-    def _received_request_line(self) -> str:
-        """As much as arrived of the first line of a request whose head did not arrive in full."""
-        line, whole = request_line(self._head)
-        return line if whole else f"incomplete request line: {line}"
-
-    def _start_clock(self) -> None:
-        self._stop_clock()
-        if not self.transport.is_closing():
-            self._deadline = self.loop.time() + self.request_timeout_s
-            self._clock = self.loop.call_at(self._deadline, self._tick)
-
-    def _stop_clock(self) -> None:
-        if self._clock is not None:
-            self._clock.cancel()
-            self._clock = None
-
-    def _tick(self) -> None:
-        if self.loop.time() < self._deadline:  # the body's bytes pushed the deadline back meanwhile
-            self._clock = self.loop.call_at(self._deadline, self._tick)
-            return
-        self._clock = None
-        state = self.conn.their_state
-        if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
-            self._answer_and_close(408, self.headers_late, self._received_request_line())
-        elif state is h11.SEND_BODY and not self.cycle.response_started:
-            self._answer_and_close(408, self.body_late, self._parsed_request_line())
-        else:
-            self.transport.close()  # an application waiting for the body gets http.disconnect
-
-
 def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_rate: float) -> type[H11Protocol]:
     """The protocol class to give uvicorn.Config(http=...), with these limits (`min_body_rate` in bytes/s)."""
     headers_late = last_answer(408, f"the request's headers did not arrive within {request_timeout_s:g} s "
@@ -234,6 +99,131 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
     too_many = last_answer(
         503, f"the server has {max_connections} connections open (--max-connections); try again shortly",
         {"retry-after": "1"})
-    return type("BoundedH11Protocol", (BoundedH11Protocol,), {
-        "request_timeout_s": request_timeout_s, "max_connections": max_connections, "min_body_rate": min_body_rate,
-        "headers_late": headers_late, "body_late": body_late, "too_many": too_many})
+
+    class BoundedH11Protocol(H11Protocol):
+        """The headers of a request must arrive within `request_timeout_s` of the connection opening, or of the
+        previous answer. Its body then has `request_timeout_s` too, and one second more for every
+        `min_body_rate` bytes that arrive (Apache's mod_reqtimeout `body=T,MinRate=R`): a body of any allowed
+        size can come at that rate, and a client that stalls or trickles is cut off within
+        `request_timeout_s + max_body / min_body_rate`. The clock stops once the whole request has arrived, so
+        reading a slow URL or captioning does not count. When it runs out, a client that sent part of a request
+        gets a 408 (unless it was answered already) and the connection is closed; one that sent nothing is
+        closed. A connection over `max_connections` is answered 503 at once, without waiting for its request.
+        Every answer written here is in the access log too, as uvicorn writes the application's."""
+
+        _clock = None
+        _deadline = 0.0
+        _refused = False
+        _head = b""  # the start of the request whose head is being received
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:  # self is counted: this one is over the cap
+                self._refuse()
+            else:
+                self._start_clock()
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered already: what the client sends meanwhile is read and dropped
+            in_body = self.conn.their_state is h11.SEND_BODY
+            super().data_received(data)
+            if self.conn.their_state in RECEIVED:
+                self._stop_clock()
+            elif not in_body:
+                if self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
+                    self._start_clock()
+            elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
+                self._deadline += len(data) / min_body_rate
+
+        def handle_events(self) -> None:
+            if self.conn.their_state is h11.IDLE:  # h11 drops a head it cannot parse: keep its start to log
+                self._head = self.conn.trailing_data[0][:HEAD_KEPT]
+            super().handle_events()
+
+        def on_response_complete(self) -> None:
+            self._start_clock()
+            super().on_response_complete()  # may take in a pipelined request that had arrived whole
+            if self.conn.their_state in RECEIVED:
+                self._stop_clock()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_clock()
+            super().connection_lost(exc)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered
+            in HTTP/1.1, as HTTP lets a server do. uvicorn logged two warnings for each, the second telling the
+            operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
+
+        def send_400_response(self, msg: str) -> None:
+            """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
+            has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
+            answer to one request followed the first."""
+            if self.conn.our_state is h11.IDLE and len(self.conn.trailing_data[0]) > HEAD_MAX:  # left unparsed
+                self._answer_and_close(431, HEAD_TOO_LARGE, f"headers too large: {request_line(self._head)[0]}")
+            elif self.conn.our_state is h11.IDLE:  # no request parsed
+                self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
+            elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
+                self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
+            else:
+                self.transport.close()
+
+        def _refuse(self) -> None:
+            """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
+            for up to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the
+            answer before the client reads it. Meanwhile the connection no longer counts against the cap: it
+            holds no request, and a burst of refused ones kept the good clients after it out for LINGER_S more."""
+            self._refused = True
+            self.connections.discard(self)
+            self.transport.write(too_many)
+            self._log_access(503, "not read: over --max-connections")
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
+            self.transport.write(answer)
+            self._log_access(status, shown)
+            self.transport.close()
+
+        def _log_access(self, status: int, shown: str) -> None:
+            """An access log line for an answer written here, in the shape of uvicorn's for the application's
+            (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
+            if self.access_log:
+                self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
+
+        def _parsed_request_line(self) -> str:
+            """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
+            scope = self.cycle.scope
+            return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
+
+        def _received_request_line(self) -> str:
+            """As much as arrived of the first line of a request whose head did not arrive in full."""
+            line, whole = request_line(self._head)
+            return line if whole else f"incomplete request line: {line}"
+
+        def _start_clock(self) -> None:
+            self._stop_clock()
+            if not self.transport.is_closing():
+                self._deadline = self.loop.time() + request_timeout_s
+                self._clock = self.loop.call_at(self._deadline, self._tick)
+
+        def _stop_clock(self) -> None:
+            if self._clock is not None:
+                self._clock.cancel()
+                self._clock = None
+
+        def _tick(self) -> None:
+            if self.loop.time() < self._deadline:  # the body's bytes pushed the deadline back meanwhile
+                self._clock = self.loop.call_at(self._deadline, self._tick)
+                return
+            self._clock = None
+            state = self.conn.their_state
+            if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
+                self._answer_and_close(408, headers_late, self._received_request_line())
+            elif state is h11.SEND_BODY and not self.cycle.response_started:
+                self._answer_and_close(408, body_late, self._parsed_request_line())
+            else:
+                self.transport.close()  # an application waiting for the body gets http.disconnect
+
+    return BoundedH11Protocol
