@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -261,6 +262,26 @@ async def _while_connected(request: Request, work):
         task.cancel()
 
 
+def _get_and_head(app: FastAPI, path: str, **options):
+    """Registers the decorated endpoint for GET and for HEAD (`curl -I` and the health checks of load balancers
+    and uptime monitors ask with it), as one route per method: a route's operationId in /openapi.json is one for
+    all its methods, so a GET-and-HEAD route gave two operations the same id (FastAPI warned "Duplicate Operation
+    ID", and client generators got a broken schema)."""
+    def register(endpoint):
+        for method in ("GET", "HEAD"):
+            app.add_api_route(path, endpoint, methods=[method], **options)
+        return endpoint
+    return register
+
+
+def _allowed_methods(app: FastAPI, path: str) -> str:
+    """The methods of every route at `path`, for a 405's Allow: Starlette names those of the first route that has
+    the path, and GET and HEAD are two routes (_get_and_head)."""
+    methods = {method for route in app.routes if isinstance(route, APIRoute) and route.path_regex.match(path)
+               for method in route.methods}
+    return ", ".join(sorted(methods))
+
+
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> FastAPI:
     limits = limits or ServeLimits()
     batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
@@ -278,9 +299,13 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err, err.headers))
     app.add_exception_handler(FetchError, lambda request, err: error_response(err.status, err))
     app.add_exception_handler(UserError, lambda request, err: error_response(400, err))
-    # err.headers: a 405's Allow, which HTTP requires and which tells the client the methods to use
-    app.add_exception_handler(HTTPException,
-                              lambda request, err: error_response(err.status_code, err.detail, err.headers))
+    async def http_error(request, err):
+        headers = err.headers  # a 405's Allow, which HTTP requires and which tells the client the methods to use
+        if err.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
+        return error_response(err.status_code, err.detail, headers)
+
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, lambda request, err: error_response(422, err.errors()))
 
     async def internal(request, err):
@@ -298,12 +323,11 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     app.add_exception_handler(Exception, internal)
     app.add_exception_handler(ClientDisconnect, client_left)
 
-    # HEAD too: `curl -I` and the health checks of load balancers and uptime monitors ask with it
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    @_get_and_head(app, "/", response_class=HTMLResponse)
     async def index() -> str:
         return page
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @_get_and_head(app, "/health")
     async def health() -> dict:
         return {"status": "ok", "model": loaded.describe(), "batches": batcher.batches, "images": batcher.items}
 

@@ -754,6 +754,21 @@ def test_the_access_log_has_the_answers_the_protocol_writes(logged_server):
     assert "Invalid HTTP request received" not in logged  # one event, one line
 
 
+def test_the_schema_has_a_distinct_operation_id_for_each_operation(logged_server):
+    """The routes served for GET and HEAD gave both operations one operationId (FastAPI warned "Duplicate Operation
+    ID"), so a client generator fed /openapi.json got a broken schema."""
+    address, log = logged_server
+    paths = httpx.get(f"{address}/openapi.json", timeout=10).json()["paths"]
+    ids = [operation["operationId"] for operations in paths.values() for operation in operations.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert all({"get", "head"} <= set(paths[path]) for path in ("/", "/health")), paths
+    assert "Duplicate Operation ID" not in settled_log(log)
+    for path in ("/", "/health"):  # still served for both, and a 405 still names both
+        assert httpx.head(f"{address}{path}", timeout=10).status_code == 200, path
+        allowed = httpx.post(f"{address}{path}", timeout=10).headers["allow"]
+        assert {name.strip() for name in allowed.split(",")} == {"GET", "HEAD"}, (path, allowed)
+
+
 def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
     """It was held, unanswered, until its headers came or --request-timeout ran out."""
     address, log = logged_server
