@@ -13,6 +13,7 @@ in the shape of uvicorn's own lines, with what was received of a request that wa
 from __future__ import annotations
 
 import logging
+import re
 from copy import copy
 from http import HTTPStatus
 
@@ -48,9 +49,10 @@ def last_answer(status: int, message: str, headers: dict | None = None) -> bytes
 
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
 NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
-# h11 fails on a head that grows past HEAD_MAX unfinished: big cookies, not a malformed request
+# a head over HEAD_MAX (head_over_limit): big cookies, not a malformed request
 HEAD_TOO_LARGE = last_answer(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
                                   "smaller headers (cookies)")
+BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a request head, as h11 finds it
 # h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
 BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is malformed; send it again")
 
@@ -60,6 +62,13 @@ def printable(raw: bytes) -> str:
     second log line), double quotes and non-ASCII bytes escaped as \\xNN, and cut as `clipped` cuts."""
     escaped = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
     return clipped(escaped.replace('"', "\\x22"))
+
+
+def head_over_limit(buffered: bytes) -> bool:
+    """Whether the request head at the start of `buffered` is over HEAD_MAX bytes, arrived whole or not. h11's
+    limit only counts a head still incomplete after a read, so a head that came in one read (up to 256 KB, what
+    asyncio reads at once) was taken whole."""
+    return len(buffered) > HEAD_MAX and not BLANK_LINE.search(buffered, 0, HEAD_MAX)
 
 
 def request_line(head: bytes) -> tuple[str, bool]:
@@ -137,9 +146,18 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
                 self._deadline += len(data) / min_body_rate
 
         def handle_events(self) -> None:
-            if self.conn.their_state is h11.IDLE:  # h11 drops a head it cannot parse: keep its start to log
-                self._head = self.conn.trailing_data[0][:HEAD_KEPT]
-            super().handle_events()
+            if self.conn.their_state is not h11.IDLE or not self._refused_head(self.conn.trailing_data[0]):
+                super().handle_events()
+
+        def _refused_head(self, buffered: bytes) -> bool:
+            """Whether the request head that is arriving (`buffered`) was answered here, as too large,
+            before h11 parses it."""
+            self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
+            if head_over_limit(buffered):
+                self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
+            else:
+                return False
+            return True
 
         def on_response_complete(self) -> None:
             self._start_clock()
@@ -160,24 +178,28 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
             has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
             answer to one request followed the first."""
-            if self.conn.our_state is h11.IDLE and len(self.conn.trailing_data[0]) > HEAD_MAX:  # left unparsed
-                self._answer_and_close(431, HEAD_TOO_LARGE, f"headers too large: {request_line(self._head)[0]}")
-            elif self.conn.our_state is h11.IDLE:  # no request parsed
-                self._answer_and_close(400, NOT_HTTP, f"invalid request: {request_line(self._head)[0]}")
+            if self.conn.our_state is h11.IDLE:  # no request parsed
+                self._answer_and_linger(400, NOT_HTTP, f"invalid request: {self._shown_line()}")
             elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
                 self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
             else:
                 self.transport.close()
 
         def _refuse(self) -> None:
-            """Answer 503 now and close our side. The client's request may still be on its way: read and dropped
-            for up to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the
-            answer before the client reads it. Meanwhile the connection no longer counts against the cap: it
-            holds no request, and a burst of refused ones kept the good clients after it out for LINGER_S more."""
+            self._answer_and_linger(503, too_many, "not read: over --max-connections")
+
+        def _answer_and_linger(self, status: int, answer: bytes, shown: str) -> None:
+            """Answer a connection whose request no request cycle holds (not read, its head refused or unparsable)
+            and close our side. The rest of the client's request may still be on its way: read and dropped for up
+            to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the answer before
+            the client reads it (a 200 KB head got a reset for its 431). Meanwhile the connection no longer counts
+            against the cap: it holds no request, and a burst of refused ones kept the good clients after it out
+            for LINGER_S more."""
             self._refused = True
+            self._stop_clock()
             self.connections.discard(self)
-            self.transport.write(too_many)
-            self._log_access(503, "not read: over --max-connections")
+            self.transport.write(answer)
+            self._log_access(status, shown)
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
 
@@ -196,6 +218,10 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
             scope = self.cycle.scope
             return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
+
+        def _shown_line(self) -> str:
+            """The first line of the request whose head is arriving, as the access log shows it."""
+            return request_line(self._head)[0]
 
         def _received_request_line(self) -> str:
             """As much as arrived of the first line of a request whose head did not arrive in full."""
@@ -220,7 +246,7 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
             self._clock = None
             state = self.conn.their_state
             if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
-                self._answer_and_close(408, headers_late, self._received_request_line())
+                self._answer_and_linger(408, headers_late, self._received_request_line())
             elif state is h11.SEND_BODY and not self.cycle.response_started:
                 self._answer_and_close(408, body_late, self._parsed_request_line())
             else:
