@@ -52,7 +52,13 @@ NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (r
 # a head over HEAD_MAX (head_over_limit): big cookies, not a malformed request
 HEAD_TOO_LARGE = last_answer(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
                                   "smaller headers (cookies)")
+# h11 (0.16) takes any HTTP/d.d, and uvicorn then answered, in HTTP/1.1, an HTTP/2 prior-knowledge preface
+# (`PRI * HTTP/2.0`, then `SM`: a 404, then a 400 for the `SM`) or an HTTP/3.0 request line as if they were HTTP/1.1
+NOT_HTTP1 = last_answer(505, "the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: "
+                             "without --http2-prior-knowledge)")
 BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a request head, as h11 finds it
+# The request line of a version other than 1.x (h11's grammar otherwise: method, target, version)
+OTHER_VERSION = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/(?!1\.)[0-9]\.[0-9]\r?\n")
 # h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
 BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is malformed; send it again")
 
@@ -150,11 +156,13 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
                 super().handle_events()
 
         def _refused_head(self, buffered: bytes) -> bool:
-            """Whether the request head that is arriving (`buffered`) was answered here, as too large,
+            """Whether the request head that is arriving (`buffered`) was answered here, as too large or not HTTP/1.x,
             before h11 parses it."""
             self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
             if head_over_limit(buffered):
                 self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
+            elif OTHER_VERSION.match(buffered):
+                self._answer_and_linger(505, NOT_HTTP1, self._shown_line())
             else:
                 return False
             return True

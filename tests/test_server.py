@@ -784,6 +784,18 @@ def test_the_schema_has_a_distinct_operation_id_for_each_operation(logged_server
         assert {name.strip() for name in allowed.split(",")} == {"GET", "HEAD"}, (path, allowed)
 
 
+def test_an_http2_preface_gets_one_answer_saying_http_1_1_only(logged_server):
+    """`curl --http2-prior-knowledge` opens with HTTP/2's preface, `PRI * HTTP/2.0` then `SM`: h11 took its first
+    part for an HTTP request (a 404) and `SM` for a second, unparsable one (a 400), two answers and two log lines."""
+    address, log = logged_server
+    before = len(log.read_text())
+    _, answer = stall(httpx.URL(address).port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 1, answer
+    assert answer.startswith(b"HTTP/1.1 505 ") and "HTTP/1.1 only" in json.loads(answer.split(b"\r\n\r\n")[1])["error"]
+    logged = settled_log(log)[before:].splitlines()
+    assert len(logged) == 1 and re.search(r'127\.0\.0\.1:\d+ - "PRI \* HTTP/2\.0" 505 ', logged[0]), logged
+
+
 def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
     """It was held, unanswered, until its headers came or --request-timeout ran out."""
     address, log = logged_server
