@@ -16,6 +16,7 @@ import logging
 import re
 from copy import copy
 from http import HTTPStatus
+from urllib.parse import unquote, urlsplit
 
 import h11
 from starlette.responses import JSONResponse
@@ -81,6 +82,26 @@ def request_line(head: bytes) -> tuple[str, bool]:
     """The first line of a request head as received (printable), and whether it arrived whole."""
     line, ended, _ = head.partition(b"\n")
     return printable(line.removesuffix(b"\r")), bool(ended)
+
+
+class OriginForm:
+    """ASGI middleware serving a request target in absolute-form (`GET http://host:8000/health`, what a client sends
+    through a proxy) as its path, with the target's host as the Host header: RFC 9112 section 3.2.2 says a server
+    MUST accept it and use its host. uvicorn passed the whole URL on as the path, which no route had: a 404."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["raw_path"].startswith(b"/"):
+            target = urlsplit(scope["raw_path"].decode("ascii"))  # uvicorn split the query string off already
+            if target.scheme.lower() in ("http", "https") and target.netloc:
+                raw_path = (target.path or "/").encode("ascii")
+                host = target.netloc.rpartition("@")[2].encode("ascii")  # without a user name and password
+                headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
+                # in place: uvicorn's access line shows the path too, and no user name and password a URL held
+                scope.update(raw_path=raw_path, path=unquote(target.path or "/"), headers=[*headers, (b"host", host)])
+        await self.app(scope, receive, send)
 
 
 class ProtocolAccessFormatter(AccessFormatter):

@@ -35,6 +35,7 @@ from captioning.errors import UserError, clipped
 from captioning.fetch import FetchError, fetch_async
 from captioning.http_limits import (
     HEAD_MAX,
+    OriginForm,
     ProtocolAccessFormatter,
     WithoutUvicorns400Warning,
     bounded_protocol,
@@ -294,6 +295,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
 
     app = FastAPI(title="Image captioning", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(OriginForm)
     page = PAGE.read_text(encoding="utf-8")
 
     app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err, err.headers))

@@ -559,6 +559,19 @@ def test_the_16_kb_head_limit_holds_however_the_head_arrives(server):
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
+def test_a_request_target_in_absolute_form_is_served_as_its_path(server):
+    """RFC 9112 section 3.2.2: a server MUST accept `GET http://host/path` (what a client sends through a proxy); it
+    was a 404, as uvicorn gave the whole URL to the routes as the path."""
+    port = httpx.URL(server[0]).port
+    for target, status in ((f"http://127.0.0.1:{port}/health?probe=1", 200), ("HTTP://localhost/", 200),
+                           (f"http://127.0.0.1:{port}/nothing", 404)):
+        _, answer = stall(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (target, answer[:200])
+    _, answer = stall(port, f"GET http://127.0.0.1:{port}/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                      .encode())
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "ok", answer
+
+
 CHUNKED_POST = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
 
