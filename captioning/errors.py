@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -28,6 +29,17 @@ def clipped(text: str, limit: int = 120) -> str:
         return text
     head = limit * 2 // 3
     return f"{text[:head]}...[{len(text)} characters]...{text[head - limit:]}"
+
+
+# A URL's user name and password (`scheme://user:secret@host`), or what could be one: in a word (at the start or
+# after white space), what comes before an "@" that precedes the first "/", "?" or "#" after the scheme's slashes
+CREDENTIALS = re.compile(r"(?<!\S)((?:[A-Za-z][A-Za-z0-9+.-]*:)?[/\\]*)[^\s/?#]*@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user name and password of any URL in it shown as ***: errors and log lines quote URLs
+    (`http://user:secret@host/x.jpg` as `http://***@host/x.jpg`), and must never show a password."""
+    return CREDENTIALS.sub(r"\1***@", text)
 
 
 def run_cli(main: Callable[[], object]) -> None:

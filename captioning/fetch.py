@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from captioning.errors import clipped
+from captioning.errors import clipped, without_credentials
 
 SCHEMES = ("http", "https")
 MAX_LOOKUPS = 32  # DNS lookups in progress at once; a slow DNS server can hold each for its own timeout
@@ -137,6 +137,11 @@ def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, address: str) -> 
 
 
 def _checked_url(text: str) -> httpx.URL:
+    if without_credentials(text) != text:
+        # httpx would send them as Basic auth to whatever host the URL, or a redirect, names, and every error quoting
+        # the URL would show the password; browsers' fetch() refuses such URLs too
+        raise FetchError(f"the URL holds a user name or password ({clipped(without_credentials(text))}); use a URL "
+                         "that needs none, or upload the image", status=400)
     try:
         url = httpx.URL(text)
         scheme, host = url.scheme, url.host  # .host decodes an IDNA name (xn--...), which can fail

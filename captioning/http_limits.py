@@ -24,7 +24,7 @@ from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from captioning.errors import clipped, one_line
+from captioning.errors import clipped, one_line, without_credentials
 
 # The client has sent all of its request: stop its clock (MUST_CLOSE: an HTTP/1.0 body that ended).
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
@@ -66,8 +66,9 @@ BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is mal
 
 def printable(raw: bytes) -> str:
     """Bytes a client sent, as a log line may quote them: control characters (a bare line feed could forge a
-    second log line), double quotes and non-ASCII bytes escaped as \\xNN, and cut as `clipped` cuts."""
-    escaped = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
+    second log line), double quotes and non-ASCII bytes escaped as \\xNN, a URL's password hidden, and cut as
+    `clipped` cuts."""
+    escaped = without_credentials(raw.decode("latin-1")).encode("unicode_escape").decode("ascii")
     return clipped(escaped.replace('"', "\\x22"))
 
 

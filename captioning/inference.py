@@ -19,6 +19,7 @@ from captioning.backbones import build_backbone
 from captioning.batching import allowed_batch_sizes, padded_size
 from captioning.bundle import check_bundle
 from captioning.decode import NEG_INF, Captioner
+from captioning.errors import without_credentials
 from captioning.feature_files import BackboneSpec
 from captioning.features import FeatureComputer
 from captioning.fetch import FetchError, FetchLimits, fetch, is_url
@@ -174,8 +175,8 @@ def caption_batches(sources: list, model_dir: Path, settings: dict, out: Path | 
         for position, source in enumerate(sources[start:start + batch_size], start + 1):
             try:
                 array, data = read_source(source, loaded.image_size, fetch_limits)
-            except (ImageError, FetchError) as err:
-                errors.append((source, str(err)))
+            except (ImageError, FetchError) as err:  # a URL is named without the password it may hold
+                errors.append((without_credentials(str(source)) if is_url(str(source)) else source, str(err)))
                 continue
             good.append(source)
             pixels.append(array)

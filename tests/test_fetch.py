@@ -85,6 +85,8 @@ class Handler(BaseHTTPRequestHandler):
         "/loop": lambda self: self._send(302, Location="/loop"),
         "/to-file": lambda self: self._send(302, Location="file:///etc/passwd"),
         "/to-bad-port": lambda self: self._send(302, Location="http://127.0.0.1:99999/image.png"),
+        "/to-credentials": lambda self: self._send(
+            302, Location=f"http://user:secret@127.0.0.1:{self.server.server_address[1]}/image.png"),
         # 100 KB of zeros that inflate to 100 MB, sent although not asked for
         "/gzip": lambda self: self._send(200, gzip.compress(bytes(100 * 2**20), compresslevel=1),
                                          Content_Encoding="gzip"),
@@ -198,6 +200,21 @@ def test_an_internationalised_name_is_looked_up_and_sent_in_its_ascii_form(serve
 def test_a_redirect_loop_stops_at_the_limit(server):
     with pytest.raises(FetchError, match="more than 3 redirects"):
         fetch(f"{server}/loop", LOCAL)
+
+
+def test_a_url_with_a_user_name_or_password_is_refused_without_showing_them(server):
+    """`http://user:secret@host/x.jpg` was fetched with the password sent on as Basic auth (to whatever host a
+    redirect named too), and every error about such a URL quoted the password."""
+    port = int(server.rsplit(":", 1)[1])
+    Handler.hosts.clear()
+    for url in (f"http://user:secret@127.0.0.1:{port}/image.png", f"http://secret@127.0.0.1:{port}/image.png",
+                f"https://{'secret' * 40}@127.0.0.1:{port}/image.png",  # a long token, past what errors clip
+                "ftp://user:secret@127.0.0.1/x.jpg", "http://user:secret@a b/x.jpg", f"{server}/to-credentials"):
+        with pytest.raises(FetchError) as caught:
+            fetch(url, LOCAL)
+        error = str(caught.value)
+        assert caught.value.status == 400 and "secret" not in error and "***@" in error, (url, error)
+    assert Handler.hosts == [f"127.0.0.1:{port}"]  # only the redirect was asked for
 
 
 def test_a_redirect_to_another_scheme_is_refused(server):

@@ -470,8 +470,10 @@ def test_the_caption_command_takes_urls(demo_run, images_site, test_images):
     assert result.stdout.splitlines() == [f"{url}\t{expected}"]
     errors = result.stderr.splitlines()
     assert result.returncode == 2 and len(errors) == 1 and "notes.txt" in errors[0] and "not an image" in errors[0]
-    refused = run([sys.executable, "-m", "captioning", "caption", url], demo_run, check=False)
+    with_password = url.replace("http://", "http://user:secret@")  # refused, and named without its password
+    refused = run([sys.executable, "-m", "captioning", "caption", url, with_password], demo_run, check=False)
     assert refused.returncode == 2 and "refused" in refused.stderr and "Traceback" not in refused.stderr
+    assert "secret" not in refused.stderr and "***@" in refused.stderr, refused.stderr
 
 
 def test_an_iphone_heic_photo_gets_one_caption_from_the_command_the_api_and_the_page(server, demo_run, tmp_path):
@@ -807,6 +809,25 @@ def test_an_http2_preface_gets_one_answer_saying_http_1_1_only(logged_server):
     assert answer.startswith(b"HTTP/1.1 505 ") and "HTTP/1.1 only" in json.loads(answer.split(b"\r\n\r\n")[1])["error"]
     logged = settled_log(log)[before:].splitlines()
     assert len(logged) == 1 and re.search(r'127\.0\.0\.1:\d+ - "PRI \* HTTP/2\.0" 505 ', logged[0]), logged
+
+
+def test_a_password_in_a_url_reaches_no_answer_and_no_log_line(logged_server):
+    """A URL's user name and password (`http://user:secret@host/x.jpg`) were quoted whole by the fetch's errors and,
+    in a request target, by the access log."""
+    address, log = logged_server
+    port = httpx.URL(address).port
+    before = len(log.read_text())
+    url = f"http://user:secret@127.0.0.1:{port}/health"
+    for answer in (httpx.post(f"{address}/caption", json={"url": url}, timeout=60),
+                   httpx.post(f"{address}/caption", data={"url": url}, files={"image": ("a.png", png(8, 8))},
+                              timeout=60)):
+        assert answer.status_code == 400 and "***@" in answer.json()["error"], answer.text
+        assert "secret" not in answer.text
+    _, answer = stall(port, f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    stall(port, f"GET {url} HTTP/1.1\r\nHost".encode())  # cut off by --request-timeout: a 408 quoting what came
+    logged = settled_log(log)[before:]
+    assert "secret" not in logged and logged.count("***@") == 1, logged
 
 
 def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
