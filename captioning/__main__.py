@@ -58,7 +58,8 @@ SERVE_FLAGS = (
     LimitFlag("--max-pixels", "max_pixels", int, "width x height limit of one image (default: %(default)s)"),
     LimitFlag("--request-timeout", "request_timeout_s", float,
               "seconds a client has to send a request's headers, and the first part of its body; "
-              "then 408 and the connection is closed (default: %(default)s)"),
+              "then 408 and the connection is closed; and to read on when its unread answers fill the "
+              "socket (default: %(default)s)"),
     LimitFlag("--min-body-rate", "min_body_rate", float,
               "KB/s: each KB of a body that arrives gives the client 1/N s more past --request-timeout "
               "(default: %(default)s)", KILOBYTE),

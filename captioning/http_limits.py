@@ -149,6 +149,7 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
         Every answer written here is in the access log too, as uvicorn writes the application's."""
 
         _clock = None
+        _unread_clock = None  # runs while the client leaves its answers unread (pause_writing)
         _deadline = 0.0
         _refused = False
         _head = b""  # the start of the request whose head is being received
@@ -197,7 +198,33 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
 
         def connection_lost(self, exc) -> None:
             self._stop_clock()
+            self._stop_unread_clock()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            """The client has left so much of its answers unread that the socket's buffers are full. uvicorn waited
+            for it to read on with no limit, so a client that pipelined requests and read none of the answers (a
+            slow-read attack) held its connection, and its place under --max-connections, for good. It now has
+            `request_timeout_s` to read on, or the connection is cut (our answers are a few KB: only a client that
+            reads nothing fills the buffers)."""
+            super().pause_writing()
+            if self._unread_clock is None:
+                self._unread_clock = self.loop.call_later(request_timeout_s, self._cut_unread)
+
+        def resume_writing(self) -> None:
+            self._stop_unread_clock()
+            super().resume_writing()
+
+        def _stop_unread_clock(self) -> None:
+            if self._unread_clock is not None:
+                self._unread_clock.cancel()
+                self._unread_clock = None
+
+        def _cut_unread(self) -> None:
+            self._unread_clock = None
+            self.logger.warning("cut off %s: it read none of its answers for %g s (--request-timeout)",
+                                get_client_addr({"client": self.client}), request_timeout_s)
+            self.transport.abort()  # close() would wait for the unread answers to be sent first
 
         def _unsupported_upgrade_warning(self) -> None:
             """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered

@@ -830,6 +830,27 @@ def test_a_password_in_a_url_reaches_no_answer_and_no_log_line(logged_server):
     assert "secret" not in logged and logged.count("***@") == 1, logged
 
 
+def test_a_client_that_reads_none_of_its_answers_is_cut_off(logged_server):
+    """A client that pipelined requests and never read the answers (a slow-read attack) held its connection, and its
+    place under --max-connections, for good: uvicorn waited with no limit for it to read on."""
+    address, log = logged_server
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner
+        client.connect(("127.0.0.1", httpx.URL(address).port))
+        client.setblocking(False)
+        requests, start, cut_after = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100, time.monotonic(), None
+        while cut_after is None and time.monotonic() - start < 4 * REQUEST_TIMEOUT_S:
+            try:
+                client.send(requests)
+            except BlockingIOError:  # every buffer on the way is full: the server no longer reads either
+                time.sleep(0.05)
+            except OSError:  # reset by the server
+                cut_after = time.monotonic() - start
+    assert cut_after is not None, "still open"
+    assert "read none of its answers" in settled_log(log)
+    assert httpx.get(f"{address}/health", timeout=10).status_code == 200
+
+
 def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
     """It was held, unanswered, until its headers came or --request-timeout ran out."""
     address, log = logged_server
