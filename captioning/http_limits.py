@@ -57,6 +57,9 @@ HEAD_TOO_LARGE = last_answer(431, f"the request's line and headers are over {HEA
 # (`PRI * HTTP/2.0`, then `SM`: a 404, then a 400 for the `SM`) or an HTTP/3.0 request line as if they were HTTP/1.1
 NOT_HTTP1 = last_answer(505, "the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: "
                              "without --http2-prior-knowledge)")
+# a request line alone over HEAD_MAX: its URL, which RFC 9112 section 3 says MUST get a 414, not the 431 of headers
+URI_TOO_LONG = last_answer(414, f"the request's URL is over {HEAD_MAX // 1024} KB; send a shorter one (the fields of "
+                                "/caption go in the body)")
 BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a request head, as h11 finds it
 # The request line of a version other than 1.x (h11's grammar otherwise: method, target, version)
 OTHER_VERSION = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/(?!1\.)[0-9]\.[0-9]\r?\n")
@@ -179,11 +182,14 @@ def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_ra
                 super().handle_events()
 
         def _refused_head(self, buffered: bytes) -> bool:
-            """Whether the request head that is arriving (`buffered`) was answered here, as too large or not HTTP/1.x,
+            """Whether the request head that is arriving (`buffered`) was answered here, as too long or not HTTP/1.x,
             before h11 parses it."""
             self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
             if head_over_limit(buffered):
-                self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
+                if b"\n" not in buffered[:HEAD_MAX]:  # the request line alone is over
+                    self._answer_and_linger(414, URI_TOO_LONG, f"URI too long: {self._shown_line()}")
+                else:
+                    self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
             elif OTHER_VERSION.match(buffered):
                 self._answer_and_linger(505, NOT_HTTP1, self._shown_line())
             else:

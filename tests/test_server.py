@@ -561,6 +561,14 @@ def test_the_16_kb_head_limit_holds_however_the_head_arrives(server):
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
+def test_a_url_over_the_head_limit_gets_a_414(server):
+    """RFC 9112 section 3: a request-target longer than the server will parse MUST get a 414; it got the 431 of
+    headers too large, which told the client to send fewer cookies."""
+    request = b"GET /health?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    _, answer = stall(httpx.URL(server[0]).port, request)
+    assert answer.startswith(b"HTTP/1.1 414 ") and b"URL is over 16 KB" in answer, answer[:300]
+
+
 def test_a_request_target_in_absolute_form_is_served_as_its_path(server):
     """RFC 9112 section 3.2.2: a server MUST accept `GET http://host/path` (what a client sends through a proxy); it
     was a 404, as uvicorn gave the whole URL to the routes as the path."""
