@@ -1,6 +1,8 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with the two bounds it lacks: deadlines for receiving each request (its
-headers, then its body at a minimum rate), and a cap on the connections open at once. Also the one shape of every
-error the server answers, `{"error": ...}`, uvicorn's own 400 for a request it cannot parse included.
+"""uvicorn's HTTP/1.1 protocol (h11) with the bounds it lacks: deadlines for receiving each request (its headers,
+then its body at a minimum rate) and for a client to read its answers, a size limit on a request's head however
+its bytes arrive, and a cap on the connections open at once. Also the one shape of every error the server answers,
+`{"error": ...}`, uvicorn's own 400 for a request it cannot parse included, and one answer (505) for a request in
+another HTTP version. OriginForm serves a request target in absolute-form as its path.
 
 uvicorn (0.55) times out only a kept-alive connection that is idle after an answer, and any byte the client
 sends cancels that timer. A client that connects and sends nothing, or half its headers, or its body a byte
