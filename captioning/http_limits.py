@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import re
 from copy import copy
+from dataclasses import dataclass
+from functools import cached_property
 from http import HTTPStatus
 from urllib.parse import unquote, urlsplit
 
@@ -132,189 +134,219 @@ class WithoutUvicorns400Warning(logging.Filter):
         return record.msg != UVICORNS_400_WARNING
 
 
-def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_rate: float) -> type[H11Protocol]:
-    """The protocol class to give uvicorn.Config(http=...), with these limits (`min_body_rate` in bytes/s)."""
-    headers_late = last_answer(408, f"the request's headers did not arrive within {request_timeout_s:g} s "
-                                    "(--request-timeout); send it again")
-    body_late = last_answer(408, f"the request body came slower than {min_body_rate / 1024:g} KB/s after its first "
-                                 f"{request_timeout_s:g} s (--min-body-rate, --request-timeout); send it again")
-    too_many = last_answer(
-        503, f"the server has {max_connections} connections open (--max-connections); try again shortly",
-        {"retry-after": "1"})
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """The limits a BoundedH11Protocol holds its connections to, and its answers worded with them (made once,
+    on first use, for every connection)."""
+    request_timeout_s: float
+    max_connections: int
+    min_body_rate: float  # bytes/s
 
-    class BoundedH11Protocol(H11Protocol):
-        """The headers of a request must arrive within `request_timeout_s` of the connection opening, or of the
-        previous answer. Its body then has `request_timeout_s` too, and one second more for every
-        `min_body_rate` bytes that arrive (Apache's mod_reqtimeout `body=T,MinRate=R`): a body of any allowed
-        size can come at that rate, and a client that stalls or trickles is cut off within
-        `request_timeout_s + max_body / min_body_rate`. The clock stops once the whole request has arrived, so
-        reading a slow URL or captioning does not count. When it runs out, a client that sent part of a request
-        gets a 408 (unless it was answered already) and the connection is closed; one that sent nothing is
-        closed. A connection over `max_connections` is answered 503 at once, without waiting for its request.
-        Every answer written here is in the access log too, as uvicorn writes the application's."""
+    @cached_property
+    def headers_late(self) -> bytes:  # RFC 9110 section 15.5.9
+        return last_answer(408, f"the request's headers did not arrive within {self.request_timeout_s:g} s "
+                                "(--request-timeout); send it again")
 
-        _clock = None
-        _unread_clock = None  # runs while the client leaves its answers unread (pause_writing)
-        _deadline = 0.0
-        _refused = False
-        _head = b""  # the start of the request whose head is being received
+    @cached_property
+    def body_late(self) -> bytes:
+        return last_answer(408, f"the request body came slower than {self.min_body_rate / 1024:g} KB/s after its "
+                                f"first {self.request_timeout_s:g} s (--min-body-rate, --request-timeout); send it "
+                                "again")
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:  # self is counted: this one is over the cap
-                self._refuse()
-            else:
-                self._start_clock()
+    @cached_property
+    def too_many(self) -> bytes:  # Retry-After: RFC 9110 section 10.2.3
+        return last_answer(503, f"the server has {self.max_connections} connections open (--max-connections); try "
+                                "again shortly", {"retry-after": "1"})
 
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return  # answered already: what the client sends meanwhile is read and dropped
-            in_body = self.conn.their_state is h11.SEND_BODY
-            super().data_received(data)
-            if self.conn.their_state in RECEIVED:
-                self._stop_clock()
-            elif not in_body:
-                if self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
-                    self._start_clock()
-            elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
-                self._deadline += len(data) / min_body_rate
 
-        def handle_events(self) -> None:
-            if self.conn.their_state is not h11.IDLE or not self._refused_head(self.conn.trailing_data[0]):
-                super().handle_events()
+class BoundedH11Protocol(H11Protocol):
+    """The headers of a request must arrive within `request_timeout_s` of the connection opening, or of the
+    previous answer. Its body then has `request_timeout_s` too, and one second more for every
+    `min_body_rate` bytes that arrive (Apache's mod_reqtimeout `body=T,MinRate=R`): a body of any allowed
+    size can come at that rate, and a client that stalls or trickles is cut off within
+    `request_timeout_s + max_body / min_body_rate`. The clock stops once the whole request has arrived, so
+    reading a slow URL or captioning does not count. When it runs out, a client that sent part of a request
+    gets a 408 (unless it was answered already) and the connection is closed; one that sent nothing is
+    closed. A connection over `max_connections` is answered 503 at once, without waiting for its request.
+    Every answer written here is in the access log too, as uvicorn writes the application's.
 
-        def _refused_head(self, buffered: bytes) -> bool:
-            """Whether the request head that is arriving (`buffered`) was answered here, as too long or not HTTP/1.x,
-            before h11 parses it."""
-            self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
-            if head_over_limit(buffered):
-                if b"\n" not in buffered[:HEAD_MAX]:  # the request line alone is over
-                    self._answer_and_linger(414, URI_TOO_LONG, f"URI too long: {self._shown_line()}")
-                else:
-                    self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
-            elif OTHER_VERSION.match(buffered):
-                self._answer_and_linger(505, NOT_HTTP1, self._shown_line())
-            else:
-                return False
-            return True
+    uvicorn (0.55) makes one instance per connection from the class alone, so the limits are a class attribute,
+    set by bounded_protocol on a subclass. What of uvicorn's H11Protocol is used beyond asyncio's Protocol
+    methods: `connections` (the server's set of open ones, self included), `conn` (the h11.Connection, its
+    `trailing_data` the bytes not parsed yet), `cycle` (the request being answered), `handle_events` (called
+    with each read, to parse it), `send_400_response` (called when h11 cannot parse), `on_response_complete`,
+    `_unsupported_upgrade_warning`, and `access_log`, `access_logger`, `logger`, `loop`, `client`."""
 
-        def on_response_complete(self) -> None:
+    limits: ProtocolLimits  # set by bounded_protocol
+
+    _clock = None
+    _unread_clock = None  # runs while the client leaves its answers unread (pause_writing)
+    _deadline = 0.0
+    _refused = False
+    _head = b""  # the start of the request whose head is being received
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:  # self is counted: this one is over the cap
+            self._refuse()
+        else:
             self._start_clock()
-            super().on_response_complete()  # may take in a pipelined request that had arrived whole
-            if self.conn.their_state in RECEIVED:
-                self._stop_clock()
 
-        def connection_lost(self, exc) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered already: what the client sends meanwhile is read and dropped
+        in_body = self.conn.their_state is h11.SEND_BODY
+        super().data_received(data)
+        if self.conn.their_state in RECEIVED:
             self._stop_clock()
-            self._stop_unread_clock()
-            super().connection_lost(exc)
+        elif not in_body:
+            if self.conn.their_state is h11.SEND_BODY:  # the headers are in: the body's own clock
+                self._start_clock()
+        elif not self.cycle.response_started:  # a body answered already (a 413) earns no time
+            self._deadline += len(data) / self.limits.min_body_rate
 
-        def pause_writing(self) -> None:
-            """The client has left so much of its answers unread that the socket's buffers are full. uvicorn waited
-            for it to read on with no limit, so a client that pipelined requests and read none of the answers (a
-            slow-read attack) held its connection, and its place under --max-connections, for good. It now has
-            `request_timeout_s` to read on, or the connection is cut (our answers are a few KB: only a client that
-            reads nothing fills the buffers)."""
-            super().pause_writing()
-            if self._unread_clock is None:
-                self._unread_clock = self.loop.call_later(request_timeout_s, self._cut_unread)
+    def handle_events(self) -> None:
+        if self.conn.their_state is not h11.IDLE or not self._refused_head(self.conn.trailing_data[0]):
+            super().handle_events()
 
-        def resume_writing(self) -> None:
-            self._stop_unread_clock()
-            super().resume_writing()
-
-        def _stop_unread_clock(self) -> None:
-            if self._unread_clock is not None:
-                self._unread_clock.cancel()
-                self._unread_clock = None
-
-        def _cut_unread(self) -> None:
-            self._unread_clock = None
-            self.logger.warning("cut off %s: it read none of its answers for %g s (--request-timeout)",
-                                get_client_addr({"client": self.client}), request_timeout_s)
-            self.transport.abort()  # close() would wait for the unread answers to be sent first
-
-        def _unsupported_upgrade_warning(self) -> None:
-            """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered
-            in HTTP/1.1, as HTTP lets a server do. uvicorn logged two warnings for each, the second telling the
-            operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
-
-        def send_400_response(self, msg: str) -> None:
-            """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
-            has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
-            answer to one request followed the first."""
-            if self.conn.our_state is h11.IDLE:  # no request parsed
-                self._answer_and_linger(400, NOT_HTTP, f"invalid request: {self._shown_line()}")
-            elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
-                self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
+    def _refused_head(self, buffered: bytes) -> bool:
+        """Whether the request head that is arriving (`buffered`) was answered here, as too long or not HTTP/1.x,
+        before h11 parses it."""
+        self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
+        if head_over_limit(buffered):
+            if b"\n" not in buffered[:HEAD_MAX]:  # the request line alone is over
+                self._answer_and_linger(414, URI_TOO_LONG, f"URI too long: {self._shown_line()}")
             else:
-                self.transport.close()
+                self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
+        elif OTHER_VERSION.match(buffered):
+            self._answer_and_linger(505, NOT_HTTP1, self._shown_line())
+        else:
+            return False
+        return True
 
-        def _refuse(self) -> None:
-            self._answer_and_linger(503, too_many, "not read: over --max-connections")
-
-        def _answer_and_linger(self, status: int, answer: bytes, shown: str) -> None:
-            """Answer a connection whose request no request cycle holds (not read, its head refused or unparsable)
-            and close our side. The rest of the client's request may still be on its way: read and dropped for up
-            to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the answer before
-            the client reads it (a 200 KB head got a reset for its 431). Meanwhile the connection no longer counts
-            against the cap: it holds no request, and a burst of refused ones kept the good clients after it out
-            for LINGER_S more."""
-            self._refused = True
+    def on_response_complete(self) -> None:
+        self._start_clock()
+        super().on_response_complete()  # may take in a pipelined request that had arrived whole
+        if self.conn.their_state in RECEIVED:
             self._stop_clock()
-            self.connections.discard(self)
-            self.transport.write(answer)
-            self._log_access(status, shown)
-            self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
 
-        def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
-            self.transport.write(answer)
-            self._log_access(status, shown)
+    def connection_lost(self, exc) -> None:
+        self._stop_clock()
+        self._stop_unread_clock()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client has left so much of its answers unread that the socket's buffers are full. uvicorn waited
+        for it to read on with no limit, so a client that pipelined requests and read none of the answers (a
+        slow-read attack) held its connection, and its place under --max-connections, for good. It now has
+        `request_timeout_s` to read on, or the connection is cut (our answers are a few KB: only a client that
+        reads nothing fills the buffers)."""
+        super().pause_writing()
+        if self._unread_clock is None:
+            self._unread_clock = self.loop.call_later(self.limits.request_timeout_s, self._cut_unread)
+
+    def resume_writing(self) -> None:
+        self._stop_unread_clock()
+        super().resume_writing()
+
+    def _stop_unread_clock(self) -> None:
+        if self._unread_clock is not None:
+            self._unread_clock.cancel()
+            self._unread_clock = None
+
+    def _cut_unread(self) -> None:
+        self._unread_clock = None
+        self.logger.warning("cut off %s: it read none of its answers for %g s (--request-timeout)",
+                            get_client_addr({"client": self.client}), self.limits.request_timeout_s)
+        self.transport.abort()  # close() would wait for the unread answers to be sent first
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing: a request asking to upgrade (curl --http2 asks every plain-HTTP request for h2c) is answered
+        in HTTP/1.1, as HTTP lets a server do. uvicorn logged two warnings for each, the second telling the
+        operator to install a WebSocket library, which this server, with no WebSocket route, has no use for."""
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 cannot parse what the client sent: a request's head, or the chunks of its body. Once the request
+        has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
+        answer to one request followed the first."""
+        if self.conn.our_state is h11.IDLE:  # no request parsed
+            self._answer_and_linger(400, NOT_HTTP, f"invalid request: {self._shown_line()}")
+        elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
+            self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
+        else:
             self.transport.close()
 
-        def _log_access(self, status: int, shown: str) -> None:
-            """An access log line for an answer written here, in the shape of uvicorn's for the application's
-            (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
-            if self.access_log:
-                self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
+    def _refuse(self) -> None:
+        self._answer_and_linger(503, self.limits.too_many, "not read: over --max-connections")
 
-        def _parsed_request_line(self) -> str:
-            """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
-            scope = self.cycle.scope
-            return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
+    def _answer_and_linger(self, status: int, answer: bytes, shown: str) -> None:
+        """Answer a connection whose request no request cycle holds (not read, its head refused or unparsable)
+        and close our side. The rest of the client's request may still be on its way: read and dropped for up
+        to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the answer before
+        the client reads it (a 200 KB head got a reset for its 431). Meanwhile the connection no longer counts
+        against the cap: it holds no request, and a burst of refused ones kept the good clients after it out
+        for LINGER_S more."""
+        self._refused = True
+        self._stop_clock()
+        self.connections.discard(self)
+        self.transport.write(answer)
+        self._log_access(status, shown)
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
-        def _shown_line(self) -> str:
-            """The first line of the request whose head is arriving, as the access log shows it."""
-            return request_line(self._head)[0]
+    def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
+        self.transport.write(answer)
+        self._log_access(status, shown)
+        self.transport.close()
 
-        def _received_request_line(self) -> str:
-            """As much as arrived of the first line of a request whose head did not arrive in full."""
-            line, whole = request_line(self._head)
-            return line if whole else f"incomplete request line: {line}"
+    def _log_access(self, status: int, shown: str) -> None:
+        """An access log line for an answer written here, in the shape of uvicorn's for the application's
+        (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
+        if self.access_log:
+            self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
 
-        def _start_clock(self) -> None:
-            self._stop_clock()
-            if not self.transport.is_closing():
-                self._deadline = self.loop.time() + request_timeout_s
-                self._clock = self.loop.call_at(self._deadline, self._tick)
+    def _parsed_request_line(self) -> str:
+        """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
+        scope = self.cycle.scope
+        return f"{scope['method']} {get_path_with_query_string(scope)} HTTP/{scope['http_version']}"
 
-        def _stop_clock(self) -> None:
-            if self._clock is not None:
-                self._clock.cancel()
-                self._clock = None
+    def _shown_line(self) -> str:
+        """The first line of the request whose head is arriving, as the access log shows it."""
+        return request_line(self._head)[0]
 
-        def _tick(self) -> None:
-            if self.loop.time() < self._deadline:  # the body's bytes pushed the deadline back meanwhile
-                self._clock = self.loop.call_at(self._deadline, self._tick)
-                return
+    def _received_request_line(self) -> str:
+        """As much as arrived of the first line of a request whose head did not arrive in full."""
+        line, whole = request_line(self._head)
+        return line if whole else f"incomplete request line: {line}"
+
+    def _start_clock(self) -> None:
+        self._stop_clock()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.time() + self.limits.request_timeout_s
+            self._clock = self.loop.call_at(self._deadline, self._tick)
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
             self._clock = None
-            state = self.conn.their_state
-            if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
-                self._answer_and_linger(408, headers_late, self._received_request_line())
-            elif state is h11.SEND_BODY and not self.cycle.response_started:
-                self._answer_and_close(408, body_late, self._parsed_request_line())
-            else:
-                self.transport.close()  # an application waiting for the body gets http.disconnect
 
-    return BoundedH11Protocol
+    def _tick(self) -> None:
+        if self.loop.time() < self._deadline:  # the body's bytes pushed the deadline back meanwhile
+            self._clock = self.loop.call_at(self._deadline, self._tick)
+            return
+        self._clock = None
+        state = self.conn.their_state
+        if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
+            self._answer_and_linger(408, self.limits.headers_late, self._received_request_line())
+        elif state is h11.SEND_BODY and not self.cycle.response_started:
+            self._answer_and_close(408, self.limits.body_late, self._parsed_request_line())
+        else:
+            self.transport.close()  # an application waiting for the body gets http.disconnect
+
+
+def bounded_protocol(request_timeout_s: float, max_connections: int, min_body_rate: float) -> type[H11Protocol]:
+    """The protocol class to give uvicorn.Config(http=...), with these limits (`min_body_rate` in bytes/s): a
+    subclass of BoundedH11Protocol that only binds them, since uvicorn builds each connection's protocol from the
+    class it is given."""
+    limits = ProtocolLimits(request_timeout_s, max_connections, min_body_rate)
+    return type(BoundedH11Protocol.__name__, (BoundedH11Protocol,), {"limits": limits})
