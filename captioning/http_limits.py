@@ -20,6 +20,7 @@ from copy import copy
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -52,23 +53,40 @@ def last_answer(status: int, message: str, headers: dict | None = None) -> bytes
     return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
+class Refusal(NamedTuple):
+    """An answer the protocol writes itself, before or instead of the application's, and its access-log line."""
+    status: int
+    answer: bytes  # the whole response (last_answer)
+    log_prefix: str = ""  # what the access line shows before the request line (or for it, with no request line)
+
+
+def refusal(status: int, message: str, log_prefix: str = "", headers: dict | None = None) -> Refusal:
+    """A Refusal answering `message` (last_answer) with `status`."""
+    return Refusal(status, last_answer(status, message, headers), log_prefix)
+
+
+# The refusals of a request for what it is (head_refusal, BoundedH11Protocol.send_400_response); those worded with
+# the limits (408, 503) are ProtocolLimits'.
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
-NOT_HTTP = last_answer(400, "the request is not HTTP/1.1 the server can parse (request line or headers)")
-# a head over HEAD_MAX (head_over_limit): big cookies, not a malformed request
-HEAD_TOO_LARGE = last_answer(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
-                                  "smaller headers (cookies)")
+NOT_HTTP = refusal(400, "the request is not HTTP/1.1 the server can parse (request line or headers)",
+                   "invalid request: ")
+# a head over HEAD_MAX (head_over_limit): big cookies, not a malformed request. RFC 6585 section 5.
+HEAD_TOO_LARGE = refusal(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
+                              "smaller headers (cookies)", "headers too large: ")
 # h11 (0.16) takes any HTTP/d.d, and uvicorn then answered, in HTTP/1.1, an HTTP/2 prior-knowledge preface
-# (`PRI * HTTP/2.0`, then `SM`: a 404, then a 400 for the `SM`) or an HTTP/3.0 request line as if they were HTTP/1.1
-NOT_HTTP1 = last_answer(505, "the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: "
-                             "without --http2-prior-knowledge)")
+# (`PRI * HTTP/2.0`, then `SM`: a 404, then a 400 for the `SM`) or an HTTP/3.0 request line as if they were HTTP/1.1.
+# RFC 9110 section 15.6.6: the 505 may say which versions the server supports.
+NOT_HTTP1 = refusal(505, "the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: "
+                         "without --http2-prior-knowledge)")
 # a request line alone over HEAD_MAX: its URL, which RFC 9112 section 3 says MUST get a 414, not the 431 of headers
-URI_TOO_LONG = last_answer(414, f"the request's URL is over {HEAD_MAX // 1024} KB; send a shorter one (the fields of "
-                                "/caption go in the body)")
+URI_TOO_LONG = refusal(414, f"the request's URL is over {HEAD_MAX // 1024} KB; send a shorter one (the fields of "
+                            "/caption go in the body)", "URI too long: ")
+# h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
+BAD_CHUNKS = refusal(400, "the request body's chunked transfer coding is malformed; send it again",
+                     "invalid chunked body: ")
 BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a request head, as h11 finds it
 # The request line of a version other than 1.x (h11's grammar otherwise: method, target, version)
 OTHER_VERSION = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/(?!1\.)[0-9]\.[0-9]\r?\n")
-# h11 fails on a request's body only when its chunked coding is malformed: its request line and headers were fine
-BAD_CHUNKS = last_answer(400, "the request body's chunked transfer coding is malformed; send it again")
 
 
 def printable(raw: bytes) -> str:
@@ -84,6 +102,17 @@ def head_over_limit(buffered: bytes) -> bool:
     limit only counts a head still incomplete after a read, so a head that came in one read (up to 256 KB, what
     asyncio reads at once) was taken whole."""
     return len(buffered) > HEAD_MAX and not BLANK_LINE.search(buffered, 0, HEAD_MAX)
+
+
+def head_refusal(buffered: bytes) -> Refusal | None:
+    """The answer to the request head at the start of `buffered` if it is refused before h11 parses it: too long
+    (a request line alone too long is its URL: RFC 9112 section 3's 414, not the 431 of headers), or a version
+    other than HTTP/1.x."""
+    if head_over_limit(buffered):
+        return HEAD_TOO_LARGE if b"\n" in buffered[:HEAD_MAX] else URI_TOO_LONG
+    if OTHER_VERSION.match(buffered):
+        return NOT_HTTP1
+    return None
 
 
 def request_line(head: bytes) -> tuple[str, bool]:
@@ -136,27 +165,26 @@ class WithoutUvicorns400Warning(logging.Filter):
 
 @dataclass(frozen=True)
 class ProtocolLimits:
-    """The limits a BoundedH11Protocol holds its connections to, and its answers worded with them (made once,
+    """The limits a BoundedH11Protocol holds its connections to, and its refusals worded with them (made once,
     on first use, for every connection)."""
     request_timeout_s: float
     max_connections: int
     min_body_rate: float  # bytes/s
 
     @cached_property
-    def headers_late(self) -> bytes:  # RFC 9110 section 15.5.9
-        return last_answer(408, f"the request's headers did not arrive within {self.request_timeout_s:g} s "
-                                "(--request-timeout); send it again")
+    def headers_late(self) -> Refusal:  # RFC 9110 section 15.5.9
+        return refusal(408, f"the request's headers did not arrive within {self.request_timeout_s:g} s "
+                            "(--request-timeout); send it again")
 
     @cached_property
-    def body_late(self) -> bytes:
-        return last_answer(408, f"the request body came slower than {self.min_body_rate / 1024:g} KB/s after its "
-                                f"first {self.request_timeout_s:g} s (--min-body-rate, --request-timeout); send it "
-                                "again")
+    def body_late(self) -> Refusal:
+        return refusal(408, f"the request body came slower than {self.min_body_rate / 1024:g} KB/s after its first "
+                            f"{self.request_timeout_s:g} s (--min-body-rate, --request-timeout); send it again")
 
     @cached_property
-    def too_many(self) -> bytes:  # Retry-After: RFC 9110 section 10.2.3
-        return last_answer(503, f"the server has {self.max_connections} connections open (--max-connections); try "
-                                "again shortly", {"retry-after": "1"})
+    def too_many(self) -> Refusal:  # Retry-After: RFC 9110 section 10.2.3
+        return refusal(503, f"the server has {self.max_connections} connections open (--max-connections); try again "
+                            "shortly", "not read: over --max-connections", {"retry-after": "1"})
 
 
 class BoundedH11Protocol(H11Protocol):
@@ -188,7 +216,7 @@ class BoundedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:  # self is counted: this one is over the cap
-            self._refuse()
+            self._answer_and_linger(self.limits.too_many)
         else:
             self._start_clock()
 
@@ -206,23 +234,16 @@ class BoundedH11Protocol(H11Protocol):
             self._deadline += len(data) / self.limits.min_body_rate
 
     def handle_events(self) -> None:
-        if self.conn.their_state is not h11.IDLE or not self._refused_head(self.conn.trailing_data[0]):
-            super().handle_events()
-
-    def _refused_head(self, buffered: bytes) -> bool:
-        """Whether the request head that is arriving (`buffered`) was answered here, as too long or not HTTP/1.x,
-        before h11 parses it."""
-        self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
-        if head_over_limit(buffered):
-            if b"\n" not in buffered[:HEAD_MAX]:  # the request line alone is over
-                self._answer_and_linger(414, URI_TOO_LONG, f"URI too long: {self._shown_line()}")
-            else:
-                self._answer_and_linger(431, HEAD_TOO_LARGE, f"headers too large: {self._shown_line()}")
-        elif OTHER_VERSION.match(buffered):
-            self._answer_and_linger(505, NOT_HTTP1, self._shown_line())
-        else:
-            return False
-        return True
+        """uvicorn calls it with each read to have h11 parse what has arrived. A request head that is arriving is
+        refused here first when it is too long or not HTTP/1.x (head_refusal)."""
+        if self.conn.their_state is h11.IDLE:
+            buffered = self.conn.trailing_data[0]  # what h11 holds unparsed: the head so far
+            self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
+            refused = head_refusal(buffered)
+            if refused:
+                self._answer_and_linger(refused, self._shown_line())
+                return
+        super().handle_events()
 
     def on_response_complete(self) -> None:
         self._start_clock()
@@ -270,16 +291,13 @@ class BoundedH11Protocol(H11Protocol):
         has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
         answer to one request followed the first."""
         if self.conn.our_state is h11.IDLE:  # no request parsed
-            self._answer_and_linger(400, NOT_HTTP, f"invalid request: {self._shown_line()}")
+            self._answer_and_linger(NOT_HTTP, self._shown_line())
         elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
-            self._answer_and_close(400, BAD_CHUNKS, f"invalid chunked body: {self._parsed_request_line()}")
+            self._answer_and_close(BAD_CHUNKS, self._parsed_request_line())
         else:
             self.transport.close()
 
-    def _refuse(self) -> None:
-        self._answer_and_linger(503, self.limits.too_many, "not read: over --max-connections")
-
-    def _answer_and_linger(self, status: int, answer: bytes, shown: str) -> None:
+    def _answer_and_linger(self, refused: Refusal, line: str = "") -> None:
         """Answer a connection whose request no request cycle holds (not read, its head refused or unparsable)
         and close our side. The rest of the client's request may still be on its way: read and dropped for up
         to LINGER_S, since closing a socket with unread data sends a reset, which can destroy the answer before
@@ -289,21 +307,23 @@ class BoundedH11Protocol(H11Protocol):
         self._refused = True
         self._stop_clock()
         self.connections.discard(self)
-        self.transport.write(answer)
-        self._log_access(status, shown)
+        self._answer(refused, line)
         self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _answer_and_close(self, status: int, answer: bytes, shown: str) -> None:
-        self.transport.write(answer)
-        self._log_access(status, shown)
+    def _answer_and_close(self, refused: Refusal, line: str) -> None:
+        """Answer a request whose body was awaited, and close: the request cycle holds the connection until then
+        (an application reading the body gets http.disconnect)."""
+        self._answer(refused, line)
         self.transport.close()
 
-    def _log_access(self, status: int, shown: str) -> None:
-        """An access log line for an answer written here, in the shape of uvicorn's for the application's
-        (ProtocolAccessFormatter): `shown` is the request line, or what stands for it."""
+    def _answer(self, refused: Refusal, line: str) -> None:
+        """Write the answer, and an access log line for it in the shape of uvicorn's for the application's
+        (ProtocolAccessFormatter): `line` is the request line, or what stands for it."""
+        self.transport.write(refused.answer)
         if self.access_log:
-            self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), shown, status)
+            self.access_logger.info('%s - "%s" %d', get_client_addr({"client": self.client}), refused.log_prefix + line,
+                                    refused.status)
 
     def _parsed_request_line(self) -> str:
         """The request line of the request whose body is awaited, as uvicorn's access lines show it."""
@@ -337,9 +357,9 @@ class BoundedH11Protocol(H11Protocol):
         self._clock = None
         state = self.conn.their_state
         if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
-            self._answer_and_linger(408, self.limits.headers_late, self._received_request_line())
+            self._answer_and_linger(self.limits.headers_late, self._received_request_line())
         elif state is h11.SEND_BODY and not self.cycle.response_started:
-            self._answer_and_close(408, self.limits.body_late, self._parsed_request_line())
+            self._answer_and_close(self.limits.body_late, self._parsed_request_line())
         else:
             self.transport.close()  # an application waiting for the body gets http.disconnect
 
