@@ -569,6 +569,34 @@ def test_a_url_over_the_head_limit_gets_a_414(server):
     assert answer.startswith(b"HTTP/1.1 414 ") and b"URL is over 16 KB" in answer, answer[:300]
 
 
+def test_which_heads_are_refused_before_h11_parses_them():
+    """The 414/431/505 a head gets depends only on its bytes, at the 16 KB boundary too: a request line with no end
+    within it is a long URL (414), a line that ended is followed by too many headers (431)."""
+    from captioning.http_limits import HEAD_MAX, HEAD_TOO_LARGE, NOT_HTTP1, URI_TOO_LONG, head_refusal
+
+    line = b"GET /health HTTP/1.1\r\n"
+    whole_at_limit = line + b"Cookie: " + b"a" * (HEAD_MAX - len(line) - 12) + b"\r\n\r\n"
+    assert len(whole_at_limit) == HEAD_MAX and head_refusal(whole_at_limit + b"next request") is None
+    assert head_refusal(line + b"Cookie: " + b"a" * HEAD_MAX) is HEAD_TOO_LARGE  # not ended, over
+    assert head_refusal(b"GET /" + b"a" * HEAD_MAX) is URI_TOO_LONG  # no line end yet, over
+    assert head_refusal(b"GET /" + b"a" * HEAD_MAX + b" HTTP/1.1\r\n\r\n") is URI_TOO_LONG
+    assert head_refusal(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") is NOT_HTTP1
+    assert head_refusal(b"GET / HTTP/1.0\r\n\r\n") is None and head_refusal(b"GET / HTTP/2.0") is None  # line not in
+
+
+def test_each_bound_protocol_class_keeps_its_own_limits():
+    """uvicorn makes each connection's protocol from the class alone: every call of bounded_protocol is a class of
+    its own limits, and the 408/503 are worded with them."""
+    from captioning.http_limits import BoundedH11Protocol, bounded_protocol
+
+    first, second = bounded_protocol(5, 7, 2048), bounded_protocol(9, 3, 1024)
+    assert issubclass(first, BoundedH11Protocol) and first is not second
+    assert (first.limits.request_timeout_s, first.limits.max_connections) == (5, 7)
+    assert b"7 connections open" in first.limits.too_many.answer and first.limits.too_many.status == 503
+    assert b"3 connections open" in second.limits.too_many.answer
+    assert b"within 9 s" in second.limits.headers_late.answer and b"1 KB/s" in second.limits.body_late.answer
+
+
 def test_a_request_target_in_absolute_form_is_served_as_its_path(server):
     """RFC 9112 section 3.2.2: a server MUST accept `GET http://host/path` (what a client sends through a proxy); it
     was a 404, as uvicorn gave the whole URL to the routes as the path."""
