@@ -9,9 +9,10 @@ file cut short or changed since (HDF5 weights have no checksum of their own) is 
 An epoch whose loss is not finite (NaN or inf: training diverged) is neither checkpointed nor kept as
 the best one: training stops there and says so.
 
-A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, the `scst_*` ones
-and `restore_best_weights`, every input file, the training code (train_lstm's code deps in dvc.yaml), and
-the number of replicas.
+A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, the `scst_*` ones,
+`restore_best_weights` and `patience`, every input file, the training code (train_lstm's code deps in
+dvc.yaml), and the number of replicas. A changed patience replays the checkpoint's history to find where a
+run with it from the start stops (with_patience).
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ TRAINING_CODE = [Path(__file__).with_name(name) for name in (
 # The self-critical stage's knobs do not change the cross-entropy run it starts from (scst.py has its own
 # checkpoint), so turning it on or retuning it resumes a finished run instead of training it again.
 SCST_KNOBS = ("scst_epochs", "scst_learning_rate", "scst_samples", "scst_batch_images")
-# Nor does restore_best_weights: every epoch is trained and checkpointed alike, and the best epoch's weights
-# are saved either way; it only decides which weights the run ends with (train.fit).
-END_KNOBS = ("restore_best_weights",)
+# Nor do restore_best_weights and patience: every epoch is trained and checkpointed alike, and the best epoch's
+# weights are saved either way; they only decide which weights the run ends with (train.fit) and when it stops
+# (with_patience finds that epoch in a checkpoint of another patience), as in Keras' EarlyStopping.
+END_KNOBS = ("restore_best_weights", "patience")
 # What reading a damaged checkpoint file raises. .keras and .npz files are zip archives, and a damaged
 # one raises zipfile.BadZipFile ("Bad CRC-32", "File is not a zip file"), which is no OSError.
 DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile)
@@ -90,7 +92,7 @@ class EpochEnd(keras.callbacks.Callback):
             state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
                          best_file=save_file(self.checkpoint_dir, f"best-{epoch + 1:04d}.weights.h5",
                                              self.model.save_weights, state))
-        if self.patience and state["epoch"] - state["best_epoch"] >= self.patience:
+        if patience_ran_out(state["epoch"], state["best_epoch"], self.patience):
             state["stopped_early"] = True
             self.model.stop_training = True
         state["rng_state"] = rng_state(self.model)
@@ -100,6 +102,41 @@ class EpochEnd(keras.callbacks.Callback):
         if state["stopped_early"]:
             print(f"stopping early: val loss has not improved for {self.patience} epochs "
                   f"(best: epoch {state['best_epoch']})", flush=True)
+
+
+def patience_ran_out(epoch: int, best_epoch: int, patience: int) -> bool:
+    """Whether a run with train.patience `patience` (0: never) stops after `epoch`, its best epoch so far
+    `best_epoch`: the one rule of EpochEnd and with_patience."""
+    return bool(patience) and epoch - best_epoch >= patience
+
+
+def with_patience(checkpoint_dir: Path, state: dict, patience: int, restore_best_weights: bool) -> dict | None:
+    """The resumed checkpoint `state` as a run with train.patience `patience` from the start has it, or None
+    (and one line) when its files cannot give that run's end.
+
+    Patience decides only when training stops, never an epoch's numbers (END_KNOBS), so the checkpoint's
+    epochs are that run's up to where it stops: replay the history's dev losses with EpochEnd's rule. No stop
+    among them: train on from the last one (a larger patience after an early stop). A stop before the last
+    one: that run ends there with the best epoch it had, which the checkpoint still holds only when no later
+    epoch beat it, and only as the best weights (train.restore_best_weights). The state file keeps every epoch,
+    so a later run with a larger patience still resumes from the last one."""
+    best_epoch = best_loss = None
+    for epoch, record in enumerate(state["history"], 1):
+        if best_loss is None or record["val_loss"] < best_loss:
+            best_epoch, best_loss = epoch, record["val_loss"]
+        if patience_ran_out(epoch, best_epoch, patience):
+            break
+    else:
+        return {**state, "stopped_early": False}
+    if epoch == state["epoch"]:
+        return {**state, "stopped_early": True}
+    if not restore_best_weights or best_epoch != state["best_epoch"]:
+        kept = (f"epoch {epoch}'s" if not restore_best_weights else f"its best epoch's (epoch {best_epoch})")
+        return starting_over(checkpoint_dir / STATE_FILE, f"train.patience {patience} stops at epoch {epoch} of its "
+                             f"{state['epoch']}, and {kept} weights are no longer kept")
+    print(f"stopping early: train.patience {patience} stops at epoch {epoch} of the checkpoint's {state['epoch']} "
+          f"(val loss has not improved since epoch {best_epoch})", flush=True)
+    return {**state, "epoch": epoch, "history": state["history"][:epoch], "stopped_early": True}
 
 
 def stop_if_diverged(epoch: int, record: dict, state: dict) -> None:

@@ -37,6 +37,7 @@ from captioning.checkpoints import (
     restore_rng_state,
     resume_state,
     starting_over,
+    with_patience,
 )
 from captioning.consensus import NgramStatistics
 from captioning.distribute import (
@@ -263,6 +264,8 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         # this run ends with the best epoch's weights, which are no longer to be had.
         state = starting_over(paths.checkpoints / STATE_FILE, f"the weights of its best epoch ({state['best_epoch']}) "
                               "were dropped by a run with train.restore_best_weights: false")
+    if state:  # it may come from a run of another train.patience
+        state = with_patience(paths.checkpoints, state, config.patience, config.restore_best_weights)
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
     # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
     # others resume. Outside the strategy's scope, so this load runs no collective op. The best epoch's

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from captioning.checkpoints import STATE_FILE, EpochEnd, new_state, resume_state
+from captioning.checkpoints import STATE_FILE, EpochEnd, new_state, resume_state, with_patience
 from captioning.distribute import NullLive
 from captioning.errors import UserError
 
@@ -138,3 +138,38 @@ def test_a_diverged_epoch_is_never_kept_and_stops_training_with_one_clear_line(t
     assert sorted((path.name, path.read_bytes()) for path in tmp_path.iterdir()) == written  # nothing of it kept
     assert state["epoch"] == finite_epochs and len(state["history"]) == finite_epochs
     assert state["best_epoch"] == (finite_epochs or None)
+
+
+def patience_state(val_losses: list[float], stopped_early: bool = False) -> dict:
+    best = int(np.argmin(val_losses)) + 1
+    return {**good_state(), "epoch": len(val_losses), "history": [{"val_loss": loss} for loss in val_losses],
+            "best_epoch": best, "best_val_loss": min(val_losses), "best_file": f"best-{best:04d}.weights.h5",
+            "stopped_early": stopped_early}
+
+
+@pytest.mark.parametrize("val_losses, patience, epochs, stopped_early", [
+    ([3.0, 2.0, 2.5, 2.6], 0, 4, False),
+    ([3.0, 2.0, 2.5, 2.6], 3, 4, False),  # trains on: a larger patience than the one that stopped it
+    ([3.0, 2.0, 2.5, 2.6], 2, 4, True),   # stops where the checkpoint ends
+    ([3.0, 2.0, 2.5, 2.6], 1, 3, True),   # stopped before: the best epoch (2) is the checkpoint's
+])
+def test_a_checkpoint_of_another_patience_is_the_run_with_this_one(tmp_path, val_losses, patience, epochs,
+                                                                    stopped_early, capsys):
+    state = patience_state(val_losses, stopped_early=True)
+    resumed = with_patience(tmp_path, state, patience, restore_best_weights=True)
+    assert resumed == {**state, "epoch": epochs, "history": state["history"][:epochs], "stopped_early": stopped_early}
+    assert state == patience_state(val_losses, stopped_early=True)  # the checkpoint's own state keeps every epoch
+
+
+@pytest.mark.parametrize("val_losses, restore_best_weights, why", [
+    ([3.0, 2.0, 2.5, 1.0], True, "its best epoch's (epoch 2) weights are no longer kept"),  # epoch 4 beat it
+    ([3.0, 2.0, 2.5, 2.6], False, "epoch 3's weights are no longer kept"),  # ends with the last epoch's weights
+])
+def test_a_patience_stop_whose_weights_are_gone_means_starting_over_with_one_line(tmp_path, val_losses,
+                                                                                    restore_best_weights, why, capsys):
+    """A patience that stops before the checkpoint's last epoch ends with weights the checkpoint no longer has:
+    starting over, said in one line, not an end with other weights passed off as that run's."""
+    assert with_patience(tmp_path, patience_state(val_losses), 1, restore_best_weights) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"cannot resume from {tmp_path / STATE_FILE} (train.patience 1 stops at epoch 3 of its 4, and "
+                    f"{why}): training starts over"]

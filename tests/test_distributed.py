@@ -498,6 +498,44 @@ def test_switching_restore_best_weights_resumes_the_checkpoint(tmp_path, capsys)
         np.testing.assert_array_equal(mine, theirs)
 
 
+# A learning rate at which the tiny project's dev loss is lowest in epoch 2 and higher in each of epochs 3 and 4:
+# train.patience 1 stops after epoch 3, patience 2 after epoch 4.
+OVERFITTING = {"learning_rate": 0.05, "epochs": 4}
+
+
+@pytest.fixture(scope="module")
+def patience_runs(tmp_path_factory):
+    """Two uninterrupted runs of OVERFITTING, one per train.patience: {patience: (project, metrics, weights)}."""
+    runs = {}
+    for patience in (1, 2):
+        project = tmp_path_factory.mktemp(f"patience{patience}")
+        runs[patience] = (project, *run_in_process(project, "default", **OVERFITTING, patience=patience))
+    assert runs[1][1]["epochs"] < runs[2][1]["epochs"]  # each patience stopped where the comment above says
+    return runs
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)], ids=["raised", "lowered"])
+def test_a_changed_patience_resumes_to_the_run_that_had_it_from_the_start(patience_runs, tmp_path, capsys, before,
+                                                                         after):
+    """train.patience only decides when training stops: a checkpoint of another patience holds the very epochs of
+    a run with the new one, so it resumes (it trained again from epoch 1). A larger patience trains on from the
+    last epoch; a smaller one whose stop point has passed stops at once with the best epoch that run keeps."""
+    shutil.copytree(patience_runs[before][0] / "checkpoints", tmp_path / "checkpoints")
+    capsys.readouterr()
+    resumed, weights = run_in_process(tmp_path, "default", **OVERFITTING, patience=after)
+    said = capsys.readouterr().out
+    scratch, whole, whole_weights = patience_runs[after]
+    assert f"resuming from the checkpoint after epoch {min(whole['epochs'], patience_runs[before][1]['epochs'])}" \
+        in said and "starts over" not in said, said
+    assert without_timing(resumed) == without_timing(whole)  # kept epoch, epochs, stopped early, its losses
+    assert (tmp_path / "data/model/model.keras").read_bytes() == (scratch / "data/model/model.keras").read_bytes()
+    for mine, theirs in zip(weights, whole_weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    for curve in ("train/loss.tsv", "val/loss.tsv"):  # the history, as DVCLive logs it
+        assert (tmp_path / "dvclive/plots/metrics" / curve).read_text() == \
+            (scratch / "dvclive/plots/metrics" / curve).read_text()
+
+
 def test_best_weights_dropped_without_restore_best_weights_mean_starting_over_when_it_is_back_on(tmp_path, capsys):
     """With train.restore_best_weights: false a damaged best-weights file is let go and the state names none
     (its best epoch stays); a run that then asks for the best epoch cannot end with it: one line, a fresh start
