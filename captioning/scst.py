@@ -97,12 +97,13 @@ def _resumed(model: keras.Model, optimizer, folder: Path, state: dict) -> bool:
 
 
 def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, features: FeatureStore | np.ndarray,
-              config: TrainConfig, checkpoint_dir: Path, origin: dict) -> dict:
+              config: TrainConfig, checkpoint_dir: Path, origin: dict, member: tuple[int, int] = (1, 1)) -> dict:
     """Run `config.scst_epochs` epochs of SCST on `model` in place, resuming a checkpoint of this very run;
     return the history ({"epochs", "rewards": mean sample reward per epoch, "seconds"}).
 
     `features`: the FeatureStore the reward set was built from, or its feature matrix. `origin` identifies
-    the cross-entropy run the model comes from (fingerprint, epochs, kept epoch).
+    the cross-entropy run the model comes from (fingerprint, epochs, kept epoch); `member` (k, K): the model
+    is ensemble member k of K (train.ensemble), for what a stop says to do.
     """
     check_inputs(model, vocab, rewards, features, config)
     matrix = _matrix_of(features)
@@ -138,7 +139,7 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, feature
             baseline = (reward.sum(axis=1, keepdims=True) - reward) / (samples - 1)
             loss, norm = step(tf.constant(features), tf.constant(ids), tf.constant((reward - baseline).reshape(-1)))
             stop_if_diverged(epoch + 1, batch + 1, {"loss": float(loss), "mean reward": float(reward.mean()),
-                                                    "weight norm": float(norm)})
+                                                    "weight norm": float(norm)}, config.scst_epochs, member)
             epoch_rewards.append(reward.ravel())
         seconds = watch.elapsed
         state["epoch"] = epoch + 1
@@ -208,19 +209,26 @@ def _gradient_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, vo
     return step
 
 
-def stop_if_diverged(epoch: int, batch: int, values: dict[str, float]) -> None:
+def stop_if_diverged(epoch: int, batch: int, values: dict[str, float], scst_epochs: int,
+                     member: tuple[int, int] = (1, 1)) -> None:
     """Stop SCST at the first step whose loss or reward is NaN or inf, before its epoch is checkpointed.
 
     The step has already moved the weights, and every step after it would start from broken ones; the
     checkpoint keeps the SCST epochs before it (and the cross-entropy one the run started from), as
-    checkpoints.stop_if_diverged does for cross-entropy training."""
+    checkpoints.stop_if_diverged does for cross-entropy training. In an ensemble (`member` k of K) the
+    advice is for train.scst_epochs, one value for every member: the members before k finished all
+    `scst_epochs`, more than the value that keeps this member's epochs, so with it they fine-tune again."""
     shown = non_finite(values)
     if shown is None:
         return
-    done = epoch - 1
+    done, (number, members) = epoch - 1, member
     keep = (f"train.scst_epochs: {done} finishes with the {done} SCST epoch(s) before it, which the checkpoint keeps"
-            if done else "train.scst_epochs: 0 keeps the cross-entropy model")
-    raise UserError(f"SCST fine-tuning diverged in epoch {epoch}, step {batch}: {shown}. Lower "
+            if done else f"train.scst_epochs: 0 keeps the cross-entropy model{'s' if members > 1 else ''}")
+    if done and number > 1:
+        keep += (f" (for every member: the {number - 1} before it, which ran all {scst_epochs}, then fine-tune "
+                 f"again for {done} from their cross-entropy weights)")
+    where = f" of ensemble member {number} of {members}" if members > 1 else ""
+    raise UserError(f"SCST fine-tuning{where} diverged in epoch {epoch}, step {batch}: {shown}. Lower "
                     "train.scst_learning_rate or train.clipnorm and train again (non-finite features do this too), "
                     f"or {keep}.")
 

@@ -202,7 +202,8 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
             scst = None
             if rewards is not None:
                 origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
-                scst = fine_tune(model, data.vocab, rewards, store, member_config, member_paths.checkpoints, origin)
+                scst = fine_tune(model, data.vocab, rewards, store, member_config, member_paths.checkpoints, origin,
+                                 member=(member + 1, config.ensemble))
             runs.append(MemberRun(model, state, kept, scst))
         model = ensemble_of([run.model for run in runs])
         with output_dir(placement, paths.model) as model_out:

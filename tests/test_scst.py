@@ -3,12 +3,16 @@
 Sampling is seeded and follows the decoding rules, fine-tuning raises the reward it optimises, a run
 killed between epochs resumes to exactly the weights of an uninterrupted one, and the knobs neither
 invalidate the cross-entropy checkpoint nor run under a distribution strategy."""
+import copy
+import itertools
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode, write_feature_folder
+from test_distributed import run_in_process
 
 from captioning import scst
 from captioning.checkpoints import fingerprint
@@ -144,6 +148,43 @@ def test_a_diverged_scst_step_stops_with_one_line_and_keeps_nothing_of_its_epoch
     assert "train.scst_learning_rate" in message and "train.scst_epochs: 1 finishes" in message
     assert "\n" not in message
     assert sorted((path.name, path.read_bytes()) for path in (tmp_path / "scst").iterdir()) == written
+
+
+def test_a_diverged_ensemble_member_says_what_train_scst_epochs_does_to_every_member(tmp_path, monkeypatch, capsys):
+    """train.scst_epochs is one value for every member, and each member counts its own SCST epochs: the advice
+    after member 2 diverged named member 2's count as if it were for it alone, and following it fine-tuned
+    member 1 again without a word of warning. It names the member and what the value does to the others, and
+    following it does just that."""
+    import captioning.train as train_module
+
+    calls = []
+
+    def nan_from_the_second_epoch_of_member_2(model, vocab, rewards, *args, **kwargs):
+        calls.append(rewards)
+        if len(calls) == 2:
+            rewards, real, drawn = copy.copy(rewards), rewards.rewards, itertools.count()
+            steps = -(-len(rewards) // args[1].scst_batch_images)  # one epoch's steps, then NaN
+            rewards.rewards = lambda captions, images: (real(captions, images) if next(drawn) < steps
+                                                        else np.full(len(captions), np.nan, np.float32))
+        return fine_tune(model, vocab, rewards, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fine_tune", nan_from_the_second_epoch_of_member_2)
+    knobs = {"ensemble": 2, "scst_epochs": 2, "scst_learning_rate": 1e-3}
+    with pytest.raises(UserError, match=r"^SCST fine-tuning of ensemble member 2 of 2 diverged in epoch 2, step 1: "
+                       ) as raised:
+        run_in_process(tmp_path, "default", **knobs)
+    message = str(raised.value)
+    assert "\n" not in message and "train.scst_epochs: 1 finishes with the 1 SCST epoch(s) before it" in message
+    assert "for every member: the 1 before it, which ran all 2, then fine-tune again for 1" in message
+
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    metrics, _ = run_in_process(tmp_path, "default", **{**knobs, "scst_epochs": 1})  # the advice
+    said = capsys.readouterr().out
+    assert "SCST: resuming from the checkpoint after epoch 1" in said  # member 2's, kept
+    assert f"cannot resume from {tmp_path / 'checkpoints/scst/state.json'} (it has 2 epochs done" in said  # member 1
+    assert [member["scst_epochs"] for member in metrics["members"]] == [1, 1]
 
 
 def nan_in(features):
