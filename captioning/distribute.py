@@ -18,12 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioning.errors import UserError
-from captioning.tf_setup import tf
+from captioning.tf_setup import keras, tf
 
 TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
                      '"task": {"type": "worker", "index": 0}}\'')
@@ -35,6 +35,9 @@ class Placement:
     name: str  # default | mirrored | multi_worker
     is_chief: bool  # writes checkpoints, the model, metrics and DVCLive curves
     worker: str  # e.g. "worker 1 of 2", for log lines
+    # Tells stuck_worker_deadline's watchdog that training made progress (or, with False, that another deadline
+    # covers the wait that follows); a no-op outside it.
+    progress: Callable[[bool], None] = field(default=lambda running=True: None, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -75,15 +78,20 @@ DEFAULT_JOIN_TIMEOUT = 600.0  # the README asks to start all workers within 10 m
 # inside TensorFlow it holds the GIL and heeds neither Ctrl-C nor SIGTERM (TensorFlow catches it), so no thread,
 # timer or signal handler of its own can end the wait, and coordination's cluster_register_timeout_in_ms does
 # not bound it either: the watchdog says why and ends it with SIGKILL, which nothing can catch (and so does
-# Ctrl-C while it waits).
+# Ctrl-C while it waits). The worker may write to its stdin: "p" (progress) starts the wait again, "s" stops
+# the clock until the next "p"; argv[4] "s" starts it stopped.
 WATCHDOG = """
-import os, signal, sys, time
-worker, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+import os, select, signal, sys, time
+worker, seconds, message, start = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
 # Ctrl-C reaches the watchdog too (same process group): end the deaf worker with it, as the user asked.
 signal.signal(signal.SIGINT, lambda *_: (os.kill(worker, signal.SIGKILL), sys.exit(1)))
-deadline = time.monotonic() + seconds
-while time.monotonic() < deadline:
-    time.sleep(0.2)
+deadline = None if start == "s" else time.monotonic() + seconds
+while deadline is None or time.monotonic() < deadline:
+    if select.select([sys.stdin], [], [], 0.2)[0]:
+        said = os.read(sys.stdin.fileno(), 4096)
+        if not said:  # the worker closed its end: it ended
+            sys.exit(0)
+        deadline = None if said.endswith(b"s") else time.monotonic() + seconds
     if os.getppid() != worker:  # the worker ended some other way
         sys.exit(0)
 print(message, file=sys.stderr, flush=True)
@@ -117,18 +125,73 @@ def join_deadline(seconds: float, worker: str, workers: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def deadline(seconds: float, message: str) -> Iterator[None]:
+def deadline(seconds: float, message: str, stopped: bool = False) -> Iterator[Callable[[bool], None]]:
     """End this process with `message` on stderr when the body, a wait inside TensorFlow for the other
-    workers, takes more than `seconds` (the WATCHDOG); 0: no limit."""
+    workers, takes more than `seconds` (the WATCHDOG); 0: no limit. Yields `progress(running=True)`: the wait
+    starts again from the call, or (running False) is not timed until the next call; `stopped`: not timed
+    until the first call."""
     if not seconds:
-        yield
+        yield lambda running=True: None
         return
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message,
+                                 "s" if stopped else "p"], stdin=subprocess.PIPE)
+
+    def progress(running: bool = True) -> None:
+        with contextlib.suppress(OSError):  # a watchdog that ended has nothing left to time
+            watchdog.stdin.write(b"p" if running else b"s")
+            watchdog.stdin.flush()
+
     try:
-        yield
+        yield progress
     finally:
         watchdog.kill()
         watchdog.wait()
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+
+
+@contextlib.contextmanager
+def stuck_worker_deadline(placement: Placement) -> Iterator[Placement]:
+    """Under multi_worker, `placement` with a `progress` that keeps a watchdog from ending this worker: when
+    training makes no progress (no step, no epoch) for CAPTIONING_JOIN_TIMEOUT seconds after the workers'
+    agreement, one line names the other workers, one of which is stuck, and the worker ends (status 137).
+
+    A worker that stopped or froze ends the others through TensorFlow's heartbeats
+    (stop_cleanly_when_a_worker_is_lost); one that is alive but stuck (a hung file system, a deadlock) keeps
+    sending them, and the others' next collective op would wait for it for good. TensorFlow's own bound, the
+    CommunicationOptions timeout, is meant for debugging only: a thread per collective op. The clock starts
+    at the agreement (check_agreement, which stops it while its own deadline times the wait). Each worker
+    waits a second longer than the one before it in the cluster: the stuck worker's own watchdog fires too, and
+    a waiting worker that ends first tells the others it is gone, so they name it as lost, not a wrong one."""
+    if placement.name != "multi_worker":
+        yield placement
+        return
+    me, workers, seconds = _me(placement), _workers(placement), join_timeout()
+    seconds = seconds and seconds + workers.index(me)  # 0: no limit
+    others = " or ".join(worker for worker in workers if worker != me)
+    with deadline(seconds, f"error: {me}: training made no progress for {seconds:g} s, so it stops "
+                           f"({JOIN_TIMEOUT_VARIABLE}): {others} is stuck while alive (the one whose output stopped "
+                           "first; a stuck worker still answers TensorFlow's heartbeats). End it with kill -9 (it "
+                           "does not heed SIGTERM), then start every worker again: they resume from the shared "
+                           f"checkpoints; {JOIN_TIMEOUT_VARIABLE}=0 waits with no limit.", stopped=True) as progress:
+        yield replace(placement, progress=progress)
+
+
+class Progress(keras.callbacks.Callback):
+    """Tells stuck_worker_deadline's watchdog after every training and validation step."""
+
+    def __init__(self, placement: Placement):
+        super().__init__()
+        self.progress = placement.progress
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress(True)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.progress(True)
+
+    def on_epoch_end(self, epoch, logs=None):  # after EpochEnd's checkpoint, which may take a while
+        self.progress(True)
 
 
 def _reduce_nested_values(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
@@ -235,12 +298,14 @@ def check_agreement(placement: Placement, fingerprint: str, epoch: int) -> None:
     # that started but is stuck before it (say, reading its data from a hung network file system) keeps sending
     # heartbeats, so TensorFlow would wait for it for good and without a word.
     seconds = join_timeout()
+    placement.progress(False)  # its own deadline times this wait
     with deadline(seconds, f"error: {_me(placement)}: not every worker reached the start of training within "
                            f"{seconds:g} s of this one, so it stops ({JOIN_TIMEOUT_VARIABLE}). A worker whose "
                            "output stopped before this one's is stuck (say, on a hung file system): end it with "
                            "kill -9 (it does not heed SIGTERM), then start every worker again; "
                            f"{JOIN_TIMEOUT_VARIABLE}=0 waits with no limit."):
         rows = placement.strategy.gather(everyones(), axis=0).numpy()  # one row per replica of every worker
+    placement.progress(True)
     if len(set(rows[:, 0])) > 1:
         raise UserError("the workers do not train the same thing: their params, training code or input files "
                         "differ. Give every machine the same commit and the same `dvc pull`ed data.")
@@ -283,6 +348,12 @@ def _me(placement: Placement) -> str:
     """This worker as TF_CONFIG names it, e.g. "worker 1"."""
     resolver = placement.strategy.cluster_resolver
     return f"{resolver.task_type} {resolver.task_id}"
+
+
+def _workers(placement: Placement) -> list[str]:
+    """Every worker of the cluster as TF_CONFIG names it, e.g. ["worker 0", "worker 1"]."""
+    return [f"{job} {task}" for job, tasks in placement.strategy.cluster_resolver.cluster_spec().as_dict().items()
+            for task in (range(len(tasks)) if isinstance(tasks, list) else sorted(tasks))]
 
 
 def _coordinator(placement: Placement) -> str:

@@ -42,11 +42,13 @@ from captioning.checkpoints import (
 from captioning.consensus import NgramStatistics
 from captioning.distribute import (
     NullLive,
+    Progress,
     check_agreement,
     make_placement,
     output_dir,
     shard_by_data,
     stop_cleanly_when_a_worker_is_lost,
+    stuck_worker_deadline,
 )
 from captioning.errors import UserError, one_line
 from captioning.feature_files import FeatureStore
@@ -188,7 +190,7 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
     rewards = RewardSet.build(seen_captions, store, statistics) if config.scst_epochs else None
     if placement.distributed:
         print(f"strategy {placement.name}: {placement.worker}; global batch {config.batch_size}", flush=True)
-    with stop_cleanly_when_a_worker_is_lost(placement):
+    with stop_cleanly_when_a_worker_is_lost(placement), stuck_worker_deadline(placement) as placement:
         runs = []
         for member in range(config.ensemble):
             member_config, member_paths = member_run(config, paths, member)
@@ -333,7 +335,9 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
                 validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size),
                                               placement),
                 epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
-                callbacks=[EpochEnd(live, checkpoint_out, state, config.patience)], verbose=2, shuffle=False,
+                callbacks=[EpochEnd(live, checkpoint_out, state, config.patience),
+                           *([Progress(placement)] if placement.name == "multi_worker" else [])],
+                verbose=2, shuffle=False,
             )
         kept = state["epoch"]
         if config.restore_best_weights and state["best_file"]:

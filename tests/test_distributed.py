@@ -6,6 +6,7 @@ processes importing TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -173,7 +174,8 @@ def test_two_workers_resume_a_shared_checkpoint_and_still_only_the_chief_writes(
             np.testing.assert_array_equal(after[f"arr_{index}"], before[f"arr_{index}"])
 
 # train_lstm, but the worker whose index is argv[2] dies (as in a crash or a kill) once the workers agreed;
-# or, with FREEZE set, is frozen there (SIGSTOP: alive, but its heartbeats stop too).
+# or, with HOW=freeze, is frozen there (SIGSTOP: alive, but its heartbeats stop too); or, with HOW=hang, hangs
+# there, alive, its heartbeats going on (as on a hung network file system).
 FAILING_AFTER_AGREEMENT = """
 import os, signal, sys, time
 import captioning.train as train
@@ -182,7 +184,8 @@ def agree_then_die(placement, *args):
     agree(placement, *args)
     if placement.worker.startswith(f"worker {sys.argv[2]} "):
         print(f"dying at {time.time()}", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP) if os.environ.get("FREEZE") else os._exit(3)
+        {"freeze": lambda: os.kill(os.getpid(), signal.SIGSTOP),
+         "hang": lambda: time.sleep(3600)}.get(os.environ.get("HOW"), lambda: os._exit(3))()
 train.check_agreement = agree_then_die
 from captioning.errors import run_cli
 from stages.train_lstm import main
@@ -204,7 +207,7 @@ def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(t
     for project in projects:
         write_inputs(project, "multi_worker")
     processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", str(lost)),
-                              **({"FREEZE": "1"} if how == "freezes" else {}))
+                              **({"HOW": "freeze"} if how == "freezes" else {}))
     survivor = processes[1 - lost]
     try:
         survivor.wait(timeout=150)
@@ -221,6 +224,39 @@ def test_a_worker_lost_after_the_agreement_stops_the_other_with_one_clear_line(t
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: worker {lost} stopped or cannot be reached, so worker "
                                                      f"{1 - lost} stops too."), log[-4000:]
+
+
+@pytest.mark.slow  # about 60 s on 2 cores
+def test_a_worker_stuck_after_the_agreement_stops_the_other_at_the_timeout_naming_it(tmp_path):
+    """A worker that is alive but stuck once training started keeps sending heartbeats, so TensorFlow's next
+    collective op on the other worker waited for it for good, without a word. The other must stop soon after
+    CAPTIONING_JOIN_TIMEOUT seconds without progress, with one line naming the stuck worker and what to do."""
+    projects = [tmp_path / f"machine{index}" for index in range(2)]
+    for project in projects:
+        write_inputs(project, "multi_worker")
+    timeout = 30  # also the start-up join's: room for the two TensorFlow imports to end apart under load
+    processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", "1"), HOW="hang",
+                              CAPTIONING_JOIN_TIMEOUT=str(timeout))
+    chief = processes[0]
+    try:
+        ended = chief.wait(timeout=240) is not None
+    except subprocess.TimeoutExpired:  # the old code's wait never ends
+        ended = False
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stopped = time.time()
+    log = (projects[0] / "log.txt").read_text()
+    stuck = float(re.search(r"dying at ([\d.]+)", (projects[1] / "log.txt").read_text())[1])
+    assert ended and chief.returncode == -signal.SIGKILL and "Traceback" not in log, log[-4000:]
+    assert timeout - 5 < stopped - stuck < timeout + 60, log[-4000:]  # the bound, and not long after it
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: worker 0: training made no progress for {timeout} s, so it stops (CAPTIONING_JOIN_TIMEOUT): "
+        "worker 1 is stuck while alive"), log[-4000:]
+    assert "kill -9" in errors[0]
 
 
 # train_lstm, but worker 1 hangs, alive (its heartbeats go on), after its strategy started and before the
@@ -670,6 +706,7 @@ def test_a_worker_resuming_a_finished_run_keeps_the_best_epoch_and_writes_nothin
     other = Placement(tf.distribute.get_strategy(), "multi_worker", False, "worker 1 of 2")
     monkeypatch.setattr(train_module, "make_placement", lambda name: other)
     monkeypatch.setattr(train_module, "check_agreement", lambda *args: None)  # one process: nothing to agree
+    monkeypatch.setattr(train_module, "stuck_worker_deadline", contextlib.nullcontext)  # nor anyone to wait for
     held = []
     save_bundle = train_module.save_bundle
     monkeypatch.setattr(train_module, "save_bundle",
