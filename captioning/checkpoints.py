@@ -120,6 +120,10 @@ def with_patience(checkpoint_dir: Path, state: dict, patience: int, restore_best
     one: that run ends there with the best epoch it had, which the checkpoint still holds only when no later
     epoch beat it, and only as the best weights (train.restore_best_weights). The state file keeps every epoch,
     so a later run with a larger patience still resumes from the last one."""
+    losses = [record.get("val_loss") if isinstance(record, dict) else None for record in state["history"]]
+    if len(losses) != state["epoch"] or not all(isinstance(loss, float) and math.isfinite(loss) for loss in losses):
+        # EpochEnd writes one record with a finite dev loss per epoch: a hand-edited history is no run's
+        return starting_over(checkpoint_dir / STATE_FILE, "its history is not one dev loss per epoch done")
     best_epoch = best_loss = None
     for epoch, record in enumerate(state["history"], 1):
         if best_loss is None or record["val_loss"] < best_loss:

@@ -173,3 +173,15 @@ def test_a_patience_stop_whose_weights_are_gone_means_starting_over_with_one_lin
     said = capsys.readouterr().out.strip().splitlines()
     assert said == [f"cannot resume from {tmp_path / STATE_FILE} (train.patience 1 stops at epoch 3 of its 4, and "
                     f"{why}): training starts over"]
+
+
+@pytest.mark.parametrize("history", [[{"val_loss": 2.0}], [{"val_loss": 2.0}, {}], [{"val_loss": 2.0}, 3],
+                                     [{"val_loss": 2.0}, {"val_loss": "1.0"}], [{"val_loss": 2.0}, {"val_loss": None}]])
+def test_a_hand_edited_history_means_starting_over_with_one_line(tmp_path, history, capsys):
+    """Where train.patience would stop is read from the history's dev losses: one that is not one finite dev loss
+    per epoch done (edited by hand) means starting over, not a KeyError traceback."""
+    state = {**patience_state([3.0, 2.0]), "history": history}
+    assert with_patience(tmp_path, state, 1, restore_best_weights=True) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"cannot resume from {tmp_path / STATE_FILE} (its history is not one dev loss per epoch done): "
+                    "training starts over"]
