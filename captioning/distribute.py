@@ -71,7 +71,8 @@ def make_placement(name: str) -> Placement:
                      f"{' (chief)' if chief else ''}, {strategy.num_replicas_in_sync} replicas in all")
 
 
-JOIN_TIMEOUT_VARIABLE = "CAPTIONING_JOIN_TIMEOUT"  # seconds a multi_worker worker waits for the others to start
+# Seconds a multi_worker worker waits for the others: to start, to reach the agreement, to make progress in training
+JOIN_TIMEOUT_VARIABLE = "CAPTIONING_JOIN_TIMEOUT"
 DEFAULT_JOIN_TIMEOUT = 600.0  # the README asks to start all workers within 10 minutes of each other
 
 # The join's watchdog, a plain Python process (no TensorFlow: it starts in milliseconds). While the worker waits
@@ -325,7 +326,8 @@ def stop_cleanly_when_a_worker_is_lost(placement: Placement) -> Iterator[None]:
     to restart in order to recover" (DeadlineExceededError when the chief, which runs the service, is frozen
     and leaves the heartbeats unanswered). Its message is a traceback of gRPC details; the workers it names
     (other than this one) are the ones lost. A worker that is alive but stuck keeps sending heartbeats,
-    so the others wait for it: only killing it ends that (before the agreement, check_agreement's deadline).
+    so TensorFlow would wait for it: check_agreement's deadline bounds that wait before the agreement,
+    stuck_worker_deadline's after it.
     """
     try:
         yield
