@@ -65,11 +65,13 @@ def new_state(print_fingerprint: str) -> dict:
 
 class EpochEnd(keras.callbacks.Callback):
     """After each epoch: add to the history, log to DVCLive, keep the best weights, stop early when
-    val_loss has not improved for `patience` epochs (0: never), checkpoint atomically."""
+    val_loss has not improved for `patience` epochs (0: never), checkpoint atomically. `member` (k, K): the
+    run is ensemble member k of K (train.ensemble), for what a stop says to do."""
 
-    def __init__(self, live, checkpoint_dir: Path, state: dict, patience: int = 0):
+    def __init__(self, live, checkpoint_dir: Path, state: dict, patience: int = 0, member: tuple[int, int] = (1, 1)):
         super().__init__()
         self.live, self.checkpoint_dir, self.state, self.patience = live, checkpoint_dir, state, patience
+        self.member = member
         self.epoch_watch = Stopwatch()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -78,7 +80,7 @@ class EpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = self.epoch_watch.elapsed
         record = {key: float(value) for key, value in (logs or {}).items()}
-        stop_if_diverged(epoch + 1, record, self.state)
+        stop_if_diverged(epoch + 1, record, self.state, self.member)
         state = self.state
         state["history"].append(record)
         state["train_seconds"] += seconds
@@ -143,24 +145,32 @@ def with_patience(checkpoint_dir: Path, state: dict, patience: int, restore_best
     return {**state, "epoch": epoch, "history": state["history"][:epoch], "stopped_early": True}
 
 
-def stop_if_diverged(epoch: int, record: dict, state: dict) -> None:
+def stop_if_diverged(epoch: int, record: dict, state: dict, member: tuple[int, int] = (1, 1)) -> None:
     """Stop training when epoch `epoch`'s loss or dev loss is NaN or inf, before anything of it is kept.
 
     Such an epoch can never be the best one (every comparison with NaN is false, so a NaN first epoch
     would stay "best" for good, as it does in Keras 3's EarlyStopping, whose best starts as None), and
     the epochs after it start from broken weights. So, like Keras' TerminateOnNaN(raise_error=True),
-    stop at once; the checkpoint keeps the epochs before it."""
+    stop at once; the checkpoint keeps the epochs before it. In an ensemble (`member` k of K) train.epochs is
+    one value for every member, and a checkpoint with more epochs than it asks for means starting over: the
+    members before k that ran more epochs then train again."""
     losses = non_finite({"train loss": record.get("loss", math.nan), "val loss": record.get("val_loss", math.nan)})
     if losses is None:
         return
     done = state["epoch"]
-    # Fewer epochs than a checkpoint has means starting over, so with train.ensemble > 1 this works only
-    # when no other decoder ran more epochs.
-    keep = (f", or finish with the {done} epoch(s) before it, which the checkpoint keeps: train.epochs: {done} "
-            "(for a single decoder)" if done else "")
-    raise UserError(f"training diverged in epoch {epoch}: {losses}. "
+    keep = (f", or finish with the {done} epoch(s) before it, which the checkpoint keeps: train.epochs: {done}"
+            if done else "")
+    if done and member[0] > 1:
+        keep += " (for every member: those before it that ran more epochs then train again from epoch 1)"
+    raise UserError(f"training{of_member(member)} diverged in epoch {epoch}: {losses}. "
                     "Lower train.learning_rate or train.clipnorm and train again (non-finite features do this "
                     f"too){keep}.")
+
+
+def of_member(member: tuple[int, int]) -> str:
+    """" of ensemble member k of K" for ensemble member `member` (k, K), for a message; "" for a single decoder."""
+    number, members = member
+    return f" of ensemble member {number} of {members}" if members > 1 else ""
 
 
 def non_finite(values: dict[str, float]) -> str | None:

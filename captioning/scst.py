@@ -36,6 +36,7 @@ from captioning.checkpoints import (
     clear_checkpoints,
     commit,
     non_finite,
+    of_member,
     remove_partial_writes,
     resume_state,
     save_file,
@@ -227,8 +228,7 @@ def stop_if_diverged(epoch: int, batch: int, values: dict[str, float], scst_epoc
     if done and number > 1:
         keep += (f" (for every member: the {number - 1} before it, which ran all {scst_epochs}, then fine-tune "
                  f"again for {done} from their cross-entropy weights)")
-    where = f" of ensemble member {number} of {members}" if members > 1 else ""
-    raise UserError(f"SCST fine-tuning{where} diverged in epoch {epoch}, step {batch}: {shown}. Lower "
+    raise UserError(f"SCST fine-tuning{of_member(member)} diverged in epoch {epoch}, step {batch}: {shown}. Lower "
                     "train.scst_learning_rate or train.clipnorm and train again (non-finite features do this too), "
                     f"or {keep}.")
 

@@ -200,7 +200,7 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
             model, state = resume_or_build(member_config, data, store, placement, member_paths)
             if member == 0:
                 model.summary()
-            kept = fit(model, state, member_config, data, store, placement, member_paths, log_curves=member == 0)
+            kept = fit(model, state, member_config, data, store, placement, member_paths, (member + 1, config.ensemble))
             scst = None
             if rewards is not None:
                 origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
@@ -319,11 +319,11 @@ def load_checkpoint(folder: Path, state: dict) -> keras.Model | None:
 
 
 def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData, store: FeatureStore,
-        placement, paths: TrainPaths, log_curves: bool = True) -> int:
+        placement, paths: TrainPaths, member: tuple[int, int] = (1, 1)) -> int:
     """Run the remaining epochs (checkpointing each), then keep the best epoch's weights if asked;
-    return the epoch whose weights the model now holds. `log_curves`: DVCLive's curves (an ensemble
-    logs its first member's, the single decoder of its params; the others print theirs)."""
-    live = open_live(paths.live) if placement.is_chief and log_curves else NullLive()
+    return the epoch whose weights the model now holds. `member` (k, K): ensemble member k of K; DVCLive's
+    curves are member 1's, the single decoder of its params (the others print theirs)."""
+    live = open_live(paths.live) if placement.is_chief and member[0] == 1 else NullLive()
     for record in state["history"]:  # rebuild the curves of epochs done before a resume
         log_epoch(live, record)
     steps = steps_per_epoch(data.train_set, config.batch_size)
@@ -335,7 +335,7 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
                 validation_data=shard_by_data(validation_batches(data.dev_set, store.matrix, config.batch_size),
                                               placement),
                 epochs=config.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
-                callbacks=[EpochEnd(live, checkpoint_out, state, config.patience),
+                callbacks=[EpochEnd(live, checkpoint_out, state, config.patience, member),
                            *([Progress(placement)] if placement.name == "multi_worker" else [])],
                 verbose=2, shuffle=False,
             )

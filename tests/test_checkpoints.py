@@ -140,6 +140,24 @@ def test_a_diverged_epoch_is_never_kept_and_stops_training_with_one_clear_line(t
     assert state["best_epoch"] == (finite_epochs or None)
 
 
+@pytest.mark.parametrize("member, words", [
+    ((1, 3), r"^training of ensemble member 1 of 3 diverged in epoch 3: .* which the checkpoint keeps: train\.epochs: "
+             r"2\.$"),  # the members after it have not trained yet
+    ((2, 3), r"^training of ensemble member 2 of 3 diverged in epoch 3: .* train\.epochs: 2 \(for every member: "
+             r"those before it that ran more epochs then train again from epoch 1\)\.$"),
+])
+def test_a_diverged_ensemble_member_says_which_and_what_train_epochs_does_to_the_others(tiny_model, tmp_path, member,
+                                                                                        words):
+    """train.epochs is one value for every member: the advice named no member, and added "(for a single decoder)",
+    which in an ensemble left the user with no advice they could follow."""
+    callback = EpochEnd(NullLive(), tmp_path, new_state(FINGERPRINT), member=member)
+    callback.set_model(tiny_model)
+    for epoch in range(2):
+        callback.on_epoch_end(epoch, {"loss": 3.0 - epoch, "val_loss": 3.0 - epoch})
+    with pytest.raises(UserError, match=words):
+        callback.on_epoch_end(2, {"loss": math.nan, "val_loss": 1.0})
+
+
 def patience_state(val_losses: list[float], stopped_early: bool = False) -> dict:
     best = int(np.argmin(val_losses)) + 1
     return {**good_state(), "epoch": len(val_losses), "history": [{"val_loss": loss} for loss in val_losses],
