@@ -18,7 +18,7 @@ Kill-safe like cross-entropy training (checkpoints.py): after every epoch the we
 state and the history are written to `scst/` in the run's checkpoint folder, the state file last. The
 image order of epoch e comes from (seed, e) and the samples of its batch b from (seed, e, b), so a
 resumed run ends with the numbers of an uninterrupted one. A checkpoint is resumed only when it grew
-from the same cross-entropy run (its fingerprint, epochs and kept epoch) with the same SCST params.
+from the same weights (the cross-entropy run's fingerprint and kept epoch) with the same SCST params.
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def fine_tune(model: keras.Model, vocab: Vocabulary, rewards: RewardSet, feature
     return the history ({"epochs", "rewards": mean sample reward per epoch, "seconds"}).
 
     `features`: the FeatureStore the reward set was built from, or its feature matrix. `origin` identifies
-    the cross-entropy run the model comes from (fingerprint, epochs, kept epoch); `member` (k, K): the model
-    is ensemble member k of K (train.ensemble), for what a stop says to do.
+    the weights the model starts from (the cross-entropy run's fingerprint, kept epoch); `member` (k, K): the
+    model is ensemble member k of K (train.ensemble), for what a stop says to do.
     """
     check_inputs(model, vocab, rewards, features, config)
     matrix = _matrix_of(features)

@@ -203,7 +203,10 @@ def train(config: TrainConfig, captions: pd.DataFrame, train_images: list[str], 
             kept = fit(model, state, member_config, data, store, placement, member_paths, (member + 1, config.ensemble))
             scst = None
             if rewards is not None:
-                origin = {"fingerprint": state["fingerprint"], "epochs": state["epoch"], "kept_epoch": kept}
+                # The kept epoch alone names the weights SCST starts from (the last epoch's, or the best one's),
+                # so more cross-entropy epochs that keep the same one (a larger train.epochs or train.patience)
+                # resume SCST too.
+                origin = {"fingerprint": state["fingerprint"], "kept_epoch": kept}
                 scst = fine_tune(model, data.vocab, rewards, store, member_config, member_paths.checkpoints, origin,
                                  member=(member + 1, config.ensemble))
             runs.append(MemberRun(model, state, kept, scst))

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode, write_feature_folder
-from test_distributed import run_in_process
+from test_distributed import OVERFITTING, run_in_process, without_timing
 
 from captioning import scst
 from captioning.checkpoints import fingerprint
@@ -26,7 +26,7 @@ from captioning.tiny_project import PROJECT
 from captioning.train import TrainPaths, train
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
-ORIGIN = {"fingerprint": "cross-entropy run", "epochs": 2, "kept_epoch": 2}
+ORIGIN = {"fingerprint": "cross-entropy run", "kept_epoch": 2}
 
 
 def config(**knobs):
@@ -185,6 +185,24 @@ def test_a_diverged_ensemble_member_says_what_train_scst_epochs_does_to_every_me
     assert "SCST: resuming from the checkpoint after epoch 1" in said  # member 2's, kept
     assert f"cannot resume from {tmp_path / 'checkpoints/scst/state.json'} (it has 2 epochs done" in said  # member 1
     assert [member["scst_epochs"] for member in metrics["members"]] == [1, 1]
+
+
+def test_more_cross_entropy_epochs_that_keep_the_same_epoch_resume_scst(tmp_path, capsys):
+    """SCST starts from the kept epoch's weights: raising train.epochs (or train.patience) when the kept epoch
+    stays the same must not fine-tune again from scratch (on real photos, hours): it resumes, to the numbers of
+    a run that had the new value from the start."""
+    knobs = {**OVERFITTING, "scst_epochs": 1, "scst_learning_rate": 1e-3}  # dev loss lowest in epoch 2 of 3
+    whole, whole_weights = run_in_process(tmp_path / "whole", "default", **{**knobs, "epochs": 3})
+    assert whole["kept_epoch"] == 2 and whole["epochs"] == 3
+    run_in_process(tmp_path / "raised", "default", **{**knobs, "epochs": 2})
+    shutil.rmtree(tmp_path / "raised/data")  # run_in_process writes the inputs again
+    capsys.readouterr()
+    resumed, weights = run_in_process(tmp_path / "raised", "default", **{**knobs, "epochs": 3})
+    said = capsys.readouterr().out
+    assert "SCST: resuming from the checkpoint after epoch 1" in said and "starts over" not in said, said
+    assert without_timing(resumed) == without_timing(whole)
+    for mine, theirs in zip(weights, whole_weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def nan_in(features):
