@@ -161,9 +161,10 @@ def stuck_worker_deadline(placement: Placement) -> Iterator[Placement]:
     (stop_cleanly_when_a_worker_is_lost); one that is alive but stuck (a hung file system, a deadlock) keeps
     sending them, and the others' next collective op would wait for it for good. TensorFlow's own bound, the
     CommunicationOptions timeout, is meant for debugging only: a thread per collective op. The clock starts
-    at the agreement (check_agreement, which stops it while its own deadline times the wait). Each worker
-    waits a second longer than the one before it in the cluster: the stuck worker's own watchdog fires too, and
-    a waiting worker that ends first tells the others it is gone, so they name it as lost, not a wrong one."""
+    at the agreement (check_agreement, which stops it while its own deadline times the wait). The stuck
+    worker's own watchdog fires at about the same time, and its end would make a waiting worker report it as
+    lost with a different line, or two; so each worker waits a second longer than the one before it in the
+    cluster, and the first waiting one speaks before it."""
     if placement.name != "multi_worker":
         yield placement
         return
