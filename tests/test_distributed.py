@@ -93,6 +93,20 @@ def start_workers(projects: list[Path], script: str = WORKER, **env: str) -> lis
     return processes
 
 
+def chief_ended(processes: list[subprocess.Popen], seconds: float = 240) -> bool:
+    """Whether the chief (the first process) ended within `seconds`, a bound for a hang (the old code's wait
+    never ended); every worker still running after it is killed."""
+    try:
+        return processes[0].wait(timeout=seconds) is not None
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def run_workers(projects: list[Path]) -> list[str]:
     """train_lstm on one worker per project folder; their logs, after checking that every worker succeeded."""
     processes = start_workers(projects)
@@ -238,15 +252,7 @@ def test_a_worker_stuck_after_the_agreement_stops_the_other_at_the_timeout_namin
     processes = start_workers(projects, FAILING_AFTER_AGREEMENT.replace("sys.argv[2]", "1"), HOW="hang",
                               CAPTIONING_JOIN_TIMEOUT=str(timeout))
     chief = processes[0]
-    try:
-        ended = chief.wait(timeout=240) is not None
-    except subprocess.TimeoutExpired:  # the old code's wait never ends
-        ended = False
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    ended = chief_ended(processes)
     stopped = time.time()
     log = (projects[0] / "log.txt").read_text()
     stuck = float(re.search(r"dying at ([\d.]+)", (projects[1] / "log.txt").read_text())[1])
@@ -288,15 +294,7 @@ def test_a_worker_stuck_before_the_agreement_stops_the_other_at_the_join_timeout
     timeout = 30  # also the start-up join's: room for the two TensorFlow imports to end apart under load
     processes = start_workers(projects, STUCK_BEFORE_AGREEMENT, CAPTIONING_JOIN_TIMEOUT=str(timeout))
     chief = processes[0]
-    try:
-        ended = chief.wait(timeout=240) is not None
-    except subprocess.TimeoutExpired:  # the old code's wait never ends
-        ended = False
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    ended = chief_ended(processes)
     log = (projects[0] / "log.txt").read_text()
     assert "hanging" in (projects[1] / "log.txt").read_text()
     assert ended and chief.returncode == -signal.SIGKILL and "Traceback" not in log, log[-4000:]
