@@ -23,11 +23,20 @@ def runs_whole_repro(item) -> bool:
     return function is not None and WHOLE_REPRO in inspect.getsource(function)
 
 
+# The longest test files (minutes on 2 cores), started first: xdist hands out whole files (--dist loadfile) in
+# collection order (--no-loadscope-reorder; its default order, most tests first, started the ~400 s real-photo
+# file 21 minutes into a 25-minute run), so the run takes about max(longest file, half of all) instead.
+LONGEST_FIRST = ("test_real_flickr8k_pipeline.py", "test_pipeline.py", "test_extract_ray.py", "test_experiments.py",
+                 "test_scst.py", "test_distributed.py")
+
+
 def pytest_collection_modifyitems(items):
-    """Refuse to run a test that needs a whole `dvc repro` without the `slow` marker."""
+    """Refuse to run a test that needs a whole `dvc repro` without the `slow` marker; start the longest files."""
     unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None and runs_whole_repro(item)]
     if unmarked:
         raise pytest.UsageError(f"mark these @pytest.mark.slow, they run a whole `dvc repro`: {', '.join(unmarked)}")
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
