@@ -284,6 +284,7 @@ def _allowed_methods(app: FastAPI, path: str) -> str:
 
 
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> FastAPI:
+    """The server's ASGI app: `loaded` answers every request through one DynamicBatcher, within `limits`."""
     limits = limits or ServeLimits()
     batcher = DynamicBatcher(loaded.caption_many, limits.max_batch, limits.max_wait_s)
 
@@ -296,34 +297,46 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     app = FastAPI(title="Image captioning", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(OriginForm)
-    page = PAGE.read_text(encoding="utf-8")
+    _add_error_handlers(app)
+    _add_routes(app, loaded, batcher, limits)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal and failure answered as JSON `{"error": ...}`; no traceback reaches a client."""
     app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err, err.headers))
     app.add_exception_handler(FetchError, lambda request, err: error_response(err.status, err))
     app.add_exception_handler(UserError, lambda request, err: error_response(400, err))
-    async def http_error(request, err):
-        headers = err.headers  # a 405's Allow, which HTTP requires and which tells the client the methods to use
-        if err.status_code == 405:
-            headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
-        return error_response(err.status_code, err.detail, headers)
-
-    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, lambda request, err: error_response(422, err.errors()))
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
 
-    async def internal(request, err):
-        log.exception("unexpected error answering %s %s", request.method, request.url.path)  # traceback: log only
-        return error_response(500, f"internal error ({type(err).__name__}); the server log has the details")
 
-    async def client_left(request, err):
-        # The client went away (or was cut off by --request-timeout) before its answer: nobody reads one, and it
-        # is no server error (it was logged as one, with two tracebacks). One line says what was dropped.
-        client = get_client_addr(request.scope) or "a client"
-        log.warning("the connection of %s closed before its answer to %s %s: %s", client, request.method,
-                    request.url.path, str(err) or "its request had not arrived in full")
-        return error_response(400, "the client disconnected")
+async def _http_error(request: Request, err: HTTPException):
+    headers = err.headers  # a 405's Allow, which HTTP requires and which tells the client the methods to use
+    if err.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request.app, request.url.path)}
+    return error_response(err.status_code, err.detail, headers)
 
-    app.add_exception_handler(Exception, internal)
-    app.add_exception_handler(ClientDisconnect, client_left)
+
+async def _internal_error(request: Request, err: Exception):
+    log.exception("unexpected error answering %s %s", request.method, request.url.path)  # traceback: log only
+    return error_response(500, f"internal error ({type(err).__name__}); the server log has the details")
+
+
+async def _client_left(request: Request, err: ClientDisconnect):
+    # The client went away (or was cut off by --request-timeout) before its answer: nobody reads one, and it
+    # is no server error (it was logged as one, with two tracebacks). One line says what was dropped.
+    client = get_client_addr(request.scope) or "a client"
+    log.warning("the connection of %s closed before its answer to %s %s: %s", client, request.method,
+                request.url.path, str(err) or "its request had not arrived in full")
+    return error_response(400, "the client disconnected")
+
+
+def _add_routes(app: FastAPI, loaded: LoadedCaptioner, batcher: DynamicBatcher, limits: ServeLimits) -> None:
+    """The page, the health check and the caption API (registered in this order, the schema's order)."""
+    page = PAGE.read_text(encoding="utf-8")
 
     @_get_and_head(app, "/", response_class=HTMLResponse)
     async def index() -> str:
@@ -349,8 +362,6 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
         images, url, overrides = await _read_request(request, limits)
         settings = with_overrides(loaded.settings, **overrides)
         return await _while_connected(request, caption_all(images, url, settings))
-
-    return app
 
 
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, made explicit)
