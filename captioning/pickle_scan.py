@@ -337,7 +337,7 @@ def _apply(scan: _Scan, op, position: int) -> int | None:
         scan.stream.seek(position)
         arg = op.arg.reader(scan.stream)
         position = scan.stream.tell()
-    node = _step(op, arg, scan.stack, scan.marks, scan.memo, scan.budgets)
+    node = _step(scan, op, arg)
     if node is None:
         return position
     hashed, compared = scan.budgets
@@ -371,9 +371,10 @@ def _pop(stack: list, marks: list, before: list) -> list:
     return popped
 
 
-def _step(op, arg, stack: list, marks: list, memo: list, budgets: list):
+def _step(scan: _Scan, op, arg):
     """Apply an opcode other than text, MARK and memo references; return the node it builds or fills
-    (None if there is nothing to check) and add what it hashes and compares to `budgets`."""
+    (None if there is nothing to check) and add what it hashes and compares to the scan's budgets."""
+    stack, marks, budgets = scan.stack, scan.marks, scan.budgets
     name = op.name
     if name in _NUMBERS or name in _CONSTANTS:
         value = _CONSTANTS.get(name, arg)
