@@ -175,36 +175,48 @@ def open_upright_rgb(image: str | Path | bytes | BinaryIO, draft_side: int,
     source = None
     try:
         source = _source(image)
-        with Image.open(source) as image:
-            if image.format == "EPS":
-                # Pillow renders PostScript by running Ghostscript (a whole interpreter, with a record of
-                # -dSAFER escapes) on the file, here an upload or a URL's body from anyone: no photo needs it.
-                raise ImageError(f"PostScript (EPS) is not accepted: reading it would run Ghostscript; {CONVERT}")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _too_large(f"{width}x{height} pixels", max_pixels)
-            # JPEG draft mode decodes straight at a reduced scale: several times faster.
-            image.draft("RGB", (draft_side, draft_side))
-            # In place: otherwise a photo already upright is copied whole, beside the decoded one held open here.
-            ImageOps.exif_transpose(image, in_place=True)
-            image = _to_rgb(image)
-            image.load()  # decoded here, inside these guards, and usable once the file is closed
-            return image
+        with Image.open(source) as opened:
+            return _decode_upright_rgb(opened, draft_side, max_pixels)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("file not found: check the path") from None
-    except PermissionError:
-        raise ImageError("permission denied: cannot read the file; check its permissions") from None
-    except Image.DecompressionBombError as err:
-        # Pillow's own refusal, above twice its limit and before the check above, names twice Pillow's limit
-        # whatever max_pixels is (the server's --max-pixels): say it as that check does, with the limit in force.
-        pixels = re.search(r"\((\d+) pixels\)", str(err))
-        raise _too_large(f"{pixels[1]} pixels" if pixels else "the image", max_pixels) from None
-    except Image.UnidentifiedImageError:
-        raise _unidentified(source) from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"cannot decode image ({one_line(err)}): {UNDECODABLE}") from None
     except Exception as err:  # noqa: BLE001 - a malformed file may trip any decoder error; one bad
         # photo must not stop an extraction of thousands (in tf.data it would abort the whole run).
-        raise ImageError(f"cannot decode image ({type(err).__name__}: {one_line(err)}): {UNDECODABLE}") from None
+        raise _image_error(err, source, max_pixels) from None
+
+
+def _decode_upright_rgb(image: Image.Image, draft_side: int, max_pixels: int) -> Image.Image:
+    """`open_upright_rgb`'s decoding of the opened `image`, within its guards."""
+    if image.format == "EPS":
+        # Pillow renders PostScript by running Ghostscript (a whole interpreter, with a record of
+        # -dSAFER escapes) on the file, here an upload or a URL's body from anyone: no photo needs it.
+        raise ImageError(f"PostScript (EPS) is not accepted: reading it would run Ghostscript; {CONVERT}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_large(f"{width}x{height} pixels", max_pixels)
+    # JPEG draft mode decodes straight at a reduced scale: several times faster.
+    image.draft("RGB", (draft_side, draft_side))
+    # In place: otherwise a photo already upright is copied whole, beside the decoded one held open here.
+    ImageOps.exif_transpose(image, in_place=True)
+    image = _to_rgb(image)
+    image.load()  # decoded here, inside these guards, and usable once the file is closed
+    return image
+
+
+def _image_error(err: Exception, source, max_pixels: int) -> ImageError:
+    """The one-line ImageError for what opening or decoding `source` raised (the more specific errors first:
+    a missing file and an unidentified image are OSErrors too)."""
+    if isinstance(err, FileNotFoundError):
+        return ImageError("file not found: check the path")
+    if isinstance(err, PermissionError):
+        return ImageError("permission denied: cannot read the file; check its permissions")
+    if isinstance(err, Image.DecompressionBombError):
+        # Pillow's own refusal, above twice its limit and before `_decode_upright_rgb`'s check, names twice
+        # Pillow's limit whatever max_pixels is (the server's --max-pixels): say it as that check does, with the
+        # limit in force.
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        return _too_large(f"{pixels[1]} pixels" if pixels else "the image", max_pixels)
+    if isinstance(err, Image.UnidentifiedImageError):
+        return _unidentified(source)
+    if isinstance(err, (OSError, ValueError, SyntaxError)):
+        return ImageError(f"cannot decode image ({one_line(err)}): {UNDECODABLE}")
+    return ImageError(f"cannot decode image ({type(err).__name__}: {one_line(err)}): {UNDECODABLE}")
