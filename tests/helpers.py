@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from captioning import files
 from captioning.tiny_project import PROJECT, tool_env
@@ -104,3 +105,53 @@ def user_error_in_child(setup: str, call: str, *args: str, memory_gb: int | None
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
+# The project's train params (so every knob is there, e.g. scst_epochs: 0), at tiny sizes.
+TINY_TRAIN = {**yaml.safe_load((PROJECT / "params.yaml").read_text())["train"],
+              "seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3, "ensemble": 1,
+              "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10,
+              "strategy": "default", "restore_best_weights": True, "patience": 0}
+
+
+def write_inputs(project: Path, strategy: str, n_images: int = 40) -> None:
+    """What train_lstm reads, synthetic: captions table, split, features folder, params.yaml."""
+    rng = np.random.default_rng(0)
+    images = [f"img{i:03d}.jpg" for i in range(n_images)]
+    captions = pd.DataFrame([(image, " ".join(rng.choice(WORDS, size=rng.integers(3, 8))))
+                             for image in images for _ in range(3)], columns=["image", "caption"])
+    features = project / "data/features"
+    features.mkdir(parents=True)
+    np.save(features / "features.npy", rng.normal(size=(n_images, 2048)).astype(np.float32))
+    files.write_parquet(features / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(n_images)}))
+    files.write_json(features / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
+                                                  "precision": "float32", "weights_sha256": None})
+    files.write_parquet(project / "data/captions.parquet", captions)
+    files.write_lines(project / "data/split/train.txt", images[: n_images * 3 // 4])
+    files.write_lines(project / "data/split/dev.txt", images[n_images * 3 // 4:])
+    (project / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "strategy": strategy}}))
+
+
+def run_in_process(project: Path, strategy: str, **knobs) -> tuple[dict, list[np.ndarray]]:
+    """One epoch (unless `knobs` say otherwise) through captioning.train.train in this process; its metrics
+    and final weights."""
+    from captioning.train import TrainConfig, TrainPaths, keras, train
+
+    write_inputs(project, strategy)
+    data = project / "data"
+    metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy, **knobs}),
+                    pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
+                    (data / "split/dev.txt").read_text().split(),
+                    TrainPaths(data / "features", data / "model", project / "checkpoints", project / "dvclive",
+                               (data / "captions.parquet",)))
+    return metrics, keras.models.load_model(data / "model/model.keras").get_weights()
+
+
+def without_timing(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key != "train_seconds"}
+
+
+# A learning rate at which the tiny project's dev loss is lowest in epoch 2 and higher in each of epochs 3 and 4:
+# train.patience 1 stops after epoch 3, patience 2 after epoch 4.
+OVERFITTING = {"learning_rate": 0.05, "epochs": 4}

@@ -22,17 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import stages_env
-
-from captioning import files
-from captioning.tiny_project import PROJECT
-
-WORDS = ["a", "red", "blue", "green", "circle", "square", "two", "big", "small", "on", "grass"]
-# The project's train params (so every knob is there, e.g. scst_epochs: 0), at tiny sizes.
-TINY_TRAIN = {**yaml.safe_load((PROJECT / "params.yaml").read_text())["train"],
-              "seed": 1, "epochs": 2, "batch_size": 16, "units": 16, "l1": 1e-6, "dropout": 0.3, "ensemble": 1,
-              "optimizer": "adam", "learning_rate": 0.001, "clipnorm": 1.0, "min_count": 1, "max_length": 10,
-              "strategy": "default", "restore_best_weights": True, "patience": 0}
+from helpers import OVERFITTING, TINY_TRAIN, run_in_process, stages_env, without_timing, write_inputs
 
 # Runs the real train_lstm stage, and also saves the final weights of every worker (the non-chief one
 # writes nothing of its own) by wrapping save_bundle, which every worker calls.
@@ -49,24 +39,6 @@ from captioning.errors import run_cli
 from stages.train_lstm import main
 run_cli(main)
 """
-
-
-def write_inputs(project: Path, strategy: str, n_images: int = 40) -> None:
-    """What train_lstm reads, synthetic: captions table, split, features folder, params.yaml."""
-    rng = np.random.default_rng(0)
-    images = [f"img{i:03d}.jpg" for i in range(n_images)]
-    captions = pd.DataFrame([(image, " ".join(rng.choice(WORDS, size=rng.integers(3, 8))))
-                             for image in images for _ in range(3)], columns=["image", "caption"])
-    features = project / "data/features"
-    features.mkdir(parents=True)
-    np.save(features / "features.npy", rng.normal(size=(n_images, 2048)).astype(np.float32))
-    files.write_parquet(features / "index.parquet", pd.DataFrame({"image": images, "row": np.arange(n_images)}))
-    files.write_json(features / "backbone.json", {"weights": "random", "seed": 0, "image_size": 32,
-                                                  "precision": "float32", "weights_sha256": None})
-    files.write_parquet(project / "data/captions.parquet", captions)
-    files.write_lines(project / "data/split/train.txt", images[: n_images * 3 // 4])
-    files.write_lines(project / "data/split/dev.txt", images[n_images * 3 // 4:])
-    (project / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "strategy": strategy}}))
 
 
 def free_ports(count: int) -> list[int]:
@@ -304,28 +276,9 @@ def test_a_worker_stuck_before_the_agreement_stops_the_other_at_the_join_timeout
         "stops (CAPTIONING_JOIN_TIMEOUT). A worker whose output stopped"), log[-4000:]
 
 
-def run_in_process(project: Path, strategy: str, **knobs) -> tuple[dict, list[np.ndarray]]:
-    """One epoch (unless `knobs` say otherwise) through captioning.train.train in this process; its metrics
-    and final weights."""
-    from captioning.train import TrainConfig, TrainPaths, keras, train
-
-    write_inputs(project, strategy)
-    data = project / "data"
-    metrics = train(TrainConfig(**{**TINY_TRAIN, "epochs": 1, "dropout": 0.0, "strategy": strategy, **knobs}),
-                    pd.read_parquet(data / "captions.parquet"), (data / "split/train.txt").read_text().split(),
-                    (data / "split/dev.txt").read_text().split(),
-                    TrainPaths(data / "features", data / "model", project / "checkpoints", project / "dvclive",
-                               (data / "captions.parquet",)))
-    return metrics, keras.models.load_model(data / "model/model.keras").get_weights()
-
-
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     return run_in_process(tmp_path_factory.mktemp("default"), "default")
-
-
-def without_timing(metrics: dict) -> dict:
-    return {key: value for key, value in metrics.items() if key != "train_seconds"}
 
 
 def test_mirrored_on_cpu_trains_exactly_like_default(default_run, tmp_path):
@@ -530,11 +483,6 @@ def test_switching_restore_best_weights_resumes_the_checkpoint(tmp_path, capsys)
     assert resumed["epochs"] == 2 and without_timing(resumed) == without_timing(whole)
     for mine, theirs in zip(weights, whole_weights, strict=True):
         np.testing.assert_array_equal(mine, theirs)
-
-
-# A learning rate at which the tiny project's dev loss is lowest in epoch 2 and higher in each of epochs 3 and 4:
-# train.patience 1 stops after epoch 3, patience 2 after epoch 4.
-OVERFITTING = {"learning_rate": 0.05, "epochs": 4}
 
 
 @pytest.fixture(scope="module")

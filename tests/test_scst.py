@@ -11,8 +11,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TOY_CAPTIONS, fit_toy_decoder, plain_decode, write_feature_folder
-from test_distributed import OVERFITTING, run_in_process, without_timing
+from helpers import (
+    OVERFITTING,
+    TOY_CAPTIONS,
+    fit_toy_decoder,
+    plain_decode,
+    run_in_process,
+    without_timing,
+    write_feature_folder,
+)
 
 from captioning import scst
 from captioning.checkpoints import fingerprint
