@@ -89,7 +89,7 @@ class EpochEnd(keras.callbacks.Callback):
         stale = [state.get("model_file")]
         state["model_file"] = save_file(self.checkpoint_dir, f"epoch-{epoch + 1:04d}.keras", self.model.save, state)
         val_loss = record["val_loss"]
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+        if is_new_best(val_loss, state["best_val_loss"]):
             stale.append(state["best_file"])
             state.update(best_epoch=epoch + 1, best_val_loss=val_loss,
                          best_file=save_file(self.checkpoint_dir, f"best-{epoch + 1:04d}.weights.h5",
@@ -104,6 +104,13 @@ class EpochEnd(keras.callbacks.Callback):
         if state["stopped_early"]:
             print(f"stopping early: val loss has not improved for {self.patience} epochs "
                   f"(best: epoch {state['best_epoch']})", flush=True)
+
+
+def is_new_best(val_loss: float, best_val_loss: float | None) -> bool:
+    """Whether an epoch with dev loss `val_loss` is the best so far, the best before it `best_val_loss` (None:
+    it is the first): strictly lower, as in Keras' EarlyStopping (min_delta 0), so a tie keeps the earlier epoch.
+    The one rule of EpochEnd and with_patience."""
+    return best_val_loss is None or val_loss < best_val_loss
 
 
 def patience_ran_out(epoch: int, best_epoch: int, patience: int) -> bool:
@@ -128,7 +135,7 @@ def with_patience(checkpoint_dir: Path, state: dict, patience: int, restore_best
         return starting_over(checkpoint_dir / STATE_FILE, "its history is not one dev loss per epoch done")
     best_epoch = best_loss = None
     for epoch, record in enumerate(state["history"], 1):
-        if best_loss is None or record["val_loss"] < best_loss:
+        if is_new_best(record["val_loss"], best_loss):
             best_epoch, best_loss = epoch, record["val_loss"]
         if patience_ran_out(epoch, best_epoch, patience):
             break

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from captioning.checkpoints import STATE_FILE, EpochEnd, new_state, resume_state, with_patience
+from captioning.checkpoints import STATE_FILE, EpochEnd, is_new_best, new_state, resume_state, with_patience
 from captioning.distribute import NullLive
 from captioning.errors import UserError
 
@@ -203,3 +203,19 @@ def test_a_hand_edited_history_means_starting_over_with_one_line(tmp_path, histo
     said = capsys.readouterr().out.strip().splitlines()
     assert said == [f"cannot resume from {tmp_path / STATE_FILE} (its history is not one dev loss per epoch done): "
                     "training starts over"]
+
+
+def test_a_new_best_epoch_is_one_rule_for_training_and_replay(tiny_model, tmp_path):
+    """"Lower than the best so far" was written twice, in EpochEnd and in with_patience's replay of a history: one
+    named rule now (strictly lower, as Keras' EarlyStopping: a tie keeps the earlier epoch), and both agree."""
+    assert is_new_best(2.0, None) and is_new_best(1.9, 2.0)
+    assert not is_new_best(2.0, 2.0) and not is_new_best(2.1, 2.0)
+    val_losses = [3.0, 2.0, 2.0, 2.5]  # epoch 3 ties epoch 2: no new best, so patience 2 stops after epoch 4
+    state = new_state(FINGERPRINT)
+    callback = EpochEnd(NullLive(), tmp_path, state, patience=2)
+    callback.set_model(tiny_model)
+    for epoch, loss in enumerate(val_losses):
+        callback.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
+    assert state["best_epoch"] == 2 and state["stopped_early"]
+    replayed = with_patience(tmp_path, {**state, "stopped_early": False}, 2, restore_best_weights=True)
+    assert replayed["best_epoch"] == 2 and replayed["stopped_early"] and replayed["epoch"] == 4
