@@ -247,7 +247,26 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
     state_path = checkpoint_dir / STATE_FILE
     if not state_path.exists():
         return None
-    fresh = new_state(print_fingerprint) if fresh is None else fresh
+    state = _read_state(state_path, new_state(print_fingerprint) if fresh is None else fresh)
+    if state is None or state["fingerprint"] != print_fingerprint:
+        return None
+    if state["epoch"] > epochs:  # a checkpoint holds its last epoch only: an earlier one cannot be had from it
+        return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
+    spare = spare or {}
+    needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
+    if not _inside_folder(needed + [state[key] for key in spare if state.get(key)]):
+        return starting_over(state_path, "it names files outside its folder")
+    for name in needed:
+        problem = _not_as_written(checkpoint_dir, name, state)
+        if problem:
+            return starting_over(checkpoint_dir / name, problem)
+    _drop_damaged_spares(checkpoint_dir, state, spare)
+    return state
+
+
+def _read_state(state_path: Path, fresh: dict) -> dict | None:
+    """The state file's contents, or None (and one line) when it is unreadable or lacks one of `fresh`'s keys
+    (or its type, where not None): damaged, or edited by hand."""
     try:
         state = files.read_json(state_path)
     except (OSError, ValueError) as err:
@@ -256,28 +275,25 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
                                                                and not isinstance(state[key], type(value)))
                                           for key, value in fresh.items()):
         return starting_over(state_path, "not the state this project writes")
-    if state["fingerprint"] != print_fingerprint:
-        return None
-    if state["epoch"] > epochs:  # a checkpoint holds its last epoch only: an earlier one cannot be had from it
-        return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
-    spare = spare or {}
-    needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]
-    if not all(isinstance(name, str) and Path(name).name == name
-               for name in needed + [state[key] for key in spare if state.get(key)]):
-        # The files a state names are read, and later deleted as stale: only names inside this folder, so a
-        # hand-edited (or planted, on a shared folder) "../x" or "/x" cannot make training delete other files.
-        return starting_over(state_path, "it names files outside its folder")
-    for name in needed:
-        problem = _not_as_written(checkpoint_dir, name, state)
-        if problem:
-            return starting_over(checkpoint_dir / name, problem)
+    return state
+
+
+def _inside_folder(names: list) -> bool:
+    """Whether every file name a state names is a plain name inside its folder. They are read, and later deleted
+    as stale: a hand-edited (or planted, on a shared folder) "../x" or "/x" must not make training delete
+    other files."""
+    return all(isinstance(name, str) and Path(name).name == name for name in names)
+
+
+def _drop_damaged_spares(checkpoint_dir: Path, state: dict, spare: dict[str, str]) -> None:
+    """For each `spare` key {key: why this run does not need its file} whose file is missing or damaged: one line
+    says it is ignored (and why), the file goes (no state names it any more) and the key is set to None."""
     for key, why in spare.items():
         problem = state.get(key) and _not_as_written(checkpoint_dir, state[key], state)
         if problem:
             print(f"ignoring {checkpoint_dir / state[key]} ({problem}): {why}", flush=True)
-            (checkpoint_dir / state[key]).unlink(missing_ok=True)  # no state names it any more
+            (checkpoint_dir / state[key]).unlink(missing_ok=True)
             state[key] = None
-    return state
 
 
 def _not_as_written(checkpoint_dir: Path, name: str, state: dict) -> str | None:
