@@ -11,8 +11,8 @@ the best one: training stops there and says so.
 
 A checkpoint is resumed only when its fingerprint matches: every param but `epochs`, the `scst_*` ones,
 `restore_best_weights` and `patience`, every input file, the training code (train_lstm's code deps in
-dvc.yaml), and the number of replicas. A changed patience replays the checkpoint's history to find where a
-run with it from the start stops (with_patience).
+dvc.yaml), and the number of replicas. A changed epochs or patience replays the checkpoint's history to find
+where a run with them from the start ends (replay).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ TRAINING_CODE = [Path(__file__).with_name(name) for name in (
 SCST_KNOBS = ("scst_epochs", "scst_learning_rate", "scst_samples", "scst_batch_images")
 # Nor do restore_best_weights and patience: every epoch is trained and checkpointed alike, and the best epoch's
 # weights are saved either way; they only decide which weights the run ends with (train.fit) and when it stops
-# (with_patience finds that epoch in a checkpoint of another patience), as in Keras' EarlyStopping.
+# (replay finds that epoch in a checkpoint of another patience or epochs), as in Keras' EarlyStopping.
 END_KNOBS = ("restore_best_weights", "patience")
 # What reading a damaged checkpoint file raises. .keras and .npz files are zip archives, and a damaged
 # one raises zipfile.BadZipFile ("Bad CRC-32", "File is not a zip file"), which is no OSError.
@@ -59,7 +59,9 @@ def fingerprint(config, inputs: list[Path], replicas: int = 1) -> str:
 
 
 def new_state(print_fingerprint: str) -> dict:
-    return {"fingerprint": print_fingerprint, "epoch": 0, "train_seconds": 0.0, "history": [],
+    """The state of a run that has trained no epoch yet. `epoch_seconds`: each epoch's training time, so that a
+    replayed run (replay) counts the seconds of its own epochs only."""
+    return {"fingerprint": print_fingerprint, "epoch": 0, "epoch_seconds": [], "history": [],
             "best_epoch": None, "best_val_loss": None, "best_file": None, "stopped_early": False, "sha256": {}}
 
 
@@ -83,7 +85,7 @@ class EpochEnd(keras.callbacks.Callback):
         stop_if_diverged(epoch + 1, record, self.state, self.member)
         state = self.state
         state["history"].append(record)
-        state["train_seconds"] += seconds
+        state["epoch_seconds"].append(seconds)
         state["epoch"] = epoch + 1
         log_epoch(self.live, record)
         stale = [state.get("model_file")]
@@ -109,47 +111,71 @@ class EpochEnd(keras.callbacks.Callback):
 def is_new_best(val_loss: float, best_val_loss: float | None) -> bool:
     """Whether an epoch with dev loss `val_loss` is the best so far, the best before it `best_val_loss` (None:
     it is the first): strictly lower, as in Keras' EarlyStopping (min_delta 0), so a tie keeps the earlier epoch.
-    The one rule of EpochEnd and with_patience."""
+    The one rule of EpochEnd and replay."""
     return best_val_loss is None or val_loss < best_val_loss
 
 
 def patience_ran_out(epoch: int, best_epoch: int, patience: int) -> bool:
     """Whether a run with train.patience `patience` (0: never) stops after `epoch`, its best epoch so far
-    `best_epoch`: the one rule of EpochEnd and with_patience."""
+    `best_epoch`: the one rule of EpochEnd and replay."""
     return bool(patience) and epoch - best_epoch >= patience
 
 
-def with_patience(checkpoint_dir: Path, state: dict, patience: int, restore_best_weights: bool) -> dict | None:
-    """The resumed checkpoint `state` as a run with train.patience `patience` from the start has it, or None
-    (and one line) when its files cannot give that run's end.
+def replay(checkpoint_dir: Path, state: dict, epochs: int, patience: int, restore_best_weights: bool) -> dict | None:
+    """The resumed checkpoint `state` as a run with train.epochs `epochs` and train.patience `patience` from the
+    start has it, or None (and one line) when its files cannot give that run's end.
 
-    Patience decides only when training stops, never an epoch's numbers (END_KNOBS), so the checkpoint's
-    epochs are that run's up to where it stops: replay the history's dev losses with EpochEnd's rule. No stop
-    among them: train on from the last one (a larger patience after an early stop). A stop before the last
-    one: that run ends there with the best epoch it had, which the checkpoint still holds only when no later
-    epoch beat it, and only as the best weights (train.restore_best_weights). The state file keeps every epoch,
-    so a later run with a larger patience still resumes from the last one."""
+    Neither knob changes an epoch's numbers (END_KNOBS; the fingerprint leaves epochs out), so the checkpoint's
+    epochs are that run's up to where it ends: replay the history's dev losses with EpochEnd's rules, up to
+    `epochs`. An end at the checkpoint's last epoch, or none among its epochs (a larger epochs or patience): train
+    on from the last one. An end before it: that run ends there with the weights it keeps, which the checkpoint
+    still holds only when they are its best epoch's (no later epoch beat it) and the run keeps the best epoch
+    (train.restore_best_weights); the model file holds the last epoch's. The state file keeps every epoch, so a
+    later run with a larger epochs or patience still resumes from the last one."""
+    problem = _not_one_per_epoch(state)
+    if problem:
+        return starting_over(checkpoint_dir / STATE_FILE, problem)
+    end, best_epoch, stopped = replay_end(state["history"][:epochs], patience)
+    if end == state["epoch"]:
+        return {**state, "stopped_early": stopped}
+    why = f"train.patience {patience} stops at epoch {end}" if stopped else f"train.epochs {epochs} ends at epoch {end}"
+    if not restore_best_weights or best_epoch != state["best_epoch"]:
+        kept = f"epoch {end}'s" if not restore_best_weights else f"its best epoch's (epoch {best_epoch})"
+        return starting_over(checkpoint_dir / STATE_FILE, f"{why} of its {state['epoch']}, and {kept} weights are no "
+                             "longer kept")
+    best = f"val loss has not improved since epoch {best_epoch}" if stopped else f"its best epoch: {best_epoch}"
+    print(f"{'stopping early: ' if stopped else ''}{why} of the checkpoint's {state['epoch']} ({best})", flush=True)
+    return {**state, "epoch": end, "history": state["history"][:end], "epoch_seconds": state["epoch_seconds"][:end],
+            "stopped_early": stopped}
+
+
+def _not_one_per_epoch(state: dict) -> str | None:
+    """Why the state's history and epoch times are not one finite dev loss and one time per epoch done, as EpochEnd
+    writes them (edited by hand: no run's), or None when they are."""
     losses = [record.get("val_loss") if isinstance(record, dict) else None for record in state["history"]]
     if len(losses) != state["epoch"] or not all(isinstance(loss, float) and math.isfinite(loss) for loss in losses):
-        # EpochEnd writes one record with a finite dev loss per epoch: a hand-edited history is no run's
-        return starting_over(checkpoint_dir / STATE_FILE, "its history is not one dev loss per epoch done")
+        return "its history is not one dev loss per epoch done"
+    seconds = state["epoch_seconds"]
+    if len(seconds) != state["epoch"] or not all(isinstance(second, int | float) for second in seconds):
+        return "its epoch_seconds are not one time per epoch done"
+    return None
+
+
+def replay_end(history: list[dict], patience: int) -> tuple[int, int | None, bool]:
+    """Where a run whose epochs are `history` ends with train.patience `patience`: (its last epoch, its best epoch,
+    whether patience stopped it), by EpochEnd's rules."""
     best_epoch = best_loss = None
-    for epoch, record in enumerate(state["history"], 1):
+    for epoch, record in enumerate(history, 1):
         if is_new_best(record["val_loss"], best_loss):
             best_epoch, best_loss = epoch, record["val_loss"]
         if patience_ran_out(epoch, best_epoch, patience):
-            break
-    else:
-        return {**state, "stopped_early": False}
-    if epoch == state["epoch"]:
-        return {**state, "stopped_early": True}
-    if not restore_best_weights or best_epoch != state["best_epoch"]:
-        kept = (f"epoch {epoch}'s" if not restore_best_weights else f"its best epoch's (epoch {best_epoch})")
-        return starting_over(checkpoint_dir / STATE_FILE, f"train.patience {patience} stops at epoch {epoch} of its "
-                             f"{state['epoch']}, and {kept} weights are no longer kept")
-    print(f"stopping early: train.patience {patience} stops at epoch {epoch} of the checkpoint's {state['epoch']} "
-          f"(val loss has not improved since epoch {best_epoch})", flush=True)
-    return {**state, "epoch": epoch, "history": state["history"][:epoch], "stopped_early": True}
+            return epoch, best_epoch, True
+    return len(history), best_epoch, False
+
+
+def train_seconds(state: dict) -> float:
+    """The time the state's epochs took to train, whichever runs (a kill, a resume) trained them."""
+    return sum(state["epoch_seconds"])
 
 
 def stop_if_diverged(epoch: int, record: dict, state: dict, member: tuple[int, int] = (1, 1)) -> None:
@@ -159,8 +185,8 @@ def stop_if_diverged(epoch: int, record: dict, state: dict, member: tuple[int, i
     would stay "best" for good, as it does in Keras 3's EarlyStopping, whose best starts as None), and
     the epochs after it start from broken weights. So, like Keras' TerminateOnNaN(raise_error=True),
     stop at once; the checkpoint keeps the epochs before it. In an ensemble (`member` k of K) train.epochs is
-    one value for every member, and a checkpoint with more epochs than it asks for means starting over: the
-    members before k that ran more epochs then train again."""
+    one value for every member: the members before k that ran more epochs then end there too (replay), and train
+    again where the weights they would end with are no longer kept."""
     losses = non_finite({"train loss": record.get("loss", math.nan), "val loss": record.get("val_loss", math.nan)})
     if losses is None:
         return
@@ -168,7 +194,8 @@ def stop_if_diverged(epoch: int, record: dict, state: dict, member: tuple[int, i
     keep = (f", or finish with the {done} epoch(s) before it, which the checkpoint keeps: train.epochs: {done}"
             if done else "")
     if done and member[0] > 1:
-        keep += " (for every member: those before it that ran more epochs then train again from epoch 1)"
+        keep += (" (for every member: those before it that ran more epochs end there too, or train again from epoch 1 "
+                 "when the checkpoint no longer keeps the weights they would end with)")
     raise UserError(f"training{of_member(member)} diverged in epoch {epoch}: {losses}. "
                     "Lower train.learning_rate or train.clipnorm and train again (non-finite features do this "
                     f"too){keep}.")
@@ -233,11 +260,12 @@ def restore_rng_state(model: keras.Model, values: list) -> None:
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
-def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, required=("model_file",),
+def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int | None, required=("model_file",),
                  optional=("best_file",), fresh: dict | None = None,
                  spare: dict[str, str] | None = None) -> dict | None:
     """The checkpoint state to resume from, or None when there is none that fits this run: same
-    fingerprint, no more epochs than asked for, and the files its `required` keys name (and its
+    fingerprint, no more epochs than `epochs` (None: any number, for a caller that replays the history of a
+    longer run: replay), and the files its `required` keys name (and its
     `optional` ones, when set) all there and whole. The keys are the cross-entropy run's unless given (scst.py):
     `fresh` is the state a new run starts with, whose every key (and type, where not None) a state
     file must have; one that is unreadable or lacks them (damaged, or edited by hand) does not fit
@@ -250,7 +278,7 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int, requ
     state = _read_state(state_path, new_state(print_fingerprint) if fresh is None else fresh)
     if state is None or state["fingerprint"] != print_fingerprint:
         return None
-    if state["epoch"] > epochs:  # a checkpoint holds its last epoch only: an earlier one cannot be had from it
+    if epochs is not None and state["epoch"] > epochs:  # it holds its last epoch's state only, not an earlier one
         return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
     spare = spare or {}
     needed = [state.get(key) or "" for key in required] + [state[key] for key in optional if state.get(key)]

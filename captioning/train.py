@@ -34,10 +34,11 @@ from captioning.checkpoints import (
     log_epoch,
     new_state,
     remove_partial_writes,
+    replay,
     restore_rng_state,
     resume_state,
     starting_over,
-    with_patience,
+    train_seconds,
 )
 from captioning.consensus import NgramStatistics
 from captioning.distribute import (
@@ -264,14 +265,15 @@ def resume_or_build(config: TrainConfig, data: TrainingData, store: FeatureStore
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(paths.checkpoints)
     print_fingerprint = fingerprint(config, list(paths.inputs), placement.strategy.num_replicas_in_sync)
-    state = resume_state(paths.checkpoints, print_fingerprint, config.epochs, **best_weights_use(config))
+    # Any epoch count: a checkpoint of more epochs than train.epochs holds the epochs of a run with it (replay)
+    state = resume_state(paths.checkpoints, print_fingerprint, None, **best_weights_use(config))
     if state and config.restore_best_weights and state["best_epoch"] and not state["best_file"]:
         # A run with train.restore_best_weights: false let its damaged best-weights file go (best_weights_use);
         # this run ends with the best epoch's weights, which are no longer to be had.
         state = starting_over(paths.checkpoints / STATE_FILE, f"the weights of its best epoch ({state['best_epoch']}) "
                               "were dropped by a run with train.restore_best_weights: false")
-    if state:  # it may come from a run of another train.patience
-        state = with_patience(paths.checkpoints, state, config.patience, config.restore_best_weights)
+    if state:  # it may come from a run of another train.epochs or train.patience
+        state = replay(paths.checkpoints, state, config.epochs, config.patience, config.restore_best_weights)
     # Read the model file BEFORE the workers compare their starting epochs: a damaged file means
     # starting over, and a worker deciding that after the agreement would train from epoch 0 while the
     # others resume. Outside the strategy's scope, so this load runs no collective op. The best epoch's
@@ -352,7 +354,7 @@ def fit(model: keras.Model, state: dict, config: TrainConfig, data: TrainingData
             print(f"kept the weights of epoch {state['best_epoch']} (lowest val loss "
                   f"{state['best_val_loss']:.4f}) of {state['epoch']}", flush=True)
     live.end()
-    print(f"total training time: {state['train_seconds']:.1f} s over {state['epoch']} epochs", flush=True)
+    print(f"total training time: {train_seconds(state):.1f} s over {state['epoch']} epochs", flush=True)
     return kept
 
 
@@ -380,7 +382,8 @@ def training_metrics(model: keras.Model, runs: list[MemberRun], data: TrainingDa
 
 def member_metrics(run: MemberRun) -> dict:
     """One decoder's training: its kept epoch's numbers, how many epochs ran, whether it stopped early,
-    and after SCST its epochs and mean sampled-caption reward per epoch (`train_seconds` counts both)."""
+    and after SCST its epochs and mean sampled-caption reward per epoch (`train_seconds` counts both, and only the
+    epochs of this run: a run replayed from a longer checkpoint counts the seconds of the epochs it kept)."""
     history = run.state["history"]
     record = history[run.kept - 1] if history else {}
     scst_seconds = run.scst["seconds"] if run.scst else 0.0
@@ -389,7 +392,7 @@ def member_metrics(run: MemberRun) -> dict:
         "accuracy": record.get("accuracy"), "val_accuracy": record.get("val_accuracy"),
         "kept_epoch": run.kept, "epochs": run.state["epoch"], "stopped_early": run.state["stopped_early"],
         "final_val_loss": history[-1].get("val_loss") if history else None,
-        "train_seconds": round(run.state["train_seconds"] + scst_seconds, 2),
+        "train_seconds": round(train_seconds(run.state) + scst_seconds, 2),
         **({"scst_epochs": run.scst["epochs"], "scst_rewards": run.scst["rewards"]} if run.scst else {}),
     }
 

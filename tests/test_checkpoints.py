@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from captioning.checkpoints import STATE_FILE, EpochEnd, is_new_best, new_state, resume_state, with_patience
+from captioning.checkpoints import STATE_FILE, EpochEnd, is_new_best, new_state, replay, resume_state
 from captioning.distribute import NullLive
 from captioning.errors import UserError
 from captioning.tiny_project import PROJECT
@@ -20,7 +20,7 @@ FINGERPRINT = "abc"
 
 
 def good_state() -> dict:
-    return {**new_state(FINGERPRINT), "epoch": 2, "train_seconds": 3.5, "history": [{}, {}],
+    return {**new_state(FINGERPRINT), "epoch": 2, "epoch_seconds": [1.5, 2.0], "history": [{}, {}],
             "model_file": "epoch-0002.keras", "rng_state": [],
             "sha256": {"epoch-0002.keras": hashlib.sha256(b"model").hexdigest()}}
 
@@ -147,12 +147,14 @@ def test_a_diverged_epoch_is_never_kept_and_stops_training_with_one_clear_line(t
     ((1, 3), r"^training of ensemble member 1 of 3 diverged in epoch 3: .* which the checkpoint keeps: train\.epochs: "
              r"2\.$"),  # the members after it have not trained yet
     ((2, 3), r"^training of ensemble member 2 of 3 diverged in epoch 3: .* train\.epochs: 2 \(for every member: "
-             r"those before it that ran more epochs then train again from epoch 1\)\.$"),
+             r"those before it that ran more epochs end there too, or train again from epoch 1 when the checkpoint no "
+             r"longer keeps the weights they would end with\)\.$"),
 ])
 def test_a_diverged_ensemble_member_says_which_and_what_train_epochs_does_to_the_others(tiny_model, tmp_path, member,
                                                                                         words):
     """train.epochs is one value for every member: the advice named no member, and added "(for a single decoder)",
-    which in an ensemble left the user with no advice they could follow."""
+    which in an ensemble left the user with no advice they could follow. The members before it that ran more epochs
+    replay their checkpoints to that count (replay)."""
     callback = EpochEnd(NullLive(), tmp_path, new_state(FINGERPRINT), member=member)
     callback.set_model(tiny_model)
     for epoch in range(2):
@@ -164,6 +166,7 @@ def test_a_diverged_ensemble_member_says_which_and_what_train_epochs_does_to_the
 def patience_state(val_losses: list[float], stopped_early: bool = False) -> dict:
     best = int(np.argmin(val_losses)) + 1
     return {**good_state(), "epoch": len(val_losses), "history": [{"val_loss": loss} for loss in val_losses],
+            "epoch_seconds": [10.0 + epoch for epoch in range(len(val_losses))],
             "best_epoch": best, "best_val_loss": min(val_losses), "best_file": f"best-{best:04d}.weights.h5",
             "stopped_early": stopped_early}
 
@@ -177,8 +180,9 @@ def patience_state(val_losses: list[float], stopped_early: bool = False) -> dict
 def test_a_checkpoint_of_another_patience_is_the_run_with_this_one(tmp_path, val_losses, patience, epochs,
                                                                     stopped_early, capsys):
     state = patience_state(val_losses, stopped_early=True)
-    resumed = with_patience(tmp_path, state, patience, restore_best_weights=True)
-    assert resumed == {**state, "epoch": epochs, "history": state["history"][:epochs], "stopped_early": stopped_early}
+    resumed = replay(tmp_path, state, 4, patience, restore_best_weights=True)
+    assert resumed == {**state, "epoch": epochs, "history": state["history"][:epochs],
+                       "epoch_seconds": state["epoch_seconds"][:epochs], "stopped_early": stopped_early}
     assert state == patience_state(val_losses, stopped_early=True)  # the checkpoint's own state keeps every epoch
 
 
@@ -190,7 +194,7 @@ def test_a_patience_stop_whose_weights_are_gone_means_starting_over_with_one_lin
                                                                                     restore_best_weights, why, capsys):
     """A patience that stops before the checkpoint's last epoch ends with weights the checkpoint no longer has:
     starting over, said in one line, not an end with other weights passed off as that run's."""
-    assert with_patience(tmp_path, patience_state(val_losses), 1, restore_best_weights) is None
+    assert replay(tmp_path, patience_state(val_losses), 4, 1, restore_best_weights) is None
     said = capsys.readouterr().out.strip().splitlines()
     assert said == [f"cannot resume from {tmp_path / STATE_FILE} (train.patience 1 stops at epoch 3 of its 4, and "
                     f"{why}): training starts over"]
@@ -202,14 +206,14 @@ def test_a_hand_edited_history_means_starting_over_with_one_line(tmp_path, histo
     """Where train.patience would stop is read from the history's dev losses: one that is not one finite dev loss
     per epoch done (edited by hand) means starting over, not a KeyError traceback."""
     state = {**patience_state([3.0, 2.0]), "history": history}
-    assert with_patience(tmp_path, state, 1, restore_best_weights=True) is None
+    assert replay(tmp_path, state, 2, 1, restore_best_weights=True) is None
     said = capsys.readouterr().out.strip().splitlines()
     assert said == [f"cannot resume from {tmp_path / STATE_FILE} (its history is not one dev loss per epoch done): "
                     "training starts over"]
 
 
 def test_a_new_best_epoch_is_one_rule_for_training_and_replay(tiny_model, tmp_path):
-    """"Lower than the best so far" was written twice, in EpochEnd and in with_patience's replay of a history: one
+    """"Lower than the best so far" was written twice, in EpochEnd and in the replay of a history: one
     named rule now (strictly lower, as Keras' EarlyStopping: a tie keeps the earlier epoch), and both agree."""
     assert is_new_best(2.0, None) and is_new_best(1.9, 2.0)
     assert not is_new_best(2.0, 2.0) and not is_new_best(2.1, 2.0)
@@ -220,7 +224,7 @@ def test_a_new_best_epoch_is_one_rule_for_training_and_replay(tiny_model, tmp_pa
     for epoch, loss in enumerate(val_losses):
         callback.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
     assert state["best_epoch"] == 2 and state["stopped_early"]
-    replayed = with_patience(tmp_path, {**state, "stopped_early": False}, 2, restore_best_weights=True)
+    replayed = replay(tmp_path, {**state, "stopped_early": False}, 4, 2, restore_best_weights=True)
     assert replayed["best_epoch"] == 2 and replayed["stopped_early"] and replayed["epoch"] == 4
 
 
@@ -232,3 +236,41 @@ def test_the_resume_code_stays_within_the_projects_complexity_limit():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "C901", "--config",
                              "lint.mccabe.max-complexity=10", *code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("epochs, patience, end", [
+    (2, 0, 2), (3, 0, 3),  # the best epoch (2) among them: the run that had train.epochs from the start ends there
+    (3, 1, 3),             # patience 1 stops after epoch 3 too: one end, said once
+    (9, 0, 4),             # more epochs than the checkpoint has: trains on from its last one
+])
+def test_a_checkpoint_of_more_epochs_is_the_run_with_fewer(tmp_path, epochs, patience, end, capsys):
+    """train.epochs below the checkpoint's epoch count trained again from epoch 1, although the checkpoint holds
+    that run's epochs (epochs only decides when training stops, as in Keras): replayed to its end, with that run's
+    history and epoch times (train_seconds counts its own epochs), and the best epoch the checkpoint keeps."""
+    state = patience_state([3.0, 2.0, 2.5, 2.6])
+    resumed = replay(tmp_path, state, epochs, patience, restore_best_weights=True)
+    assert resumed == {**state, "epoch": end, "history": state["history"][:end],
+                       "epoch_seconds": state["epoch_seconds"][:end], "stopped_early": bool(patience)}
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == (end < 4) and "starts over" not in "".join(said)
+
+
+@pytest.mark.parametrize("epochs, restore_best_weights, why", [
+    (1, True, "its best epoch's (epoch 1) weights are no longer kept"),  # epoch 2 beat it
+    (2, False, "epoch 2's weights are no longer kept"),  # ends with its last epoch's weights: the model file has 4's
+])
+def test_fewer_epochs_whose_weights_are_gone_mean_starting_over_with_one_line(tmp_path, epochs, restore_best_weights,
+                                                                            why, capsys):
+    assert replay(tmp_path, patience_state([3.0, 2.0, 2.5, 2.6]), epochs, 0, restore_best_weights) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"cannot resume from {tmp_path / STATE_FILE} (train.epochs {epochs} ends at epoch {epochs} of "
+                    f"its 4, and {why}): training starts over"]
+
+
+@pytest.mark.parametrize("seconds", [[1.0], [1.0, "2"], [1.0, None]])
+def test_epoch_times_that_are_not_one_per_epoch_mean_starting_over_with_one_line(tmp_path, seconds, capsys):
+    state = {**patience_state([3.0, 2.0]), "epoch_seconds": seconds}
+    assert replay(tmp_path, state, 2, 0, restore_best_weights=True) is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"cannot resume from {tmp_path / STATE_FILE} (its epoch_seconds are not one time per epoch "
+                    "done): training starts over"]

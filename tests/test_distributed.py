@@ -513,9 +513,46 @@ def test_a_changed_patience_resumes_to_the_run_that_had_it_from_the_start(patien
     assert (tmp_path / "data/model/model.keras").read_bytes() == (scratch / "data/model/model.keras").read_bytes()
     for mine, theirs in zip(weights, whole_weights, strict=True):
         np.testing.assert_array_equal(mine, theirs)
-    for curve in ("train/loss.tsv", "val/loss.tsv"):  # the history, as DVCLive logs it
-        assert (tmp_path / "dvclive/plots/metrics" / curve).read_text() == \
+    assert_same_curves(tmp_path, scratch)
+    if after < before:  # it counted every epoch of the longer checkpoint, more than the run it keeps trained for
+        assert resumed["train_seconds"] < patience_runs[before][1]["train_seconds"]
+    assert_counts_its_own_epochs(resumed, tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("epochs", [2, 3])
+def test_fewer_epochs_resume_to_the_run_that_had_them_from_the_start(patience_runs, tmp_path, capsys, epochs):
+    """train.epochs only decides when training stops: a checkpoint of more epochs holds every epoch of a run with
+    fewer, and its best epoch (2) is that run's, so it ends there instead of training again from epoch 1."""
+    longer, longer_metrics, _ = patience_runs[2]  # OVERFITTING's 4 epochs, best epoch 2
+    scratch = tmp_path / "scratch"
+    whole, whole_weights = run_in_process(scratch, "default", **OVERFITTING | {"epochs": epochs})
+    shutil.copytree(longer / "checkpoints", tmp_path / "fewer/checkpoints")
+    capsys.readouterr()
+    resumed, weights = run_in_process(tmp_path / "fewer", "default", **OVERFITTING | {"epochs": epochs})
+    said = capsys.readouterr().out
+    assert f"resuming from the checkpoint after epoch {epochs}" in said and "starts over" not in said, said
+    assert without_timing(resumed) == without_timing(whole) and resumed["epochs"] == epochs  # history, kept epoch
+    assert (tmp_path / "fewer/data/model/model.keras").read_bytes() == (scratch / "data/model/model.keras").read_bytes()
+    for mine, theirs in zip(weights, whole_weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert_same_curves(tmp_path / "fewer", scratch)
+    assert_counts_its_own_epochs(resumed, tmp_path / "fewer/checkpoints")
+    assert resumed["train_seconds"] < longer_metrics["train_seconds"]
+    assert len(json.loads((tmp_path / "fewer/checkpoints/state.json").read_text())["history"]) == 4  # all kept
+
+
+def assert_same_curves(project: Path, scratch: Path) -> None:
+    """The history, as DVCLive logs it, is the one of the run trained from scratch."""
+    for curve in ("train/loss.tsv", "val/loss.tsv"):
+        assert (project / "dvclive/plots/metrics" / curve).read_text() == \
             (scratch / "dvclive/plots/metrics" / curve).read_text()
+
+
+def assert_counts_its_own_epochs(metrics: dict, checkpoints: Path) -> None:
+    """train_seconds is the training time of the run's own epochs (as a run trained from scratch reports it), not
+    of every epoch its checkpoint holds."""
+    epoch_seconds = json.loads((checkpoints / "state.json").read_text())["epoch_seconds"]
+    assert metrics["train_seconds"] == round(sum(epoch_seconds[:metrics["epochs"]]), 2)
 
 
 def test_best_weights_dropped_without_restore_best_weights_mean_starting_over_when_it_is_back_on(tmp_path, capsys):

@@ -194,22 +194,25 @@ def test_a_diverged_ensemble_member_says_what_train_scst_epochs_does_to_every_me
     assert [member["scst_epochs"] for member in metrics["members"]] == [1, 1]
 
 
-def test_more_cross_entropy_epochs_that_keep_the_same_epoch_resume_scst(tmp_path, capsys):
-    """SCST starts from the kept epoch's weights: raising train.epochs (or train.patience) when the kept epoch
+def test_a_changed_train_epochs_that_keeps_the_same_epoch_resumes_scst(tmp_path, capsys):
+    """SCST starts from the kept epoch's weights: changing train.epochs (or train.patience) when the kept epoch
     stays the same must not fine-tune again from scratch (on real photos, hours): it resumes, to the numbers of
-    a run that had the new value from the start."""
+    a run that had the new value from the start. Lowered, the cross-entropy run ends at the earlier epoch of its
+    checkpoint (checkpoints.replay) and keeps the same best one."""
     knobs = {**OVERFITTING, "scst_epochs": 1, "scst_learning_rate": 1e-3}  # dev loss lowest in epoch 2 of 3
-    whole, whole_weights = run_in_process(tmp_path / "whole", "default", **{**knobs, "epochs": 3})
-    assert whole["kept_epoch"] == 2 and whole["epochs"] == 3
-    run_in_process(tmp_path / "raised", "default", **{**knobs, "epochs": 2})
-    shutil.rmtree(tmp_path / "raised/data")  # run_in_process writes the inputs again
-    capsys.readouterr()
-    resumed, weights = run_in_process(tmp_path / "raised", "default", **{**knobs, "epochs": 3})
-    said = capsys.readouterr().out
-    assert "SCST: resuming from the checkpoint after epoch 1" in said and "starts over" not in said, said
-    assert without_timing(resumed) == without_timing(whole)
-    for mine, theirs in zip(weights, whole_weights, strict=True):
-        np.testing.assert_array_equal(mine, theirs)
+    whole = {epochs: run_in_process(tmp_path / f"whole{epochs}", "default", **{**knobs, "epochs": epochs})
+             for epochs in (2, 3)}
+    assert [whole[epochs][0]["kept_epoch"] for epochs in (2, 3)] == [2, 2]
+    for before, after in ((2, 3), (3, 2)):  # raised, lowered
+        changed = tmp_path / f"from{before}to{after}"
+        shutil.copytree(tmp_path / f"whole{before}/checkpoints", changed / "checkpoints")
+        capsys.readouterr()
+        resumed, weights = run_in_process(changed, "default", **{**knobs, "epochs": after})
+        said = capsys.readouterr().out
+        assert "SCST: resuming from the checkpoint after epoch 1" in said and "starts over" not in said, said
+        assert without_timing(resumed) == without_timing(whole[after][0]) and resumed["epochs"] == after
+        for mine, theirs in zip(weights, whole[after][1], strict=True):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def nan_in(features):
