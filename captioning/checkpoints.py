@@ -276,7 +276,7 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int | Non
     if not state_path.exists():
         return None
     state = _read_state(state_path, new_state(print_fingerprint) if fresh is None else fresh)
-    if state is None or state["fingerprint"] != print_fingerprint:
+    if state is None:
         return None
     if epochs is not None and state["epoch"] > epochs:  # it holds its last epoch's state only, not an earlier one
         return starting_over(state_path, f"it has {state['epoch']} epochs done, more than the {epochs} asked for")
@@ -293,12 +293,16 @@ def resume_state(checkpoint_dir: Path, print_fingerprint: str, epochs: int | Non
 
 
 def _read_state(state_path: Path, fresh: dict) -> dict | None:
-    """The state file's contents, or None (and one line) when it is unreadable or lacks one of `fresh`'s keys
-    (or its type, where not None): damaged, or edited by hand."""
+    """The state file's contents when they are of this run (`fresh`'s fingerprint); else None: silently when
+    another run wrote it (other params, inputs or training code), with one line when it is unreadable or lacks
+    one of `fresh`'s keys (or its type, where not None): damaged, or edited by hand."""
     try:
         state = files.read_json(state_path)
     except (OSError, ValueError) as err:
         return starting_over(state_path, f"unreadable: {err}")
+    if isinstance(state, dict) and state.get("fingerprint") != fresh["fingerprint"]:
+        # First: an older version of the training code (another fingerprint) may have written other keys
+        return None
     if not isinstance(state, dict) or any(key not in state or (value is not None
                                                                and not isinstance(state[key], type(value)))
                                           for key, value in fresh.items()):

@@ -37,6 +37,16 @@ def test_a_good_state_is_resumed(checkpoints):
     assert resume_state(checkpoints, "another run", epochs=5) is None  # another run's: not resumed, no fuss
 
 
+def test_another_runs_state_of_an_older_format_is_not_resumed_without_a_word(checkpoints, capsys):
+    """A state file of another fingerprint (other params, inputs or training code) is not resumed, silently, even
+    when an older version of the code wrote it without a key this one writes (here: epoch_seconds): it said "not
+    the state this project writes", as if it were damaged, after every update of the training code."""
+    older = {key: value for key, value in good_state().items() if key != "epoch_seconds"}
+    (checkpoints / STATE_FILE).write_text(json.dumps({**older, "train_seconds": 3.5, "fingerprint": "older code"}))
+    assert resume_state(checkpoints, FINGERPRINT, epochs=5) is None
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("damage", [
     lambda text: text[:40],                                              # cut short
     lambda text: "null",
