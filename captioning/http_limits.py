@@ -85,6 +85,7 @@ URI_TOO_LONG = refusal(414, f"the request's URL is over {HEAD_MAX // 1024} KB; s
 BAD_CHUNKS = refusal(400, "the request body's chunked transfer coding is malformed; send it again",
                      "invalid chunked body: ")
 BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a request head, as h11 finds it
+EMPTY_LINE_BYTES = (b"\r", b"\n")  # what may come before a request line, to be dropped
 # The request line of a version other than 1.x (h11's grammar otherwise: method, target, version)
 OTHER_VERSION = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/(?!1\.)[0-9]\.[0-9]\r?\n")
 
@@ -201,9 +202,10 @@ class BoundedH11Protocol(H11Protocol):
     uvicorn (0.55) makes one instance per connection from the class alone, so the limits are a class attribute,
     set by bounded_protocol on a subclass. What of uvicorn's H11Protocol is used beyond asyncio's Protocol
     methods: `connections` (the server's set of open ones, self included), `conn` (the h11.Connection, its
-    `trailing_data` the bytes not parsed yet), `cycle` (the request being answered), `handle_events` (called
-    with each read, to parse it), `send_400_response` (called when h11 cannot parse), `on_response_complete`,
-    `_unsupported_upgrade_warning`, and `access_log`, `access_logger`, `logger`, `loop`, `client`."""
+    `trailing_data` the bytes not parsed yet; replaced between requests by _skip_empty_lines), `cycle` (the request
+    being answered), `handle_events` (called with each read, to parse it), `send_400_response` (called when h11
+    cannot parse), `on_response_complete`, `_unsupported_upgrade_warning`, and `access_log`, `access_logger`,
+    `logger`, `loop`, `client`, `config`."""
 
     limits: ProtocolLimits  # set by bounded_protocol
 
@@ -237,6 +239,7 @@ class BoundedH11Protocol(H11Protocol):
         """uvicorn calls it with each read to have h11 parse what has arrived. A request head that is arriving is
         refused here first when it is too long or not HTTP/1.x (head_refusal)."""
         if self.conn.their_state is h11.IDLE:
+            self._skip_empty_lines()
             buffered = self.conn.trailing_data[0]  # what h11 holds unparsed: the head so far
             self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
             refused = head_refusal(buffered)
@@ -244,6 +247,21 @@ class BoundedH11Protocol(H11Protocol):
                 self._answer_and_linger(refused, self._shown_line())
                 return
         super().handle_events()
+
+    def _skip_empty_lines(self) -> None:
+        """Drop the empty lines (CRLF or LF) before a request line: RFC 9112 section 2.2 says a server SHOULD ignore
+        at least one, and some clients send a CRLF after a request's body. h11 took one for a request without a
+        request line: a 400. h11 has no public way to drop bytes it holds, so while no request is under way (both
+        sides IDLE: a new Connection knows all this one does) it is replaced by one given the bytes that follow.
+        A request line never starts with CR or LF, so only what would be a 400 is changed; a client that sends
+        only empty lines is still cut off by --request-timeout, as the clock runs on."""
+        buffered = self.conn.trailing_data[0]  # (uvicorn never tells h11 of the client's EOF: it closes instead)
+        if buffered[:1] not in EMPTY_LINE_BYTES or self.conn.our_state is not h11.IDLE:
+            return
+        self.conn = h11.Connection(h11.SERVER, self.config.h11_max_incomplete_event_size or HEAD_MAX)
+        rest = buffered.lstrip(b"\r\n")
+        if rest:  # not b"": to h11 that is the client's EOF, and uvicorn then looped on h11's ConnectionClosed
+            self.conn.receive_data(rest)
 
     def on_response_complete(self) -> None:
         self._start_clock()

@@ -510,6 +510,21 @@ def test_a_request_that_is_not_http_gets_a_json_error(server):
     assert "HTTP/1.1" in json.loads(body)["error"]
 
 
+def test_empty_lines_before_a_request_line_are_ignored(server):
+    """RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before a request line, and some clients
+    send a CRLF after a request's body. Each got the 400 of a request the server cannot parse."""
+    port = httpx.URL(server[0]).port
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for before in (b"\r\n", b"\n", b"\r\n\r\n\n"):
+        _, answer = stall(port, before + health)
+        assert answer.startswith(b"HTTP/1.1 200 "), (before, answer[:200])
+    post = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    _, answer = stall(port, post + b"\r\n" + health)  # the CRLF after the body, in the same packet
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"400", b"200"] and b"no image" in answer, answer
+    _, answer = stall(port, b"\r\nNOT HTTP\r\n\r\n")  # what follows them is still parsed as strictly
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTP/1.1 the server can parse" in answer, answer
+
+
 @pytest.mark.parametrize("megabytes", ["0.05", "0", "-1"])
 def test_a_body_limit_too_small_for_a_photo_is_refused_at_start(demo_run, megabytes):
     """--max-body-mb 0.000001 started a server, after loading its model, that refused every request."""
@@ -885,6 +900,19 @@ def test_a_client_that_reads_none_of_its_answers_is_cut_off(logged_server):
     assert cut_after is not None, "still open"
     assert "read none of its answers" in settled_log(log)
     assert httpx.get(f"{address}/health", timeout=10).status_code == 200
+
+
+def test_a_client_sending_only_empty_lines_is_cut_off_and_others_served(logged_server):
+    """The empty lines before a request line are dropped, not answered: a client that sends nothing else is closed
+    by --request-timeout like one that sends nothing, and the server goes on serving meanwhile."""
+    address, _ = logged_server
+    port = httpx.URL(address).port
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(stall, port, b"\r\n" * 3)
+        time.sleep(REQUEST_TIMEOUT_S / 4)
+        assert httpx.get(f"{address}/health", timeout=5).status_code == 200
+        seconds, answer = stalled.result()
+    assert answer == b"" and REQUEST_TIMEOUT_S - 0.1 < seconds < REQUEST_TIMEOUT_S + 3, (seconds, answer)
 
 
 def test_a_connection_over_the_cap_is_answered_at_once(logged_server):
