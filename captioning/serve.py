@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -275,12 +275,48 @@ def _get_and_head(app: FastAPI, path: str, **options):
     return register
 
 
-def _allowed_methods(app: FastAPI, path: str) -> str:
-    """The methods of every route at `path`, for a 405's Allow: Starlette names those of the first route that has
-    the path, and GET and HEAD are two routes (_get_and_head)."""
-    methods = {method for route in app.routes if isinstance(route, APIRoute) and route.path_regex.match(path)
+def _allowed_methods(app: FastAPI, path: str | None = None) -> str:
+    """The methods of every route at `path` (of every route: None), for an Allow header: Starlette's 405 named those
+    of the first route that has the path, and GET and HEAD are two routes (_get_and_head)."""
+    methods = {method for route in app.routes
+               if isinstance(route, APIRoute) and (path is None or route.path_regex.match(path))
                for method in route.methods}
     return ", ".join(sorted(methods))
+
+
+def _not_found(app: FastAPI, path: str) -> str:
+    """A 404's error: the paths served, and the one meant when `path` only adds or lacks a trailing slash. Starlette
+    redirected those (307) to a URL built from the client's Host header, so a forged Host made the server answer
+    with a redirect to any site; a relative one would still be an empty answer that curl, without -L, shows as
+    nothing at all."""
+    paths = sorted({route.path for route in app.routes if isinstance(getattr(route, "path", None), str)})
+    other = path[:-1] if path.endswith("/") else f"{path}/"
+    meant = f"; did you mean {other}?" if other in paths else ""
+    return f"no page at {clipped(path)}{meant} (the paths served: {', '.join(paths)})"
+
+
+class ServerWide:
+    """ASGI middleware answering the requests whose target is no path: `OPTIONS *`, which asks about the server as
+    a whole (RFC 9110 section 9.3.7), with a 200 and the methods it serves in Allow; and CONNECT (`CONNECT
+    host:443`, a proxy's method) with a 501, as this server is no proxy. Both got the routes' JSON 404."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["method"] == "CONNECT" or scope["raw_path"] == b"*"):
+            allow = {"allow": _allowed_methods(scope["app"])}  # the FastAPI app, which Starlette puts in the scope
+            if scope["method"] == "OPTIONS":
+                response = Response(headers=allow)
+            elif scope["method"] == "CONNECT":  # and closed: a client refused its tunnel may send on what was for it
+                response = error_response(501, "the server is not a proxy: it does not tunnel (CONNECT); send "
+                                               f"{allow['allow']} requests to its own paths",
+                                          {**allow, "connection": "close"})
+            else:  # RFC 9112 section 3.2.4: the asterisk-form is for OPTIONS only
+                response = error_response(400, f"the request target * is for OPTIONS only, not "
+                                               f"{clipped(scope['method'])}; send a path such as /health", allow)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> FastAPI:
@@ -294,9 +330,10 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
         yield
         await batcher.stop()
 
-    app = FastAPI(title="Image captioning", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="Image captioning", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(OriginForm)
+    app.add_middleware(ServerWide)
     _add_error_handlers(app)
     _add_routes(app, loaded, batcher, limits)
     return app
@@ -314,10 +351,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 async def _http_error(request: Request, err: HTTPException):
-    headers = err.headers  # a 405's Allow, which HTTP requires and which tells the client the methods to use
-    if err.status_code == 405:
+    headers, detail = err.headers, err.detail
+    if err.status_code == 405:  # Allow, which HTTP requires and which tells the client the methods to use
         headers = {**(headers or {}), "Allow": _allowed_methods(request.app, request.url.path)}
-    return error_response(err.status_code, err.detail, headers)
+    elif err.status_code == 404:
+        detail = _not_found(request.app, request.url.path)
+    return error_response(err.status_code, detail, headers)
 
 
 async def _internal_error(request: Request, err: Exception):

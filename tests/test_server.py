@@ -625,6 +625,20 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(server):
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "ok", answer
 
 
+def test_a_trailing_slash_is_a_404_naming_the_path_not_a_redirect_to_the_hosts_name(server):
+    """Starlette redirected `/health/` to `/health` (307) with a Location built from the Host header, so a forged Host
+    made the server answer with a redirect to any site; `POST /caption/` got an empty 307 that curl shows as nothing."""
+    port = httpx.URL(server[0]).port
+    _, answer = stall(port, b"GET /health/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 404 ") and b"evil.example" not in answer and b"location:" not in head.lower()
+    assert "did you mean /health?" in json.loads(body)["error"], answer
+    posted = httpx.post(f"{server[0]}/caption/", files={"image": ("a.png", png(8, 8))}, timeout=10)
+    assert posted.status_code == 404 and "did you mean /caption?" in posted.json()["error"], posted.text
+    lost = httpx.get(f"{server[0]}/nothing", timeout=10).json()["error"]
+    assert "/nothing" in lost and "did you mean" not in lost and all(path in lost for path in ("/health", "/caption"))
+
+
 CHUNKED_POST = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
 
@@ -860,6 +874,29 @@ def test_an_http2_preface_gets_one_answer_saying_http_1_1_only(logged_server):
     assert answer.startswith(b"HTTP/1.1 505 ") and "HTTP/1.1 only" in json.loads(answer.split(b"\r\n\r\n")[1])["error"]
     logged = settled_log(log)[before:].splitlines()
     assert len(logged) == 1 and re.search(r'127\.0\.0\.1:\d+ - "PRI \* HTTP/2\.0" 505 ', logged[0]), logged
+
+
+def test_connect_and_options_asterisk_get_one_answer_each(logged_server):
+    """`CONNECT host:443` (a proxy's method) and `OPTIONS *` (RFC 9110 section 9.3.7: about the server as a whole)
+    got the routes' JSON 404. CONNECT is a 501 naming the methods served, and the connection is closed; `OPTIONS *`
+    a 200 with them in Allow; the asterisk with another method a 400."""
+    address, log = logged_server
+    port = httpx.URL(address).port
+    before = len(log.read_text())
+    seconds, answer = stall(port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 501 ") and b"\r\nallow: GET, HEAD, POST" in head, answer
+    assert "not a proxy" in json.loads(body)["error"] and seconds < REQUEST_TIMEOUT_S / 2, (seconds, answer)
+    _, answer = stall(port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nallow: GET, HEAD, POST" in head and body == b"", answer
+    _, answer = stall(port, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"for OPTIONS only" in answer, answer
+    logged = settled_log(log)[before:].splitlines()
+    assert len(logged) == 3 and "Traceback" not in "".join(logged), logged
+    for line, status in zip(logged, ("CONNECT example.com:443 HTTP/1.1\" 501", "OPTIONS * HTTP/1.1\" 200",
+                                     "GET * HTTP/1.1\" 400"), strict=True):
+        assert line.startswith("INFO:") and status in line, (status, logged)
 
 
 def test_a_password_in_a_url_reaches_no_answer_and_no_log_line(logged_server):
