@@ -76,8 +76,42 @@ HEAD_TOO_LARGE = refusal(431, f"the request's line and headers are over {HEAD_MA
 # h11 (0.16) takes any HTTP/d.d, and uvicorn then answered, in HTTP/1.1, an HTTP/2 prior-knowledge preface
 # (`PRI * HTTP/2.0`, then `SM`: a 404, then a 400 for the `SM`) or an HTTP/3.0 request line as if they were HTTP/1.1.
 # RFC 9110 section 15.6.6: the 505 may say which versions the server supports.
-NOT_HTTP1 = refusal(505, "the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: "
-                         "without --http2-prior-knowledge)")
+HTTP1_ONLY = ("the server speaks HTTP/1.1 only (and 1.0); send the request in HTTP/1.1 (curl: without "
+              "--http2-prior-knowledge)")
+NOT_HTTP1 = refusal(505, HTTP1_ONLY)
+# HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`) reads the 505 as HTTP/2 frames: "Empty reply from
+# server". It is answered in HTTP/2 instead: the server's preface (an empty SETTINGS frame), then the error
+# HTTP_1_1_REQUIRED (RFC 9113 section 7), on the client's first stream when it has opened it (RST_STREAM: curl then
+# sends its request again in HTTP/1.1, and gets its answer), else on the connection (GOAWAY). Logged as the 505.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_HEADERS, H2_RST_STREAM, H2_SETTINGS, H2_GOAWAY = 0x1, 0x3, 0x4, 0x7  # frame types, RFC 9113 section 6
+H2_FRAME_HEAD = 9  # bytes: length (3), type, flags, stream id (4)
+HTTP_1_1_REQUIRED = (0xD).to_bytes(4, "big")  # the error code, RFC 9113 section 7
+
+
+def h2_frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame without flags (RFC 9113 section 4.1)."""
+    return len(payload).to_bytes(3, "big") + bytes((kind, 0)) + stream.to_bytes(4, "big") + payload
+
+
+H2_STREAM_1_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_RST_STREAM, 1, HTTP_1_1_REQUIRED))
+# GOAWAY: the last stream processed (none: 0), the error, and a text for the client's debugging
+H2_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_GOAWAY, 0, bytes(4) + HTTP_1_1_REQUIRED +
+                                                              HTTP1_ONLY.encode()))
+
+
+def h2_opened_stream_1(buffered: bytes) -> bool:
+    """Whether the HTTP/2 frames after the preface at the start of `buffered` hold the HEADERS that open stream 1:
+    a client's first request, which RST_STREAM may then refuse (on a stream not opened it is a protocol error)."""
+    at = len(H2_PREFACE)
+    while at + H2_FRAME_HEAD <= len(buffered):
+        kind, stream = buffered[at + 3], int.from_bytes(buffered[at + 5:at + 9], "big") & 0x7FFFFFFF
+        if (kind, stream) == (H2_HEADERS, 1):
+            return True
+        at += H2_FRAME_HEAD + int.from_bytes(buffered[at:at + 3], "big")
+    return False
+
+
 # a request line alone over HEAD_MAX: its URL, which RFC 9112 section 3 says MUST get a 414, not the 431 of headers
 URI_TOO_LONG = refusal(414, f"the request's URL is over {HEAD_MAX // 1024} KB; send a shorter one (the fields of "
                             "/caption go in the body)", "URI too long: ")
@@ -107,10 +141,12 @@ def head_over_limit(buffered: bytes) -> bool:
 
 def head_refusal(buffered: bytes) -> Refusal | None:
     """The answer to the request head at the start of `buffered` if it is refused before h11 parses it: too long
-    (a request line alone too long is its URL: RFC 9112 section 3's 414, not the 431 of headers), or a version
-    other than HTTP/1.x."""
+    (a request line alone too long is its URL: RFC 9112 section 3's 414, not the 431 of headers), HTTP/2's preface
+    (answered in HTTP/2), or a version other than HTTP/1.x."""
     if head_over_limit(buffered):
         return HEAD_TOO_LARGE if b"\n" in buffered[:HEAD_MAX] else URI_TOO_LONG
+    if buffered.startswith(H2_PREFACE[:16]):  # its request line: `PRI * HTTP/2.0`
+        return H2_STREAM_1_REFUSED if h2_opened_stream_1(buffered) else H2_REFUSED
     if OTHER_VERSION.match(buffered):
         return NOT_HTTP1
     return None
