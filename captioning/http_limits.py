@@ -168,7 +168,10 @@ class OriginForm:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not scope["raw_path"].startswith(b"/"):
-            target = urlsplit(scope["raw_path"].decode("ascii"))  # uvicorn split the query string off already
+            try:
+                target = urlsplit(scope["raw_path"].decode("ascii"))  # uvicorn split the query string off already
+            except ValueError:  # `http://[::1/health`, a bracket unclosed: it was a 500, with a traceback in the log
+                return await self.not_a_url(scope, receive, send)
             if target.scheme.lower() in ("http", "https") and target.netloc:
                 raw_path = (target.path or "/").encode("ascii")
                 host = target.netloc.rpartition("@")[2].encode("ascii")  # without a user name and password
@@ -176,6 +179,14 @@ class OriginForm:
                 # in place: uvicorn's access line shows the path too, and no user name and password a URL held
                 scope.update(raw_path=raw_path, path=unquote(target.path or "/"), headers=[*headers, (b"host", host)])
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def not_a_url(scope, receive, send):
+        """A 400 for a request target that no URL parser takes, shown without a user name and password."""
+        shown = without_credentials(scope["raw_path"].decode("ascii"))
+        scope.update(raw_path=shown.encode("ascii"), path=shown)  # for uvicorn's access line too
+        await error_response(400, f"the request target {clipped(shown)} is not a valid URL; send a path such as "
+                                  "/health")(scope, receive, send)
 
 
 class ProtocolAccessFormatter(AccessFormatter):

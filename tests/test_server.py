@@ -958,6 +958,20 @@ def test_a_password_in_a_url_reaches_no_answer_and_no_log_line(logged_server):
     assert "secret" not in logged and logged.count("***@") == 1, logged
 
 
+def test_an_absolute_target_that_is_not_a_url_is_a_400_without_a_traceback(logged_server):
+    """`GET http://[::1/health` (a bracket unclosed) made the absolute-form middleware's URL parser raise: a 500, and
+    a traceback in the log."""
+    address, log = logged_server
+    before = len(log.read_text())
+    _, answer = stall(httpx.URL(address).port, b"GET http://user:secret@[::1/health HTTP/1.1\r\nHost: x\r\n"
+                                               b"Connection: close\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 ") and "not a valid URL" in json.loads(body)["error"], answer
+    logged = settled_log(log)[before:]
+    assert b"secret" not in answer and "secret" not in logged and "Traceback" not in logged, logged
+    assert re.search(r'"GET http://\*\*\*@\[::1/health HTTP/1\.1" 400 ', logged), logged
+
+
 def test_a_client_that_reads_none_of_its_answers_is_cut_off(logged_server):
     """A client that pipelined requests and never read the answers (a slow-read attack) held its connection, and its
     place under --max-connections, for good: uvicorn waited with no limit for it to read on."""
