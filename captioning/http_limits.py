@@ -189,6 +189,24 @@ class OriginForm:
                                   "/health")(scope, receive, send)
 
 
+class OneBodyLength:
+    """ASGI middleware refusing a request that gives its body's length twice, by Transfer-Encoding and by
+    Content-Length: a proxy in front that reads the other one sees the requests end elsewhere (request smuggling).
+    RFC 9112 section 6.1 lets a server refuse it, and says it MUST close the connection after answering it; uvicorn
+    answered it by its chunks and kept the connection open for the next request. Now a 400, then closed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and {b"transfer-encoding", b"content-length"} <= {name for name, _ in
+                                                                                       scope["headers"]}:
+            refused = error_response(400, "the request has both Transfer-Encoding and Content-Length; send one of "
+                                          "them", {"connection": "close"})
+            return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class ProtocolAccessFormatter(AccessFormatter):
     """uvicorn's access lines, and the same shape for the answers the protocol writes itself: their records carry
     (client, what to show between the quotes, status), since a request that was never parsed has no method, path

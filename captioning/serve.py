@@ -35,6 +35,7 @@ from captioning.errors import UserError, clipped
 from captioning.fetch import FetchError, fetch_async
 from captioning.http_limits import (
     HEAD_MAX,
+    OneBodyLength,
     OriginForm,
     ProtocolAccessFormatter,
     WithoutUvicorns400Warning,
@@ -334,10 +335,10 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(OriginForm)
     app.add_middleware(ServerWide)
+    app.add_middleware(OneBodyLength)
     _add_error_handlers(app)
     _add_routes(app, loaded, batcher, limits)
     return app
-
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every refusal and failure answered as JSON `{"error": ...}`; no traceback reaches a client."""

@@ -672,6 +672,17 @@ def test_a_malformed_chunked_body_gets_one_answer_that_says_so(server):
     assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 1, answer
 
 
+def test_a_request_giving_its_length_twice_is_refused_and_its_connection_closed(server):
+    """RFC 9112 section 6.1: a request with both Transfer-Encoding and Content-Length may be request smuggling, and the
+    server MUST close the connection after answering it. uvicorn answered it by its chunks and then answered the
+    request that followed on the same connection (what a proxy reading the Content-Length took for body)."""
+    smuggled = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    seconds, answer = stall(httpx.URL(server[0]).port, smuggled)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"400"], answer
+    assert b"both Transfer-Encoding and Content-Length" in answer and seconds < 5, (seconds, answer)
+
+
 def test_sigterm_stops_it_cleanly(server):
     address, process = server  # the last test of the module: the fixture's server is stopped here
     process.send_signal(signal.SIGTERM)
