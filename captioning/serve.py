@@ -22,11 +22,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 from uvicorn.protocols.utils import get_client_addr
 
 from captioning.batching import DynamicBatcher
@@ -279,8 +279,8 @@ def _get_and_head(app: FastAPI, path: str, **options):
 def _allowed_methods(app: FastAPI, path: str | None = None) -> str:
     """The methods of every route at `path` (of every route: None), for an Allow header: Starlette's 405 named those
     of the first route that has the path, and GET and HEAD are two routes (_get_and_head)."""
-    methods = {method for route in app.routes
-               if isinstance(route, APIRoute) and (path is None or route.path_regex.match(path))
+    methods = {method for route in app.routes  # Route: the schema's too, where GET answers; its Allow was empty
+               if isinstance(route, Route) and (path is None or route.path_regex.match(path))
                for method in route.methods}
     return ", ".join(sorted(methods))
 
@@ -340,6 +340,7 @@ def create_app(loaded: LoadedCaptioner, limits: ServeLimits | None = None) -> Fa
     _add_routes(app, loaded, batcher, limits)
     return app
 
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every refusal and failure answered as JSON `{"error": ...}`; no traceback reaches a client."""
     app.add_exception_handler(ApiError, lambda request, err: error_response(err.status, err, err.headers))
@@ -354,7 +355,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 async def _http_error(request: Request, err: HTTPException):
     headers, detail = err.headers, err.detail
     if err.status_code == 405:  # Allow, which HTTP requires and which tells the client the methods to use
-        headers = {**(headers or {}), "Allow": _allowed_methods(request.app, request.url.path)}
+        allowed = _allowed_methods(request.app, request.url.path)
+        headers = {**(headers or {}), "Allow": allowed}
+        detail = f"{request.method} is not served at {clipped(request.url.path)}; send {allowed}"
     elif err.status_code == 404:
         detail = _not_found(request.app, request.url.path)
     return error_response(err.status_code, detail, headers)
