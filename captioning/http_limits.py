@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from copy import copy
 from dataclasses import dataclass
 from functools import cached_property
@@ -70,6 +71,18 @@ def refusal(status: int, message: str, log_prefix: str = "", headers: dict | Non
 # uvicorn answered a request it cannot parse in plain text; every other error is JSON
 NOT_HTTP = refusal(400, "the request is not HTTP/1.1 the server can parse (request line or headers)",
                    "invalid request: ")
+
+
+def not_http(reason: Exception | None) -> Refusal:
+    """NOT_HTTP, saying what h11 found wrong (`reason`, its error) when it is known: the one answer to a missing
+    Host header, two Content-Lengths that differ or a header line with a space in its name was the same sentence,
+    naming no field."""
+    if reason is None or not str(reason):
+        return NOT_HTTP
+    return refusal(400, f"the request is not HTTP/1.1 the server can parse: {printable(str(reason).encode())}",
+                   NOT_HTTP.log_prefix)
+
+
 # a head over HEAD_MAX (head_over_limit): big cookies, not a malformed request. RFC 6585 section 5.
 HEAD_TOO_LARGE = refusal(431, f"the request's line and headers are over {HEAD_MAX // 1024} KB; send fewer or "
                               "smaller headers (cookies)", "headers too large: ")
@@ -374,7 +387,8 @@ class BoundedH11Protocol(H11Protocol):
         has been answered (a 413 for a chunked body over the limit), the connection is only closed: a second
         answer to one request followed the first."""
         if self.conn.our_state is h11.IDLE:  # no request parsed
-            self._answer_and_linger(NOT_HTTP, self._shown_line())
+            # uvicorn calls this while it handles h11's RemoteProtocolError, whose text says what is wrong
+            self._answer_and_linger(not_http(sys.exc_info()[1]), self._shown_line())
         elif self.conn.our_state is h11.SEND_RESPONSE:  # its head was parsed and is not answered yet
             self._answer_and_close(BAD_CHUNKS, self._parsed_request_line())
         else:

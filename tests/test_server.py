@@ -513,6 +513,20 @@ def test_a_request_that_is_not_http_gets_a_json_error(server):
     assert "HTTP/1.1" in json.loads(body)["error"]
 
 
+def test_a_request_h11_cannot_parse_is_told_what_is_wrong(server):
+    """A missing Host header, two Content-Lengths that differ and a space in a header's name all got one sentence,
+    "not HTTP/1.1 the server can parse (request line or headers)", naming nothing."""
+    port = httpx.URL(server[0]).port
+    for head, named in ((b"GET /health HTTP/1.1\r\n", "Host"),
+                        (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n",
+                         "Content-Length"),
+                        (b"GET /health HTTP/1.1\r\nHost: x\r\nBad \"Name: y\r\n", 'Bad \\x22Name')):
+        _, answer = stall(port, head + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert "HTTP/1.1 the server can parse" in error and named in error, (named, error)
+
+
 def test_empty_lines_before_a_request_line_are_ignored(server):
     """RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before a request line, and some clients
     send a CRLF after a request's body. Each got the 400 of a request the server cannot parse."""
