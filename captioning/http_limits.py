@@ -316,6 +316,9 @@ class BoundedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         """uvicorn calls it with each read to have h11 parse what has arrived. A request head that is arriving is
         refused here first when it is too long or not HTTP/1.x (head_refusal)."""
+        answered_early = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+        if answered_early and not self._drop_answered_body():
+            return
         if self.conn.their_state is h11.IDLE:
             self._skip_empty_lines()
             buffered = self.conn.trailing_data[0]  # what h11 holds unparsed: the head so far
@@ -325,6 +328,26 @@ class BoundedH11Protocol(H11Protocol):
                 self._answer_and_linger(refused, self._shown_line())
                 return
         super().handle_events()
+
+    def _drop_answered_body(self) -> bool:
+        """Read and drop the rest of the body of a request answered before it arrived (a 413 by its Content-Length),
+        as uvicorn does, and start the next request here: uvicorn started it in its own loop, past the checks of
+        handle_events, so the request after such a body was held to no 16 KB head limit, a CRLF before it got a
+        400, and its access line showed the answered request. Whether the body has ended."""
+        while (event := self._next_event()) is not h11.NEED_DATA:
+            if isinstance(event, h11.EndOfMessage):
+                self.transport.resume_reading()  # uvicorn paused it for a body over its high-water mark
+                self.conn.start_next_cycle()
+                return True
+        return False
+
+    def _next_event(self):
+        """h11's next event, or NEED_DATA once a body it cannot parse has closed the connection (it was answered)."""
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError:
+            self.transport.close()
+            return h11.NEED_DATA
 
     def _skip_empty_lines(self) -> None:
         """Drop the empty lines (CRLF or LF) before a request line: RFC 9112 section 2.2 says a server SHOULD ignore

@@ -700,6 +700,27 @@ def test_a_request_giving_its_length_twice_is_refused_and_its_connection_closed(
     assert b"both Transfer-Encoding and Content-Length" in answer and seconds < 5, (seconds, answer)
 
 
+def test_the_request_after_a_body_answered_early_is_checked_as_any_other(server):
+    """A body over --max-body-mb is answered 413 by its Content-Length and then read and dropped; uvicorn started the
+    request after it in its own loop, past the protocol's checks: a CRLF before it got a 400 and a head over 16 KB
+    was taken."""
+    port = httpx.URL(server[0]).port
+    body = b" " * (2 * 2**20)  # over the fixture's --max-body-mb 1
+    post = (b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(body))
+    cookie = b"Cookie: " + b"a" * 20_000 + b"\r\n"
+    for after, statuses in ((b"\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [b"413", b"200"]),
+                            (b"GET /health HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n", [b"413", b"431"])):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(post)
+            answer = client.recv(65536)  # the 413, before the body
+            client.sendall(body + after)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(65536):
+                    answer += chunk
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == statuses, (statuses, answer[-300:])
+
+
 def test_sigterm_stops_it_cleanly(server):
     address, process = server  # the last test of the module: the fixture's server is stopped here
     process.send_signal(signal.SIGTERM)
