@@ -59,6 +59,7 @@ class Refusal(NamedTuple):
     status: int
     answer: bytes  # the whole response (last_answer)
     log_prefix: str = ""  # what the access line shows before the request line (or for it, with no request line)
+    half_close: bool = True  # whether our side is closed (FIN) right after the answer, or only LINGER_S later
 
 
 def refusal(status: int, message: str, log_prefix: str = "", headers: dict | None = None) -> Refusal:
@@ -95,7 +96,9 @@ NOT_HTTP1 = refusal(505, HTTP1_ONLY)
 # HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`) reads the 505 as HTTP/2 frames: "Empty reply from
 # server". It is answered in HTTP/2 instead: the server's preface (an empty SETTINGS frame), then the error
 # HTTP_1_1_REQUIRED (RFC 9113 section 7), on the client's first stream when it has opened it (RST_STREAM: curl then
-# sends its request again in HTTP/1.1, and gets its answer), else on the connection (GOAWAY). Logged as the 505.
+# sends its request again in HTTP/1.1, and gets its answer), else on the connection (GOAWAY). The first is awaited
+# (H2_AWAITED): curl may send its preface before its request, and an RST_STREAM that came before it was a
+# connection error ("Empty reply from server" in ~1 of 8 runs). Logged as the 505.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_HEADERS, H2_RST_STREAM, H2_SETTINGS, H2_GOAWAY = 0x1, 0x3, 0x4, 0x7  # frame types, RFC 9113 section 6
 H2_FRAME_HEAD = 9  # bytes: length (3), type, flags, stream id (4)
@@ -107,7 +110,10 @@ def h2_frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes((kind, 0)) + stream.to_bytes(4, "big") + payload
 
 
-H2_STREAM_1_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_RST_STREAM, 1, HTTP_1_1_REQUIRED))
+# not half-closed: curl, reading the FIN with the RST_STREAM, dropped the connection without trying HTTP/1.1
+H2_STREAM_1_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_RST_STREAM, 1, HTTP_1_1_REQUIRED),
+                              half_close=False)
+H2_AWAITED = Refusal(505, b"")  # no answer yet: the client's first request is awaited (until --request-timeout)
 # GOAWAY: the last stream processed (none: 0), the error, and a text for the client's debugging
 H2_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_GOAWAY, 0, bytes(4) + HTTP_1_1_REQUIRED +
                                                               HTTP1_ONLY.encode()))
@@ -159,7 +165,9 @@ def head_refusal(buffered: bytes) -> Refusal | None:
     if head_over_limit(buffered):
         return HEAD_TOO_LARGE if b"\n" in buffered[:HEAD_MAX] else URI_TOO_LONG
     if buffered.startswith(H2_PREFACE[:16]):  # its request line: `PRI * HTTP/2.0`
-        return H2_STREAM_1_REFUSED if h2_opened_stream_1(buffered) else H2_REFUSED
+        if h2_opened_stream_1(buffered):
+            return H2_STREAM_1_REFUSED
+        return H2_REFUSED if len(buffered) > HEAD_MAX else H2_AWAITED  # frames without a request: bounded too
     if OTHER_VERSION.match(buffered):
         return NOT_HTTP1
     return None
@@ -324,6 +332,8 @@ class BoundedH11Protocol(H11Protocol):
             buffered = self.conn.trailing_data[0]  # what h11 holds unparsed: the head so far
             self._head = buffered[:HEAD_KEPT]  # h11 drops a head it cannot parse: keep its start to log
             refused = head_refusal(buffered)
+            if refused is H2_AWAITED:
+                return  # and not to h11, which took the preface for a request
             if refused:
                 self._answer_and_linger(refused, self._shown_line())
                 return
@@ -428,7 +438,8 @@ class BoundedH11Protocol(H11Protocol):
         self._stop_clock()
         self.connections.discard(self)
         self._answer(refused, line)
-        self.transport.write_eof()
+        if refused.half_close:
+            self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
 
     def _answer_and_close(self, refused: Refusal, line: str) -> None:
@@ -476,7 +487,9 @@ class BoundedH11Protocol(H11Protocol):
             return
         self._clock = None
         state = self.conn.their_state
-        if state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
+        if state is h11.IDLE and head_refusal(self.conn.trailing_data[0]) is H2_AWAITED:  # no HTTP/2 request came
+            self._answer_and_linger(H2_REFUSED, self._shown_line())
+        elif state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers
             self._answer_and_linger(self.limits.headers_late, self._received_request_line())
         elif state is h11.SEND_BODY and not self.cycle.response_started:
             self._answer_and_close(self.limits.body_late, self._parsed_request_line())

@@ -605,6 +605,7 @@ def test_which_heads_are_refused_before_h11_parses_them():
     """The 414/431/505 a head gets depends only on its bytes, at the 16 KB boundary too: a request line with no end
     within it is a long URL (414), a line that ended is followed by too many headers (431)."""
     from captioning.http_limits import (
+        H2_AWAITED,
         H2_REFUSED,
         H2_STREAM_1_REFUSED,
         HEAD_MAX,
@@ -622,9 +623,10 @@ def test_which_heads_are_refused_before_h11_parses_them():
     assert head_refusal(b"GET /" + b"a" * HEAD_MAX + b" HTTP/1.1\r\n\r\n") is URI_TOO_LONG
     assert head_refusal(b"PRI * HTTP/3.0\r\n\r\n") is NOT_HTTP1 and head_refusal(b"GET / HTTP/2.0\r\n") is NOT_HTTP1
     preface, settings = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + bytes(6)
-    assert head_refusal(preface) is H2_REFUSED and head_refusal(preface + settings) is H2_REFUSED
+    assert head_refusal(preface) is H2_AWAITED and head_refusal(preface + settings) is H2_AWAITED  # its request
     opened = preface + settings + b"\x00\x00\x02\x01\x05\x00\x00\x00\x01\x82\x84"  # then HEADERS on stream 1
     assert head_refusal(opened) is H2_STREAM_1_REFUSED
+    assert head_refusal(preface + settings * (HEAD_MAX // len(settings))) is H2_REFUSED  # no request in 16 KB
     assert head_refusal(b"GET / HTTP/1.0\r\n\r\n") is None and head_refusal(b"GET / HTTP/2.0") is None  # line not in
 
 
@@ -939,14 +941,15 @@ def test_an_http2_preface_is_answered_in_http2_that_http_1_1_is_required(logged_
     """`curl --http2-prior-knowledge` opens with HTTP/2's preface, `PRI * HTTP/2.0` then `SM`: h11 took its first
     part for an HTTP request (a 404) and `SM` for a second, unparsable one (a 400); then the one 505 in HTTP/1.1,
     which curl read as HTTP/2 frames: "Empty reply from server". It is the server's HTTP/2 preface (SETTINGS) and
-    the error HTTP_1_1_REQUIRED (RFC 9113 section 7): on the connection (GOAWAY) when no request came with it."""
+    the error HTTP_1_1_REQUIRED (RFC 9113 section 7): on the connection (GOAWAY) when no request follows it within
+    --request-timeout."""
     address, log = logged_server
     before = len(log.read_text())
     seconds, answer = stall(httpx.URL(address).port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     (settings, goaway) = h2_frames(answer)
     assert settings == (0x4, 0, b"") and goaway[:2] == (0x7, 0), answer  # SETTINGS, GOAWAY
     assert goaway[2][:8] == bytes(4) + b"\x00\x00\x00\x0d" and b"HTTP/1.1 only" in goaway[2], answer
-    assert seconds < REQUEST_TIMEOUT_S, seconds  # closed
+    assert REQUEST_TIMEOUT_S - 0.1 < seconds < REQUEST_TIMEOUT_S + 3, seconds  # its request awaited, then closed
     logged = settled_log(log)[before:].splitlines()
     assert len(logged) == 1 and re.search(r'127\.0\.0\.1:\d+ - "PRI \* HTTP/2\.0" 505 ', logged[0]), logged
 
@@ -954,13 +957,15 @@ def test_an_http2_preface_is_answered_in_http2_that_http_1_1_is_required(logged_
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_with_http2_prior_knowledge_gets_its_answer_in_http_1_1(logged_server):
     """curl's first request, refused on its stream with HTTP_1_1_REQUIRED (RST_STREAM), is sent again in HTTP/1.1:
-    the answer, where it printed "Empty reply from server"."""
+    the answer, where it printed "Empty reply from server". Ten times: a refusal sent before curl's request had
+    arrived, or followed at once by the end of the connection, failed about one run in eight."""
     address, log = logged_server
     before = len(log.read_text())
-    result = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}", f"{address}/health"],
-                            capture_output=True, text=True, timeout=30)
-    answer, version = result.stdout.rsplit("\n", 1)
-    assert result.returncode == 0 and json.loads(answer)["status"] == "ok" and version == "1.1", result
+    for _ in range(10):
+        result = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}",
+                                 f"{address}/health"], capture_output=True, text=True, timeout=30)
+        answer, version = result.stdout.rsplit("\n", 1)
+        assert result.returncode == 0 and json.loads(answer)["status"] == "ok" and version == "1.1", result
     logged = settled_log(log)[before:]
     assert '"PRI * HTTP/2.0" 505' in logged and '"GET /health HTTP/1.1" 200' in logged, logged
 
