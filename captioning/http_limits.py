@@ -25,6 +25,8 @@ from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import h11
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from starlette.responses import JSONResponse
 from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -100,34 +102,31 @@ NOT_HTTP1 = refusal(505, HTTP1_ONLY)
 # (H2_AWAITED): curl may send its preface before its request, and an RST_STREAM that came before it was a
 # connection error ("Empty reply from server" in ~1 of 8 runs). Logged as the 505.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-H2_HEADERS, H2_RST_STREAM, H2_SETTINGS, H2_GOAWAY = 0x1, 0x3, 0x4, 0x7  # frame types, RFC 9113 section 6
-H2_FRAME_HEAD = 9  # bytes: length (3), type, flags, stream id (4)
-HTTP_1_1_REQUIRED = (0xD).to_bytes(4, "big")  # the error code, RFC 9113 section 7
-
-
-def h2_frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
-    """One HTTP/2 frame without flags (RFC 9113 section 4.1)."""
-    return len(payload).to_bytes(3, "big") + bytes((kind, 0)) + stream.to_bytes(4, "big") + payload
-
-
+HTTP_1_1_REQUIRED = 0xD  # the error code, RFC 9113 section 7
+FRAME_HEADER_BYTES = 9  # length (3), type, flags, stream id (4): RFC 9113 section 4.1
 # not half-closed: curl, reading the FIN with the RST_STREAM, dropped the connection without trying HTTP/1.1
-H2_STREAM_1_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_RST_STREAM, 1, HTTP_1_1_REQUIRED),
-                              half_close=False)
+H2_STREAM_1_REFUSED = Refusal(505, SettingsFrame(0).serialize() +
+                              RstStreamFrame(1, error_code=HTTP_1_1_REQUIRED).serialize(), half_close=False)
 H2_AWAITED = Refusal(505, b"")  # no answer yet: the client's first request is awaited (until --request-timeout)
 # GOAWAY: the last stream processed (none: 0), the error, and a text for the client's debugging
-H2_REFUSED = Refusal(505, h2_frame(H2_SETTINGS, 0) + h2_frame(H2_GOAWAY, 0, bytes(4) + HTTP_1_1_REQUIRED +
-                                                              HTTP1_ONLY.encode()))
+H2_REFUSED = Refusal(505, SettingsFrame(0).serialize() + GoAwayFrame(
+    0, last_stream_id=0, error_code=HTTP_1_1_REQUIRED, additional_data=HTTP1_ONLY.encode()).serialize())
 
 
 def h2_opened_stream_1(buffered: bytes) -> bool:
     """Whether the HTTP/2 frames after the preface at the start of `buffered` hold the HEADERS that open stream 1:
-    a client's first request, which RST_STREAM may then refuse (on a stream not opened it is a protocol error)."""
+    a client's first request, which RST_STREAM may then refuse (on a stream not opened it is a protocol error).
+    A frame header hyperframe refuses ends the search: that client gets the GOAWAY."""
     at = len(H2_PREFACE)
-    while at + H2_FRAME_HEAD <= len(buffered):
-        kind, stream = buffered[at + 3], int.from_bytes(buffered[at + 5:at + 9], "big") & 0x7FFFFFFF
-        if (kind, stream) == (H2_HEADERS, 1):
+    data = memoryview(buffered)
+    while at + FRAME_HEADER_BYTES <= len(buffered):
+        try:
+            frame, length = Frame.parse_frame_header(data[at:at + FRAME_HEADER_BYTES])
+        except HyperframeError:
+            return False
+        if isinstance(frame, HeadersFrame) and frame.stream_id == 1:
             return True
-        at += H2_FRAME_HEAD + int.from_bytes(buffered[at:at + 3], "big")
+        at += FRAME_HEADER_BYTES + length
     return False
 
 
